@@ -1,0 +1,15 @@
+"""nino_fast: fast, exact NiNo (Neuron Interaction and Nowcasting networks, Knyazev et al., ICLR 2025).
+
+    >>> from nino_fast import NiNoModel, build_graph
+    >>> graph = build_graph(model)                       # the official neural graph, as CSR
+    >>> nino = NiNoModel.from_checkpoint("nino.pt")
+    >>> new_params = nino.nowcast(graph, states, k=10)   # states: (n_params, 5) history, oldest first
+"""
+
+from ._extension import has_cuda_ext, has_ext
+from .graph import NeuralGraph, build_graph
+from .model import NiNoModel
+from .scaling import scale_params, unscale_params
+
+__version__ = "0.1.0"
+__all__ = ["NeuralGraph", "NiNoModel", "build_graph", "has_cuda_ext", "has_ext", "scale_params", "unscale_params"]

@@ -1,0 +1,6 @@
+def has_ext():
+    return False
+
+
+def has_cuda_ext():
+    return False

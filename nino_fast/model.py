@@ -1,0 +1,303 @@
+"""The NiNo model: loads the official checkpoints and runs the NiNo step on a neural graph.
+
+Module names mirror the official ``NiNoModel`` so its ``state_dict`` loads as is. Inference (``nowcast``) follows
+the official semantics, with exact shortcuts: per-node projections instead of per-edge concatenations, no message
+pass whose output is unused (the last layer's), and the output head only for horizon k and only on parameter edges.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import plan as folded_plan
+from .graph import NeuralGraph
+from .ops import dispatch
+from .scaling import METHODS, scale_params, unscale_params
+
+_ACTS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+# model_args the official checkpoints may carry that only steer devices/memory there (no effect on results here)
+_IGNORED_ARGS = ("chunk_size", "message_passing_device", "edge_sample_ratio", "towers")
+
+
+class _MLP(nn.Module):
+    """``fc = Sequential(Linear, act, Linear, ...)``, the official MLP's layout (so the keys match)."""
+
+    def __init__(self, in_dim: int, hid: int, out_dim: int | None = None, n_layers: int = 1, act: str = "silu"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            layers.append(nn.Linear(in_dim if i == 0 else hid, (out_dim or hid) if i == n_layers - 1 else hid))
+            if i < n_layers - 1:
+                layers.append(_ACTS[act]())
+        self.fc = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _Conv(nn.Module):
+    """One modulated PNA layer (mean aggregation, one tower)."""
+
+    def __init__(self, hid: int):
+        super().__init__()
+        self.edge_encoder = nn.Linear(hid, 2 * hid)
+        self.pre_nns = nn.ModuleList([nn.Sequential(nn.Linear(2 * hid, hid))])
+        self.post_nns = nn.ModuleList([nn.Sequential(nn.Linear(2 * hid, hid))])
+        self.lin = nn.Linear(hid, hid)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, graph: NeuralGraph, backend=None) -> torch.Tensor:
+        pre = self.pre_nns[0][0]
+        d = x.shape[1]
+        node_dst = F.linear(x, pre.weight[:, :d], pre.bias)  # pre([x_dst, x_src]) split per node
+        node_src = F.linear(x, pre.weight[:, d:])
+        enc = self.edge_encoder
+        agg = dispatch.film_mean(e, graph.rowptr, graph.src, node_dst, node_src, enc.weight, enc.bias,
+                                 backend=backend)
+        return self.lin(self.post_nns[0][0](torch.cat((x, agg), 1)))
+
+
+class _EdgeMLP(nn.Module):
+    def __init__(self, hid: int):
+        super().__init__()
+        self.lin_e, self.lin_s, self.lin_t, self.lin1 = (nn.Linear(hid, hid) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, graph: NeuralGraph, backend=None) -> torch.Tensor:
+        node_src = F.linear(x, self.lin_s.weight)
+        node_dst = F.linear(x, self.lin_t.weight)
+        bias = self.lin_e.bias + self.lin_s.bias + self.lin_t.bias
+        return dispatch.edge_mlp(e, graph.src, graph.dst, self.lin_e.weight, bias, self.lin1.weight, self.lin1.bias,
+                                 node_src=node_src, node_dst=node_dst, backend=backend)
+
+
+class _GNN(nn.Module):
+    def __init__(self, hid: int, layers: int, final_edge_update: bool):
+        super().__init__()
+        self.convs = nn.ModuleList([_Conv(hid) for _ in range(layers)])
+        self.edge_update = nn.ModuleList([_EdgeMLP(hid) for _ in range(layers if final_edge_update else layers - 1)])
+
+
+class NiNoModel(nn.Module):
+    """NiNo (GNN) or WNN+ (per-parameter MLP, ``gnn=False``) with the official hyper-parameters and defaults."""
+
+    def __init__(self, ctx=5, hid=128, layers=3, gnn=True, dms=True, max_feat_size=9, input_layer="linear",
+                 act_name="silu", residual=True, seq_len=40, improved_graph=True, wte_pos_enc=True,
+                 vocab_size=50257, edge_types=15, lpe=8, scale_method="std", upd_scale=1.0,
+                 final_edge_update=False, **ignored):
+        super().__init__()
+        unknown = sorted(set(ignored) - set(_IGNORED_ARGS))
+        if unknown:
+            raise ValueError(f"NiNoModel: unknown model_args {unknown}")
+        if not dms or not improved_graph:
+            raise ValueError("NiNoModel: only dms=True and improved_graph=True are supported (as officially)")
+        if act_name not in _ACTS or scale_method not in METHODS:
+            raise ValueError(f"NiNoModel: act_name must be in {list(_ACTS)} and scale_method in {METHODS}")
+        self.ctx, self.hid, self.seq_len, self.max_feat_size = ctx, hid, seq_len, max_feat_size or 1
+        self.is_mlp = gnn in (False, None, "None", "none")
+        self.residual, self.upd_scale, self.scale_method = residual, upd_scale, scale_method
+        self.edge_types, self.act_name = edge_types, act_name
+        self.wte_pos_enc = bool(wte_pos_enc) and not self.is_mlp
+        self.vocab_size = vocab_size
+        self.lpe = 0 if self.is_mlp else lpe
+        self.final_edge_update = final_edge_update
+        n_in = 2 if input_layer != "linear" else 1
+        if edge_types > 0:
+            self.layer_embed = nn.Embedding(edge_types, hid)
+        self.edge_proj = _MLP((1 if self.is_mlp else self.max_feat_size) * ctx, hid, n_layers=n_in, act=act_name)
+        if self.is_mlp:
+            self.edge_mlp = _MLP(hid, hid, seq_len, n_layers=4, act=act_name)
+            return
+        if self.wte_pos_enc:
+            self.wte_pos_enc_layer = nn.Embedding(vocab_size + 1, hid)  # +1: position 0 means "no token"
+        if self.lpe or not self.wte_pos_enc:
+            self.node_proj = _MLP(max(1, self.lpe), hid, n_layers=n_in, act=act_name)
+        self.gnn = _GNN(hid, layers, final_edge_update)
+        self.edge_out = _MLP(hid, hid, self.max_feat_size * seq_len, n_layers=2, act=act_name)
+        for m in self.modules():  # the official initialisation (for training from scratch)
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear):
+                    nn.init.zeros_(m.bias)
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path_or_dict, map_location="cpu") -> NiNoModel:
+        """Load an official-format checkpoint: ``{'state_dict': ..., 'model_args': {...}}`` or a bare state_dict."""
+        where = f"NiNoModel.from_checkpoint({path_or_dict!r})" if isinstance(path_or_dict, (str, os.PathLike)) \
+            else "NiNoModel.from_checkpoint"
+        if isinstance(path_or_dict, (str, os.PathLike)):
+            if not os.path.isfile(path_or_dict):
+                raise FileNotFoundError(f"{where}: no such file")
+            try:
+                ckpt = torch.load(path_or_dict, map_location=map_location, weights_only=True)
+            except Exception as exc:  # not a torch file, or unsafe pickles
+                raise ValueError(f"{where}: not a loadable NiNo checkpoint ({type(exc).__name__}: {exc})") from exc
+        else:
+            ckpt = path_or_dict
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{where}: expected a dict checkpoint, got {type(ckpt).__name__}")
+        state = ckpt.get("state_dict", ckpt)
+        args = dict(ckpt.get("model_args") or {})
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{where}: 'state_dict' must map names to tensors")
+        model = cls(**args)
+        own = model.state_dict()
+        for key in own:
+            if key not in state:
+                raise ValueError(f"{where}: not a NiNo checkpoint for model_args={args}: missing key {key!r}")
+            if tuple(state[key].shape) != tuple(own[key].shape):
+                raise ValueError(f"{where}: key {key!r} has shape {tuple(state[key].shape)}, "
+                                 f"expected {tuple(own[key].shape)} for model_args={args}")
+        extra = [k for k in state if k not in own]
+        if extra:
+            raise ValueError(f"{where}: unexpected key {extra[0]!r} for model_args={args}")
+        model.load_state_dict(state)
+        return model.eval()
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def _check_inputs(self, graph: NeuralGraph, states: torch.Tensor, k: int | None) -> None:
+        if not isinstance(states, torch.Tensor) or states.dim() != 2:
+            shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+            raise ValueError(f"NiNoModel: states must be a (n_params, ctx) tensor, got {shape}")
+        if states.shape != (graph.num_params, self.ctx):
+            raise ValueError(f"NiNoModel: states has shape {tuple(states.shape)}, expected "
+                             f"(n_params={graph.num_params}, ctx={self.ctx})")
+        if not states.is_floating_point():
+            raise ValueError(f"NiNoModel: states must be floating point, got {states.dtype}")
+        bad = (~torch.isfinite(states)).sum().item()
+        if bad:
+            raise ValueError(f"NiNoModel: states contain {bad} NaN/Inf values")
+        if k is not None and not (isinstance(k, int) and 1 <= k <= self.seq_len):
+            raise ValueError(f"NiNoModel: k must be an int in 1..{self.seq_len}, got {k!r}")
+        if graph.max_feat_size > self.max_feat_size:
+            raise ValueError(f"NiNoModel: the graph has {graph.max_feat_size} features per edge (conv kernel size),"
+                             f" the model supports at most {self.max_feat_size}")
+        if self.is_mlp:
+            return
+        if self.lpe and (graph.lpe is None or graph.lpe.shape != (graph.num_nodes, self.lpe)):
+            got = None if graph.lpe is None else tuple(graph.lpe.shape)
+            raise ValueError(f"NiNoModel: the model needs graph.lpe of shape ({graph.num_nodes}, {self.lpe}), "
+                             f"got {got}; build the graph with lpe={self.lpe}")
+        if self.wte_pos_enc and graph.num_nodes and int(graph.pos_w.max()) > self.vocab_size:
+            raise ValueError(f"NiNoModel: the graph's word positions reach {int(graph.pos_w.max())}, the model's "
+                             f"vocab_size is {self.vocab_size}")
+
+    # ---- forward pieces -----------------------------------------------------------------------------------------
+    def _edge_input(self, graph: NeuralGraph, raw: torch.Tensor) -> torch.Tensor:
+        """Layer-0 edge features: edge_proj(raw history) + type embedding; raw (E, F*ctx)."""
+        lin = self.edge_proj.fc[0]
+        width = raw.shape[1]
+        e = F.linear(raw, lin.weight[:, :width], lin.bias)  # graphs with F < 9 use the first F*ctx inputs
+        if len(self.edge_proj.fc) > 1:
+            e = self.edge_proj.fc[1:](e)
+        if self.edge_types:
+            e = e + self.layer_embed(graph.edge_type)
+        return e
+
+    def _node_input(self, graph: NeuralGraph) -> torch.Tensor:
+        x = torch.zeros(graph.num_nodes, self.hid)
+        if self.lpe:
+            x = x + self.node_proj(graph.lpe)
+        if self.wte_pos_enc:
+            x = x + self.wte_pos_enc_layer(graph.pos_w)
+        return x
+
+    def _gnn(self, graph, raw, backend=None, for_prediction=True):
+        """Run the GNN; returns (x, e). With ``for_prediction`` layers whose node output is unused are skipped."""
+        act = _ACTS[self.act_name]()
+        x, e = self._node_input(graph), self._edge_input(graph, raw)
+        n_layers = len(self.gnn.convs)
+        for i, conv in enumerate(self.gnn.convs):
+            updates_edges = i < len(self.gnn.edge_update)
+            if for_prediction and not updates_edges:
+                break  # this layer's node output reaches nothing the prediction uses
+            x = conv(x, e, graph, backend)
+            if i < n_layers - 1 or updates_edges:
+                x = act(x)
+            if updates_edges:
+                e = self.gnn.edge_update[i](x, e, graph, backend)
+        return x, e
+
+    def _head(self, e: torch.Tensor, k: int, n_feat: int) -> torch.Tensor:
+        """Horizon-k output of the edge head for the first ``n_feat`` feature slots: (E', n_feat)."""
+        fc = self.edge_out.fc
+        h = e
+        for layer in fc[:-1]:
+            h = layer(h)
+        last = fc[-1]
+        w = last.weight.view(self.max_feat_size, self.seq_len, -1)[:n_feat, k - 1]
+        b = last.bias.view(self.max_feat_size, self.seq_len)[:n_feat, k - 1]
+        return F.linear(h, w, b)
+
+    # ---- public API ---------------------------------------------------------------------------------------------
+    def _folded(self, width: int) -> folded_plan.Folded:
+        """Folded weights for raw edge features of ``width`` columns (cached; rebuilt if parameters change)."""
+        version = tuple(p._version for p in self.parameters())
+        cache = self.__dict__.setdefault("_fold_cache", {})
+        if cache.get("version") != version:
+            cache.clear()
+            cache["version"] = version
+        if width not in cache:
+            cache[width] = folded_plan.fold(self, width)
+        return cache[width]
+
+    @torch.no_grad()
+    def nowcast(self, graph: NeuralGraph, states: torch.Tensor, k: int, backend: str | None = None,
+                fused: bool = True) -> torch.Tensor:
+        """The NiNo step: raw history (n_params, ctx), oldest first -> predicted parameters (n_params,) at k.
+
+        Steps: per-tensor scaling of the history, edge features, GNN (or WNN+ MLP), horizon-k head, residual on
+        the last state, unscaling. ``states`` is not modified. Raises ValueError for bad inputs and for a
+        non-finite prediction. ``fused=True`` runs the folded plan (:mod:`nino_fast.plan`) when the architecture
+        allows it; ``fused=False`` the layer-by-layer path of the official model (same maths, more work).
+        """
+        self._check_inputs(graph, states, k)
+        dtype = states.dtype
+        scaled, scales = scale_params(states.float(), graph.param_shapes, self.scale_method)
+        last = scaled[:, -1]
+        if self.is_mlp:
+            delta = self._wnn(graph, scaled, k)
+        else:
+            raw = graph.to_edges(scaled)
+            F_ = graph.max_feat_size
+            edge_of_param = torch.div(graph.param_pos, F_, rounding_mode="floor")
+            used = torch.unique(edge_of_param)  # only edges that carry parameters need the head
+            if fused and folded_plan.supports(self):
+                pred = folded_plan.predict_deltas(self, graph, raw, k, used, backend)
+            else:
+                _, e = self._gnn(graph, raw, backend)
+                pred = self._head(e[used], k, F_)
+            slot = torch.searchsorted(used, edge_of_param)
+            delta = pred[slot, graph.param_pos % F_]
+        out = last + delta * self.upd_scale if self.residual else delta
+        bad = (~torch.isfinite(out)).sum().item()
+        if bad:
+            raise ValueError(f"NiNoModel.nowcast: the prediction has {bad} NaN/Inf values")
+        return unscale_params(out, graph.param_shapes, scales, self.scale_method).to(dtype)
+
+    def _wnn(self, graph: NeuralGraph, scaled: torch.Tensor, k: int) -> torch.Tensor:
+        """WNN+: an MLP per parameter on its own history and its edge type."""
+        types = graph.edge_type[torch.div(graph.param_pos, graph.max_feat_size, rounding_mode="floor")]
+        h = self.edge_proj(scaled)
+        if self.edge_types:
+            h = h + self.layer_embed(types)
+        fc = self.edge_mlp.fc
+        for layer in fc[:-1]:
+            h = layer(h)
+        return F.linear(h, fc[-1].weight[k - 1 : k], fc[-1].bias[k - 1 : k]).squeeze(1)
+
+    @torch.no_grad()
+    def embed(self, graph: NeuralGraph, states: torch.Tensor, pooled: bool = False, backend: str | None = None):
+        """Node (N, hid) and edge (E, hid) embeddings after the GNN, edges in CSR order.
+
+        ``pooled=True`` returns their means over nodes / edges, i.e. the official ``return_embeddings`` output.
+        """
+        if self.is_mlp:
+            raise ValueError("NiNoModel.embed: WNN+ checkpoints (gnn=False) have no graph embeddings")
+        self._check_inputs(graph, states, None)
+        scaled, _ = scale_params(states.float(), graph.param_shapes, self.scale_method)
+        x, e = self._gnn(graph, graph.to_edges(scaled), backend, for_prediction=False)
+        return (x.mean(0), e.mean(0)) if pooled else (x, e)

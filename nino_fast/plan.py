@@ -1,0 +1,123 @@
+"""The folded inference plan: the NiNo GNN step with every exact algebraic shortcut, on three fused ops.
+
+For the official architecture (3 layers, edge updates after layers 0 and 1, linear input layer, SiLU):
+
+1. ``pre([x_dst, x_src])``, ``lin_s``, ``lin_t`` are per-node projections, gathered per edge (no 2D->D GEMM).
+2. Layer 2's message pass only feeds its node update, which no prediction reads: it is skipped.
+3. Layer-0 edge features are ``W_p r + b_p + T[type]`` with ``r`` the raw history (width F*ctx, 5 for
+   transformers): every linear map applied to them folds into a (out, F*ctx) matrix plus a per-type table.
+4. ``e^{l+1} = W_1 h + b_1`` is followed only by linear maps (the next encoder, the next ``lin_e``, the head's first
+   layer): ``W_1`` folds into them, so edge states are never materialised; layer 1's edge state ``h0`` is
+   recomputed from ``r`` where needed (a (D, F*ctx) GEMM: cheaper than storing E x D floats).
+5. Only the horizon-k row of the head is computed, and only on edges that carry parameters.
+
+Ops (see :mod:`nino_fast.ops.reference` for their exact maths): ``film_mean`` (layer 0),
+``edge_film_mean`` (edge update 0 fused with layer 1's message), ``edge_mlp`` twice (edge update 1, then head).
+Folded weights are formed in float64 and rounded once to float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .ops import dispatch
+
+HEAD_CHUNK = 1 << 16  # edges per head chunk: bounds the (chunk, D) intermediate
+
+
+@dataclass
+class Folded:
+    W0: torch.Tensor  # (2D, c) conv0 encoder o edge_proj
+    b0: torch.Tensor
+    T0: torch.Tensor | None  # (types, 2D)
+    Wa: torch.Tensor  # (D, c) lin_e0 o edge_proj ; bias includes lin_s0 / lin_t0 biases
+    ba: torch.Tensor
+    Ta: torch.Tensor | None
+    Wsc: torch.Tensor  # (D, D) conv1 encoder (scale half) o lin1_0
+    bsc: torch.Tensor
+    Wsh: torch.Tensor  # shift half
+    bsh: torch.Tensor
+    Wb1: torch.Tensor  # (D, D) lin_e1 o lin1_0 ; bias includes lin_s1 / lin_t1 biases
+    bb1: torch.Tensor
+    Wh: torch.Tensor  # (D, D) edge_out.fc0 o lin1_1
+    bh: torch.Tensor
+
+
+def supports(model) -> bool:
+    """Whether ``model`` has the architecture the folded plan is written for."""
+    return (not model.is_mlp and len(model.gnn.convs) == 3 and len(model.gnn.edge_update) == 2
+            and len(model.edge_proj.fc) == 1 and len(model.edge_out.fc) == 3 and model.act_name == "silu")
+
+
+def fold(model, width: int) -> Folded:
+    """Fold the model's linear maps for raw edge features of ``width`` = F * ctx columns."""
+    f64 = {k: v.detach().double() for k, v in model.state_dict().items()}
+    D = model.hid
+    Wp, bp = f64["edge_proj.fc.0.weight"][:, :width], f64["edge_proj.fc.0.bias"]
+    T = f64.get("layer_embed.weight")
+    enc0_w, enc0_b = f64["gnn.convs.0.edge_encoder.weight"], f64["gnn.convs.0.edge_encoder.bias"]
+    eu0 = {k: f64[f"gnn.edge_update.0.{k}"] for k in ("lin_e.weight", "lin_e.bias", "lin_s.bias", "lin_t.bias",
+                                                      "lin1.weight", "lin1.bias")}
+    eu1 = {k: f64[f"gnn.edge_update.1.{k}"] for k in ("lin_e.weight", "lin_e.bias", "lin_s.bias", "lin_t.bias",
+                                                      "lin1.weight", "lin1.bias")}
+    enc1_w, enc1_b = f64["gnn.convs.1.edge_encoder.weight"], f64["gnn.convs.1.edge_encoder.bias"]
+    W1_0, b1_0 = eu0["lin1.weight"], eu0["lin1.bias"]
+    W1_1, b1_1 = eu1["lin1.weight"], eu1["lin1.bias"]
+    o0_w, o0_b = f64["edge_out.fc.0.weight"], f64["edge_out.fc.0.bias"]
+    We0 = eu0["lin_e.weight"]
+    out = Folded(
+        W0=enc0_w @ Wp, b0=enc0_w @ bp + enc0_b, T0=None if T is None else T @ enc0_w.T,
+        Wa=We0 @ Wp, ba=We0 @ bp + eu0["lin_e.bias"] + eu0["lin_s.bias"] + eu0["lin_t.bias"],
+        Ta=None if T is None else T @ We0.T,
+        Wsc=enc1_w[:D] @ W1_0, bsc=enc1_w[:D] @ b1_0 + enc1_b[:D],
+        Wsh=enc1_w[D:] @ W1_0, bsh=enc1_w[D:] @ b1_0 + enc1_b[D:],
+        Wb1=eu1["lin_e.weight"] @ W1_0,
+        bb1=eu1["lin_e.weight"] @ b1_0 + eu1["lin_e.bias"] + eu1["lin_s.bias"] + eu1["lin_t.bias"],
+        Wh=o0_w @ W1_1, bh=o0_w @ b1_1 + o0_b,
+    )
+    for name, value in vars(out).items():
+        if value is not None:
+            setattr(out, name, value.float().contiguous())
+    return out
+
+
+def _node_update(conv, x, agg):
+    return F.silu(conv.lin(conv.post_nns[0][0](torch.cat((x, agg), 1))))
+
+
+def _split_pre(conv, x):
+    pre = conv.pre_nns[0][0]
+    d = x.shape[1]
+    return F.linear(x, pre.weight[:, :d], pre.bias), F.linear(x, pre.weight[:, d:])
+
+
+def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, backend=None) -> torch.Tensor:
+    """Scaled parameter deltas (len(used), F) at horizon k for the edges ``used`` (sorted CSR positions)."""
+    fw = model._folded(raw.shape[1])
+    convs, eus = model.gnn.convs, model.gnn.edge_update
+    rowptr, src, dst, et = graph.rowptr, graph.src, graph.dst, graph.edge_type
+    x0 = model._node_input(graph)
+    nd, ns = _split_pre(convs[0], x0)
+    agg0 = dispatch.film_mean(raw, rowptr, src, nd, ns, fw.W0, fw.b0, et, fw.T0, backend=backend)
+    x1 = _node_update(convs[0], x0, agg0)
+    s0, t0 = F.linear(x1, eus[0].lin_s.weight), F.linear(x1, eus[0].lin_t.weight)
+    nd, ns = _split_pre(convs[1], x1)
+    agg1 = dispatch.edge_film_mean(raw, rowptr, src, fw.Wa, fw.ba, et, fw.Ta, s0, t0, nd, ns, fw.Wsc, fw.bsc,
+                                   fw.Wsh, fw.bsh, backend=backend)
+    x2 = _node_update(convs[1], x1, agg1)
+    s1, t1 = F.linear(x2, eus[1].lin_s.weight), F.linear(x2, eus[1].lin_t.weight)
+    n_feat = graph.max_feat_size
+    last = model.edge_out.fc[-1]
+    wk = last.weight.view(model.max_feat_size, model.seq_len, -1)[:n_feat, k - 1].contiguous()
+    bk = last.bias.view(model.max_feat_size, model.seq_len)[:n_feat, k - 1].contiguous()
+    out = torch.empty(used.numel(), n_feat, dtype=raw.dtype, device=raw.device)
+    for i in range(0, used.numel(), HEAD_CHUNK):  # a loop over edge chunks, bounding the (chunk, D) temporaries
+        ids = used[i : i + HEAD_CHUNK]
+        s_, d_ = src[ids], dst[ids]
+        h1 = dispatch.edge_mlp(raw[ids], s_, d_, fw.Wa, fw.ba, fw.Wb1, fw.bb1, et[ids], fw.Ta, s0, t0, s1, t1,
+                               act_out=True, backend=backend)
+        out[i : i + HEAD_CHUNK] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, wk, bk, backend=backend)
+    return out
