@@ -266,7 +266,7 @@ class NiNoModel(nn.Module):
             edge_of_param = torch.div(graph.param_pos, F_, rounding_mode="floor")
             used = torch.unique(edge_of_param)  # only edges that carry parameters need the head
             if fused and folded_plan.supports(self):
-                pred = folded_plan.predict_deltas(self, graph, raw, k, used, backend)
+                pred = folded_plan.predict_deltas(self, graph, raw, k, used, self._folded(raw.shape[1]), backend)
             else:
                 _, e = self._gnn(graph, raw, backend)
                 pred = self._head(e[used], k, F_)

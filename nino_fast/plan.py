@@ -94,9 +94,12 @@ def _split_pre(conv, x):
     return F.linear(x, pre.weight[:, :d], pre.bias), F.linear(x, pre.weight[:, d:])
 
 
-def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, backend=None) -> torch.Tensor:
-    """Scaled parameter deltas (len(used), F) at horizon k for the edges ``used`` (sorted CSR positions)."""
-    fw = model._folded(raw.shape[1])
+def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, fw: Folded,
+                   backend=None) -> torch.Tensor:
+    """Scaled parameter deltas (len(used), F) at horizon k for the edges ``used`` (sorted CSR positions).
+
+    ``fw`` is ``fold(model, raw.shape[1])`` (the model caches it). Traceable by torch.compile (fullgraph).
+    """
     convs, eus = model.gnn.convs, model.gnn.edge_update
     rowptr, src, dst, et = graph.rowptr, graph.src, graph.dst, graph.edge_type
     x0 = model._node_input(graph)
