@@ -255,24 +255,39 @@ class NiNoModel(nn.Module):
         allows it; ``fused=False`` the layer-by-layer path of the official model (same maths, more work).
         """
         self._check_inputs(graph, states, k)
-        dtype = states.dtype
         scaled, scales = scale_params(states.float(), graph.param_shapes, self.scale_method)
-        last = scaled[:, -1]
+        delta = self._delta(graph, scaled, k, backend, fused)
+        return self._finish(graph, scaled, delta, scales, states.dtype)
+
+    def _delta(self, graph: NeuralGraph, scaled: torch.Tensor, k: int, backend=None, fused=True, shard=None,
+               raw: torch.Tensor | None = None) -> torch.Tensor:
+        """(P,) scaled predicted change per parameter; with ``shard`` only its edges' parameters (others 0)."""
         if self.is_mlp:
-            delta = self._wnn(graph, scaled, k)
+            return self._wnn(graph, scaled, k)
+        F_ = graph.max_feat_size
+        pos = graph.param_pos
+        if shard is not None:  # parameters living on the shard's edges, positions made shard-local
+            lo, hi = shard.edge_lo * F_, shard.edge_hi * F_
+            mine = ((pos >= lo) & (pos < hi)).nonzero().flatten()
+            pos = pos[mine] - lo
+        raw = graph.to_edges(scaled) if raw is None else raw
+        edge_of_param = torch.div(pos, F_, rounding_mode="floor")
+        used = torch.unique(edge_of_param)  # only edges that carry parameters need the head
+        if fused and folded_plan.supports(self):
+            pred = folded_plan.predict_deltas(self, graph, raw, k, used, self._folded(raw.shape[1]), backend, shard)
+        elif shard is None:
+            _, e = self._gnn(graph, raw, backend)
+            pred = self._head(e[used], k, F_)
         else:
-            raw = graph.to_edges(scaled)
-            F_ = graph.max_feat_size
-            edge_of_param = torch.div(graph.param_pos, F_, rounding_mode="floor")
-            used = torch.unique(edge_of_param)  # only edges that carry parameters need the head
-            if fused and folded_plan.supports(self):
-                pred = folded_plan.predict_deltas(self, graph, raw, k, used, self._folded(raw.shape[1]), backend)
-            else:
-                _, e = self._gnn(graph, raw, backend)
-                pred = self._head(e[used], k, F_)
-            slot = torch.searchsorted(used, edge_of_param)
-            delta = pred[slot, graph.param_pos % F_]
-        out = last + delta * self.upd_scale if self.residual else delta
+            raise ValueError("NiNoModel: sharded inference needs the folded plan (fused=True, official architecture)")
+        delta = pred[torch.searchsorted(used, edge_of_param), pos % F_]
+        if shard is None:
+            return delta
+        return torch.zeros(graph.num_params, dtype=delta.dtype).index_copy_(0, mine, delta)
+
+    def _finish(self, graph, scaled, delta, scales, dtype) -> torch.Tensor:
+        """Residual on the last state, finiteness check, unscaling."""
+        out = scaled[:, -1] + delta * self.upd_scale if self.residual else delta
         bad = (~torch.isfinite(out)).sum().item()
         if bad:
             raise ValueError(f"NiNoModel.nowcast: the prediction has {bad} NaN/Inf values")

@@ -18,6 +18,7 @@ Folded weights are formed in float64 and rounded once to float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,22 +95,47 @@ def _split_pre(conv, x):
     return F.linear(x, pre.weight[:, :d], pre.bias), F.linear(x, pre.weight[:, d:])
 
 
-def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, fw: Folded,
-                   backend=None) -> torch.Tensor:
-    """Scaled parameter deltas (len(used), F) at horizon k for the edges ``used`` (sorted CSR positions).
+@dataclass(frozen=True)
+class Shard:
+    """Destination nodes ``[node_lo, node_hi)`` and their CSR edges ``[edge_lo, edge_hi)`` owned by one process.
 
-    ``fw`` is ``fold(model, raw.shape[1])`` (the model caches it). Traceable by torch.compile (fullgraph).
+    ``combine(local_rows)`` returns the (N, D) aggregation of all nodes from this shard's rows (an all-reduce in
+    :mod:`nino_fast.distributed`); the default shard is the whole graph.
     """
+
+    node_lo: int
+    node_hi: int
+    edge_lo: int
+    edge_hi: int
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @staticmethod
+    def whole(graph) -> Shard:
+        return Shard(0, graph.num_nodes, 0, graph.num_edges)
+
+
+def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, fw: Folded,
+                   backend=None, shard: Shard | None = None) -> torch.Tensor:
+    """Scaled parameter deltas (len(used), F) at horizon k.
+
+    ``raw``: raw edge features of the shard's edges; ``used``: the edges (positions within the shard, sorted) whose
+    prediction is needed. ``fw`` is ``fold(model, raw.shape[1])`` (the model caches it). Node states are computed
+    in full on every shard (cheap: N x D); only edge work is split. Traceable by torch.compile (fullgraph).
+    """
+    sh = shard or Shard.whole(graph)
+    n0, n1, e0, e1 = sh.node_lo, sh.node_hi, sh.edge_lo, sh.edge_hi
+    combine = sh.combine or (lambda rows: rows)
     convs, eus = model.gnn.convs, model.gnn.edge_update
-    rowptr, src, dst, et = graph.rowptr, graph.src, graph.dst, graph.edge_type
+    rowptr = graph.rowptr[n0 : n1 + 1] - e0
+    src, dst, et = graph.src[e0:e1], graph.dst[e0:e1], graph.edge_type[e0:e1]
     x0 = model._node_input(graph)
     nd, ns = _split_pre(convs[0], x0)
-    agg0 = dispatch.film_mean(raw, rowptr, src, nd, ns, fw.W0, fw.b0, et, fw.T0, backend=backend)
+    agg0 = combine(dispatch.film_mean(raw, rowptr, src, nd[n0:n1], ns, fw.W0, fw.b0, et, fw.T0, backend=backend))
     x1 = _node_update(convs[0], x0, agg0)
     s0, t0 = F.linear(x1, eus[0].lin_s.weight), F.linear(x1, eus[0].lin_t.weight)
     nd, ns = _split_pre(convs[1], x1)
-    agg1 = dispatch.edge_film_mean(raw, rowptr, src, fw.Wa, fw.ba, et, fw.Ta, s0, t0, nd, ns, fw.Wsc, fw.bsc,
-                                   fw.Wsh, fw.bsh, backend=backend)
+    agg1 = combine(dispatch.edge_film_mean(raw, rowptr, src, fw.Wa, fw.ba, et, fw.Ta, s0, t0[n0:n1], nd[n0:n1], ns,
+                                           fw.Wsc, fw.bsc, fw.Wsh, fw.bsh, backend=backend))
     x2 = _node_update(convs[1], x1, agg1)
     s1, t1 = F.linear(x2, eus[1].lin_s.weight), F.linear(x2, eus[1].lin_t.weight)
     n_feat = graph.max_feat_size
