@@ -7,6 +7,7 @@ pass whose output is unused (the last layer's), and the output head only for hor
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -21,6 +22,17 @@ from .scaling import METHODS, scale_params, unscale_params
 _ACTS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 # model_args the official checkpoints may carry that only steer devices/memory there (no effect on results here)
 _IGNORED_ARGS = ("chunk_size", "message_passing_device", "edge_sample_ratio", "towers")
+
+
+def graph_to(graph: NeuralGraph, device: torch.device) -> NeuralGraph:
+    """A shallow copy of ``graph`` with its tensors on ``device`` (the graph itself if already there)."""
+    if graph.rowptr.device == torch.device(device):
+        return graph
+    moved = copy.copy(graph)
+    for name, value in vars(graph).items():
+        if isinstance(value, torch.Tensor):
+            setattr(moved, name, value.to(device))
+    return moved
 
 
 class _MLP(nn.Module):
@@ -198,7 +210,7 @@ class NiNoModel(nn.Module):
         return e
 
     def _node_input(self, graph: NeuralGraph) -> torch.Tensor:
-        x = torch.zeros(graph.num_nodes, self.hid)
+        x = torch.zeros(graph.num_nodes, self.hid, device=self.device)
         if self.lpe:
             x = x + self.node_proj(graph.lpe)
         if self.wte_pos_enc:
@@ -255,9 +267,18 @@ class NiNoModel(nn.Module):
         allows it; ``fused=False`` the layer-by-layer path of the official model (same maths, more work).
         """
         self._check_inputs(graph, states, k)
-        scaled, scales = scale_params(states.float(), graph.param_shapes, self.scale_method)
+        device = self.device
+        graph = graph_to(graph, device)
+        scaled, scales = scale_params(states.to(device=device, dtype=torch.float32), graph.param_shapes,
+                                      self.scale_method)
         delta = self._delta(graph, scaled, k, backend, fused)
-        return self._finish(graph, scaled, delta, scales, states.dtype)
+        return self._finish(graph, scaled, delta, scales, states.dtype).to(states.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live: ``nowcast`` runs there (graph and states are moved; the result comes
+        back to the states' device)."""
+        return next(self.parameters()).device
 
     def _delta(self, graph: NeuralGraph, scaled: torch.Tensor, k: int, backend=None, fused=True, shard=None,
                raw: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,7 +304,7 @@ class NiNoModel(nn.Module):
         delta = pred[torch.searchsorted(used, edge_of_param), pos % F_]
         if shard is None:
             return delta
-        return torch.zeros(graph.num_params, dtype=delta.dtype).index_copy_(0, mine, delta)
+        return torch.zeros(graph.num_params, dtype=delta.dtype, device=delta.device).index_copy_(0, mine, delta)
 
     def _finish(self, graph, scaled, delta, scales, dtype) -> torch.Tensor:
         """Residual on the last state, finiteness check, unscaling."""
@@ -313,6 +334,8 @@ class NiNoModel(nn.Module):
         if self.is_mlp:
             raise ValueError("NiNoModel.embed: WNN+ checkpoints (gnn=False) have no graph embeddings")
         self._check_inputs(graph, states, None)
-        scaled, _ = scale_params(states.float(), graph.param_shapes, self.scale_method)
+        graph = graph_to(graph, self.device)
+        scaled, _ = scale_params(states.to(device=self.device, dtype=torch.float32), graph.param_shapes,
+                                 self.scale_method)
         x, e = self._gnn(graph, graph.to_edges(scaled), backend, for_prediction=False)
         return (x.mean(0), e.mean(0)) if pooled else (x, e)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nino_fast import NiNoModel, build_graph
+from nino_fast.ops import dispatch
 
 from golden import CASES, ckpt, load
 
@@ -22,15 +23,23 @@ def models():
     return get
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["folded", "layerwise"])
+PATHS = [("folded", b) for b in dispatch.BACKENDS] + [("layerwise", "reference")]
+
+
+@pytest.mark.parametrize("path, backend", PATHS, ids=[f"{p}-{b}" for p, b in PATHS])
 @pytest.mark.parametrize("case", CASES)
-def test_golden_nowcast(case, fused, models):
+def test_golden_nowcast(case, path, backend, models):
+    """Every golden through the folded plan on every available backend, and the layer-by-layer path."""
+    if backend in ("cuda", "triton") and not torch.cuda.is_available():
+        pytest.skip("GPU backend without a GPU")
     g = load(case)
     graph = build_graph(g["named"], arch=g["arch"], lpe=g["lpe_t"], **g["kwargs"])
     model = models(g["ckpt_path"])
     states = torch.from_numpy(g["states"])
     before = states.clone()
-    out = model.nowcast(graph, states, int(g["k"]), fused=fused)
+    dev = "cuda" if backend in ("cuda", "triton") else "cpu"
+    out = model.to(dev).nowcast(graph, states, int(g["k"]), backend=backend, fused=path == "folded")
+    model.cpu()
     expected = torch.from_numpy(g["expected"])
     assert out.shape == expected.shape and out.dtype == torch.float32
     err = (out - expected).abs().max() / expected.abs().max()

@@ -1,0 +1,31 @@
+// The nino_fast operator library: every op's schema, in one place. Kernels register per backend
+// (csrc/cpu/*_kernel.cpp: CPU, csrc/cuda/*_kernel.cu: CUDA); the pure-PyTorch specification of each op
+// is nino_fast/ops/reference.py.
+#include <torch/library.h>
+
+#ifdef NINO_FAST_PYTHON_MODULE
+#include <Python.h>
+// `import nino_fast._C` loads this library, which registers the ops with the dispatcher.
+static struct PyModuleDef nino_fast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&nino_fast_module); }
+#endif
+
+TORCH_LIBRARY(nino_fast, m) {
+  // out[n] = mean(src[rowptr[n]:rowptr[n+1]]), 0 for an empty row.
+  m.def("segment_mean_csr(Tensor src, Tensor rowptr) -> Tensor");
+  // FiLM message + mean aggregation over destination-sorted CSR (see reference.film_mean).
+  m.def(
+      "film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor node_dst, Tensor node_src, "
+      "Tensor weight, Tensor bias, Tensor? etype, Tensor? type_table) -> Tensor");
+  // Two-GEMM edge MLP with gathers and SiLU (see reference.edge_mlp).
+  m.def(
+      "edge_mlp(Tensor feat, Tensor src, Tensor dst, Tensor weight_a, Tensor bias_a, Tensor weight_b, "
+      "Tensor bias_b, Tensor? etype, Tensor? type_table, Tensor? node_src, Tensor? node_dst, "
+      "Tensor? node_src2, Tensor? node_dst2, bool act_out) -> Tensor");
+  // Edge update fused with the next layer's FiLM message + mean (see reference.edge_film_mean).
+  m.def(
+      "edge_film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor weight_a, Tensor bias_a, "
+      "Tensor? etype, Tensor? type_table, Tensor node_src, Tensor node_dst, Tensor msg_dst, "
+      "Tensor msg_src, Tensor weight_scale, Tensor bias_scale, Tensor weight_shift, "
+      "Tensor bias_shift) -> Tensor");
+}
