@@ -1,0 +1,89 @@
+// CPU edge_mlp: out = W_b silu(W_a e + b_a + table[t] + s[src] + t[dst]) + b_b (+ s2[src] + t2[dst]),
+// optionally SiLU (spec: reference.edge_mlp). Tiles of edges in parallel (no reduction); the hidden tile
+// stays in L1/L2 between the two GEMMs.
+#include <torch/library.h>
+
+#include "cpu/fused_common.h"
+
+namespace nino_fast::cpu {
+namespace {
+
+at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in, const at::Tensor& dst_in,
+                        const at::Tensor& weight_a, const at::Tensor& bias_a, const at::Tensor& weight_b,
+                        const at::Tensor& bias_b, const std::optional<at::Tensor>& etype,
+                        const std::optional<at::Tensor>& type_table, const std::optional<at::Tensor>& node_src,
+                        const std::optional<at::Tensor>& node_dst, const std::optional<at::Tensor>& node_src2,
+                        const std::optional<at::Tensor>& node_dst2, bool act_out) {
+  constexpr const char* op = "nino_fast::edge_mlp";
+  auto feat = f32(op, "feat", feat_in, 2);
+  const int64_t e_total = feat.size(0), c = feat.size(1);
+  auto src = idx32(op, "src", src_in, e_total);
+  auto dst = idx32(op, "dst", dst_in, e_total);
+  AffineStage stage(op, "weight_a", weight_a, bias_a, etype, type_table, c, e_total);
+  const int64_t dh = stage.d;
+  auto wb = f32(op, "weight_b", weight_b, 2);
+  TORCH_CHECK(wb.size(1) == dh, op, ": weight_b must be (D_out, ", dh, "), got ", shape_str(weight_b));
+  const int64_t dout = wb.size(0);
+  PackedB second(wb.data_ptr<float>(), dout, dh);
+  auto bb = f32(op, "bias_b", bias_b, 1);
+  TORCH_CHECK(bb.numel() == dout, op, ": bias_b must have ", dout, " entries, got ", bb.numel());
+  TORCH_CHECK(node_src.has_value() == node_dst.has_value() && node_src2.has_value() == node_dst2.has_value(), op,
+              ": node_src/node_dst (and node_src2/node_dst2) go together");
+  at::Tensor ns, nd, ns2, nd2;
+  int64_t rows = -1;  // gather tables' row count (all must agree)
+  auto table = [&](const char* arg, const std::optional<at::Tensor>& t, int64_t width) {
+    auto v = f32(op, arg, *t, 2);
+    TORCH_CHECK(v.size(1) == width, op, ": ", arg, " must have ", width, " columns, got ", shape_str(*t));
+    TORCH_CHECK(rows < 0 || v.size(0) == rows, op, ": ", arg, " must have ", rows, " rows, got ", v.size(0));
+    rows = v.size(0);
+    return v;
+  };
+  if (node_src) ns = table("node_src", node_src, dh), nd = table("node_dst", node_dst, dh);
+  if (node_src2) ns2 = table("node_src2", node_src2, dout), nd2 = table("node_dst2", node_dst2, dout);
+  if (rows >= 0 && e_total > 0) {
+    const int64_t lo = std::min(src.min().item<int32_t>(), dst.min().item<int32_t>());
+    const int64_t hi = std::max(src.max().item<int32_t>(), dst.max().item<int32_t>());
+    TORCH_CHECK(lo >= 0 && hi < rows, op, ": src/dst values must index the node tables' ", rows, " rows, got [", lo,
+                ", ", hi, "]");
+  }
+  auto out = at::empty({e_total, dout}, feat.options());
+  if (e_total == 0 || dout == 0) return out;
+
+  const float* x = feat.data_ptr<float>();
+  const int32_t *s = src.data_ptr<int32_t>(), *t = dst.data_ptr<int32_t>();
+  const float* pns = ns.defined() ? ns.data_ptr<float>() : nullptr;
+  const float* pnd = nd.defined() ? nd.data_ptr<float>() : nullptr;
+  const float* pns2 = ns2.defined() ? ns2.data_ptr<float>() : nullptr;
+  const float* pnd2 = nd2.defined() ? nd2.data_ptr<float>() : nullptr;
+  const float* pbb = bb.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t nph = padded(dh), np = padded(dout);
+  const int64_t n_tiles = (e_total + kTile - 1) / kTile;
+
+  at::parallel_for(0, n_tiles, 8, [&](int64_t i0, int64_t i1) {
+    std::vector<float> htile(kTile * nph), otile(kTile * np);
+    for (int64_t tile = i0; tile < i1; ++tile) {
+      const int64_t e0 = tile * kTile, m = std::min(kTile, e_total - e0);
+      stage.run(x, e0, m, s, [t](int64_t e) { return int64_t(t[e]); }, pns, pnd, true, htile.data(), nph);
+      gemm_tile(htile.data(), nph, m, second, otile.data(), np);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t e = e0 + i;
+        const float* o = otile.data() + i * np;
+        float* yr = y + e * dout;
+        for (int64_t j = 0; j < dout; ++j) yr[j] = o[j] + pbb[j];
+        if (pns2) {
+          const float *a = pns2 + int64_t(s[e]) * dout, *b = pnd2 + int64_t(t[e]) * dout;
+          for (int64_t j = 0; j < dout; ++j) yr[j] += a[j] + b[j];
+        }
+        if (act_out) silu_inplace(yr, dout);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nino_fast, CPU, m) { m.impl("edge_mlp", &edge_mlp_cpu); }
+
+}  // namespace nino_fast::cpu
