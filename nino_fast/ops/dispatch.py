@@ -31,10 +31,12 @@ def _register() -> None:
             _IMPLS["cuda"] = ext
     try:
         from . import triton_backend
-    except ImportError:  # triton not installed, or no kernels yet
+    except ImportError:  # triton not installed
         triton_backend = None
     if triton_backend is not None and triton_backend.available():
         _IMPLS["triton"] = triton_backend
+        if triton_backend.INTERPRET:  # Triton's interpreter runs the kernels on CPU tensors (tests)
+            _DEVICE["triton"] = ("cuda", "cpu")
 
 
 _register()
