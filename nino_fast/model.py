@@ -247,7 +247,7 @@ class NiNoModel(nn.Module):
     # ---- public API ---------------------------------------------------------------------------------------------
     def _folded(self, width: int) -> folded_plan.Folded:
         """Folded weights for raw edge features of ``width`` columns (cached; rebuilt if parameters change)."""
-        version = tuple(p._version for p in self.parameters())
+        version = (self.device, *(p._version for p in self.parameters()))  # moving the model refolds
         cache = self.__dict__.setdefault("_fold_cache", {})
         if cache.get("version") != version:
             cache.clear()

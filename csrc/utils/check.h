@@ -32,8 +32,10 @@ inline void check_device(const char* op, const char* arg, const at::Tensor& t, c
   TORCH_CHECK(t.device() == dev, op, ": ", arg, " must be on ", dev, ", got ", t.device());
 }
 
-// rowptr: int64 (N+1,), rowptr[0] == 0, rowptr[N] == E (values are not scanned: O(1) check).
-inline void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t num_edges) {
+// rowptr: int64 (N+1,) on `device`, rowptr[0] == 0, rowptr[N] == E (values are not scanned: O(1) check).
+inline void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t num_edges,
+                         const at::Device& device = at::kCPU) {
+  check_device(op, "rowptr", rowptr, device);
   check_dtype(op, "rowptr", rowptr, at::kLong);
   check_dim(op, "rowptr", rowptr, 1);
   TORCH_CHECK(rowptr.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");

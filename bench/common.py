@@ -1,0 +1,160 @@
+"""Shared benchmark utilities: timing, peak memory, the machine's measured FMA peak, results files.
+
+Every benchmark checks correctness before timing, reports medians over repeats, and writes
+``bench/results/<name>.json`` with the machine description, so RESULTS.md can quote the exact numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, repeat: int = 5, warmup: int = 1, device="cpu", min_time: float = 0.0) -> dict:
+    """Median/min/max seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start_all) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """Peak resident set size (bytes) of this process since start or the last :func:`reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_isolated(module: str, args: list[str], timeout: float = 3600) -> dict:
+    """Run ``python -m module args`` in a fresh process (clean peak-RSS accounting); it prints one JSON line last."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=root)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_FMA_SRC = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+/* Throughput of independent AVX2 FMAs: 10 named accumulators (registers, not an array) hide the FMA latency
+   on both FMA ports. Returns the best GFLOP/s over 3 repetitions. */
+#define FMA10(x) a0 = _mm256_fmadd_ps(a0, m, c); a1 = _mm256_fmadd_ps(a1, m, c); a2 = _mm256_fmadd_ps(a2, m, c); \
+  a3 = _mm256_fmadd_ps(a3, m, c); a4 = _mm256_fmadd_ps(a4, m, c); a5 = _mm256_fmadd_ps(a5, m, c); \
+  a6 = _mm256_fmadd_ps(a6, m, c); a7 = _mm256_fmadd_ps(a7, m, c); a8 = _mm256_fmadd_ps(a8, m, c); \
+  a9 = _mm256_fmadd_ps(a9, m, c);
+double fma_gflops(int64_t iters, int threads) {
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    double t0 = omp_get_wtime();
+    float sink = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+      __m256 a0 = _mm256_set1_ps(1.0f), a1 = _mm256_set1_ps(1.1f), a2 = _mm256_set1_ps(1.2f),
+             a3 = _mm256_set1_ps(1.3f), a4 = _mm256_set1_ps(1.4f), a5 = _mm256_set1_ps(1.5f),
+             a6 = _mm256_set1_ps(1.6f), a7 = _mm256_set1_ps(1.7f), a8 = _mm256_set1_ps(1.8f),
+             a9 = _mm256_set1_ps(1.9f);
+      const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+      for (int64_t it = 0; it < iters; ++it) { FMA10(0) }
+      __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                               _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(_mm256_add_ps(a6, a7),
+                                                                                 _mm256_add_ps(a8, a9))));
+      float out[8];
+      _mm256_storeu_ps(out, s);
+      sink += out[0];
+    }
+    double sec = omp_get_wtime() - t0;
+    double gf = 2.0 * 8 * 10 * (double)iters * threads / sec / 1e9;
+    if (sink != 12345.f && gf > best) best = gf;
+  }
+  return best;
+}
+"""
+
+
+def fma_peak_gflops(threads: int | None = None) -> float:
+    """Measured fp32 FMA peak of this CPU (AVX2 FMA loop on ``threads`` cores), GFLOP/s; 0 if not measurable."""
+    import ctypes
+    import tempfile
+
+    threads = threads or torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, lib = Path(tmp) / "fma.c", Path(tmp) / "fma.so"
+            src.write_text(_FMA_SRC)
+            subprocess.run(["cc", "-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                           check=True, capture_output=True)
+            fn = ctypes.CDLL(str(lib)).fma_gflops
+            fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64, ctypes.c_int]
+            return float(fn(50_000_000, threads))
+    except Exception as exc:  # no compiler, no AVX2
+        print(f"# FMA peak not measured: {exc}", file=sys.stderr)
+        return 0.0
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    return path
