@@ -22,8 +22,8 @@ def test_golden_graph_identical(case):
     ref = g["edge_index"]
     assert graph.num_nodes == int(ref.max()) + 1
     ei = graph.edge_index()
-    mine = collections.Counter(zip(ei[0].tolist(), ei[1].tolist(), graph.edge_type.tolist()))
-    theirs = collections.Counter(zip(ref[0].tolist(), ref[1].tolist(), g["edge_type"].tolist()))
+    mine = collections.Counter(zip(ei[0].tolist(), ei[1].tolist(), graph.edge_type.tolist(), strict=True))
+    theirs = collections.Counter(zip(ref[0].tolist(), ref[1].tolist(), g["edge_type"].tolist(), strict=True))
     assert mine == theirs
     assert torch.equal(graph.pos_w, torch.from_numpy(g["pos_w"]))
 
@@ -74,7 +74,12 @@ def test_feature_slots_follow_conv_kernels():
         ([("a.weight", (3, 2))], "resnet", {}, "unknown arch"),
         ([("h.0.attn.c_attn.weight", (4, 12))], "gpt2", {}, "num_heads is required"),
         ([("fc.weight", (4, 4))], "llama", {"num_heads": 2}, "no attention parameters"),
-        ([("l.self_attn.q_proj.weight", (6, 6))], "llama", {"num_heads": 3, "num_key_value_heads": 2}, "multiple"),
+        (
+            [("l.self_attn.q_proj.weight", (6, 6))],
+            "llama",
+            {"num_heads": 3, "num_key_value_heads": 2},
+            "multiple",
+        ),
     ],
 )
 def test_bad_input_errors(named, arch, kwargs, match):
@@ -96,19 +101,44 @@ transformers = pytest.importorskip("transformers")
 
 def _tiny(kind):
     if kind == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=12, n_layer=2, n_head=3, vocab_size=50,
-                                                                    n_positions=16))
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_embd=12, n_layer=2, n_head=3, vocab_size=50, n_positions=16)
+        )
     if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-            vocab_size=40, tie_word_embeddings=False))
+        return transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                hidden_size=12,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                vocab_size=40,
+                tie_word_embeddings=False,
+            )
+        )
     if kind == "bert":
-        return transformers.BertForMaskedLM(transformers.BertConfig(
-            hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=3, vocab_size=40,
-            max_position_embeddings=16))
-    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=4, vocab_size=40, tie_word_embeddings=False))
+        return transformers.BertForMaskedLM(
+            transformers.BertConfig(
+                hidden_size=12,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=3,
+                vocab_size=40,
+                max_position_embeddings=16,
+            )
+        )
+    return transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=4,
+            vocab_size=40,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 @pytest.mark.parametrize("kind, case", [("gpt2", "gpt2"), ("llama", "llama"), ("qwen3", "qwen3")])

@@ -10,14 +10,15 @@ import torch
 
 from .entries import ARCHS, NAMES, TRANSFORMERS, expand
 from .layout import Layout
-from .lpe import compute_lpe
+from .lpe import block_lpe
 from .neural_graph import NeuralGraph, assemble
 
 NamedShapes = Iterable[tuple[str, "torch.Size | tuple[int, ...] | torch.Tensor"]]
 
 
 def detect_arch(module: torch.nn.Module) -> tuple[str, int | None, int | None]:
-    """(arch, num_heads, num_key_value_heads) of a known transformer module; ('generic', None, None) otherwise."""
+    """(arch, num_heads, num_key_value_heads) of a known transformer module; ('generic', None, None)
+    otherwise."""
     cls_module = type(module).__module__
     if cls_module.startswith("transformers"):
         import transformers as tf
@@ -63,8 +64,10 @@ def _validate(named: list[tuple[str, tuple[int, ...]]], arch: str, num_heads, nu
         raise ValueError(f"{where}: the model has no parameters")
     bad = [f"{n} {list(s)}" for n, s in named if len(s) == 0 or len(s) > 4 or math.prod(s) == 0]
     if bad:
-        raise ValueError(f"{where}: unsupported parameter shapes (neural graphs take 1-D to 4-D, non-empty "
-                         f"tensors, e.g. no scalars or 3-D convs): {bad}")
+        raise ValueError(
+            f"{where}: unsupported parameter shapes (neural graphs take 1-D to 4-D, non-empty "
+            f"tensors, e.g. no scalars or 3-D convs): {bad}"
+        )
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: duplicate parameter names")
@@ -75,33 +78,21 @@ def _validate(named: list[tuple[str, tuple[int, ...]]], arch: str, num_heads, nu
     nm = NAMES[arch]
     attn = [n for n in names if n.endswith(nm.get("attn", nm["attn_q"]))]
     if not attn:
-        raise ValueError(f"{where}: no attention parameters found (expected names ending with "
-                         f"{nm.get('attn', nm['attn_q'])!r}); parameter names: {names[:8]}...")
+        raise ValueError(
+            f"{where}: no attention parameters found (expected names ending with "
+            f"{nm.get('attn', nm['attn_q'])!r}); parameter names: {names[:8]}..."
+        )
     kv = num_kv_heads or num_heads
     if num_heads % kv:
         raise ValueError(f"{where}: num_heads={num_heads} is not a multiple of num_key_value_heads={kv}")
 
 
-def build_graph(
-    model: torch.nn.Module | NamedShapes,
-    arch: str | None = None,
-    num_heads: int | None = None,
-    num_key_value_heads: int | None = None,
-    lpe: int | torch.Tensor | np.ndarray | None = 8,
-) -> NeuralGraph:
-    """Build the official NiNo neural graph of ``model``.
-
-    Args:
-        model: an ``nn.Module`` (its ``named_parameters()``), or ``(name, shape)`` pairs in that order.
-        arch: one of ``generic, gpt2, llama, qwen3, bert, vit, nanogpt``; detected for Hugging Face / torchvision /
-            NanoGPT modules, ``generic`` (fc/conv layers) for anything else.
-        num_heads, num_key_value_heads: attention heads (detected from module configs; required for transformers
-            given as names); key/value heads default to ``num_heads`` (no grouped-query attention).
-        lpe: number of Laplacian eigenvectors to compute, a precomputed ``(num_nodes, k)`` tensor, or 0/None.
-
-    Returns:
-        NeuralGraph in destination-sorted CSR form (see :class:`NeuralGraph`).
-    """
+def build_layout(
+    model, arch: str | None = None, num_heads: int | None = None, num_key_value_heads: int | None = None
+) -> tuple[list, list, Layout]:
+    """``(named shapes, entries, layout)`` of ``model`` (arguments as for :func:`build_graph`): the graph's
+    block descriptors (``layout.blocks``) without any per-edge array, e.g. for :func:`~.lpe.block_lpe`
+    alone."""
     if isinstance(model, torch.nn.Module) and arch is None:
         arch, heads, kv = detect_arch(model)
         num_heads = num_heads or heads
@@ -111,14 +102,42 @@ def build_graph(
     _validate(named, arch, num_heads, num_key_value_heads)
     kv = num_key_value_heads or num_heads
     entries = expand(named, arch, num_heads, kv)
-    layout = Layout(entries, arch, num_heads, kv).run()
+    return named, entries, Layout(entries, arch, num_heads, kv).run()
+
+
+def build_graph(
+    model: torch.nn.Module | NamedShapes,
+    arch: str | None = None,
+    num_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    lpe: int | torch.Tensor | np.ndarray | None = 8,
+    lpe_cache: bool | None = None,
+) -> NeuralGraph:
+    """Build the official NiNo neural graph of ``model``.
+
+    Args:
+        model: an ``nn.Module`` (its ``named_parameters()``), or ``(name, shape)`` pairs in that order.
+        arch: one of ``generic, gpt2, llama, qwen3, bert, vit, nanogpt``; detected for Hugging Face /
+            torchvision / NanoGPT modules, ``generic`` (fc/conv layers) for anything else.
+        num_heads, num_key_value_heads: attention heads (detected from module configs; required for
+            transformers given as names); key/value heads default to ``num_heads`` (no grouped-query
+            attention).
+        lpe: number of Laplacian eigenvectors to compute, a precomputed ``(num_nodes, k)`` tensor, or
+            0/None. Computed matrix-free from the block layout (:func:`~.lpe.block_lpe`).
+        lpe_cache: use the on-disk LPE cache for large graphs (None: on unless ``NINO_FAST_LPE_CACHE=0``).
+
+    Returns:
+        NeuralGraph in destination-sorted CSR form (see :class:`NeuralGraph`).
+    """
+    named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
+    arch = layout.arch
     graph = assemble(entries, layout, named, arch, pos_w_enabled=arch != "generic")
-    graph.meta.update(num_heads=num_heads, num_key_value_heads=kv)
-    graph.lpe = _lpe(graph, lpe)
+    graph.meta.update(num_heads=layout.num_heads, num_key_value_heads=layout.num_kv_heads)
+    graph.lpe = _lpe(graph, lpe, lpe_cache)
     return graph
 
 
-def _lpe(graph: NeuralGraph, lpe) -> torch.Tensor | None:
+def _lpe(graph: NeuralGraph, lpe, cache: bool | None) -> torch.Tensor | None:
     if lpe is None or lpe is False or (isinstance(lpe, int) and lpe == 0):
         return None
     if isinstance(lpe, (np.ndarray, torch.Tensor)):
@@ -128,4 +147,4 @@ def _lpe(graph: NeuralGraph, lpe) -> torch.Tensor | None:
         return t.contiguous()
     if not isinstance(lpe, int) or lpe < 0:
         raise ValueError(f"build_graph: lpe must be an int >= 0, a (num_nodes, k) tensor or None, got {lpe!r}")
-    return compute_lpe(graph.src.numpy(), graph.dst.numpy(), graph.num_nodes, lpe)
+    return block_lpe(graph.blocks, graph.num_nodes, lpe, cache=cache)

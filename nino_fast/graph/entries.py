@@ -1,10 +1,11 @@
 """Parameter tensors -> the ordered list of *entries* a neural graph is laid out from.
 
-An entry is one block of edges in the neural graph: a real parameter tensor (or a q/k/v slice of a fused one), or
-an auxiliary structural block (residual ``.res`` and attention-head ``.headN`` connections) whose edge features are
-constant. Each architecture expands the model's ``named_parameters()`` into entries the way the official NiNo
-graphs do, so that node ids and edges match the official ones exactly; each real entry carries the flat indices of
-its parameters in the concatenated parameter vector, so edge features are one gather away.
+An entry is one block of edges in the neural graph: a real parameter tensor (or a q/k/v slice of a fused one),
+or an auxiliary structural block (residual ``.res`` and attention-head ``.headN`` connections) whose edge
+features are constant. Each architecture expands the model's ``named_parameters()`` into entries the way the
+official NiNo graphs do, so that node ids and edges match the official ones exactly; each real entry carries
+the flat indices of its parameters in the concatenated parameter vector as a strided view description
+(:class:`ParamIndex`), so no per-parameter array is ever built here.
 """
 
 from __future__ import annotations
@@ -15,22 +16,73 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class ParamIndex:
+    """Flat parameter indices of an entry, not stored: ``index[x] = offset + sum_d x[d] * strides[d]``.
+
+    Every entry is a (slice of a) contiguous parameter tensor, so this is exact; ``materialize`` gives the
+    tensor.
+    """
+
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    def __getitem__(self, i: int) -> ParamIndex:  # a slice along the first dimension (like ``tensor[i]``)
+        return ParamIndex(self.offset + i * self.strides[0], self.shape[1:], self.strides[1:])
+
+    def select(self, dim: int, i: int) -> ParamIndex:
+        """``tensor.select(dim, i)``."""
+        return ParamIndex(
+            self.offset + i * self.strides[dim],
+            self.shape[:dim] + self.shape[dim + 1 :],
+            self.strides[:dim] + self.strides[dim + 1 :],
+        )
+
+    def view(self, shape: tuple[int, ...]) -> ParamIndex:
+        """A contiguous index reshaped (``tensor.view``)."""
+        if self.strides != _contiguous(self.shape):
+            raise ValueError(f"ParamIndex.view: index of shape {self.shape} is not contiguous")
+        return _arange(self.offset, tuple(shape))
+
+    def materialize(self) -> torch.Tensor:
+        """int64 tensor of ``shape`` with the flat parameter indices."""
+        out = torch.full(self.shape, self.offset, dtype=torch.int64)
+        for d, (n, s) in enumerate(zip(self.shape, self.strides, strict=True)):
+            out += (torch.arange(n) * s).view([-1 if k == d else 1 for k in range(len(self.shape))])
+        return out
+
+
 @dataclass
 class Entry:
     """One block of the neural graph.
 
-    name:  the (virtual) parameter name, e.g. ``h.0.attn.c_attn.q.weight`` for the q slice of a fused qkv weight.
-    shape: the (virtual) shape, laid out like the official graph sees it.
-    index: int64 tensor of ``shape`` with flat parameter indices, or None for an auxiliary block (features = 1).
+    name:   the (virtual) parameter name, e.g. ``h.0.attn.c_attn.q.weight`` for the q slice of a fused qkv.
+    shape:  the (virtual) shape, laid out like the official graph sees it.
+    params: where its parameters sit in the flat parameter vector, or None for an auxiliary block (features
+            = 1).
     """
 
     name: str
     shape: tuple[int, ...]
-    index: torch.Tensor | None = None
+    params: ParamIndex | None = None
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        """int64 tensor of ``shape`` with flat parameter indices (materialised; for tests and debugging)."""
+        return None if self.params is None else self.params.materialize()
 
 
-def _arange(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.arange(offset, offset + math.prod(shape), dtype=torch.int64).view(shape)
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, s = [], 1
+    for n in reversed(shape):
+        strides.append(s)
+        s *= n
+    return tuple(reversed(strides))
+
+
+def _arange(offset: int, shape: tuple[int, ...]) -> ParamIndex:
+    return ParamIndex(offset, tuple(shape), _contiguous(tuple(shape)))
 
 
 def _suffix_names(names: dict[str, str]) -> dict[str, str]:
@@ -123,8 +175,12 @@ def _res_entry(name: str, key: str, weight_shape: tuple[int, ...], first_dim_out
     return Entry(name.replace(key, "res"), (n,))
 
 
-def expand(named_shapes: list[tuple[str, tuple[int, ...]]], arch: str, num_heads: int | None,
-           num_kv_heads: int | None) -> list[Entry]:
+def expand(
+    named_shapes: list[tuple[str, tuple[int, ...]]],
+    arch: str,
+    num_heads: int | None,
+    num_kv_heads: int | None,
+) -> list[Entry]:
     """Expand ``(name, shape)`` pairs (``named_parameters()`` order) into graph entries for ``arch``."""
     offsets, shapes, off = {}, {}, 0
     for name, shape in named_shapes:
@@ -134,7 +190,8 @@ def expand(named_shapes: list[tuple[str, tuple[int, ...]]], arch: str, num_heads
         return [Entry(n, s, _arange(offsets[n], s)) for n, s in named_shapes]
     names = NAMES[arch]
     fdo = FIRST_DIM_OUT.get(arch, True)
-    out: dict[str, Entry] = {}  # dict: re-adding a name keeps its first position (the official graphs rely on it)
+    # a dict: re-adding a name keeps its first position (the official graphs rely on it)
+    out: dict[str, Entry] = {}
 
     def add(e: Entry) -> None:
         out.setdefault(e.name, e)
@@ -171,7 +228,8 @@ def _expand_split_qkv(named_shapes, arch, names, fdo, num_heads, num_kv_heads, o
 
 
 def _expand_fused_qkv(named_shapes, arch, names, fdo, num_heads, offsets, shapes, add):
-    """GPT-2 / ViT / NanoGPT: one fused qkv tensor split into q, k, v slices (plus heads and a value residual)."""
+    """GPT-2 / ViT / NanoGPT: one fused qkv tensor split into q, k, v slices (plus heads and a value
+    residual)."""
     for name, shape in named_shapes:
         if name.endswith(names["attn"]):
             if arch == "nanogpt":  # (3, out, in)
@@ -187,18 +245,18 @@ def _expand_fused_qkv(named_shapes, arch, names, fdo, num_heads, offsets, shapes
             else:  # GPT-2 Conv1D: (in, 3 * out)
                 sub = (shape[0], shape[1] // 3)
                 full = _arange(offsets[name], (sub[0], 3, sub[1]))
-                slices = [full[:, i] for i in range(3)]
+                slices = [full.select(1, i) for i in range(3)]
                 head_dim_of = sub[1]
             bias = name.replace("weight", "bias") if arch != "nanogpt" else None
             for i, sfx in enumerate(("q", "k", "v")):
                 name_ = name.replace(names["attn"], names[f"attn_{sfx}"])
-                add(Entry(name_, sub, slices[i].contiguous()))
+                add(Entry(name_, sub, slices[i]))
                 if sfx in ("q", "v"):
                     for h in range(num_heads):
                         add(Entry(name_.replace("weight", f"head{h}"), (head_dim_of // num_heads,)))
                 if bias is not None and bias in shapes:
                     nb = shapes[bias][0] // 3
-                    add(Entry(name_.replace("weight", "bias"), (nb,), _arange(offsets[bias], (3, nb))[i].contiguous()))
+                    add(Entry(name_.replace("weight", "bias"), (nb,), _arange(offsets[bias], (3, nb))[i]))
                 if sfx == "v":
                     n_in = sub[1] if (fdo or arch == "nanogpt") else sub[0]
                     add(Entry(name_.replace("weight", "res"), (n_in,)))
@@ -211,7 +269,8 @@ def _expand_fused_qkv(named_shapes, arch, names, fdo, num_heads, offsets, shapes
             vname = name + ".weight"
             vshape = shape[1:] if len(shape) > 2 else ((1, shape[0]) if len(shape) == 1 else shape)
         elif arch == "nanogpt" and "value_embeds" in name:
-            parts = name.split(".")  # value_embeds.0.weight -> 0.value_embeds.weight, to match 'value_embeds.weight'
+            # value_embeds.0.weight -> 0.value_embeds.weight, to match 'value_embeds.weight'
+            parts = name.split(".")
             vname = ".".join([parts[-2], *parts[:-2], parts[-1]])
         elif arch == "nanogpt" and name.endswith(("skip_weights", "lambdas")):
             vname = name + ".weight"

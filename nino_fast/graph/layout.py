@@ -1,14 +1,16 @@
-"""Placement of graph entries on neuron ids: the official NiNo neural-graph layout, written as one state machine.
+"""Placement of graph entries on neuron ids: the official NiNo neural-graph layout, as one state machine.
 
 Neurons are numbered as the official implementation numbers them: each entry is a dense bipartite block
 ``rows x cols`` (or a diagonal block for residuals) placed by running row/column offsets, then every block's
-columns are shifted by the number of bias/norm/embedding "extra input neurons" that precede it. The quirks of the
-official layouts (fused-qkv bias rows, transposed key blocks, per-head columns, Qwen3 q/k-norm, BERT's decoder
-bias, NanoGPT's value embeddings and lambdas, ViT's patch embedding) are reproduced because node ids, the edge
-multiset and the parameter <-> edge mapping must equal the official graph's.
+columns are shifted by the number of bias/norm/embedding "extra input neurons" that precede it. The quirks of
+the official layouts (fused-qkv bias rows, transposed key blocks, per-head columns, Qwen3 q/k-norm, BERT's
+decoder bias, NanoGPT's value embeddings and lambdas, ViT's patch embedding) are reproduced because node ids,
+the edge multiset and the parameter <-> edge mapping must equal the official graph's.
 
-Output: per entry, ``(rows, cols)`` int64 tensors in the entry's edge order (dense blocks enumerate ``in`` major,
-``out`` minor), plus the entry's edge type and feature size.
+Output: one :class:`~.blocks.Block` descriptor per entry (a rectangle or diagonal of node ids, its edge type
+and entry), in the official construction order; all of the official arithmetic on edge tensors (column shifts,
+head offsets, key transposes, the Qwen3/BERT/NanoGPT/ViT corrections) is done on the descriptors, since every
+edit keeps a block a contiguous range. ``materialize()`` gives the explicit edges for tests and debugging.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import math
 
 import torch
 
+from .blocks import Block, materialize, split_by_runs
 from .entries import FIRST_DIM_OUT, NAMES, Entry
 
 # edge types (the official numbering)
-FC, BIAS, CONV, NORM, WTE, WPE, ATTN_Q, ATTN_K, ATTN_V, RESIDUAL, HEAD, SELF_LOOP = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13
+FC, BIAS, CONV, NORM, WTE, WPE, ATTN_Q, ATTN_K, ATTN_V = 1, 2, 3, 4, 5, 6, 7, 8, 9
+RESIDUAL, HEAD, SELF_LOOP = 10, 11, 13
 
 
 def _ends(name: str, names: dict[str, str], *keys: str) -> bool:
@@ -65,14 +69,12 @@ def _split(name: str) -> tuple[str, str]:
     return name[:i], name[i + 1 :]
 
 
-def _dense(r0: int, c0: int, n_in: int, n_out: int) -> torch.Tensor:
-    r = torch.arange(r0, r0 + n_in).view(-1, 1).expand(n_in, n_out).flatten()
-    c = torch.arange(c0, c0 + n_out).view(1, -1).expand(n_in, n_out).flatten()
-    return torch.stack((r, c))
-
-
 class Layout:
-    """Runs the placement for one architecture. ``blocks[(layer, key)]`` is a (2, n) tensor of [rows; cols]."""
+    """Runs the placement for one architecture.
+
+    After ``run()``: ``blocks`` is the list of block descriptors in the official construction order (each with
+    its edge type and entry index), ``max_feat`` the feature slots per edge.
+    """
 
     def __init__(self, entries: list[Entry], arch: str, num_heads: int | None, num_kv_heads: int | None):
         self.entries, self.arch = entries, arch
@@ -81,14 +83,17 @@ class Layout:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
         self.shapes = {e.name: e.shape for e in entries}
-        self.blocks: dict[str, dict[str, torch.Tensor]] = {}  # layer -> key -> (2, n); insertion order matters
-        self.same: dict[int, list[tuple[int, str, str]]] = {}  # column offset -> [(extra columns, layer, key)]
+        self.by_name: dict[str, dict[str, Block]] = {}  # layer -> key -> block; insertion order matters
+        # column offset -> [(extra columns, layer, key)]
+        self.same: dict[int, list[tuple[int, str, str]]] = {}
         self.types: list[int] = []
         self.max_feat = 1
+        self.blocks: list[Block] = []
 
-    # ---- the common part --------------------------------------------------------------------------------------
-    def _record(self, c_off: int, weight: int, layer: str, key: str, block: torch.Tensor, t: int, shape) -> None:
-        self.blocks.setdefault(layer, {})[key] = block
+    # ---- the common part -----------------------------------------------------------------------------------
+    def _record(self, c_off: int, weight: int, layer: str, key: str, block: Block, t: int, shape) -> None:
+        block.entry = len(self.types)
+        self.by_name.setdefault(layer, {})[key] = block
         self.same.setdefault(c_off, []).append((weight, layer, key))
         self.types.append(t)
         if len(shape) > 2:
@@ -96,7 +101,19 @@ class Layout:
 
     def run(self) -> Layout:
         (self._place_generic if self.arch == "generic" else self._place_transformer)()
+        # The official graph concatenates blocks grouped by layer (first-seen order) but lists the types in
+        # entry order; split_by_runs gives every edge the type the official graph gives it, whether or not
+        # they agree.
+        ordered = [b for keys in self.by_name.values() for b in keys.values()]
+        sizes = [e.shape[0] * (e.shape[1] if len(e.shape) > 1 else 1) for e in self.entries]
+        if sum(sizes) != sum(b.num_edges for b in ordered):
+            raise AssertionError(f"layout produced {sum(b.num_edges for b in ordered)} edges but {sum(sizes)} types")
+        self.blocks = split_by_runs(ordered, self.types, sizes)
         return self
+
+    def materialize(self) -> torch.Tensor:
+        """(2, E') int64 explicit edges in the official order, self-loops excluded (tests and debugging)."""
+        return materialize(self.blocks)
 
     def _place_generic(self) -> None:
         c_off = r_off = 0
@@ -111,15 +128,15 @@ class Layout:
                 c_off = max(0, c_off - n_out)  # a bias/norm acts on the neurons of the previous block
             elif layer_idx == 0:
                 c_off = n_in
-            self._record(c_off, int(len(sz) == 1 and t != RESIDUAL), layer, key, _dense(r_off, c_off, n_in, n_out),
-                         t, sz)
+            extra = int(len(sz) == 1 and t != RESIDUAL)
+            self._record(c_off, extra, layer, key, Block(r_off, c_off, n_in, n_out), t, sz)
             r_off += n_in
             c_off += n_out
         col = 0
         for c in self.same:  # insertion order (the generic graph does not sort)
             col += sum(w for w, _, _ in self.same[c])
             for _, layer, key in self.same[c]:
-                self.blocks[layer][key][1] += col
+                self.by_name[layer][key].shift_dst(col)
 
     def _place_transformer(self) -> None:
         nm, H = self.names, self.num_heads
@@ -168,9 +185,9 @@ class Layout:
                     r_off, c_off = r_qv, c_v_end
                 else:
                     r_off -= n_out + int(v_bias)
-                block = torch.stack((torch.arange(r_off, r_off + n_out), torch.arange(c_off, c_off + n_out)))
+                block = Block(r_off, c_off, n_out, n_out, diag=True)
             else:
-                block = _dense(r_off, c_off, n_in, n_out)
+                block = Block(r_off, c_off, n_in, n_out)
             extra = 1 if (len(sz) == 1 or (t == ATTN_Q and q_bias)) and t != RESIDUAL else (n_in if is_embed else 0)
             self._record(c_off, extra, layer, key, block, t, sz)
 
@@ -191,14 +208,14 @@ class Layout:
                 is_w, is_b = key.endswith("weight"), key.endswith("bias")
                 if layer.endswith(nm["layer_v"]) and is_w:
                     col -= self.num_kv_heads + v_bias
-                blk = self.blocks[layer][key]
-                blk[1] += col
+                blk = self.by_name[layer][key]
+                blk.shift_dst(col)
                 if "head" in key and not is_w and not is_b:
-                    blk[1] += int(key[key.find("head") + 4 :]) * blk.shape[1]
+                    blk.shift_dst(int(key[key.find("head") + 4 :]) * blk.num_edges)
                 elif layer.endswith(nm["layer_k"]) and is_w:
-                    self.blocks[layer][key] = blk[[1, 0]]  # key weights are transposed (q·k pairs neurons)
+                    blk.transposed = not blk.transposed  # key weights are transposed (q·k pairs neurons)
 
-    # ---- architecture hooks -----------------------------------------------------------------------------------
+    # ---- architecture hooks --------------------------------------------------------------------------------
     def _move_offset(self, name: str, c_off: int, r_off: int, n_out: int, n_in: int) -> tuple[int, int]:
         arch = self.arch
         if arch in ("llama", "qwen3"):
@@ -238,8 +255,8 @@ class Layout:
     def _move_entries(self, moves: list[tuple[int, int]], select, weight) -> None:
         """Move selected (weight, layer, key) records from column offset ``old`` to ``new``.
 
-        The official code removes from the list it iterates, which skips the record after each removed one; the
-        same iteration is kept here on purpose, since it decides which columns get shifted.
+        The official code removes from the list it iterates, which skips the record after each removed one;
+        the same iteration is kept here on purpose, since it decides which columns get shifted.
         """
         for old, new in moves:
             for rec in self.same[old]:
@@ -249,7 +266,7 @@ class Layout:
                     self.same[old].remove(rec)
 
     def _correct_offsets(self) -> None:
-        arch, blocks = self.arch, self.blocks
+        arch, blocks = self.arch, self.by_name
         if arch == "qwen3":
             self._correct_qwen3()
         elif arch == "bert":
@@ -257,8 +274,9 @@ class Layout:
         elif arch == "vit":
             for c, recs in self.same.items():
                 self.same[c] = [
-                    ((int(blocks[layer][key][0, -1] - blocks[layer][key][0, 0]) + 1), layer, key)
-                    if (layer == self.names["conv1"] and key == "weight") else (w, layer, key)
+                    (blocks[layer][key].last_edge()[0] - blocks[layer][key].first_edge()[0] + 1, layer, key)
+                    if (layer == self.names["conv1"] and key == "weight")
+                    else (w, layer, key)
                     for w, layer, key in recs
                 ]
         elif arch == "nanogpt":
@@ -266,14 +284,14 @@ class Layout:
             for c, recs in self.same.items():
                 for _, layer, key in recs:
                     if f"{layer}.{key}".endswith(self.names["value_res"]):
-                        blocks[layer][key][1] += 1  # one column right of the attention lambdas
+                        blocks[layer][key].shift_dst(1)  # one column right of the attention lambdas
                         moves.append((c, c + 1))
             is_vres = lambda layer, key: f"{layer}.{key}".endswith(self.names["value_res"])  # noqa: E731
             self._move_entries(moves, is_vres, lambda w, layer, key: w)
 
     def _correct_qwen3(self) -> None:
         """q_norm / k_norm weights become connections between neurons inside the q / k projections."""
-        blocks, moves, first_qk = self.blocks, [], {}
+        blocks, moves, first_qk = self.by_name, [], {}
         for c, recs in self.same.items():
             for _, layer, key in recs:
                 full = f"{layer}.{key}"
@@ -281,39 +299,49 @@ class Layout:
                     first_qk.setdefault(layer, blocks[layer][key])
                 elif full.endswith(("q_norm.weight", "k_norm.weight")):
                     proj = first_qk[layer.replace("_norm", "_proj")]
-                    dim = int(proj[0].max() - proj[0].min()) + 1
-                    r0, c0 = int(proj[0, 0]), int(proj[1, 0])
+                    lo, hi = proj.src_range()
+                    dim = hi - lo
+                    r0, c0 = proj.first_edge()
                     blk = blocks[layer][key]
-                    hd = blk.shape[1]
+                    hd = blk.num_edges
                     if layer.endswith("q_norm"):
                         rows, col0 = r0 + dim + self.num_heads, c0 + hd
                     else:
                         rows, col0 = r0, c0 + hd - dim
-                    blk[0] = torch.arange(rows, rows + hd)
-                    blk[1] = torch.arange(col0, col0 + hd)
+                    # the norm's hd edges become the diagonal rows+i -> col0+i (same edge order)
+                    blk.r0, blk.c0, blk.n_rows, blk.n_cols = rows, col0, hd, hd
+                    blk.diag, blk.transposed, blk.kstride = True, False, hd
                     moves.append((c, col0))
         self._move_entries(
             moves,
-            lambda layer, key: f"{layer}.{key}".endswith("_norm.weight") or layer.endswith(("q_proj", "k_proj", "v_proj")),
+            lambda layer, key: (
+                f"{layer}.{key}".endswith("_norm.weight") or layer.endswith(("q_proj", "k_proj", "v_proj"))
+            ),
             lambda w, layer, key: 0 if f"{layer}.{key}".endswith("_norm.weight") else w,
         )
 
     def _correct_bert(self) -> None:
         """The decoder bias connects to the word-embedding neurons (it has one value per vocabulary token)."""
-        blocks = self.blocks
+        blocks = self.by_name
         if "bias" not in blocks.get("cls.predictions", {}):
             return
         c0 = min(self.same)
         col = c0 + sum(w for w, _, _ in self.same[c0])
         blk = blocks["cls.predictions"]["bias"]
-        blk[0] = max(0, col - 1)
-        blk[1] -= int(blk[1, 0])
-        blocks["cls.predictions"]["bias"] = blk[[1, 0]]
+        lo, hi = blk.src_range()
+        if hi - lo != 1:
+            raise AssertionError(f"BERT decoder bias: expected one source row, got {blk}")
+        blk.shift_src(max(0, col - 1) - lo)  # all sources become one node
+        blk.shift_dst(-blk.first_edge()[1])
+        blk.transposed = not blk.transposed
         for layer, keys in blocks.items():
             for key, b in keys.items():
-                b[1] += 1
-                if ("bert.embeddings" not in layer and not layer.endswith("cls.predictions")
-                        and not (layer.endswith("bert.encoder.layer.0.attention.self.key") and key == "bias")):
-                    b[0] += 1
+                b.shift_dst(1)
+                if (
+                    "bert.embeddings" not in layer
+                    and not layer.endswith("cls.predictions")
+                    and not (layer.endswith("bert.encoder.layer.0.attention.self.key") and key == "bias")
+                ):
+                    b.shift_src(1)
         for c in self.same:
             self.same[c] = [r for r in self.same[c] if not (r[1] == "cls.predictions" and r[2] == "bias")]

@@ -1,16 +1,25 @@
-"""The neural graph: a destination-sorted CSR graph with per-edge types and the parameter <-> edge-feature map.
+"""The neural graph: a destination-sorted CSR graph with per-edge types and the parameter <-> edge map.
 
 Shapes (E edges incl. self-loops, N nodes, F = feature slots per edge: 1, or 9 for 3x3 convs, P parameters):
 
 - ``rowptr``  (N+1,) int64   edges of destination node n are ``rowptr[n]:rowptr[n+1]`` (CSR order)
 - ``src``     (E,)   int32   source node of each edge, CSR order
-- ``dst``     (E,)   int32   destination node of each edge, CSR order (redundant with rowptr; kept for gathers)
-- ``edge_type`` (E,) int64   official edge types (1 fc, 2 bias, 3 conv, 4 norm, 5 wte, 6 wpe, 7/8/9 q/k/v,
-                              10 residual, 11 head, 13 self-loop), CSR order
-- ``perm``    (E,)   int64   CSR position -> edge position in the official construction order
+- ``dst``     (E,)   int32   destination node of each edge, CSR order (redundant with rowptr; for gathers)
+- ``edge_type_u8`` (E,) uint8 official edge types (1 fc, 2 bias, 3 conv, 4 norm, 5 wte, 6 wpe, 7/8/9
+                              q/k/v, 10 residual, 11 head, 13 self-loop), CSR order; the stored form
+- ``edge_type`` (E,) int64   the same as int64 (a property: converted on each access, 8 bytes per edge;
+                              large graphs should take ``edge_type_u8[a:b].long()`` per chunk instead)
+- ``perm``    (E,)   int64   CSR position -> edge position in the official construction order (a property:
+                              recomputed from the blocks on each access, for tests and debugging)
 - ``param_pos`` (P,) int64   flat slot ``e * F + f`` (CSR edge e, feature slot f) holding parameter p
 - ``pos_w``   (N,)   int64   word-embedding position per node (0: none)
 - ``lpe``     (N, k) float32 Laplacian positional encoding, or None
+- ``blocks``  list[Block]    the layout (one rectangle/diagonal per entry, official order): the graph's
+                              structure, used for the matrix-free LPE, its cache key and ``perm``
+
+The edge order inside a destination segment is the blocks' order, self-loop last (deterministic); the official
+construction order differs, which is harmless: only the multiset of (src, dst, type) and the parameter mapping
+matter to the model.
 
 Edge features (``to_edges``): parameter edges carry their parameter's history, zero-padded to F slots;
 residual/head edges carry 1 and self-loops 2 in slot 0 (constants, not scaled), as the official graphs do.
@@ -23,6 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .assemble import construction_order, fill, fill_dst, in_degrees
+from .blocks import Block, num_nodes
+from .entries import NAMES
 from .layout import HEAD, RESIDUAL, SELF_LOOP
 
 
@@ -31,8 +43,7 @@ class NeuralGraph:
     rowptr: torch.Tensor
     src: torch.Tensor
     dst: torch.Tensor
-    edge_type: torch.Tensor
-    perm: torch.Tensor
+    edge_type_u8: torch.Tensor
     param_pos: torch.Tensor
     pos_w: torch.Tensor
     max_feat_size: int
@@ -40,8 +51,19 @@ class NeuralGraph:
     arch: str = "generic"
     lpe: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    blocks: list[Block] = field(default_factory=list)
 
-    # ---- sizes --------------------------------------------------------------------------------------------------
+    @property
+    def edge_type(self) -> torch.Tensor:
+        """(E,) int64 edge types, CSR order (a fresh int64 copy of ``edge_type_u8``)."""
+        return self.edge_type_u8.long()
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """(E,) int64 CSR position -> position in the official construction order (computed on request)."""
+        return construction_order(self.blocks, self.rowptr.cpu()).to(self.rowptr.device)
+
+    # ---- sizes ---------------------------------------------------------------------------------------------
     @property
     def num_nodes(self) -> int:
         return self.rowptr.numel() - 1
@@ -62,14 +84,16 @@ class NeuralGraph:
         """(2, E) int64 ``[src; dst]`` in CSR order (same order as ``edge_type``)."""
         return torch.stack((self.src.long(), self.dst.long()))
 
-    # ---- features -----------------------------------------------------------------------------------------------
+    # ---- features ------------------------------------------------------------------------------------------
     def edge_constants(self) -> torch.Tensor:
-        """(E,) float32 slot-0 feature of structural edges: 1 for residual/head edges, 2 for self-loops, else 0."""
-        t = self.edge_type
+        """(E,) float32 slot-0 feature of structural edges: 1 for residual/head edges, 2 for self-loops, else
+        0."""
+        t = self.edge_type_u8
         return torch.where(t == SELF_LOOP, 2.0, torch.where((t == RESIDUAL) | (t == HEAD), 1.0, 0.0))
 
     def to_edges(self, states: torch.Tensor) -> torch.Tensor:
-        """Parameter history ``(P, C)`` -> edge features ``(E, F * C)`` (feature index ``f * C + c``), CSR order."""
+        """Parameter history ``(P, C)`` -> edge features ``(E, F * C)`` (feature index ``f * C + c``), CSR
+        order."""
         if states.dim() == 1:
             states = states.unsqueeze(1)
         P, C = states.shape
@@ -85,11 +109,14 @@ class NeuralGraph:
         return out.view(E, F * C)
 
     def to_vector(self, edge_values: torch.Tensor) -> torch.Tensor:
-        """Per-edge, per-slot predictions ``(E, F)`` (or ``(E,)`` when F == 1) -> parameter vector ``(P,)``."""
+        """Per-edge, per-slot predictions ``(E, F)`` (or ``(E,)`` when F == 1) -> parameter vector
+        ``(P,)``."""
         flat = edge_values.reshape(-1)
         if flat.numel() != self.num_edges * self.max_feat_size:
-            raise ValueError(f"NeuralGraph.to_vector: expected {self.num_edges} x {self.max_feat_size} values, "
-                             f"got shape {tuple(edge_values.shape)}")
+            raise ValueError(
+                f"NeuralGraph.to_vector: expected {self.num_edges} x {self.max_feat_size} values, "
+                f"got shape {tuple(edge_values.shape)}"
+            )
         return flat[self.param_pos.to(flat.device)]
 
     def param_edge_mask(self) -> torch.Tensor:
@@ -100,70 +127,23 @@ class NeuralGraph:
 
     def __repr__(self) -> str:
         lpe = None if self.lpe is None else tuple(self.lpe.shape)
-        return (f"NeuralGraph(arch={self.arch!r}, num_nodes={self.num_nodes}, num_edges={self.num_edges}, "
-                f"num_params={self.num_params}, max_feat_size={self.max_feat_size}, lpe={lpe})")
+        return (
+            f"NeuralGraph(arch={self.arch!r}, num_nodes={self.num_nodes}, num_edges={self.num_edges}, "
+            f"num_params={self.num_params}, max_feat_size={self.max_feat_size}, lpe={lpe})"
+        )
 
 
 def assemble(entries, layout, param_shapes, arch: str, pos_w_enabled: bool) -> NeuralGraph:
-    """Concatenate the placed blocks in the official order, add self-loops, sort by destination into CSR."""
-    from .layout import _split  # same (layer, key) split as the placement
-
-    # The official graph concatenates blocks grouped by layer (first-seen order), and the types per entry in entry
-    # order; both orders coincide for every supported architecture, and are reproduced as is otherwise.
-    starts, edges, pos = {}, [], 0
-    for layer, keys in layout.blocks.items():
-        for key, blk in keys.items():
-            starts[(layer, key)] = pos
-            edges.append(blk)
-            pos += blk.shape[1]
-    edge_index = torch.cat(edges, 1) if edges else torch.zeros(2, 0, dtype=torch.int64)
-    sizes = [e.shape[0] * (e.shape[1] if len(e.shape) > 1 else 1) for e in entries]  # edges per block
-    types = torch.cat([torch.full((n,), t) for n, t in zip(sizes, layout.types)]) if entries else torch.zeros(0, dtype=torch.int64)
-    n_nodes = int(edge_index.max()) + 1 if edge_index.numel() else 0
-    if types.numel() != edge_index.shape[1]:
-        raise AssertionError(f"layout produced {edge_index.shape[1]} edges but {types.numel()} types")
-    loops = torch.arange(n_nodes)
-    edge_index = torch.cat((edge_index, torch.stack((loops, loops))), 1)
-    types = torch.cat((types, torch.full((n_nodes,), SELF_LOOP)))
-
-    F = layout.max_feat
-    n_params = sum(math.prod(s) for _, s in param_shapes)
-    slot_of_param = torch.full((n_params,), -1, dtype=torch.int64)
-    fdo = layout.fdo
-    for e in entries:
-        if e.index is None:
-            continue
-        idx = e.index
-        if idx.dim() > 2:
-            idx = idx.flatten(2)
-        elif idx.dim() == 1:
-            idx = idx.view(-1, 1, 1)
-        else:
-            idx = idx.unsqueeze(2)
-        if fdo:
-            idx = idx.permute(1, 0, 2)  # the graph stores weights as (in, out)
-        idx = idx.reshape(-1, idx.shape[2])
-        start = starts[_split(e.name)]
-        e_pos = torch.arange(start, start + idx.shape[0]).unsqueeze(1)
-        slot_of_param[idx] = e_pos * F + torch.arange(idx.shape[1]).unsqueeze(0)
-    missing = (slot_of_param < 0).nonzero().flatten()
-    if missing.numel():
-        raise AssertionError(f"build_graph({arch}): {missing.numel()} parameters are not on any edge")
-
-    dst = edge_index[1]
-    order = torch.sort(dst, stable=True).indices
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel())
-    slot_edge = torch.div(slot_of_param, F, rounding_mode="floor")
-    param_pos = inv[slot_edge] * F + slot_of_param % F
-    counts = torch.bincount(dst, minlength=n_nodes)
+    """CSR graph from the layout's blocks (see :mod:`.assemble`), self-loops included, and word positions."""
+    blocks = layout.blocks
+    n_nodes = num_nodes(blocks)
     rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
-    rowptr[1:] = torch.cumsum(counts, 0)
+    torch.cumsum(in_degrees(blocks, n_nodes), 0, out=rowptr[1:])
+    n_params = sum(math.prod(s) for _, s in param_shapes)
+    src, etype, param_pos = fill(blocks, entries, rowptr, n_params, layout.max_feat, layout.fdo)
 
     pos_w = torch.zeros(n_nodes, dtype=torch.int64)
     if pos_w_enabled:
-        from .entries import NAMES
-
         nm = NAMES[arch]
         for e in entries:
             if e.name.endswith(tuple(nm[k] for k in ("cls", "cls_w") if k in nm)):
@@ -171,13 +151,13 @@ def assemble(entries, layout, param_shapes, arch: str, pos_w_enabled: bool) -> N
                 break
     return NeuralGraph(
         rowptr=rowptr,
-        src=edge_index[0][order].to(torch.int32),
-        dst=dst[order].to(torch.int32),
-        edge_type=types[order],
-        perm=order,
+        src=src,
+        dst=fill_dst(rowptr),
+        edge_type_u8=etype,
         param_pos=param_pos,
         pos_w=pos_w,
-        max_feat_size=F,
+        max_feat_size=layout.max_feat,
         param_shapes=list(param_shapes),
         arch=arch,
+        blocks=blocks,
     )
