@@ -46,7 +46,12 @@ BACKENDS = tuple(b for b in _PREFERENCE if b in _IMPLS)
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, best first."""
     kind = torch.device(device).type
-    return [b for b in BACKENDS if kind in _DEVICE[b]]
+    avail = [b for b in BACKENDS if kind in _DEVICE[b]]
+    if kind == "cpu" and "triton" in avail and "cpu" in avail:
+        # Triton on CPU tensors is the interpreter (tests): correct but very slow, so after the CPU kernels.
+        avail.remove("triton")
+        avail.insert(avail.index("cpu") + 1, "triton")
+    return avail
 
 
 def resolve(device: torch.device | str = "cpu", backend: str | None = None) -> str:
@@ -69,16 +74,75 @@ def film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, t
     return _impl(feat, backend).film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype, type_table)
 
 
-def edge_mlp(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype=None, type_table=None, node_src=None,
-             node_dst=None, node_src2=None, node_dst2=None, act_out=False, backend=None):
+def edge_mlp(
+    feat,
+    src,
+    dst,
+    weight_a,
+    bias_a,
+    weight_b,
+    bias_b,
+    etype=None,
+    type_table=None,
+    node_src=None,
+    node_dst=None,
+    node_src2=None,
+    node_dst2=None,
+    act_out=False,
+    backend=None,
+):
     """Two-GEMM edge MLP with gathers; spec: :func:`nino_fast.ops.reference.edge_mlp`."""
-    return _impl(feat, backend).edge_mlp(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype, type_table,
-                                         node_src, node_dst, node_src2, node_dst2, act_out)
+    return _impl(feat, backend).edge_mlp(
+        feat,
+        src,
+        dst,
+        weight_a,
+        bias_a,
+        weight_b,
+        bias_b,
+        etype,
+        type_table,
+        node_src,
+        node_dst,
+        node_src2,
+        node_dst2,
+        act_out,
+    )
 
 
-def edge_film_mean(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src, node_dst, msg_dst, msg_src,
-                   weight_scale, bias_scale, weight_shift, bias_shift, backend=None):
+def edge_film_mean(
+    feat,
+    rowptr,
+    src,
+    weight_a,
+    bias_a,
+    etype,
+    type_table,
+    node_src,
+    node_dst,
+    msg_dst,
+    msg_src,
+    weight_scale,
+    bias_scale,
+    weight_shift,
+    bias_shift,
+    backend=None,
+):
     """Edge update fused with the next FiLM mean; spec: :func:`nino_fast.ops.reference.edge_film_mean`."""
-    return _impl(feat, backend).edge_film_mean(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src,
-                                               node_dst, msg_dst, msg_src, weight_scale, bias_scale, weight_shift,
-                                               bias_shift)
+    return _impl(feat, backend).edge_film_mean(
+        feat,
+        rowptr,
+        src,
+        weight_a,
+        bias_a,
+        etype,
+        type_table,
+        node_src,
+        node_dst,
+        msg_dst,
+        msg_src,
+        weight_scale,
+        bias_scale,
+        weight_shift,
+        bias_shift,
+    )

@@ -1,0 +1,367 @@
+"""edge_film_mean: layer l's edge update fused with layer l+1's FiLM mean (spec: ops/reference.py).
+
+    h_e   = silu(W_a e_e + b_a + table[etype_e] + node_src[src_e] + node_dst[n])       W_a: (DH, C)
+    out_n = mean_{e in row n} (W_sc h_e + b_sc) * (msg_dst[n] + msg_src[src_e]) + W_sh h_e + b_sh
+
+The edge state h never leaves the program. Per BLOCK_E edges of a row, h is built BLOCK_KH columns at a time
+(a (BLOCK_E, C) @ (C, BLOCK_KH) dot, the bias / table / gathers, SiLU) and consumed at once by the scale
+product (BLOCK_E, BLOCK_KH) @ (BLOCK_KH, D), accumulated over the chunks; every dot has K <= 32, which keeps
+the fp32 (FMA) path's operands in registers. The shift half is linear in h, so it never needs a per-edge
+product::
+
+    sum_e (W_sh h_e + b_sh) = W_sh (sum_e h_e) + deg b_sh
+
+each chunk's column sum goes through W_sh (a (BLOCK_KH, D) GEMV per BLOCK_E edges, in fp32) inside the kernel.
+Rows are split and combined as in csr_split.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import csr_split, utils
+from .csr_split import program_rows, store_result, task
+from .tiles import mm
+
+OP = "edge_film_mean"
+
+
+@triton.jit
+def _edge_film_segment(
+    start,
+    end,
+    row,
+    feat_ptr,
+    stride_fe,
+    stride_fc,
+    C,
+    src_ptr,
+    wa_ptr,
+    stride_wao,
+    stride_wai,
+    ba_ptr,
+    et_ptr,
+    tab_ptr,
+    stride_tab,
+    ns_ptr,
+    stride_ns,
+    nd_ptr,
+    stride_nd,
+    md_ptr,
+    stride_md,
+    ms_ptr,
+    stride_ms,
+    wsc_ptr,
+    stride_wso,
+    stride_wsi,
+    bsc_ptr,
+    wsh_ptr,
+    stride_who,
+    stride_whi,
+    DH,
+    D,
+    HAS_TAB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """(BLOCK_D,) sum over edges [start, end) of row ``row`` of the messages, without the shift bias.
+
+    h is produced BLOCK_KH columns at a time and consumed at once: the scale dot accumulates over the chunks
+    (K = BLOCK_KH per product), and each chunk's column sum goes through W_sh right away (a (BLOCK_KH, D) GEMV
+    per BLOCK_E edges: ~1/BLOCK_E of the scale dot's work)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_KH)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    md = tl.load(md_ptr + row * stride_md + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    bsc = tl.load(bsc_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    acc = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)  # per-lane message sums, reduced once after the loop
+    shift = tl.full((BLOCK_D,), 0.0, tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        e_idx = e0 + tl.arange(0, BLOCK_E)
+        e_mask = e_idx < end
+        s = tl.load(src_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
+        if HAS_TAB:
+            t = tl.load(et_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
+        scale = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
+        for j0 in range(0, DH, BLOCK_KH):
+            cols = j0 + offs_j
+            c_mask = cols < DH
+            ec_mask = e_mask[:, None] & c_mask[None, :]
+            # h[:, cols] = silu(feat W_a[cols]^T + b_a + node_dst[n] + node_src[s] (+ table[t])), K steps on C
+            h = tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32)
+            for k0 in range(0, C, BLOCK_K):
+                ks = k0 + offs_k
+                x = tl.load(
+                    feat_ptr + e_idx[:, None] * stride_fe + ks[None, :] * stride_fc,
+                    mask=e_mask[:, None] & (ks[None, :] < C),
+                    other=0.0,
+                )
+                w = tl.load(
+                    wa_ptr + cols[None, :] * stride_wao + ks[:, None] * stride_wai,
+                    mask=(ks[:, None] < C) & c_mask[None, :],
+                    other=0.0,
+                )
+                h += mm(x, w, DOT_DTYPE, PRECISION, EMULATE)
+            hrow = tl.load(nd_ptr + row * stride_nd + cols, mask=c_mask, other=0.0).to(tl.float32) + tl.load(
+                ba_ptr + cols, mask=c_mask, other=0.0
+            ).to(tl.float32)
+            h += hrow[None, :] + tl.load(ns_ptr + s[:, None] * stride_ns + cols[None, :], mask=ec_mask, other=0.0).to(
+                tl.float32
+            )
+            if HAS_TAB:
+                h += tl.load(tab_ptr + t[:, None] * stride_tab + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
+            h = tl.where(ec_mask, h / (1.0 + tl.exp(-h)), 0.0)  # silu; padded lanes and columns are 0
+            w_sc = tl.load(
+                wsc_ptr + offs_d[None, :] * stride_wso + cols[:, None] * stride_wsi,
+                mask=c_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            scale += mm(h, w_sc, DOT_DTYPE, PRECISION, EMULATE)
+            w_sh = tl.load(
+                wsh_ptr + offs_d[None, :] * stride_who + cols[:, None] * stride_whi,
+                mask=c_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            shift += tl.sum(tl.sum(h, axis=0)[:, None] * w_sh, axis=0)
+        ms = tl.load(
+            ms_ptr + s[:, None] * stride_ms + offs_d[None, :],
+            mask=e_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.where(e_mask[:, None], (scale + bsc[None, :]) * (md[None, :] + ms), 0.0)
+    return tl.sum(acc, axis=0) + shift
+
+
+@triton.jit
+def edge_film_mean_kernel(
+    feat_ptr,
+    stride_fe,
+    stride_fc,
+    rowptr_ptr,
+    src_ptr,
+    wa_ptr,
+    stride_wao,
+    stride_wai,
+    ba_ptr,
+    et_ptr,
+    tab_ptr,
+    stride_tab,
+    ns_ptr,
+    stride_ns,
+    nd_ptr,
+    stride_nd,
+    md_ptr,
+    stride_md,
+    ms_ptr,
+    stride_ms,
+    wsc_ptr,
+    stride_wso,
+    stride_wsi,
+    bsc_ptr,
+    wsh_ptr,
+    stride_who,
+    stride_whi,
+    bsh_ptr,
+    out_ptr,
+    stride_out,
+    ws_ptr,
+    win_rows_ptr,
+    N,
+    E,
+    C,
+    DH,
+    D,
+    n_windows,
+    CHUNK,
+    LOG2N,
+    HAS_TAB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    is_win, w0, w1, r_a, r_b = program_rows(pid, rowptr_ptr, N, E, n_windows, CHUNK, LOG2N)
+    offs_d = tl.arange(0, BLOCK_D)
+    bsh = tl.load(bsh_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    for t in range(0, tl.where(is_win, 2, 1)):  # a runtime loop: one copy of the segment code
+        row, start, end, valid = task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, CHUNK)
+        if is_win:
+            tl.store(win_rows_ptr + 2 * pid + t, tl.where(valid, row, -1))
+        if valid:
+            total = _edge_film_segment(
+                start,
+                end,
+                row,
+                feat_ptr,
+                stride_fe,
+                stride_fc,
+                C,
+                src_ptr,
+                wa_ptr,
+                stride_wao,
+                stride_wai,
+                ba_ptr,
+                et_ptr,
+                tab_ptr,
+                stride_tab,
+                ns_ptr,
+                stride_ns,
+                nd_ptr,
+                stride_nd,
+                md_ptr,
+                stride_md,
+                ms_ptr,
+                stride_ms,
+                wsc_ptr,
+                stride_wso,
+                stride_wsi,
+                bsc_ptr,
+                wsh_ptr,
+                stride_who,
+                stride_whi,
+                DH,
+                D,
+                HAS_TAB,
+                BLOCK_E,
+                BLOCK_K,
+                BLOCK_KH,
+                BLOCK_D,
+                DOT_DTYPE,
+                PRECISION,
+                EMULATE,
+            )
+            deg = (end - start).to(tl.float32)
+            store_result(total + deg * bsh, D, out_ptr, stride_out, ws_ptr, is_win, pid, t, row, deg, BLOCK_D)
+
+
+def edge_film_mean(
+    feat: torch.Tensor,
+    rowptr: torch.Tensor,
+    src: torch.Tensor,
+    weight_a: torch.Tensor,
+    bias_a: torch.Tensor,
+    etype: torch.Tensor | None,
+    type_table: torch.Tensor | None,
+    node_src: torch.Tensor,
+    node_dst: torch.Tensor,
+    msg_dst: torch.Tensor,
+    msg_src: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias_scale: torch.Tensor,
+    weight_shift: torch.Tensor,
+    bias_shift: torch.Tensor,
+    *,
+    block_e: int | None = None,
+    block_k: int | None = None,
+    block_kh: int | None = None,
+    chunk: int | None = None,
+    num_warps: int | None = None,
+    maxnreg: int | None = None,
+) -> torch.Tensor:
+    """(N, D) float32; see the module docstring. The keywords override the launch heuristics (benchmarks,
+    tests): edges per step, K steps over C and over DH (the h column chunk), edges per long-row window,
+    warps, register cap (ptxas ``.maxnreg``: more resident programs, maybe spills)."""
+    dev = feat.device
+    utils.check_device(OP, feat)
+    utils.check_float(OP, "feat", feat, (None, None), dev)
+    e, c = feat.shape
+    n = rowptr.numel() - 1
+    utils.check_index(OP, "rowptr", rowptr, (n + 1,), dev)
+    utils.check_index(OP, "src", src, (e,), dev)
+    utils.check_float(OP, "weight_a", weight_a, (None, c), dev)
+    dh = weight_a.shape[0]
+    utils.check_float(OP, "bias_a", bias_a, (dh,), dev)
+    utils.check_pair(OP, "etype", etype, "type_table", type_table)
+    has_tab = type_table is not None
+    if has_tab:
+        utils.check_index(OP, "etype", etype, (e,), dev)
+        utils.check_float(OP, "type_table", type_table, (None, dh), dev)
+    utils.check_float(OP, "node_src", node_src, (None, dh), dev)
+    utils.check_float(OP, "node_dst", node_dst, (n, dh), dev)
+    utils.check_float(OP, "weight_scale", weight_scale, (None, dh), dev)
+    d = weight_scale.shape[0]
+    utils.check_float(OP, "msg_dst", msg_dst, (n, d), dev)
+    utils.check_float(OP, "msg_src", msg_src, (None, d), dev)
+    utils.check_float(OP, "bias_scale", bias_scale, (d,), dev)
+    utils.check_float(OP, "weight_shift", weight_shift, (d, dh), dev)
+    utils.check_float(OP, "bias_shift", bias_shift, (d,), dev)
+    if n == 0 or e == 0 or d == 0:
+        return torch.zeros(n, d, dtype=torch.float32, device=dev)
+
+    feat, weight_a, node_src, node_dst, msg_dst, msg_src, weight_scale, weight_shift = (
+        utils.rowmajor(t) for t in (feat, weight_a, node_src, node_dst, msg_dst, msg_src, weight_scale, weight_shift)
+    )
+    rowptr, src, bias_a, bias_scale, bias_shift = (utils.vec(t) for t in (rowptr, src, bias_a, bias_scale, bias_shift))
+    rowptr = rowptr.to(torch.int64)
+    etype, type_table = utils.vec(etype), utils.rowmajor(type_table)
+    block_d = utils.pow2(d)
+    block_e = block_e or 32
+    block_k = block_k or utils.k_step(c)
+    split = csr_split.plan(n, e, utils.split_chunk(e, dev, block_e, chunk), d, dev)
+    out = torch.empty(n, d, dtype=torch.float32, device=dev)
+    edge_film_mean_kernel[split.grid](
+        feat,
+        feat.stride(0),
+        feat.stride(1),
+        rowptr,
+        src,
+        weight_a,
+        weight_a.stride(0),
+        weight_a.stride(1),
+        bias_a,
+        etype if has_tab else src,
+        type_table if has_tab else bias_a,
+        utils.row_stride(type_table),
+        node_src,
+        node_src.stride(0),
+        node_dst,
+        node_dst.stride(0),
+        msg_dst,
+        msg_dst.stride(0),
+        msg_src,
+        msg_src.stride(0),
+        weight_scale,
+        weight_scale.stride(0),
+        weight_scale.stride(1),
+        bias_scale,
+        weight_shift,
+        weight_shift.stride(0),
+        weight_shift.stride(1),
+        bias_shift,
+        out,
+        out.stride(0),
+        split.ws,
+        split.win_rows,
+        n,
+        e,
+        c,
+        dh,
+        d,
+        split.n_windows,
+        split.chunk,
+        split.log2n,
+        HAS_TAB=has_tab,
+        BLOCK_E=block_e,
+        BLOCK_K=block_k,
+        BLOCK_KH=min(block_kh or 32, utils.pow2(dh)),
+        BLOCK_D=block_d,
+        DOT_DTYPE=utils.dot_dtype(feat, weight_a),
+        PRECISION=utils.dot_precision(),
+        EMULATE=utils.INTERPRET,
+        num_warps=num_warps or 8,
+        maxnreg=maxnreg,
+    )
+    csr_split.combine(split, rowptr, out)
+    return out

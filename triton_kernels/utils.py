@@ -1,0 +1,137 @@
+"""Host-side helpers shared by the Triton launchers: input checks, layouts, dot precision, block sizes.
+
+Nothing here reads tensor *values*: every check is on shapes, dtypes and devices, so a launch never forces a
+device-to-host synchronisation (rowptr is trusted to start at 0 and end at E, as the spec says).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# fp32 inputs: "ieee" (exact fp32 FMA dots; matches the reference to ~1e-6) or "tf32x3" (three TF32
+# tensor-core products; ~fp32 accuracy, faster on Hopper). Low-precision inputs always use bf16/fp16 tensor
+# cores.
+FP32_PRECISION = os.environ.get("NINO_FAST_TRITON_FP32", "ieee")
+if FP32_PRECISION not in ("ieee", "tf32x3"):
+    raise ValueError(f"NINO_FAST_TRITON_FP32 must be 'ieee' or 'tf32x3', got {FP32_PRECISION!r}")
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+def _fmt(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float(op: str, name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
+    """``t`` is a floating tensor of ``shape`` (``None`` entries match anything) on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    _check_shape_device(op, name, t, shape, device)
+
+
+def check_index(op: str, name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
+    """``t`` is an int32/int64 tensor of ``shape`` on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+    _check_shape_device(op, name, t, shape, device)
+
+
+def _check_shape_device(op, name, t, shape, device):
+    if t.dim() != len(shape) or any(w is not None and w != s for w, s in zip(shape, t.shape, strict=True)):
+        want = tuple("*" if w is None else w for w in shape)
+        raise ValueError(f"{op}: {name} must have shape {want}, got {_fmt(t)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} (the device of feat), got {_fmt(t)}")
+
+
+def check_pair(op: str, a_name: str, a, b_name: str, b) -> None:
+    """Optional inputs that only make sense together (both given or both None)."""
+    if (a is None) != (b is None):
+        raise ValueError(
+            f"{op}: {a_name} and {b_name} must be given together (got {a_name}="
+            f"{'None' if a is None else 'tensor'}, {b_name}={'None' if b is None else 'tensor'})"
+        )
+
+
+def check_device(op: str, feat: torch.Tensor) -> None:
+    if feat.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {feat.device}")
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+def rowmajor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with unit stride along its last dimension. The kernels take the other strides as arguments, so
+    a row-sliced view is passed as is; a transposed one is copied once (strided gathers are uncoalesced)."""
+    if t is None or t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1:
+        return t
+    return t.contiguous()
+
+
+def vec(t: torch.Tensor | None) -> torch.Tensor | None:
+    """1-D index / bias tensors are read with unit stride."""
+    return None if t is None else t.contiguous()
+
+
+def row_stride(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+# ----------------------------------------------------------------------------------------------- dot settings
+def dot_dtype(*ts: torch.Tensor) -> tl.dtype:
+    """Operand dtype of the tensor-core products: the first low-precision dtype among ``ts`` (feat, then the
+    weights), else float32 (IEEE / tf32x3 dots)."""
+    for t in ts:
+        if t is not None and t.dtype in (torch.bfloat16, torch.float16):
+            return _TL_DTYPE[t.dtype]
+    return tl.float32
+
+
+def dot_precision() -> str:
+    return FP32_PRECISION
+
+
+# ------------------------------------------------------------------------------------------------ block sizes
+def pow2(n: int, lo: int = 16) -> int:
+    """Smallest power of two >= max(n, lo): tile widths (tl.dot needs K >= 16 for 16-bit operands)."""
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def k_step(c: int) -> int:
+    """K step over the C input columns: 16 (one bf16 MMA step; keeps the fp32 FMA dots' operands small and
+    pads C = 45 to 48, not 64)."""
+    return 16
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: only sets the split granularity of long rows
+
+
+def split_chunk(num_edges: int, device: torch.device, block_e: int, chunk: int | None = None) -> int:
+    """Edges per work item of the CSR reductions (a power of two, at least 4 ``block_e``).
+
+    Rows with more in-edges than this are split into fixed windows of the edge array (see csr_split.py).
+    About 16 items per SM keeps the GPU busy when one row holds most edges; 4096 caps a row program's loop.
+    """
+    if chunk is not None:
+        if chunk <= 0:
+            raise ValueError(f"chunk must be positive, got {chunk}")
+        return int(chunk)
+    target = triton.cdiv(max(num_edges, 1), 16 * num_sms(device))
+    return int(min(4096, max(4 * block_e, 256, triton.next_power_of_2(target))))
