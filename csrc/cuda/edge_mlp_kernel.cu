@@ -1,0 +1,257 @@
+// CUDA edge_mlp: two GEMMs with gathers and SiLU per edge, no reduction (spec: reference.edge_mlp).
+//
+//   h_e   = silu(W_a x_e + b_a (+ T[t_e]) (+ node_src[src_e] + node_dst[dst_e]))       (D_h
+//   columns) out_e = W_b h_e + b_b (+ node_src2[src_e] + node_dst2[dst_e]), then silu if act_out
+//   (D_out columns)
+//
+// Per tile of 64 edges (persistent blocks, weights resident in shared memory): GEMM1 on tensor
+// cores -> epilogue 1 (bias, type row, gathers, SiLU in fp32) writes h as T over the feature tile
+// -> GEMM2 -> epilogue 2 (bias, gathers, optional SiLU) stores fp32 rows. D_out may be tiny (the
+// head: 1 or 9).
+#include <torch/library.h>
+
+#include "cuda/fused_common.cuh"
+
+namespace nino_fast::cuda {
+namespace {
+
+struct EdgeMlpArgs {
+  const void* feat;
+  const int* src;
+  const int* dst;
+  const void *w_a, *b_a, *w_b, *b_b;
+  int w_a_dt, b_a_dt, w_b_dt, b_b_dt;
+  const int64_t* etype;
+  const float* table;  // (types, D_h) fp32 or nullptr
+  int64_t types;
+  const void *ns, *nd, *ns2, *nd2;  // type G, or nullptr
+  int64_t node_rows;
+  float* out;
+  int64_t e, tiles;
+  int c, cp, dh, hp, dout, op;
+  bool act_out, vec1, vec2, vec_out;
+};
+
+template <typename T>
+struct EdgeMlpLayout {
+  int lda, ldw, ldx, ldc;
+  size_t wa, wb, x, c, ba, bb, src, dst, et, bytes;
+  __host__ __device__ EdgeMlpLayout(int cp, int hp, int op) {
+    lda = cp + kSkew<T>;
+    ldw = hp + kSkew<T>;
+    ldx = (cp > hp ? cp : hp) + kSkew<T>;
+    ldc = (hp > op ? hp : op) + 4;
+    size_t o = 0;
+    wa = o, o = align128(o + sizeof(T) * hp * lda);
+    wb = o, o = align128(o + sizeof(T) * op * ldw);
+    x = o, o = align128(o + sizeof(T) * kTileE * ldx);
+    c = o, o = align128(o + sizeof(float) * kTileE * ldc);
+    ba = o, o = align128(o + sizeof(float) * hp);
+    bb = o, o = align128(o + sizeof(float) * op);
+    src = o, o = align128(o + sizeof(int) * kTileE);
+    dst = o, o = align128(o + sizeof(int) * kTileE);
+    et = o, o = align128(o + sizeof(int) * kTileE);
+    bytes = o;
+  }
+};
+
+template <typename T, typename G>
+__global__ void __launch_bounds__(kThreads) edge_mlp_kernel(const EdgeMlpArgs p) {
+#if NINO_FAST_TC_OK
+  extern __shared__ __align__(128) unsigned char smem[];
+  const EdgeMlpLayout<T> L(p.cp, p.hp, p.op);
+  T* s_wa = reinterpret_cast<T*>(smem + L.wa);
+  T* s_wb = reinterpret_cast<T*>(smem + L.wb);
+  T* s_x = reinterpret_cast<T*>(smem + L.x);
+  float* s_c = reinterpret_cast<float*>(smem + L.c);
+  float* s_ba = reinterpret_cast<float*>(smem + L.ba);
+  float* s_bb = reinterpret_cast<float*>(smem + L.bb);
+  int* s_src = reinterpret_cast<int*>(smem + L.src);
+  int* s_dst = reinterpret_cast<int*>(smem + L.dst);
+  int* s_et = reinterpret_cast<int*>(smem + L.et);
+
+  stage_weight<T>(s_wa, L.lda, p.w_a, p.w_a_dt, p.dh, p.c, p.hp, p.cp);
+  stage_weight<T>(s_wb, L.ldw, p.w_b, p.w_b_dt, p.dout, p.dh, p.op, p.hp);
+  stage_vector(s_ba, p.b_a, p.b_a_dt, p.dh, p.hp);
+  stage_vector(s_bb, p.b_b, p.b_b_dt, p.dout, p.op);
+  const T* feat = static_cast<const T*>(p.feat);
+  const G* ns = static_cast<const G*>(p.ns);
+  const G* nd = static_cast<const G*>(p.nd);
+  const G* ns2 = static_cast<const G*>(p.ns2);
+  const G* nd2 = static_cast<const G*>(p.nd2);
+  const bool gather = p.ns != nullptr || p.ns2 != nullptr;
+  const int warp = threadIdx.x >> 5, c4 = (threadIdx.x & 31) * 4;
+  const int a = warp * kEdgesPerWarp;
+
+  for (int64_t t = blockIdx.x; t < p.tiles; t += gridDim.x) {
+    const int64_t e0 = t * kTileE;
+    const int len = tile_len(e0, p.e);
+    __syncthreads();  // the previous tile's GEMM2 / epilogue 2 are done with s_x, s_c, s_src, s_dst
+    if (int(threadIdx.x) < len) {
+      const int64_t e = e0 + threadIdx.x;
+      if (gather) {
+        const int s = p.src[e], d = p.dst[e];
+        CUDA_KERNEL_ASSERT_MSG(
+            s >= 0 && s < p.node_rows && d >= 0 && d < p.node_rows,
+            "nino_fast::edge_mlp: src/dst value out of range of the node tables");
+        s_src[threadIdx.x] = s;
+        s_dst[threadIdx.x] = d;
+      }
+      if (p.table != nullptr) {
+        const int64_t ty = p.etype[e];
+        CUDA_KERNEL_ASSERT_MSG(ty >= 0 && ty < p.types,
+                               "nino_fast::edge_mlp: etype value out of range of type_table");
+        s_et[threadIdx.x] = int(ty);
+      }
+    }
+    stage_feat<T>(s_x, L.ldx, feat, e0, len, p.c, p.cp);
+    __syncthreads();
+    warp_gemm<T>(s_x, L.ldx, s_wa, L.lda, p.cp, p.hp, s_c, L.ldc);
+    __syncthreads();
+
+    // epilogue 1: h -> s_x as T (zeros in the padding and past the last edge)
+    float4 h[kEdgesPerWarp];
+#pragma unroll
+    for (int k = 0; k < kEdgesPerWarp;
+         ++k) {  // all gathers of the warp's 8 edges in flight together
+      const int i = a + k;
+      h[k] = f4_zero();
+      if (i >= len || c4 >= p.dh) continue;
+      float4 pre = f4_add(read4(s_c + i * L.ldc + c4), read4(s_ba + c4));
+      if (ns != nullptr)
+        pre = f4_add(pre, f4_add(load4(ns + int64_t(s_src[i]) * p.dh, c4, p.dh, p.vec1),
+                                 load4(nd + int64_t(s_dst[i]) * p.dh, c4, p.dh, p.vec1)));
+      if (p.table != nullptr)
+        pre = f4_add(pre, load4(p.table + int64_t(s_et[i]) * p.dh, c4, p.dh, p.vec1));
+      h[k] = f4_silu(pre);  // padding columns: silu(0) = 0
+    }
+    if (c4 < p.hp) {
+#pragma unroll
+      for (int k = 0; k < kEdgesPerWarp; ++k) smem4_store(s_x + (a + k) * L.ldx + c4, h[k]);
+    }
+    __syncthreads();
+    warp_gemm<T>(s_x, L.ldx, s_wb, L.ldw, p.hp, p.op, s_c, L.ldc);
+    __syncthreads();
+
+    // epilogue 2: out rows (fp32)
+#pragma unroll
+    for (int k = 0; k < kEdgesPerWarp; ++k) {
+      const int i = a + k;
+      if (i >= len || c4 >= p.dout) continue;
+      float4 o = f4_add(read4(s_c + i * L.ldc + c4), read4(s_bb + c4));
+      if (ns2 != nullptr)
+        o = f4_add(o, f4_add(load4(ns2 + int64_t(s_src[i]) * p.dout, c4, p.dout, p.vec2),
+                             load4(nd2 + int64_t(s_dst[i]) * p.dout, c4, p.dout, p.vec2)));
+      if (p.act_out) o = f4_silu(o);
+      float* y = p.out + (e0 + i) * p.dout + c4;
+      if (p.vec_out) {
+        *reinterpret_cast<float4*>(y) = o;
+      } else {
+        y[0] = o.x;
+        if (c4 + 1 < p.dout) y[1] = o.y;
+        if (c4 + 2 < p.dout) y[2] = o.z;
+        if (c4 + 3 < p.dout) y[3] = o.w;
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+at::Tensor edge_mlp_cuda(const at::Tensor& feat_in, const at::Tensor& src_in,
+                         const at::Tensor& dst_in, const at::Tensor& weight_a,
+                         const at::Tensor& bias_a, const at::Tensor& weight_b,
+                         const at::Tensor& bias_b, const std::optional<at::Tensor>& etype,
+                         const std::optional<at::Tensor>& type_table_in,
+                         const std::optional<at::Tensor>& node_src,
+                         const std::optional<at::Tensor>& node_dst,
+                         const std::optional<at::Tensor>& node_src2,
+                         const std::optional<at::Tensor>& node_dst2, bool act_out) {
+  constexpr const char* op = "nino_fast::edge_mlp";
+  auto feat = features(op, feat_in);
+  const auto dev = feat.device();
+  const c10::cuda::CUDAGuard guard(dev);
+  check_arch(op);
+  const int64_t e = feat.size(0), c = feat.size(1);
+  auto src = index32(op, "src", src_in, e, dev);
+  auto dst = index32(op, "dst", dst_in, e, dev);
+  check_cuda(op, "weight_a", weight_a, dev);
+  check_dim(op, "weight_a", weight_a, 2);
+  TORCH_CHECK(weight_a.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
+              " (feat columns), got shape ", shape_str(weight_a));
+  check_cuda(op, "weight_b", weight_b, dev);
+  check_dim(op, "weight_b", weight_b, 2);
+  const int64_t dh = weight_a.size(0), dout = weight_b.size(0);
+  FloatArg wa, ba, wb, bb;
+  auto wa_t = param(op, "weight_a", weight_a, {dh, c}, dev, wa);
+  auto ba_t = param(op, "bias_a", bias_a, {dh}, dev, ba);
+  auto wb_t = param(op, "weight_b", weight_b, {dout, dh}, dev, wb);
+  auto bb_t = param(op, "bias_b", bias_b, {dout}, dev, bb);
+  check_widths(op, "D_h (weight_a rows)", dh);
+  check_widths(op, "D_out (weight_b rows)", dout);
+  check_widths(op, "C (feat columns)", c);
+  TORCH_CHECK(node_src.has_value() == node_dst.has_value() &&
+                  node_src2.has_value() == node_dst2.has_value(),
+              op, ": node_src/node_dst (and node_src2/node_dst2) go together");
+  auto types = type_table(op, etype, type_table_in, e, dh, dev);
+  // all gathered node tables index the same nodes: one row count
+  int64_t rows = -1;
+  for (const auto* t : {&node_src, &node_dst, &node_src2, &node_dst2})
+    if (t->has_value() && rows < 0) rows = (*t)->size(0);
+  auto opt = [](const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; };
+  auto nodes = node_tables(op, feat.scalar_type(),
+                           {{"node_src", opt(node_src), dh, rows},
+                            {"node_dst", opt(node_dst), dh, rows},
+                            {"node_src2", opt(node_src2), dout, rows},
+                            {"node_dst2", opt(node_dst2), dout, rows}},
+                           dev);
+  auto out = at::empty({e, dout}, feat.options().dtype(at::kFloat));
+  if (e == 0 || dout == 0) return out;
+
+  const int64_t tiles = (e + kTileE - 1) / kTileE;
+  const float* table = types.on() ? types.table.data_ptr<float>() : nullptr;
+  const cudaStream_t stream = current_stream();
+  dispatch_types(feat.scalar_type(), nodes.low, [&](auto t_tag, auto g_tag) {
+    using T = decltype(t_tag);
+    using G = decltype(g_tag);
+    EdgeMlpArgs p{};
+    p.feat = feat.data_ptr();
+    p.src = src.data_ptr<int>();
+    p.dst = dst.data_ptr<int>();
+    p.w_a = wa.ptr, p.w_a_dt = wa.dt, p.b_a = ba.ptr, p.b_a_dt = ba.dt;
+    p.w_b = wb.ptr, p.w_b_dt = wb.dt, p.b_b = bb.ptr, p.b_b_dt = bb.dt;
+    p.etype = types.on() ? types.etype.data_ptr<int64_t>() : nullptr;
+    p.table = table;
+    p.types = types.types;
+    p.ns = ptr_as<G>(nodes.t[0]);
+    p.nd = ptr_as<G>(nodes.t[1]);
+    p.ns2 = ptr_as<G>(nodes.t[2]);
+    p.nd2 = ptr_as<G>(nodes.t[3]);
+    p.node_rows = std::max<int64_t>(rows, 0);
+    p.out = out.data_ptr<float>();
+    p.e = e, p.tiles = tiles;
+    p.c = int(c), p.cp = round_up(std::max<int>(int(c), 1), 16);
+    p.dh = int(dh), p.hp = round_up(std::max<int>(int(dh), 1), 16);
+    p.dout = int(dout), p.op = round_up(int(dout), 16);
+    p.act_out = act_out;
+    p.vec1 = nodes.vec[0] && nodes.vec[1] &&
+             (table == nullptr || reinterpret_cast<uintptr_t>(table) % 16 == 0);
+    p.vec2 = nodes.vec[2] && nodes.vec[3];
+    p.vec_out = dout % 4 == 0;
+    const EdgeMlpLayout<T> layout(p.cp, p.hp, p.op);
+    auto kernel = edge_mlp_kernel<T, G>;
+    const int grid = persistent_grid(op, kernel, layout.bytes, tiles);
+    kernel<<<grid, kThreads, layout.bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nino_fast, CUDA, m) {
+  m.impl("edge_mlp", &edge_mlp_cuda);
+}
+
+}  // namespace nino_fast::cuda
