@@ -4,12 +4,29 @@
     >>> graph = build_graph(model)                       # the official neural graph, as CSR
     >>> nino = NiNoModel.from_checkpoint("nino.pt")
     >>> new_params = nino.nowcast(graph, states, k=10)   # states: (n_params, 5) history, oldest first
+
+Training: ``NiNo(torch.optim.AdamW(model.parameters()), model=model, ckpt="nino.pt", period=1000)`` wraps any
+optimizer (see :class:`nino_fast.optim.NiNo`); ``Linefit`` / ``LinefitPlus`` are the paper's baselines.
 """
 
 from ._extension import has_cuda_ext, has_ext
+from .baselines import Linefit, LinefitPlus
 from .graph import NeuralGraph, build_graph
 from .model import NiNoModel
+from .optim import NiNo, k_schedule
 from .scaling import scale_params, unscale_params
 
 __version__ = "0.1.0"
-__all__ = ["NeuralGraph", "NiNoModel", "build_graph", "has_cuda_ext", "has_ext", "scale_params", "unscale_params"]
+__all__ = [
+    "Linefit",
+    "LinefitPlus",
+    "NeuralGraph",
+    "NiNo",
+    "NiNoModel",
+    "build_graph",
+    "has_cuda_ext",
+    "has_ext",
+    "k_schedule",
+    "scale_params",
+    "unscale_params",
+]

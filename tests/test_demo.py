@@ -1,24 +1,45 @@
-"""The demo (make demo) runs end to end on a short schedule and reports the NiNo step."""
+"""The demo (make demo) runs end to end on a short schedule, reports steps to target and writes its outputs."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from golden import ckpt
 
 pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
 
 
-def test_demo_runs(capsys):
+def test_demo_runs(capsys, tmp_path):
     from nino_fast import demo
 
-    demo.main(["--ckpt", str(ckpt("nino_no_posw.pt")), "--steps", "50", "--k", "5"])
-    out = capsys.readouterr().out
-    assert "after the NiNo step (k=5" in out and "val loss" in out
+    out = tmp_path / "out"
+    argv = ["--ckpt", str(ckpt("nino_no_posw.pt")), "--seeds", "1", "--steps", "200", "--period", "50"]
+    assert demo.main(argv + ["--eval-every", "10", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "predictor: NiNo (nino_no_posw.pt)" in text and "seed 0: target" in text
+    res = json.loads((out / "demo_results.json").read_text())
+    (row,) = res["seeds"]
+    assert row["steps_adamw"] is not None and row["steps_adamw"] <= 200
+    assert row["nino_steps_time"] > 0  # NiNo steps did run (200 / 50 = 4 of them)
+    assert (out / "demo_loss.png").stat().st_size > 1000
+
+
+def test_demo_linefit_fallback(capsys, tmp_path, monkeypatch):
+    """Without a NiNo checkpoint the demo says so and uses Linefit+."""
+    from nino_fast import demo
+
+    monkeypatch.setattr(demo, "DEFAULT_CKPT", tmp_path / "missing.pt")
+    argv = ["--seeds", "1", "--steps", "100", "--period", "50", "--out", str(tmp_path / "o")]
+    assert demo.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "using the Linefit+ baseline" in text and "predictor: Linefit+" in text
 
 
 def test_demo_missing_checkpoint(tmp_path):
     from nino_fast import demo
 
-    with pytest.raises(SystemExit, match="no NiNo checkpoint"):
-        demo.main(["--ckpt", str(tmp_path / "missing.pt")])
+    with pytest.raises((SystemExit, FileNotFoundError, ValueError)):
+        demo.main(["--ckpt", str(tmp_path / "missing.pt"), "--seeds", "1", "--steps", "10"])
