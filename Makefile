@@ -1,74 +1,111 @@
 # nino_fast: `make demo` (the main job) and `make test` (the whole suite) are the two set-up commands.
 # Both create or reuse .venv in the checkout; nothing is installed outside it except the CUDA check's venv.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
+PIP := $(PY) -m pip
+# ninja (and ruff, clang-format) from the venv even when it is not activated; without ninja on PATH torch's
+# BuildExtension silently falls back to a slow serial build.
+WITH_VENV := PATH="$(abspath $(VENV))/bin:$$PATH"
 TORCH_CPU ?= torch==2.13.0
+EXTRAS ?= test,transformers,plot,demo
 STAMP := $(VENV)/.nino_fast-installed
+EXT_STAMP := build/.nino_fast-ext
+# The CPU build compiles these; a change rebuilds the extension (ninja: only what changed) before tests.
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h)
+PY_SRC := nino_fast tests bench triton_kernels setup.py
+CLANG_SRC = $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+CLANG_FORMAT = $(firstword $(wildcard $(VENV)/bin/clang-format) $(shell command -v clang-format 2> /dev/null))
+
 CUDA_VENV ?= $(HOME)/.cache/nino_fast/venv-cu130
 CUDA_TORCH ?= torch==2.14.1
-CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
+# The toolkit root (the directory holding bin/nvcc); /usr/local/bin/nvcc is only a wrapper, so /usr/local is no root.
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc)))
 TORCH_CUDA_ARCH_LIST ?= 9.0
+CUDA_BUILD ?= build/cu130
 DEMO_ARGS ?=
+PYTEST_ARGS ?=
 
-.PHONY: venv build test pytest ctest demo bench lint format cuda-check clean
+.PHONY: venv build test pytest ctest demo bench lint format cuda-check clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when the build description or the C++/CUDA sources change; torch is installed first, pinned to
-# the CPU build, so that the package's `torch>=2.4` requirement never pulls a CUDA build.
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*.h)
-	$(PIP) install -q --upgrade pip setuptools wheel ninja
+# Reinstall when the package description changes. torch is installed first, pinned to the CPU build, and pinned
+# again as a constraint, so that the package's `torch>=2.4` can never pull a CUDA build into this venv.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PIP) install -q "setuptools>=64" wheel ninja
 	$(PIP) install -q "$(TORCH_CPU)"
-	$(PIP) install -q --no-build-isolation -e '.[test,transformers,plot,demo]'
-	touch $(STAMP)
+	echo "$(TORCH_CPU)" > $(VENV)/torch-constraint.txt
+	$(WITH_VENV) $(PIP) install -q -c $(VENV)/torch-constraint.txt --no-build-isolation -e '.[$(EXTRAS)]'
+	mkdir -p build && touch $(EXT_STAMP) $(STAMP)
 
 venv: $(STAMP)
 
-build: $(PY)
-	$(PIP) install -q --no-build-isolation -e .
-	touch $(STAMP)
+# Incremental rebuild of nino_fast/_C*.so in place (what the editable install imports). --force: setuptools'
+# own staleness check ignores headers; ninja decides what really needs compiling.
+$(EXT_STAMP): $(STAMP) $(CSRC)
+	$(WITH_VENV) $(PY) setup.py -q build_ext --inplace --force
+	touch $(EXT_STAMP)
 
-# pytest exits 5 when it collects no test: that must fail, like any other non-zero status.
-pytest: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests
+build: $(STAMP)
+	$(WITH_VENV) $(PY) setup.py -q build_ext --inplace --force
+	touch $(EXT_STAMP)
 
-ctest: venv
-	cmake -S . -B build/cmake -G Ninja -DBUILD_TEST=ON -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
+# pytest's exit status 5 (no test collected) fails this recipe like any other non-zero status.
+pytest: $(EXT_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+ctest: $(STAMP)
+	cmake -S . -B build/cmake -G Ninja -DBUILD_TEST=ON -DNINO_FAST_PYTHON="$(abspath $(PY))" > /dev/null
 	cmake --build build/cmake
 	ctest --test-dir build/cmake --output-on-failure
 
 test: pytest ctest
 
-demo: venv
+demo: $(EXT_STAMP)
 	$(PY) -m nino_fast.demo $(DEMO_ARGS)
 
-bench: venv
-	$(PY) -m bench.bench_ops
-	$(PY) -m bench.bench_e2e
+bench: $(EXT_STAMP)
+	@if [ -f bench/run_all.py ]; then $(PY) bench/run_all.py; \
+	else $(PY) -m bench.bench_ops && $(PY) -m bench.bench_e2e; fi
 
-lint: venv
+lint: $(STAMP)
 	$(PIP) install -q ruff
-	$(VENV)/bin/ruff check nino_fast tests bench triton_kernels setup.py
-	@if command -v clang-format > /dev/null; then clang-format --dry-run --Werror csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu 2> /dev/null || true; fi
+	$(VENV)/bin/ruff check $(PY_SRC)
+	$(VENV)/bin/ruff format --check $(PY_SRC)
+	@if [ -n "$(CLANG_FORMAT)" ]; then $(CLANG_FORMAT) --dry-run --Werror $(CLANG_SRC); \
+	else echo "lint: clang-format not found (pip install clang-format), C++ not checked"; fi
 
-format: venv
-	$(VENV)/bin/ruff check --fix nino_fast tests bench triton_kernels setup.py
+format: $(STAMP)
+	$(PIP) install -q ruff
+	$(VENV)/bin/ruff check --fix $(PY_SRC)
+	$(VENV)/bin/ruff format $(PY_SRC)
+	@if [ -n "$(CLANG_FORMAT)" ]; then $(CLANG_FORMAT) -i $(CLANG_SRC); fi
 
 # Compile-only check of the CUDA extension against a CUDA build of torch, in a venv outside the checkout
-# (recreated when missing). It never touches the CPU build in .venv.
+# (created when missing; the first torch install takes minutes). The result goes to $(CUDA_BUILD)/lib: the CPU
+# build's nino_fast/_C*.so is not touched. Then the built library is loaded (no GPU needed) to check that its
+# CUDA kernels registered.
 cuda-check:
-	@test -n "$(CUDA_HOME)" && test -x "$(CUDA_HOME)/bin/nvcc" || { echo "cuda-check: no CUDA toolkit (set CUDA_HOME)"; exit 1; }
-	@test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	@$(CUDA_VENV)/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(CUDA_TORCH)'.split('==')[1])" 2> /dev/null \
-	  || $(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH)" numpy ninja setuptools wheel
-	rm -rf build/cu130
-	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" NINO_FAST_FORCE_CUDA=1 \
-	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cu130/tmp --build-lib build/cu130/lib
-	@ls build/cu130/lib/nino_fast/_C*.so && echo "cuda-check: CUDA extension compiled"
+	@if [ -z "$(CUDA_HOME)" ] || [ ! -x "$(CUDA_HOME)/bin/nvcc" ]; then \
+	  echo "cuda-check: no CUDA toolkit found (set CUDA_HOME to the directory holding bin/nvcc)"; exit 1; fi
+	@[ -x $(CUDA_VENV)/bin/python ] || $(PYTHON) -m venv $(CUDA_VENV)
+	@$(CUDA_VENV)/bin/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(CUDA_TORCH)'.split('==')[1] or torch.version.cuda is None)" 2> /dev/null \
+	  || { echo "cuda-check: installing $(CUDA_TORCH) into $(CUDA_VENV)"; time $(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy ninja setuptools wheel; }
+	PATH="$(CUDA_VENV)/bin:$$PATH" CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
+	  NINO_FAST_FORCE_CUDA=1 $(CUDA_VENV)/bin/python setup.py -q build_ext --force \
+	  --build-temp $(CUDA_BUILD)/tmp --build-lib $(CUDA_BUILD)/lib
+	$(CUDA_VENV)/bin/python -c "import glob, torch; \
+	  so = glob.glob('$(CUDA_BUILD)/lib/nino_fast/_C*.so'); assert len(so) == 1, so; torch.ops.load_library(so[0]); \
+	  assert torch.ops.nino_fast._cuda_compiled(), 'built without CUDA kernels'; \
+	  assert torch._C._dispatch_has_kernel_for_dispatch_key('nino_fast::segment_mean_csr', 'CUDA'); \
+	  print('cuda-check: OK,', so[0], 'has CUDA kernels (torch', torch.__version__ + ', arch $(TORCH_CUDA_ARCH_LIST))')"
 
 clean:
 	rm -rf build *.egg-info nino_fast/_C*.so
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,10 +1,16 @@
 """Build of nino_fast and its C++/CUDA extension ``nino_fast._C`` (ninja via torch.utils.cpp_extension).
 
+Install into an environment that already has torch, without build isolation (an isolated build would fetch
+its own torch, possibly a different build than the one the extension must link against):
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e '.[test]'
+
 Environment:
   NINO_FAST_CPU_ONLY=1     never compile CUDA sources
-  NINO_FAST_FORCE_CUDA=1   compile CUDA sources even without a visible GPU (needs nvcc and a CUDA torch)
-  TORCH_CUDA_ARCH_LIST     CUDA architectures (default: torch's choice, e.g. the visible GPU)
-  NINO_FAST_NO_NATIVE=1    no -mavx2/-mfma (portable CPU build)
+  NINO_FAST_FORCE_CUDA=1   compile CUDA sources even if auto-detection says no (needs nvcc and a CUDA torch)
+  CUDA_HOME                the CUDA toolkit root (the directory holding bin/nvcc)
+  TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "9.0" (default: torch's choice)
+  NINO_FAST_NO_NATIVE=1    no -mavx2/-mfma (portable CPU build; results stay correct without them)
   MAX_JOBS                 parallel compile jobs (default: capped by free memory and cores)
 """
 
@@ -19,9 +25,18 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # the usual cause: pip's build isolation hid the installed torch
+    raise SystemExit(
+        f"nino_fast: building the extension needs torch importable ({exc}). Install torch first, then "
+        "`pip install --no-build-isolation .`"
+    ) from exc
+
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _free_mem_gb() -> float:
@@ -29,70 +44,87 @@ def _free_mem_gb() -> float:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) for line in f}
         return info.get("MemAvailable", info["MemTotal"]) / 2**20
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, IndexError):
         return 4.0
 
 
 def _cap_jobs(with_cuda: bool) -> None:
-    """MAX_JOBS: at most the cores, and ~1.5 GB (C++) / ~3 GB (nvcc) of free memory per job."""
-    if "MAX_JOBS" in os.environ:
+    """MAX_JOBS for ninja: at most the cores, and ~1.5 GB (g++) / ~3 GB (nvcc) of free memory per job.
+
+    torch's templates make each translation unit heavy; uncapped ninja on a small machine runs out of memory.
+    """
+    if os.environ.get("MAX_JOBS"):
         return
     per_job = 3.0 if with_cuda else 1.5
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(_free_mem_gb() / per_job))))
 
 
 def _compiler_accepts(flags: list[str]) -> bool:
+    """Whether the C++ compiler builds (not only parses) AVX2/FMA intrinsics with ``flags``."""
     cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "t.cpp")
         with open(src, "w") as f:
-            f.write("#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
-                    "a=_mm256_fmadd_ps(a,a,a);return (int)_mm256_cvtss_f32(a);}\n")
-        res = subprocess.run([cxx, *flags, src, "-o", os.path.join(tmp, "t")], capture_output=True)
+            f.write(
+                "#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
+                "a=_mm256_fmadd_ps(a,a,a);return (int)_mm256_cvtss_f32(a);}\n"
+            )
+        try:
+            res = subprocess.run([cxx, *flags, src, "-o", os.path.join(tmp, "t")], capture_output=True)
+        except OSError:
+            return False
         return res.returncode == 0
 
 
 def _want_cuda() -> bool:
+    """CUDA kernels when torch is a CUDA build and nvcc is found (a GPU need not be visible: build hosts
+    often have none); NINO_FAST_CPU_ONLY wins over everything, NINO_FAST_FORCE_CUDA insists."""
     if _flag("NINO_FAST_CPU_ONLY"):
         return False
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
+    found = torch.version.cuda is not None and CUDA_HOME is not None
+    if _flag("NINO_FAST_FORCE_CUDA") and not found:
+        raise SystemExit(
+            "nino_fast: NINO_FAST_FORCE_CUDA=1 needs a CUDA build of torch (got torch "
+            f"{torch.__version__}) and a CUDA toolkit (CUDA_HOME={CUDA_HOME})"
+        )
+    return found
 
-    if _flag("NINO_FAST_FORCE_CUDA"):
-        if torch.version.cuda is None or CUDA_HOME is None:
-            raise RuntimeError("NINO_FAST_FORCE_CUDA=1 needs a CUDA build of torch and CUDA_HOME (nvcc)")
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
 
-
-def extensions():
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
+def extensions() -> list:
     with_cuda = _want_cuda()
     _cap_jobs(with_cuda)
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # NINO_FAST_PYTHON_MODULE: only this build defines PyInit__C (the CMake library has no Python in it).
     cxx = ["-O3", "-fopenmp", "-DNINO_FAST_PYTHON_MODULE"]
     if not _flag("NINO_FAST_NO_NATIVE") and _compiler_accepts(["-mavx2", "-mfma"]):
         cxx += ["-mavx2", "-mfma"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
-    if with_cuda:
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DNINO_FAST_WITH_CUDA"]
-        return [CUDAExtension("nino_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DNINO_FAST_WITH_CUDA"],
-                                                                           "nvcc": nvcc}, **kwargs)]
-    return [CppExtension("nino_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)]
+    if not with_cuda:
+        return [CppExtension("nino_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)]
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DNINO_FAST_WITH_CUDA"]
+    args = {"cxx": cxx + ["-DNINO_FAST_WITH_CUDA"], "nvcc": nvcc}
+    return [CUDAExtension("nino_fast._C", sources, extra_compile_args=args, **kwargs)]
 
 
-def cmdclass():
-    from torch.utils.cpp_extension import BuildExtension
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """A persistent build directory per torch build, so ninja recompiles only what changed.
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    ``pip install -e .`` otherwise builds in a fresh temporary directory every time (a full rebuild: minutes).
+    An explicit ``--build-temp`` still wins.
+    """
+
+    def finalize_options(self) -> None:
+        if self.build_temp is None:
+            self.build_temp = os.path.join(ROOT, "build", "temp-torch" + torch.__version__.replace("+", "-"))
+        super().finalize_options()
 
 
-packages = find_packages(include=["nino_fast", "nino_fast.*"]) + ["nino_fast.triton_kernels"]
+# The Triton kernels live in the top-level triton_kernels/ and install as nino_fast.triton_kernels;
+# setuptools' editable finder maps that package name to the directory, so `pip install -e .` imports it too.
 setup(
-    packages=packages,
+    packages=find_packages(include=["nino_fast", "nino_fast.*"]) + ["nino_fast.triton_kernels"],
     package_dir={"nino_fast.triton_kernels": "triton_kernels"},
     ext_modules=extensions(),
-    cmdclass=cmdclass(),
+    cmdclass={"build_ext": BuildExt},
 )

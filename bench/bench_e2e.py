@@ -29,12 +29,30 @@ import torch
 from .common import peak_rss, run_isolated, write_results
 
 MODELS = {  # the configurations the issue names
-    "llama251k": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1000),
-    "llama2m": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=4000),
-    "llama8m": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=4, vocab_size=8000),
+    "llama251k": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    ),
+    "llama2m": dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4000,
+    ),
+    "llama8m": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=8000,
+    ),
 }
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "nino_no_posw.pt"
 
@@ -63,8 +81,13 @@ def run_ours(model_name, ckpt, k, out_dir, layerwise=False):
     named, cfg = named_shapes(model_name)
     states = trajectory(sum(torch.Size(s).numel() for _, s in named))
     t0 = time.perf_counter()
-    graph = build_graph(named, arch="llama", num_heads=cfg.num_attention_heads,
-                        num_key_value_heads=cfg.num_key_value_heads, lpe=8)
+    graph = build_graph(
+        named,
+        arch="llama",
+        num_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        lpe=8,
+    )
     t_graph = time.perf_counter() - t0
     nino = NiNoModel.from_checkpoint(ckpt)
     t1 = time.perf_counter()
@@ -73,8 +96,7 @@ def run_ours(model_name, ckpt, k, out_dir, layerwise=False):
     torch.save(pred, Path(out_dir) / f"{model_name}_{'layerwise' if layerwise else 'ours'}.pt")
     if not layerwise:
         torch.save(graph.lpe, Path(out_dir) / f"{model_name}_lpe.pt")
-    return dict(graph_s=t_graph, step_s=t_step, params=graph.num_params, edges=graph.num_edges,
-                nodes=graph.num_nodes)
+    return dict(graph_s=t_graph, step_s=t_step, params=graph.num_params, edges=graph.num_edges, nodes=graph.num_nodes)
 
 
 def run_official(model_name, ckpt, k, out_dir, official_path):
@@ -103,8 +125,13 @@ def run_official(model_name, ckpt, k, out_dir, official_path):
     sd = torch.load(ckpt, map_location="cpu", weights_only=True)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        graph = NeuralGraphLlama(model_dict, lpe=lpe, num_heads=cfg.num_attention_heads,
-                                 num_key_value_heads=cfg.num_key_value_heads, verbose=False)
+        graph = NeuralGraphLlama(
+            model_dict,
+            lpe=lpe,
+            num_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            verbose=False,
+        )
     t_graph = time.perf_counter() - t0
     meta = OfficialNiNo(**sd.get("model_args", {})).eval()
     meta.load_state_dict(sd["state_dict"])
@@ -151,12 +178,29 @@ def main(argv=None):
             preds = {}
             for impl in impls:
                 extra = ["--official-path", args.official_path] if impl == "official" else []
-                r = run_isolated("bench.bench_e2e", ["--worker", impl, "--model", model, "--out-dir", tmp,
-                                                     "--ckpt", args.ckpt, "--k", str(args.k), *extra])
+                r = run_isolated(
+                    "bench.bench_e2e",
+                    [
+                        "--worker",
+                        impl,
+                        "--model",
+                        model,
+                        "--out-dir",
+                        tmp,
+                        "--ckpt",
+                        args.ckpt,
+                        "--k",
+                        str(args.k),
+                        *extra,
+                    ],
+                )
                 preds[impl] = torch.load(Path(tmp) / f"{model}_{impl}.pt")
                 rows.append(r)
-                print(f"{model:10s} {impl:10s} graph {r['graph_s']:8.2f} s  step {r['step_s']:8.2f} s  "
-                      f"total {r['total_s']:8.2f} s  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB", flush=True)
+                print(
+                    f"{model:10s} {impl:10s} graph {r['graph_s']:8.2f} s  step {r['step_s']:8.2f} s  "
+                    f"total {r['total_s']:8.2f} s  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB",
+                    flush=True,
+                )
             base = "official" if "official" in preds else "layerwise" if "layerwise" in preds else None
             for impl, pred in preds.items():
                 if base and impl != base:

@@ -19,8 +19,17 @@ import torch
 from .bench_e2e import DEFAULT_CKPT, MODELS, trajectory
 from .common import write_results
 
-MODELS = dict(MODELS, llama3tiny=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                                      num_attention_heads=6, num_key_value_heads=2, vocab_size=128256))
+MODELS = dict(
+    MODELS,
+    llama3tiny=dict(
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=128256,
+    ),
+)
 
 
 def main(argv=None):
@@ -65,9 +74,17 @@ def main(argv=None):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t1)
         peak = torch.cuda.max_memory_allocated() - base
-        row = dict(model=name, params=graph.num_params, edges=graph.num_edges, nodes=graph.num_nodes,
-                   graph_cpu_s=t_graph, step_s=sorted(times)[len(times) // 2], step_min_s=min(times),
-                   peak_gpu_bytes_step=peak, finite=bool(torch.isfinite(out).all()))
+        row = dict(
+            model=name,
+            params=graph.num_params,
+            edges=graph.num_edges,
+            nodes=graph.num_nodes,
+            graph_cpu_s=t_graph,
+            step_s=sorted(times)[len(times) // 2],
+            step_min_s=min(times),
+            peak_gpu_bytes_step=peak,
+            finite=bool(torch.isfinite(out).all()),
+        )
         if not big:
             ref = nino.nowcast(g_cuda, s_cuda, args.k, backend="reference")
             row["rel_err_vs_reference"] = ((out - ref).abs().max() / ref.abs().max()).item()

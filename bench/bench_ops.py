@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from nino_fast.ops import dispatch
 from nino_fast.ops import reference as ref
 
-from .common import current_rss, fma_peak_gflops, peak_rss, reset_peak_rss, run_isolated, sync, timeit, write_results
+from .common import (
+    current_rss,
+    fma_peak_gflops,
+    peak_rss,
+    reset_peak_rss,
+    run_isolated,
+    sync,
+    timeit,
+    write_results,
+)
 
 D = 128
 OPS = ("film", "edge", "fused")
@@ -38,9 +47,15 @@ def make_case(n_edges: int, device="cpu", seed=0):
     torch.manual_seed(seed)
     from .pyg_ref import EdgeMLPPyG, FiLMConvPyG  # noqa: F401  (imported lazily: PyG is optional)
 
-    c = dict(rowptr=rowptr, src=src.to(torch.int32), dst=dst.to(torch.int32), edge_index=torch.stack((src, dst)),
-             x=torch.randn(n, D, generator=gen), x2=torch.randn(n, D, generator=gen),
-             e=torch.randn(n_edges, D, generator=gen) * 0.5)
+    c = dict(
+        rowptr=rowptr,
+        src=src.to(torch.int32),
+        dst=dst.to(torch.int32),
+        edge_index=torch.stack((src, dst)),
+        x=torch.randn(n, D, generator=gen),
+        x2=torch.randn(n, D, generator=gen),
+        e=torch.randn(n_edges, D, generator=gen) * 0.5,
+    )
     return {k: v.to(device) for k, v in c.items()}
 
 
@@ -59,16 +74,57 @@ def op_args(op, case, film, edge):
     s, t = F.linear(x, edge.lin_s.weight), F.linear(x, edge.lin_t.weight)
     bias = edge.lin_e.bias + edge.lin_s.bias + edge.lin_t.bias
     if op == "film":
-        return ("film_mean", (case["e"], case["rowptr"], case["src"], nd, ns, film.edge_encoder.weight,
-                              film.edge_encoder.bias))
+        return (
+            "film_mean",
+            (
+                case["e"],
+                case["rowptr"],
+                case["src"],
+                nd,
+                ns,
+                film.edge_encoder.weight,
+                film.edge_encoder.bias,
+            ),
+        )
     if op == "edge":
-        return ("edge_mlp", (case["e"], case["src"], case["dst"], edge.lin_e.weight, bias, edge.lin1.weight,
-                             edge.lin1.bias, None, None, s, t))
+        return (
+            "edge_mlp",
+            (
+                case["e"],
+                case["src"],
+                case["dst"],
+                edge.lin_e.weight,
+                bias,
+                edge.lin1.weight,
+                edge.lin1.bias,
+                None,
+                None,
+                s,
+                t,
+            ),
+        )
     enc_w, enc_b, w1, b1 = film.edge_encoder.weight, film.edge_encoder.bias, edge.lin1.weight, edge.lin1.bias
     nd2, ns2 = F.linear(x2, pre_w[:, :D], pre_b), F.linear(x2, pre_w[:, D:])
-    return ("edge_film_mean", (case["e"], case["rowptr"], case["src"], edge.lin_e.weight, bias, None, None, s, t,
-                               nd2, ns2, enc_w[:D] @ w1, enc_w[:D] @ b1 + enc_b[:D], enc_w[D:] @ w1,
-                               enc_w[D:] @ b1 + enc_b[D:]))
+    return (
+        "edge_film_mean",
+        (
+            case["e"],
+            case["rowptr"],
+            case["src"],
+            edge.lin_e.weight,
+            bias,
+            None,
+            None,
+            s,
+            t,
+            nd2,
+            ns2,
+            enc_w[:D] @ w1,
+            enc_w[:D] @ b1 + enc_b[:D],
+            enc_w[D:] @ w1,
+            enc_w[D:] @ b1 + enc_b[D:],
+        ),
+    )
 
 
 def runner(op, impl, case, film, edge, backend):
@@ -81,20 +137,25 @@ def runner(op, impl, case, film, edge, backend):
             return lambda: edge(x, ei, e)
         return lambda: film(case["x2"], ei, edge(x, ei, e))
     if impl == "compiled":
-        fns = {"film_mean": torch.compile(ref.film_mean), "edge_mlp": torch.compile(ref.edge_mlp),
-               "edge_film_mean": torch.compile(ref.edge_film_mean)}
+        fns = {
+            "film_mean": torch.compile(ref.film_mean),
+            "edge_mlp": torch.compile(ref.edge_mlp),
+            "edge_film_mean": torch.compile(ref.edge_film_mean),
+        }
         return lambda: fns[op_args(op, case, film, edge)[0]](*op_args(op, case, film, edge)[1])
     use = "reference" if impl == "oracle" else backend
-    return lambda: getattr(dispatch, op_args(op, case, film, edge)[0])(*op_args(op, case, film, edge)[1],
-                                                                        backend=use)
+    return lambda: getattr(dispatch, op_args(op, case, film, edge)[0])(*op_args(op, case, film, edge)[1], backend=use)
 
 
 def flops(op, impl, n_edges, n_nodes):
     """FLOPs the implementation's own formulation performs (GEMMs only; 2 per multiply-add)."""
     gemm = 2 * D * D
     if impl == "pyg" or impl in ("oracle", "compiled"):
-        per_edge = {"film": 2 * gemm + (2 * gemm if impl == "pyg" else gemm), "edge": 2 * gemm,
-                    "fused": (6 * gemm if impl == "pyg" else 4 * gemm)}[op]
+        per_edge = {
+            "film": 2 * gemm + (2 * gemm if impl == "pyg" else gemm),
+            "edge": 2 * gemm,
+            "fused": (6 * gemm if impl == "pyg" else 4 * gemm),
+        }[op]
         return per_edge * n_edges
     per_edge = {"film": gemm, "edge": 2 * gemm, "fused": 2 * gemm}[op]  # shift halves summed per node first
     return per_edge * n_edges + (gemm * n_nodes if op in ("film", "fused") else 0)
@@ -133,8 +194,14 @@ def worker(op, impl, n_edges, device, backend, repeat):
         stats = timeit(fn, repeat=repeat, warmup=0, device=device)
     mem = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss() - base
     n_nodes = case["rowptr"].numel() - 1
-    stats.update(op=op, impl=impl, edges=n_edges, nodes=n_nodes, extra_peak_bytes=mem,
-                 gflops=flops(op, impl, n_edges, n_nodes) / stats["median_s"] / 1e9)
+    stats.update(
+        op=op,
+        impl=impl,
+        edges=n_edges,
+        nodes=n_nodes,
+        extra_peak_bytes=mem,
+        gflops=flops(op, impl, n_edges, n_nodes) / stats["median_s"] / 1e9,
+    )
     print(json.dumps(stats))
 
 
@@ -158,14 +225,19 @@ def main(argv=None):
         for op in args.ops:
             for impl in args.impls:
                 repeat = args.repeat if e < 1e6 else max(2, args.repeat // 2)
-                r = run_isolated("bench.bench_ops", ["--worker", op, impl, str(int(e)), "--device", args.device,
-                                                     "--repeat", str(repeat)])
+                r = run_isolated(
+                    "bench.bench_ops",
+                    ["--worker", op, impl, str(int(e)), "--device", args.device, "--repeat", str(repeat)],
+                )
                 r["backend"] = backend if impl == "ours" else impl
                 if peak:
                     r["fraction_of_fma_peak"] = r["gflops"] / peak
                 rows.append(r)
-                print(f"E={int(e):>8d} {op:5s} {impl:8s} {r['median_s'] * 1e3:10.2f} ms  {r['gflops']:7.1f} GFLOP/s"
-                      f"  +{r['extra_peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+                print(
+                    f"E={int(e):>8d} {op:5s} {impl:8s} {r['median_s'] * 1e3:10.2f} ms  {r['gflops']:7.1f} GFLOP/s"
+                    f"  +{r['extra_peak_bytes'] / 2**20:8.1f} MiB",
+                    flush=True,
+                )
     path = write_results(f"ops_{args.device}", {"fma_peak_gflops": peak, "backend": backend, "rows": rows})
     print(f"# wrote {path}")
 

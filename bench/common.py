@@ -28,8 +28,14 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "host": platform.node()}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -54,7 +60,12 @@ def timeit(fn, repeat: int = 5, warmup: int = 1, device="cpu", min_time: float =
         times.append(time.perf_counter() - t0)
         if len(times) >= 50:
             break
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": len(times)}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": len(times),
+    }
 
 
 def current_rss() -> int:
@@ -86,8 +97,14 @@ def run_isolated(module: str, args: list[str], timeout: float = 3600) -> dict:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=root,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -142,8 +159,11 @@ def fma_peak_gflops(threads: int | None = None) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             src, lib = Path(tmp) / "fma.c", Path(tmp) / "fma.so"
             src.write_text(_FMA_SRC)
-            subprocess.run(["cc", "-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["cc", "-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                check=True,
+                capture_output=True,
+            )
             fn = ctypes.CDLL(str(lib)).fma_gflops
             fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64, ctypes.c_int]
             return float(fn(50_000_000, threads))

@@ -1,16 +1,37 @@
 // The nino_fast operator library: every op's schema, in one place. Kernels register per backend
-// (csrc/cpu/*_kernel.cpp: CPU, csrc/cuda/*_kernel.cu: CUDA); the pure-PyTorch specification of each op
-// is nino_fast/ops/reference.py.
+// (csrc/cpu/*_kernel.cpp: CPU, csrc/cuda/*_kernel.cu: CUDA); the pure-PyTorch specification of each
+// op is nino_fast/ops/reference.py.
+//
+// Adding an op: its schema here; a TORCH_LIBRARY_IMPL(nino_fast, CPU, m) in
+// csrc/cpu/<op>_kernel.cpp (and CUDA in csrc/cuda/<op>_kernel.cu); a fake (meta) impl + Python
+// front end in nino_fast/ops/; a test against the reference. setup.py and CMakeLists.txt pick new
+// files up by glob.
 #include <torch/library.h>
 
 #ifdef NINO_FAST_PYTHON_MODULE
 #include <Python.h>
 // `import nino_fast._C` loads this library, which registers the ops with the dispatcher.
 static struct PyModuleDef nino_fast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&nino_fast_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&nino_fast_module);
+}
 #endif
 
+namespace {
+// Whether this build compiled csrc/cuda/*.cu. NINO_FAST_WITH_CUDA is defined by setup.py and CMake
+// for every translation unit of a CUDA build; nino_fast._extension.has_cuda_ext() reads it.
+bool cuda_compiled() {
+#ifdef NINO_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 TORCH_LIBRARY(nino_fast, m) {
+  // Build information (no tensor argument, so a catch-all kernel): were the CUDA kernels built?
+  m.def("_cuda_compiled() -> bool", &cuda_compiled);
   // out[n] = mean(src[rowptr[n]:rowptr[n+1]]), 0 for an empty row.
   m.def("segment_mean_csr(Tensor src, Tensor rowptr) -> Tensor");
   // FiLM message + mean aggregation over destination-sorted CSR (see reference.film_mean).
@@ -19,9 +40,9 @@ TORCH_LIBRARY(nino_fast, m) {
       "Tensor weight, Tensor bias, Tensor? etype, Tensor? type_table) -> Tensor");
   // Two-GEMM edge MLP with gathers and SiLU (see reference.edge_mlp).
   m.def(
-      "edge_mlp(Tensor feat, Tensor src, Tensor dst, Tensor weight_a, Tensor bias_a, Tensor weight_b, "
-      "Tensor bias_b, Tensor? etype, Tensor? type_table, Tensor? node_src, Tensor? node_dst, "
-      "Tensor? node_src2, Tensor? node_dst2, bool act_out) -> Tensor");
+      "edge_mlp(Tensor feat, Tensor src, Tensor dst, Tensor weight_a, Tensor bias_a, "
+      "Tensor weight_b, Tensor bias_b, Tensor? etype, Tensor? type_table, Tensor? node_src, "
+      "Tensor? node_dst, Tensor? node_src2, Tensor? node_dst2, bool act_out) -> Tensor");
   // Edge update fused with the next layer's FiLM message + mean (see reference.edge_film_mean).
   m.def(
       "edge_film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor weight_a, Tensor bias_a, "

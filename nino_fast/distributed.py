@@ -30,8 +30,7 @@ def shard_bounds(graph: NeuralGraph, world: int) -> list[tuple[int, int, int, in
     nodes = torch.searchsorted(rowptr, targets).clamp(max=graph.num_nodes)
     nodes[0], nodes[-1] = 0, graph.num_nodes
     nodes = torch.cummax(nodes, 0).values
-    return [(int(nodes[i]), int(nodes[i + 1]), int(rowptr[nodes[i]]), int(rowptr[nodes[i + 1]]))
-            for i in range(world)]
+    return [(int(nodes[i]), int(nodes[i + 1]), int(rowptr[nodes[i]]), int(rowptr[nodes[i + 1]])) for i in range(world)]
 
 
 def edge_features(graph: NeuralGraph, scaled: torch.Tensor, edge_lo: int, edge_hi: int) -> torch.Tensor:
@@ -51,27 +50,45 @@ def edge_features(graph: NeuralGraph, scaled: torch.Tensor, edge_lo: int, edge_h
 
 def _check_same_everywhere(states: torch.Tensor, k: int, graph: NeuralGraph, group) -> None:
     """All processes must step the same history with the same k on the same graph."""
-    sig = torch.tensor([states.double().sum().item(), states.double().abs().sum().item(), float(k),
-                        float(graph.num_edges), float(graph.num_params)], dtype=torch.float64)
+    sig = torch.tensor(
+        [
+            states.double().sum().item(),
+            states.double().abs().sum().item(),
+            float(k),
+            float(graph.num_edges),
+            float(graph.num_params),
+        ],
+        dtype=torch.float64,
+    )
     lo, hi = sig.clone(), sig.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(lo, hi):
-        raise ValueError("nowcast_sharded: the processes were given different states, k or graphs "
-                         f"(checksums min {lo.tolist()} vs max {hi.tolist()})")
+        raise ValueError(
+            "nowcast_sharded: the processes were given different states, k or graphs "
+            f"(checksums min {lo.tolist()} vs max {hi.tolist()})"
+        )
 
 
 @torch.no_grad()
-def nowcast_sharded(model, graph: NeuralGraph, states: torch.Tensor, k: int, group=None,
-                    backend: str | None = None, stats: dict | None = None) -> torch.Tensor:
+def nowcast_sharded(
+    model,
+    graph: NeuralGraph,
+    states: torch.Tensor,
+    k: int,
+    group=None,
+    backend: str | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
     """``model.nowcast`` split over the processes of ``group``; every process gets the full (n_params,) result.
 
     Call it on every process with the same ``graph``, ``states`` and ``k``. ``stats``, if given, receives the
     bytes this process sent to all-reduces (``allreduce_bytes``) and its shard's size.
     """
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("nowcast_sharded: torch.distributed is not initialised (use torchrun / "
-                           "init_process_group first)")
+        raise RuntimeError(
+            "nowcast_sharded: torch.distributed is not initialised (use torchrun / init_process_group first)"
+        )
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     model._check_inputs(graph, states, k)
     sent = [0]
@@ -80,8 +97,10 @@ def nowcast_sharded(model, graph: NeuralGraph, states: torch.Tensor, k: int, gro
         try:
             dist.all_reduce(t, group=group)
         except Exception as exc:  # a dead or hanging peer: gloo/NCCL raise after the group's timeout
-            raise RuntimeError(f"nowcast_sharded: rank {rank}/{world}: an all-reduce failed ({type(exc).__name__}:"
-                               f" {exc}); no parameters were changed") from exc
+            raise RuntimeError(
+                f"nowcast_sharded: rank {rank}/{world}: an all-reduce failed ({type(exc).__name__}:"
+                f" {exc}); no parameters were changed"
+            ) from exc
         sent[0] += t.numel() * t.element_size()
         return t
 

@@ -67,8 +67,7 @@ class _Conv(nn.Module):
         node_dst = F.linear(x, pre.weight[:, :d], pre.bias)  # pre([x_dst, x_src]) split per node
         node_src = F.linear(x, pre.weight[:, d:])
         enc = self.edge_encoder
-        agg = dispatch.film_mean(e, graph.rowptr, graph.src, node_dst, node_src, enc.weight, enc.bias,
-                                 backend=backend)
+        agg = dispatch.film_mean(e, graph.rowptr, graph.src, node_dst, node_src, enc.weight, enc.bias, backend=backend)
         return self.lin(self.post_nns[0][0](torch.cat((x, agg), 1)))
 
 
@@ -81,8 +80,18 @@ class _EdgeMLP(nn.Module):
         node_src = F.linear(x, self.lin_s.weight)
         node_dst = F.linear(x, self.lin_t.weight)
         bias = self.lin_e.bias + self.lin_s.bias + self.lin_t.bias
-        return dispatch.edge_mlp(e, graph.src, graph.dst, self.lin_e.weight, bias, self.lin1.weight, self.lin1.bias,
-                                 node_src=node_src, node_dst=node_dst, backend=backend)
+        return dispatch.edge_mlp(
+            e,
+            graph.src,
+            graph.dst,
+            self.lin_e.weight,
+            bias,
+            self.lin1.weight,
+            self.lin1.bias,
+            node_src=node_src,
+            node_dst=node_dst,
+            backend=backend,
+        )
 
 
 class _GNN(nn.Module):
@@ -95,10 +104,28 @@ class _GNN(nn.Module):
 class NiNoModel(nn.Module):
     """NiNo (GNN) or WNN+ (per-parameter MLP, ``gnn=False``) with the official hyper-parameters and defaults."""
 
-    def __init__(self, ctx=5, hid=128, layers=3, gnn=True, dms=True, max_feat_size=9, input_layer="linear",
-                 act_name="silu", residual=True, seq_len=40, improved_graph=True, wte_pos_enc=True,
-                 vocab_size=50257, edge_types=15, lpe=8, scale_method="std", upd_scale=1.0,
-                 final_edge_update=False, **ignored):
+    def __init__(
+        self,
+        ctx=5,
+        hid=128,
+        layers=3,
+        gnn=True,
+        dms=True,
+        max_feat_size=9,
+        input_layer="linear",
+        act_name="silu",
+        residual=True,
+        seq_len=40,
+        improved_graph=True,
+        wte_pos_enc=True,
+        vocab_size=50257,
+        edge_types=15,
+        lpe=8,
+        scale_method="std",
+        upd_scale=1.0,
+        final_edge_update=False,
+        **ignored,
+    ):
         super().__init__()
         unknown = sorted(set(ignored) - set(_IGNORED_ARGS))
         if unknown:
@@ -138,8 +165,11 @@ class NiNoModel(nn.Module):
     @classmethod
     def from_checkpoint(cls, path_or_dict, map_location="cpu") -> NiNoModel:
         """Load an official-format checkpoint: ``{'state_dict': ..., 'model_args': {...}}`` or a bare state_dict."""
-        where = f"NiNoModel.from_checkpoint({path_or_dict!r})" if isinstance(path_or_dict, (str, os.PathLike)) \
+        where = (
+            f"NiNoModel.from_checkpoint({path_or_dict!r})"
+            if isinstance(path_or_dict, (str, os.PathLike))
             else "NiNoModel.from_checkpoint"
+        )
         if isinstance(path_or_dict, (str, os.PathLike)):
             if not os.path.isfile(path_or_dict):
                 raise FileNotFoundError(f"{where}: no such file")
@@ -161,8 +191,10 @@ class NiNoModel(nn.Module):
             if key not in state:
                 raise ValueError(f"{where}: not a NiNo checkpoint for model_args={args}: missing key {key!r}")
             if tuple(state[key].shape) != tuple(own[key].shape):
-                raise ValueError(f"{where}: key {key!r} has shape {tuple(state[key].shape)}, "
-                                 f"expected {tuple(own[key].shape)} for model_args={args}")
+                raise ValueError(
+                    f"{where}: key {key!r} has shape {tuple(state[key].shape)}, "
+                    f"expected {tuple(own[key].shape)} for model_args={args}"
+                )
         extra = [k for k in state if k not in own]
         if extra:
             raise ValueError(f"{where}: unexpected key {extra[0]!r} for model_args={args}")
@@ -175,8 +207,10 @@ class NiNoModel(nn.Module):
             shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
             raise ValueError(f"NiNoModel: states must be a (n_params, ctx) tensor, got {shape}")
         if states.shape != (graph.num_params, self.ctx):
-            raise ValueError(f"NiNoModel: states has shape {tuple(states.shape)}, expected "
-                             f"(n_params={graph.num_params}, ctx={self.ctx})")
+            raise ValueError(
+                f"NiNoModel: states has shape {tuple(states.shape)}, expected "
+                f"(n_params={graph.num_params}, ctx={self.ctx})"
+            )
         if not states.is_floating_point():
             raise ValueError(f"NiNoModel: states must be floating point, got {states.dtype}")
         bad = (~torch.isfinite(states)).sum().item()
@@ -185,17 +219,23 @@ class NiNoModel(nn.Module):
         if k is not None and not (isinstance(k, int) and 1 <= k <= self.seq_len):
             raise ValueError(f"NiNoModel: k must be an int in 1..{self.seq_len}, got {k!r}")
         if graph.max_feat_size > self.max_feat_size:
-            raise ValueError(f"NiNoModel: the graph has {graph.max_feat_size} features per edge (conv kernel size),"
-                             f" the model supports at most {self.max_feat_size}")
+            raise ValueError(
+                f"NiNoModel: the graph has {graph.max_feat_size} features per edge (conv kernel size),"
+                f" the model supports at most {self.max_feat_size}"
+            )
         if self.is_mlp:
             return
         if self.lpe and (graph.lpe is None or graph.lpe.shape != (graph.num_nodes, self.lpe)):
             got = None if graph.lpe is None else tuple(graph.lpe.shape)
-            raise ValueError(f"NiNoModel: the model needs graph.lpe of shape ({graph.num_nodes}, {self.lpe}), "
-                             f"got {got}; build the graph with lpe={self.lpe}")
+            raise ValueError(
+                f"NiNoModel: the model needs graph.lpe of shape ({graph.num_nodes}, {self.lpe}), "
+                f"got {got}; build the graph with lpe={self.lpe}"
+            )
         if self.wte_pos_enc and graph.num_nodes and int(graph.pos_w.max()) > self.vocab_size:
-            raise ValueError(f"NiNoModel: the graph's word positions reach {int(graph.pos_w.max())}, the model's "
-                             f"vocab_size is {self.vocab_size}")
+            raise ValueError(
+                f"NiNoModel: the graph's word positions reach {int(graph.pos_w.max())}, the model's "
+                f"vocab_size is {self.vocab_size}"
+            )
 
     # ---- forward pieces -----------------------------------------------------------------------------------------
     def _edge_input(self, graph: NeuralGraph, raw: torch.Tensor) -> torch.Tensor:
@@ -257,8 +297,9 @@ class NiNoModel(nn.Module):
         return cache[width]
 
     @torch.no_grad()
-    def nowcast(self, graph: NeuralGraph, states: torch.Tensor, k: int, backend: str | None = None,
-                fused: bool = True) -> torch.Tensor:
+    def nowcast(
+        self, graph: NeuralGraph, states: torch.Tensor, k: int, backend: str | None = None, fused: bool = True
+    ) -> torch.Tensor:
         """The NiNo step: raw history (n_params, ctx), oldest first -> predicted parameters (n_params,) at k.
 
         Steps: per-tensor scaling of the history, edge features, GNN (or WNN+ MLP), horizon-k head, residual on
@@ -269,8 +310,9 @@ class NiNoModel(nn.Module):
         self._check_inputs(graph, states, k)
         device = self.device
         graph = graph_to(graph, device)
-        scaled, scales = scale_params(states.to(device=device, dtype=torch.float32), graph.param_shapes,
-                                      self.scale_method)
+        scaled, scales = scale_params(
+            states.to(device=device, dtype=torch.float32), graph.param_shapes, self.scale_method
+        )
         delta = self._delta(graph, scaled, k, backend, fused)
         return self._finish(graph, scaled, delta, scales, states.dtype).to(states.device)
 
@@ -280,8 +322,16 @@ class NiNoModel(nn.Module):
         back to the states' device)."""
         return next(self.parameters()).device
 
-    def _delta(self, graph: NeuralGraph, scaled: torch.Tensor, k: int, backend=None, fused=True, shard=None,
-               raw: torch.Tensor | None = None) -> torch.Tensor:
+    def _delta(
+        self,
+        graph: NeuralGraph,
+        scaled: torch.Tensor,
+        k: int,
+        backend=None,
+        fused=True,
+        shard=None,
+        raw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(P,) scaled predicted change per parameter; with ``shard`` only its edges' parameters (others 0)."""
         if self.is_mlp:
             return self._wnn(graph, scaled, k)
@@ -335,7 +385,8 @@ class NiNoModel(nn.Module):
             raise ValueError("NiNoModel.embed: WNN+ checkpoints (gnn=False) have no graph embeddings")
         self._check_inputs(graph, states, None)
         graph = graph_to(graph, self.device)
-        scaled, _ = scale_params(states.to(device=self.device, dtype=torch.float32), graph.param_shapes,
-                                 self.scale_method)
+        scaled, _ = scale_params(
+            states.to(device=self.device, dtype=torch.float32), graph.param_shapes, self.scale_method
+        )
         x, e = self._gnn(graph, graph.to_edges(scaled), backend, for_prediction=False)
         return (x.mean(0), e.mean(0)) if pooled else (x, e)

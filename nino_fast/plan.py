@@ -49,8 +49,14 @@ class Folded:
 
 def supports(model) -> bool:
     """Whether ``model`` has the architecture the folded plan is written for."""
-    return (not model.is_mlp and len(model.gnn.convs) == 3 and len(model.gnn.edge_update) == 2
-            and len(model.edge_proj.fc) == 1 and len(model.edge_out.fc) == 3 and model.act_name == "silu")
+    return (
+        not model.is_mlp
+        and len(model.gnn.convs) == 3
+        and len(model.gnn.edge_update) == 2
+        and len(model.edge_proj.fc) == 1
+        and len(model.edge_out.fc) == 3
+        and model.act_name == "silu"
+    )
 
 
 def fold(model, width: int) -> Folded:
@@ -60,24 +66,34 @@ def fold(model, width: int) -> Folded:
     Wp, bp = f64["edge_proj.fc.0.weight"][:, :width], f64["edge_proj.fc.0.bias"]
     T = f64.get("layer_embed.weight")
     enc0_w, enc0_b = f64["gnn.convs.0.edge_encoder.weight"], f64["gnn.convs.0.edge_encoder.bias"]
-    eu0 = {k: f64[f"gnn.edge_update.0.{k}"] for k in ("lin_e.weight", "lin_e.bias", "lin_s.bias", "lin_t.bias",
-                                                      "lin1.weight", "lin1.bias")}
-    eu1 = {k: f64[f"gnn.edge_update.1.{k}"] for k in ("lin_e.weight", "lin_e.bias", "lin_s.bias", "lin_t.bias",
-                                                      "lin1.weight", "lin1.bias")}
+    eu0 = {
+        k: f64[f"gnn.edge_update.0.{k}"]
+        for k in ("lin_e.weight", "lin_e.bias", "lin_s.bias", "lin_t.bias", "lin1.weight", "lin1.bias")
+    }
+    eu1 = {
+        k: f64[f"gnn.edge_update.1.{k}"]
+        for k in ("lin_e.weight", "lin_e.bias", "lin_s.bias", "lin_t.bias", "lin1.weight", "lin1.bias")
+    }
     enc1_w, enc1_b = f64["gnn.convs.1.edge_encoder.weight"], f64["gnn.convs.1.edge_encoder.bias"]
     W1_0, b1_0 = eu0["lin1.weight"], eu0["lin1.bias"]
     W1_1, b1_1 = eu1["lin1.weight"], eu1["lin1.bias"]
     o0_w, o0_b = f64["edge_out.fc.0.weight"], f64["edge_out.fc.0.bias"]
     We0 = eu0["lin_e.weight"]
     out = Folded(
-        W0=enc0_w @ Wp, b0=enc0_w @ bp + enc0_b, T0=None if T is None else T @ enc0_w.T,
-        Wa=We0 @ Wp, ba=We0 @ bp + eu0["lin_e.bias"] + eu0["lin_s.bias"] + eu0["lin_t.bias"],
+        W0=enc0_w @ Wp,
+        b0=enc0_w @ bp + enc0_b,
+        T0=None if T is None else T @ enc0_w.T,
+        Wa=We0 @ Wp,
+        ba=We0 @ bp + eu0["lin_e.bias"] + eu0["lin_s.bias"] + eu0["lin_t.bias"],
         Ta=None if T is None else T @ We0.T,
-        Wsc=enc1_w[:D] @ W1_0, bsc=enc1_w[:D] @ b1_0 + enc1_b[:D],
-        Wsh=enc1_w[D:] @ W1_0, bsh=enc1_w[D:] @ b1_0 + enc1_b[D:],
+        Wsc=enc1_w[:D] @ W1_0,
+        bsc=enc1_w[:D] @ b1_0 + enc1_b[:D],
+        Wsh=enc1_w[D:] @ W1_0,
+        bsh=enc1_w[D:] @ b1_0 + enc1_b[D:],
         Wb1=eu1["lin_e.weight"] @ W1_0,
         bb1=eu1["lin_e.weight"] @ b1_0 + eu1["lin_e.bias"] + eu1["lin_s.bias"] + eu1["lin_t.bias"],
-        Wh=o0_w @ W1_1, bh=o0_w @ b1_1 + o0_b,
+        Wh=o0_w @ W1_1,
+        bh=o0_w @ b1_1 + o0_b,
     )
     for name, value in vars(out).items():
         if value is not None:
@@ -114,8 +130,16 @@ class Shard:
         return Shard(0, graph.num_nodes, 0, graph.num_edges)
 
 
-def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, fw: Folded,
-                   backend=None, shard: Shard | None = None) -> torch.Tensor:
+def predict_deltas(
+    model,
+    graph,
+    raw: torch.Tensor,
+    k: int,
+    used: torch.Tensor,
+    fw: Folded,
+    backend=None,
+    shard: Shard | None = None,
+) -> torch.Tensor:
     """Scaled parameter deltas (len(used), F) at horizon k.
 
     ``raw``: raw edge features of the shard's edges; ``used``: the edges (positions within the shard, sorted) whose
@@ -134,8 +158,26 @@ def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, 
     x1 = _node_update(convs[0], x0, agg0)
     s0, t0 = F.linear(x1, eus[0].lin_s.weight), F.linear(x1, eus[0].lin_t.weight)
     nd, ns = _split_pre(convs[1], x1)
-    agg1 = combine(dispatch.edge_film_mean(raw, rowptr, src, fw.Wa, fw.ba, et, fw.Ta, s0, t0[n0:n1], nd[n0:n1], ns,
-                                           fw.Wsc, fw.bsc, fw.Wsh, fw.bsh, backend=backend))
+    agg1 = combine(
+        dispatch.edge_film_mean(
+            raw,
+            rowptr,
+            src,
+            fw.Wa,
+            fw.ba,
+            et,
+            fw.Ta,
+            s0,
+            t0[n0:n1],
+            nd[n0:n1],
+            ns,
+            fw.Wsc,
+            fw.bsc,
+            fw.Wsh,
+            fw.bsh,
+            backend=backend,
+        )
+    )
     x2 = _node_update(convs[1], x1, agg1)
     s1, t1 = F.linear(x2, eus[1].lin_s.weight), F.linear(x2, eus[1].lin_t.weight)
     n_feat = graph.max_feat_size
@@ -146,7 +188,22 @@ def predict_deltas(model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, 
     for i in range(0, used.numel(), HEAD_CHUNK):  # a loop over edge chunks, bounding the (chunk, D) temporaries
         ids = used[i : i + HEAD_CHUNK]
         s_, d_ = src[ids], dst[ids]
-        h1 = dispatch.edge_mlp(raw[ids], s_, d_, fw.Wa, fw.ba, fw.Wb1, fw.bb1, et[ids], fw.Ta, s0, t0, s1, t1,
-                               act_out=True, backend=backend)
+        h1 = dispatch.edge_mlp(
+            raw[ids],
+            s_,
+            d_,
+            fw.Wa,
+            fw.ba,
+            fw.Wb1,
+            fw.bb1,
+            et[ids],
+            fw.Ta,
+            s0,
+            t0,
+            s1,
+            t1,
+            act_out=True,
+            backend=backend,
+        )
         out[i : i + HEAD_CHUNK] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, wk, bk, backend=backend)
     return out

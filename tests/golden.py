@@ -23,7 +23,9 @@ def load(case: str) -> dict:
         pytest.fail(f"golden file {path} is missing (set NINO_FAST_SHARED to the shared/ folder)")
     d = np.load(path)
     out = {k: d[k] for k in d.files}
-    out["named"] = [(str(n), tuple(int(x) for x in str(s).split(","))) for n, s in zip(d["names"], d["shapes"])]
+    out["named"] = [
+        (str(n), tuple(int(x) for x in str(s).split(","))) for n, s in zip(d["names"], d["shapes"], strict=True)
+    ]
     out["kwargs"] = ast.literal_eval(str(d["graph_kwargs"]))
     out["arch"] = ARCH.get(case, case)
     out["lpe_t"] = torch.from_numpy(d["lpe"]) if d["lpe"].size else 0

@@ -17,27 +17,67 @@ def test_fullgraph_compile(backend):
     inp = {k: v.to(dev) for k, v in make_inputs(20, 150, 5, 16, seed=7).items()}
 
     def step(a):
-        agg0 = dispatch.film_mean(a["feat"], a["rowptr"], a["src"], a["nd"], a["ns"], a["W2"], a["b2"], a["etype"],
-                                  a["table2"], backend=backend)
-        agg1 = dispatch.edge_film_mean(a["feat"], a["rowptr"], a["src"], a["Wa"], a["ba"], a["etype"], a["table"],
-                                       a["ns"], a["nd"], a["md"] + agg0, a["ms"], a["Wsc"], a["bsc"], a["Wsh"],
-                                       a["bsh"], backend=backend)
-        out = dispatch.edge_mlp(a["feat"], a["src"], a["dst"], a["Wa"], a["ba"], a["Wb"], a["bb"], a["etype"],
-                                a["table"], a["ns"], a["nd"], agg1, a["nd2"], act_out=True, backend=backend)
+        agg0 = dispatch.film_mean(
+            a["feat"],
+            a["rowptr"],
+            a["src"],
+            a["nd"],
+            a["ns"],
+            a["W2"],
+            a["b2"],
+            a["etype"],
+            a["table2"],
+            backend=backend,
+        )
+        agg1 = dispatch.edge_film_mean(
+            a["feat"],
+            a["rowptr"],
+            a["src"],
+            a["Wa"],
+            a["ba"],
+            a["etype"],
+            a["table"],
+            a["ns"],
+            a["nd"],
+            a["md"] + agg0,
+            a["ms"],
+            a["Wsc"],
+            a["bsc"],
+            a["Wsh"],
+            a["bsh"],
+            backend=backend,
+        )
+        out = dispatch.edge_mlp(
+            a["feat"],
+            a["src"],
+            a["dst"],
+            a["Wa"],
+            a["ba"],
+            a["Wb"],
+            a["bb"],
+            a["etype"],
+            a["table"],
+            a["ns"],
+            a["nd"],
+            agg1,
+            a["nd2"],
+            act_out=True,
+            backend=backend,
+        )
         return agg0, agg1, out
 
     eager = step(inp)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(inp)
-    for e, c in zip(eager, compiled):
+    for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
 
 
 def test_nowcast_core_compiles():
     """The folded plan's GNN core traces as one graph with the default backend's ops."""
-    from golden import load
-
     from nino_fast import NiNoModel, build_graph
     from nino_fast import plan as folded
+
+    from golden import load
 
     torch._dynamo.reset()
     g = load("gpt2")
@@ -49,6 +89,9 @@ def test_nowcast_core_compiles():
     with torch.no_grad():
         fw = model._folded(raw.shape[1])  # folded outside the traced region (a parameter-version cache)
         eager = folded.predict_deltas(model, graph, raw, 10, used, fw, backend)
-        fn = torch.compile(lambda r: folded.predict_deltas(model, graph, r, 10, used, fw, backend), fullgraph=True,
-                           backend="aot_eager")
+        fn = torch.compile(
+            lambda r: folded.predict_deltas(model, graph, r, 10, used, fw, backend),
+            fullgraph=True,
+            backend="aot_eager",
+        )
         torch.testing.assert_close(fn(raw), eager, rtol=1e-5, atol=1e-5)

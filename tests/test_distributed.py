@@ -21,8 +21,13 @@ CASES = ("llama", "convnet", "mlp_wnn")
 
 
 def _worker(rank, world, init_file, out_dir, case, die_rank):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=20))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=__import__("datetime").timedelta(seconds=20),
+    )
     try:
         g = load(case)
         graph = build_graph(g["named"], arch=g["arch"], lpe=g["lpe_t"], **g["kwargs"])
@@ -43,8 +48,9 @@ def _worker(rank, world, init_file, out_dir, case, die_rank):
 
 def _spawn(tmp_path, case, world=2, die_rank=-1):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, tmp_path / "init", tmp_path, case, die_rank))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, tmp_path / "init", tmp_path, case, die_rank)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -89,7 +95,7 @@ def test_shards_cover_graph_and_edge_features_match():
     for world in (1, 2, 3, 7):
         bounds = shard_bounds(graph, world)
         assert bounds[0][0] == 0 and bounds[-1][1] == graph.num_nodes and bounds[-1][3] == graph.num_edges
-        for (n0, n1, e0, e1), nxt in zip(bounds, bounds[1:] + [None]):
+        for (_n0, n1, e0, e1), nxt in zip(bounds, bounds[1:] + [None], strict=True):
             assert torch.equal(edge_features(graph, scaled, e0, e1), full[e0:e1])
             if nxt:
                 assert (n1, e1) == (nxt[0], nxt[2])

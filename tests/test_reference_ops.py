@@ -20,8 +20,10 @@ def random_csr(n_nodes, n_edges, heavy=None, gen=None):
     return rowptr, src, dst
 
 
-@pytest.mark.parametrize("n_nodes, n_edges, d, c, heavy", [(0, 0, 4, 3, None), (5, 1, 3, 2, None),
-                                                            (20, 200, 8, 5, 3), (7, 3, 5, 9, None)])
+@pytest.mark.parametrize(
+    "n_nodes, n_edges, d, c, heavy",
+    [(0, 0, 4, 3, None), (5, 1, 3, 2, None), (20, 200, 8, 5, 3), (7, 3, 5, 9, None)],
+)
 def test_film_matches_official_formulation(n_nodes, n_edges, d, c, heavy):
     gen = torch.Generator().manual_seed(n_edges)
     rowptr, src, dst = random_csr(n_nodes, n_edges, heavy, gen)
@@ -47,8 +49,17 @@ def test_edge_update_matches_official_formulation():
     x, e = torch.randn(30, d, dtype=torch.float64), torch.randn(400, d, dtype=torch.float64)
     lin_e, lin_s, lin_t, lin1 = (torch.nn.Linear(d, d).double() for _ in range(4))
     want = lin1(F.silu(lin_e(e) + lin_s(x)[src.long()] + lin_t(x)[dst]))
-    got = ref.edge_mlp(e, src, dst, lin_e.weight, lin_e.bias + lin_s.bias + lin_t.bias, lin1.weight, lin1.bias,
-                       node_src=F.linear(x, lin_s.weight), node_dst=F.linear(x, lin_t.weight))
+    got = ref.edge_mlp(
+        e,
+        src,
+        dst,
+        lin_e.weight,
+        lin_e.bias + lin_s.bias + lin_t.bias,
+        lin1.weight,
+        lin1.bias,
+        node_src=F.linear(x, lin_s.weight),
+        node_dst=F.linear(x, lin_t.weight),
+    )
     torch.testing.assert_close(got, want)
 
 

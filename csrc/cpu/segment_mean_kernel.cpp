@@ -25,7 +25,8 @@ at::Tensor segment_mean_csr_cpu(const at::Tensor& src_in, const at::Tensor& rowp
   auto out = at::zeros({n, d}, src.options());
   if (n == 0 || d == 0) return out;
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "segment_mean_csr", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "segment_mean_csr",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = src.data_ptr<scalar_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
@@ -47,6 +48,8 @@ at::Tensor segment_mean_csr_cpu(const at::Tensor& src_in, const at::Tensor& rowp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nino_fast, CPU, m) { m.impl("segment_mean_csr", &segment_mean_csr_cpu); }
+TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
+  m.impl("segment_mean_csr", &segment_mean_csr_cpu);
+}
 
 }  // namespace nino_fast

@@ -4,16 +4,22 @@
 
 #include <torch/types.h>
 
-#include <sstream>
 #include <string>
 
 namespace nino_fast {
 
-inline std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
+// Numbers are formatted with std::to_string, not iostreams: on a runtime whose process-wide libstdc++
+// differs from the compiler's (seen on the H100 image: Python 3.12 + torch 2.11), inserting an integer
+// into a stream from this library crashed while raising the error; strings stream safely.
+inline std::string num_str(int64_t v) { return std::to_string(v); }
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
 }
+
+inline std::string shape_str(const at::Tensor& t) { return shape_str(t.sizes()); }
 
 inline void check_dtype(const char* op, const char* arg, const at::Tensor& t, at::ScalarType want) {
   TORCH_CHECK(t.scalar_type() == want, op, ": ", arg, " must be ", c10::toString(want), ", got ",
@@ -21,11 +27,12 @@ inline void check_dtype(const char* op, const char* arg, const at::Tensor& t, at
 }
 
 inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", arg, " must be ", dim, "-D, got shape ", shape_str(t));
+  TORCH_CHECK(t.dim() == dim, op, ": ", arg, " must be ", num_str(dim), "-D, got shape ", shape_str(t));
 }
 
 inline void check_shape(const char* op, const char* arg, const at::Tensor& t, at::IntArrayRef want) {
-  TORCH_CHECK(t.sizes() == want, op, ": ", arg, " must have shape ", want, ", got ", shape_str(t));
+  TORCH_CHECK(t.sizes() == want, op, ": ", arg, " must have shape ", shape_str(want), ", got ",
+              shape_str(t));
 }
 
 inline void check_device(const char* op, const char* arg, const at::Tensor& t, const at::Device& dev) {
@@ -40,8 +47,8 @@ inline void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t num_e
   check_dim(op, "rowptr", rowptr, 1);
   TORCH_CHECK(rowptr.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
   auto first = rowptr[0].item<int64_t>(), last = rowptr[-1].item<int64_t>();
-  TORCH_CHECK(first == 0 && last == num_edges, op, ": rowptr must start at 0 and end at E=", num_edges,
-              ", got ", first, " and ", last);
+  TORCH_CHECK(first == 0 && last == num_edges, op, ": rowptr must start at 0 and end at E=",
+              num_str(num_edges), ", got ", num_str(first), " and ", num_str(last));
 }
 
 }  // namespace nino_fast

@@ -32,13 +32,42 @@ def register_fakes() -> None:
         return feat.new_empty(rowptr.shape[0] - 1, node_dst.shape[1], dtype=torch.float32)
 
     @torch.library.register_fake("nino_fast::edge_mlp")
-    def _(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype=None, type_table=None, node_src=None,
-          node_dst=None, node_src2=None, node_dst2=None, act_out=False):
+    def _(
+        feat,
+        src,
+        dst,
+        weight_a,
+        bias_a,
+        weight_b,
+        bias_b,
+        etype=None,
+        type_table=None,
+        node_src=None,
+        node_dst=None,
+        node_src2=None,
+        node_dst2=None,
+        act_out=False,
+    ):
         return feat.new_empty(feat.shape[0], weight_b.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("nino_fast::edge_film_mean")
-    def _(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src, node_dst, msg_dst, msg_src,
-          weight_scale, bias_scale, weight_shift, bias_shift):
+    def _(
+        feat,
+        rowptr,
+        src,
+        weight_a,
+        bias_a,
+        etype,
+        type_table,
+        node_src,
+        node_dst,
+        msg_dst,
+        msg_src,
+        weight_scale,
+        bias_scale,
+        weight_shift,
+        bias_shift,
+    ):
         return feat.new_empty(rowptr.shape[0] - 1, weight_scale.shape[0], dtype=torch.float32)
 
     _REGISTERED = True
@@ -48,14 +77,71 @@ def film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, t
     return torch.ops.nino_fast.film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype, type_table)
 
 
-def edge_mlp(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype=None, type_table=None, node_src=None,
-             node_dst=None, node_src2=None, node_dst2=None, act_out=False):
-    return torch.ops.nino_fast.edge_mlp(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype, type_table,
-                                        node_src, node_dst, node_src2, node_dst2, act_out)
+def edge_mlp(
+    feat,
+    src,
+    dst,
+    weight_a,
+    bias_a,
+    weight_b,
+    bias_b,
+    etype=None,
+    type_table=None,
+    node_src=None,
+    node_dst=None,
+    node_src2=None,
+    node_dst2=None,
+    act_out=False,
+):
+    return torch.ops.nino_fast.edge_mlp(
+        feat,
+        src,
+        dst,
+        weight_a,
+        bias_a,
+        weight_b,
+        bias_b,
+        etype,
+        type_table,
+        node_src,
+        node_dst,
+        node_src2,
+        node_dst2,
+        act_out,
+    )
 
 
-def edge_film_mean(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src, node_dst, msg_dst, msg_src,
-                   weight_scale, bias_scale, weight_shift, bias_shift):
-    return torch.ops.nino_fast.edge_film_mean(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src,
-                                              node_dst, msg_dst, msg_src, weight_scale, bias_scale, weight_shift,
-                                              bias_shift)
+def edge_film_mean(
+    feat,
+    rowptr,
+    src,
+    weight_a,
+    bias_a,
+    etype,
+    type_table,
+    node_src,
+    node_dst,
+    msg_dst,
+    msg_src,
+    weight_scale,
+    bias_scale,
+    weight_shift,
+    bias_shift,
+):
+    return torch.ops.nino_fast.edge_film_mean(
+        feat,
+        rowptr,
+        src,
+        weight_a,
+        bias_a,
+        etype,
+        type_table,
+        node_src,
+        node_dst,
+        msg_dst,
+        msg_src,
+        weight_scale,
+        bias_scale,
+        weight_shift,
+        bias_shift,
+    )

@@ -71,8 +71,22 @@ def film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, t
     return segment_mean(msg, rowptr)
 
 
-def edge_mlp(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype=None, type_table=None, node_src=None,
-             node_dst=None, node_src2=None, node_dst2=None, act_out: bool = False) -> torch.Tensor:
+def edge_mlp(
+    feat,
+    src,
+    dst,
+    weight_a,
+    bias_a,
+    weight_b,
+    bias_b,
+    etype=None,
+    type_table=None,
+    node_src=None,
+    node_dst=None,
+    node_src2=None,
+    node_dst2=None,
+    act_out: bool = False,
+) -> torch.Tensor:
     """(E, D') ``W_b act(W_a e + b_a + gathers) + b_b (+ gathers)``; see module docstring."""
     h = _affine(feat, weight_a, bias_a, etype, type_table)
     if node_src is not None:
@@ -83,11 +97,27 @@ def edge_mlp(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype=None, typ
     return F.silu(out) if act_out else out
 
 
-def edge_film_mean(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src, node_dst, msg_dst, msg_src,
-                   weight_scale, bias_scale, weight_shift, bias_shift) -> torch.Tensor:
+def edge_film_mean(
+    feat,
+    rowptr,
+    src,
+    weight_a,
+    bias_a,
+    etype,
+    type_table,
+    node_src,
+    node_dst,
+    msg_dst,
+    msg_src,
+    weight_scale,
+    bias_scale,
+    weight_shift,
+    bias_shift,
+) -> torch.Tensor:
     """(N, D) fused edge update + next layer's FiLM mean; see module docstring."""
     dst = csr_dst(rowptr)
     h = F.silu(_affine(feat, weight_a, bias_a, etype, type_table) + gather(node_src, src) + gather(node_dst, dst))
-    msg = F.linear(h, weight_scale, bias_scale) * (gather(msg_dst, dst) + gather(msg_src, src)) + F.linear(h, weight_shift,
-                                                                                                   bias_shift)
+    msg = F.linear(h, weight_scale, bias_scale) * (gather(msg_dst, dst) + gather(msg_src, src)) + F.linear(
+        h, weight_shift, bias_shift
+    )
     return segment_mean(msg, rowptr)

@@ -1,0 +1,124 @@
+"""``nino-fast`` command line. ``nino-fast info``: versions, the compiled extension and the available
+backends. ``nino-fast step``: one NiNo step on saved model checkpoints (see :mod:`nino_fast.offline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # not installed, or broken: report, never fail `info`
+        return f"not available ({type(exc).__name__})"
+    return getattr(mod, "__version__", "unknown")
+
+
+def info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__, _extension
+    from .ops import dispatch
+
+    rows = [
+        ("nino_fast", __version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("triton", _version("triton")),
+        ("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
+        ("extension", "loaded" if _extension.has_ext() else f"not loaded: {_extension.ext_error()}"),
+        ("extension CUDA kernels", "compiled" if _extension.has_cuda_ext() else "not compiled"),
+        ("backends (cpu)", ", ".join(dispatch.available_backends("cpu"))),
+    ]
+    if torch.cuda.is_available():
+        rows.append(("backends (cuda)", ", ".join(dispatch.available_backends("cuda"))))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def step(args: argparse.Namespace) -> int:
+    import logging
+
+    from .offline import StepError, nowcast_checkpoints
+
+    logging.basicConfig(level=logging.WARNING, format="nino-fast step: %(levelname)s: %(message)s")
+    try:
+        summary = nowcast_checkpoints(
+            args.ckpts,
+            args.out,
+            args.nino,
+            k=args.k,
+            period=args.period,
+            max_train_steps=args.max_train_steps,
+            step=args.step,
+            k_decay=args.k_decay,
+            arch=args.arch,
+            num_heads=args.num_heads,
+            num_key_value_heads=args.num_kv_heads,
+            exclude=args.exclude,
+            device=args.device,
+        )
+    except (StepError, ValueError, FileNotFoundError) as exc:
+        print(f"nino-fast step: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {summary['out']} ({summary['format']}): {summary['predictor']} step at k={summary['k']} on "
+        f"{summary['num_params']} parameters in {summary['num_tensors']} tensors"
+    )
+    return 0
+
+
+def _add_step_parser(sub) -> None:
+    p = sub.add_parser(
+        "step",
+        help="apply one NiNo step to saved checkpoints (oldest first) and write the prediction",
+        description="Apply one NiNo step to ctx saved checkpoints of one training run, oldest first (torch "
+        "state dicts, .safetensors files or Hugging Face model directories), and write the predicted "
+        "checkpoint in the same format.",
+    )
+    p.add_argument("ckpts", nargs="+", metavar="CKPT", help="the snapshots, oldest first (5 for NiNo checkpoints)")
+    p.add_argument("--nino", required=True, help="NiNo checkpoint (.pt), or 'linefit' / 'linefit+'")
+    p.add_argument("--out", required=True, help="output file (or directory, for Hugging Face directories)")
+    p.add_argument("--k", type=int, help="horizon in snapshot spacings (1..40 for NiNo)")
+    p.add_argument("--period", type=int, help="steps between NiNo steps (k from the schedule, with --max-train-steps)")
+    p.add_argument("--max-train-steps", type=int, help="planned training steps, for the k schedule")
+    p.add_argument(
+        "--step",
+        type=int,
+        help="optimizer steps done at the last snapshot (default: parsed from its "
+        "name, e.g. step_3000 or checkpoint-3000)",
+    )
+    p.add_argument("--k-decay", type=float, default=2.0, help="power of the k schedule (default 2)")
+    p.add_argument(
+        "--arch",
+        help="graph architecture for plain state dicts (generic, gpt2, llama, qwen3, bert, "
+        "vit, nanogpt; default generic)",
+    )
+    p.add_argument("--num-heads", type=int, help="attention heads (transformer state dicts)")
+    p.add_argument("--num-kv-heads", type=int, help="key/value heads (grouped-query attention)")
+    p.add_argument("--exclude", help="regex of tensor names to leave unchanged (plain state dicts)")
+    p.add_argument("--device", default="cpu", help="device for the NiNo model (default cpu)")
+    p.set_defaults(func=step)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nino-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions and available backends").set_defaults(func=info)
+    _add_step_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
