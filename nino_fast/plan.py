@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .ops import dispatch
 
-HEAD_CHUNK = 1 << 16  # edges per head chunk: bounds the (chunk, D) intermediate
+HEAD_CHUNK = 1 << 16  # edges per head chunk on CPU: bounds the (chunk, D) intermediate
+HEAD_CHUNK_GPU = 1 << 22  # on a GPU: 4M edges (a 2 GiB fp32 intermediate); small chunks were launch-bound
 
 
 @dataclass
@@ -185,8 +186,9 @@ def predict_deltas(
     wk = last.weight.view(model.max_feat_size, model.seq_len, -1)[:n_feat, k - 1].contiguous()
     bk = last.bias.view(model.max_feat_size, model.seq_len)[:n_feat, k - 1].contiguous()
     out = torch.empty(used.numel(), n_feat, dtype=raw.dtype, device=raw.device)
-    for i in range(0, used.numel(), HEAD_CHUNK):  # a loop over edge chunks, bounding the (chunk, D) temporaries
-        ids = used[i : i + HEAD_CHUNK]
+    chunk = HEAD_CHUNK if raw.device.type == "cpu" else HEAD_CHUNK_GPU
+    for i in range(0, used.numel(), chunk):  # a loop over edge chunks, bounding the (chunk, D) temporaries
+        ids = used[i : i + chunk]
         s_, d_ = src[ids], dst[ids]
         h1 = dispatch.edge_mlp(
             raw[ids],
@@ -205,5 +207,5 @@ def predict_deltas(
             act_out=True,
             backend=backend,
         )
-        out[i : i + HEAD_CHUNK] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, wk, bk, backend=backend)
+        out[i : i + chunk] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, wk, bk, backend=backend)
     return out

@@ -1,7 +1,8 @@
 // CPU edge_film_mean: layer l's edge update fused with layer l+1's FiLM message + mean
-// (spec: reference.edge_film_mean). Per tile: GEMM 1 gives h = silu(W_a e + b_a + table[t] + s[src] + t[n]),
-// GEMM 2 the scale half W_sc h + b_sc; the epilogue accumulates scale * (msg_dst[n] + msg_src[src]) and
-// sum_e h into the row. The shift half is one GEMV per row: W_sh (sum_e h) + deg b_sh. h never leaves L1/L2.
+// (spec: reference.edge_film_mean). Per tile: GEMM 1 gives h = silu(W_a e + b_a + table[t] + s[src]
+// + t[n]), GEMM 2 the scale half W_sc h + b_sc; the epilogue accumulates scale * (msg_dst[n] +
+// msg_src[src]) and sum_e h into the row. The shift half is one GEMV per row: W_sh (sum_e h) + deg
+// b_sh. h never leaves L1/L2.
 #include <torch/library.h>
 
 #include "cpu/fused_common.h"
@@ -9,9 +10,10 @@
 namespace nino_fast::cpu {
 namespace {
 
-at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in, const at::Tensor& src_in,
-                              const at::Tensor& weight_a, const at::Tensor& bias_a,
-                              const std::optional<at::Tensor>& etype, const std::optional<at::Tensor>& type_table,
+at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
+                              const at::Tensor& src_in, const at::Tensor& weight_a,
+                              const at::Tensor& bias_a, const std::optional<at::Tensor>& etype,
+                              const std::optional<at::Tensor>& type_table,
                               const at::Tensor& node_src_in, const at::Tensor& node_dst_in,
                               const at::Tensor& msg_dst_in, const at::Tensor& msg_src_in,
                               const at::Tensor& weight_scale, const at::Tensor& bias_scale,
@@ -26,26 +28,29 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
   AffineStage stage(op, "weight_a", weight_a, bias_a, etype, type_table, c, e_total);
   const int64_t dh = stage.d;
   auto ns = f32(op, "node_src", node_src_in, 2);
-  TORCH_CHECK(ns.size(1) == dh, op, ": node_src must have ", dh, " columns, got ", shape_str(node_src_in));
+  NINO_CHECK(ns.size(1) == dh, op, ": node_src must have ", dh, " columns, got ",
+             shape_str(node_src_in));
   auto nd = node_table(op, "node_dst", node_dst_in, n, dh);
   auto wsc = f32(op, "weight_scale", weight_scale, 2);
-  TORCH_CHECK(wsc.size(1) == dh, op, ": weight_scale must be (D, ", dh, "), got ", shape_str(weight_scale));
+  NINO_CHECK(wsc.size(1) == dh, op, ": weight_scale must be (D, ", dh, "), got ",
+             shape_str(weight_scale));
   const int64_t d = wsc.size(0);
   PackedB scale(wsc.data_ptr<float>(), d, dh);
   auto bsc = f32(op, "bias_scale", bias_scale, 1);
   auto wsh = f32(op, "weight_shift", weight_shift, 2);
   auto bsh = f32(op, "bias_shift", bias_shift, 1);
-  TORCH_CHECK(bsc.numel() == d && bsh.numel() == d, op, ": bias_scale and bias_shift must have D=", d, " entries");
-  TORCH_CHECK(wsh.size(0) == d && wsh.size(1) == dh, op, ": weight_shift must be (", d, ", ", dh, "), got ",
-              shape_str(weight_shift));
+  NINO_CHECK(bsc.numel() == d && bsh.numel() == d, op,
+             ": bias_scale and bias_shift must have D=", d, " entries");
+  NINO_CHECK(wsh.size(0) == d && wsh.size(1) == dh, op, ": weight_shift must be (", d, ", ", dh,
+             "), got ", shape_str(weight_shift));
   auto md = node_table(op, "msg_dst", msg_dst_in, n, d);
   auto ms = f32(op, "msg_src", msg_src_in, 2);
-  TORCH_CHECK(ms.size(1) == d && ns.size(0) == ms.size(0), op, ": msg_src must be (", ns.size(0), ", ", d,
-              "), got ", shape_str(msg_src_in));
+  NINO_CHECK(ms.size(1) == d && ns.size(0) == ms.size(0), op, ": msg_src must be (", ns.size(0),
+             ", ", d, "), got ", shape_str(msg_src_in));
   if (e_total > 0) {
     const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
-    TORCH_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0), " rows, got [",
-                lo, ", ", hi, "]");
+    NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
+               " rows, got [", lo, ", ", hi, "]");
   }
   auto out = at::zeros({n, d}, feat.options());
   if (n == 0 || d == 0) return out;
@@ -55,7 +60,8 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
   const int32_t* s = src.data_ptr<int32_t>();
   const float *pns = ns.data_ptr<float>(), *pnd = nd.data_ptr<float>();
   const float *pmd = md.data_ptr<float>(), *pms = ms.data_ptr<float>();
-  const float *pbsc = bsc.data_ptr<float>(), *pwsh = wsh.data_ptr<float>(), *pbsh = bsh.data_ptr<float>();
+  const float *pbsc = bsc.data_ptr<float>(), *pwsh = wsh.data_ptr<float>(),
+              *pbsh = bsh.data_ptr<float>();
   float* y = out.data_ptr<float>();
   const auto tasks = row_tasks(rp, n);
   const int64_t nph = padded(dh), np = padded(d);
@@ -102,6 +108,8 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nino_fast, CPU, m) { m.impl("edge_film_mean", &edge_film_mean_cpu); }
+TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
+  m.impl("edge_film_mean", &edge_film_mean_cpu);
+}
 
 }  // namespace nino_fast::cpu

@@ -1,6 +1,6 @@
-// CPU edge_mlp: out = W_b silu(W_a e + b_a + table[t] + s[src] + t[dst]) + b_b (+ s2[src] + t2[dst]),
-// optionally SiLU (spec: reference.edge_mlp). Tiles of edges in parallel (no reduction); the hidden tile
-// stays in L1/L2 between the two GEMMs.
+// CPU edge_mlp: out = W_b silu(W_a e + b_a + table[t] + s[src] + t[dst]) + b_b (+ s2[src] +
+// t2[dst]), optionally SiLU (spec: reference.edge_mlp). Tiles of edges in parallel (no reduction);
+// the hidden tile stays in L1/L2 between the two GEMMs.
 #include <torch/library.h>
 
 #include "cpu/fused_common.h"
@@ -8,11 +8,14 @@
 namespace nino_fast::cpu {
 namespace {
 
-at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in, const at::Tensor& dst_in,
-                        const at::Tensor& weight_a, const at::Tensor& bias_a, const at::Tensor& weight_b,
+at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
+                        const at::Tensor& dst_in, const at::Tensor& weight_a,
+                        const at::Tensor& bias_a, const at::Tensor& weight_b,
                         const at::Tensor& bias_b, const std::optional<at::Tensor>& etype,
-                        const std::optional<at::Tensor>& type_table, const std::optional<at::Tensor>& node_src,
-                        const std::optional<at::Tensor>& node_dst, const std::optional<at::Tensor>& node_src2,
+                        const std::optional<at::Tensor>& type_table,
+                        const std::optional<at::Tensor>& node_src,
+                        const std::optional<at::Tensor>& node_dst,
+                        const std::optional<at::Tensor>& node_src2,
                         const std::optional<at::Tensor>& node_dst2, bool act_out) {
   constexpr const char* op = "nino_fast::edge_mlp";
   auto feat = f32(op, "feat", feat_in, 2);
@@ -22,29 +25,34 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in, con
   AffineStage stage(op, "weight_a", weight_a, bias_a, etype, type_table, c, e_total);
   const int64_t dh = stage.d;
   auto wb = f32(op, "weight_b", weight_b, 2);
-  TORCH_CHECK(wb.size(1) == dh, op, ": weight_b must be (D_out, ", dh, "), got ", shape_str(weight_b));
+  NINO_CHECK(wb.size(1) == dh, op, ": weight_b must be (D_out, ", dh, "), got ",
+             shape_str(weight_b));
   const int64_t dout = wb.size(0);
   PackedB second(wb.data_ptr<float>(), dout, dh);
   auto bb = f32(op, "bias_b", bias_b, 1);
-  TORCH_CHECK(bb.numel() == dout, op, ": bias_b must have ", dout, " entries, got ", bb.numel());
-  TORCH_CHECK(node_src.has_value() == node_dst.has_value() && node_src2.has_value() == node_dst2.has_value(), op,
-              ": node_src/node_dst (and node_src2/node_dst2) go together");
+  NINO_CHECK(bb.numel() == dout, op, ": bias_b must have ", dout, " entries, got ", bb.numel());
+  NINO_CHECK(node_src.has_value() == node_dst.has_value() &&
+                 node_src2.has_value() == node_dst2.has_value(),
+             op, ": node_src/node_dst (and node_src2/node_dst2) go together");
   at::Tensor ns, nd, ns2, nd2;
   int64_t rows = -1;  // gather tables' row count (all must agree)
   auto table = [&](const char* arg, const std::optional<at::Tensor>& t, int64_t width) {
     auto v = f32(op, arg, *t, 2);
-    TORCH_CHECK(v.size(1) == width, op, ": ", arg, " must have ", width, " columns, got ", shape_str(*t));
-    TORCH_CHECK(rows < 0 || v.size(0) == rows, op, ": ", arg, " must have ", rows, " rows, got ", v.size(0));
+    NINO_CHECK(v.size(1) == width, op, ": ", arg, " must have ", width, " columns, got ",
+               shape_str(*t));
+    NINO_CHECK(rows < 0 || v.size(0) == rows, op, ": ", arg, " must have ", rows, " rows, got ",
+               v.size(0));
     rows = v.size(0);
     return v;
   };
   if (node_src) ns = table("node_src", node_src, dh), nd = table("node_dst", node_dst, dh);
-  if (node_src2) ns2 = table("node_src2", node_src2, dout), nd2 = table("node_dst2", node_dst2, dout);
+  if (node_src2)
+    ns2 = table("node_src2", node_src2, dout), nd2 = table("node_dst2", node_dst2, dout);
   if (rows >= 0 && e_total > 0) {
     const int64_t lo = std::min(src.min().item<int32_t>(), dst.min().item<int32_t>());
     const int64_t hi = std::max(src.max().item<int32_t>(), dst.max().item<int32_t>());
-    TORCH_CHECK(lo >= 0 && hi < rows, op, ": src/dst values must index the node tables' ", rows, " rows, got [", lo,
-                ", ", hi, "]");
+    NINO_CHECK(lo >= 0 && hi < rows, op, ": src/dst values must index the node tables' ", rows,
+               " rows, got [", lo, ", ", hi, "]");
   }
   auto out = at::empty({e_total, dout}, feat.options());
   if (e_total == 0 || dout == 0) return out;
@@ -64,7 +72,8 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in, con
     std::vector<float> htile(kTile * nph), otile(kTile * np);
     for (int64_t tile = i0; tile < i1; ++tile) {
       const int64_t e0 = tile * kTile, m = std::min(kTile, e_total - e0);
-      stage.run(x, e0, m, s, [t](int64_t e) { return int64_t(t[e]); }, pns, pnd, true, htile.data(), nph);
+      stage.run(x, e0, m, s, [t](int64_t e) { return int64_t(t[e]); }, pns, pnd, true, htile.data(),
+                nph);
       gemm_tile(htile.data(), nph, m, second, otile.data(), np);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t e = e0 + i;
@@ -84,6 +93,8 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nino_fast, CPU, m) { m.impl("edge_mlp", &edge_mlp_cpu); }
+TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
+  m.impl("edge_mlp", &edge_mlp_cpu);
+}
 
 }  // namespace nino_fast::cpu

@@ -15,8 +15,8 @@ namespace {
 at::Tensor segment_mean_csr_cpu(const at::Tensor& src_in, const at::Tensor& rowptr_in) {
   constexpr const char* op = "nino_fast::segment_mean_csr";
   check_dim(op, "src", src_in, 2);
-  TORCH_CHECK(at::isFloatingType(src_in.scalar_type()), op, ": src must be floating point, got ",
-              c10::toString(src_in.scalar_type()));
+  NINO_CHECK(at::isFloatingType(src_in.scalar_type()), op, ": src must be floating point, got ",
+             c10::toString(src_in.scalar_type()));
   check_device(op, "rowptr", rowptr_in, src_in.device());
   auto src = src_in.contiguous();
   auto rowptr = rowptr_in.contiguous();

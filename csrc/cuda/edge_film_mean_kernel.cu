@@ -179,16 +179,16 @@ at::Tensor edge_film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowp
   check_cuda(op, "rowptr", rowptr_in, dev);
   check_dim(op, "rowptr", rowptr_in, 1);
   check_dtype(op, "rowptr", rowptr_in, at::kLong);
-  TORCH_CHECK(rowptr_in.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
+  NINO_CHECK(rowptr_in.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
   auto rowptr = rowptr_in.contiguous();
   const int64_t n = rowptr.numel() - 1;
-  TORCH_CHECK(n > 0 || e == 0, op, ": rowptr must start at 0 and end at E=", e,
-              ", got the 1-entry rowptr of an empty graph");
+  NINO_CHECK(n > 0 || e == 0, op, ": rowptr must start at 0 and end at E=", e,
+             ", got the 1-entry rowptr of an empty graph");
   auto src = index32(op, "src", src_in, e, dev);
   check_cuda(op, "weight_a", weight_a, dev);
   check_dim(op, "weight_a", weight_a, 2);
-  TORCH_CHECK(weight_a.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
-              " (feat columns), got shape ", shape_str(weight_a));
+  NINO_CHECK(weight_a.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
+             " (feat columns), got shape ", shape_str(weight_a));
   check_cuda(op, "weight_scale", weight_scale, dev);
   check_dim(op, "weight_scale", weight_scale, 2);
   const int64_t dh = weight_a.size(0), d = weight_scale.size(0);
@@ -202,7 +202,7 @@ at::Tensor edge_film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowp
   check_widths(op, "D_h (weight_a rows)", dh);
   check_widths(op, "D (weight_scale rows)", d);
   check_widths(op, "C (feat columns)", c);
-  TORCH_CHECK(n < INT32_MAX, op, ": the CUDA kernel supports N < 2^31 nodes, got ", n);
+  NINO_CHECK(n < INT32_MAX, op, ": the CUDA kernel supports N < 2^31 nodes, got ", n);
   auto types = type_table(op, etype, type_table_in, e, dh, dev);
   auto nodes = node_tables(op, feat.scalar_type(),
                            {{"node_src", &node_src, dh, -1},

@@ -178,8 +178,8 @@ at::Tensor edge_mlp_cuda(const at::Tensor& feat_in, const at::Tensor& src_in,
   auto dst = index32(op, "dst", dst_in, e, dev);
   check_cuda(op, "weight_a", weight_a, dev);
   check_dim(op, "weight_a", weight_a, 2);
-  TORCH_CHECK(weight_a.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
-              " (feat columns), got shape ", shape_str(weight_a));
+  NINO_CHECK(weight_a.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
+             " (feat columns), got shape ", shape_str(weight_a));
   check_cuda(op, "weight_b", weight_b, dev);
   check_dim(op, "weight_b", weight_b, 2);
   const int64_t dh = weight_a.size(0), dout = weight_b.size(0);
@@ -191,9 +191,9 @@ at::Tensor edge_mlp_cuda(const at::Tensor& feat_in, const at::Tensor& src_in,
   check_widths(op, "D_h (weight_a rows)", dh);
   check_widths(op, "D_out (weight_b rows)", dout);
   check_widths(op, "C (feat columns)", c);
-  TORCH_CHECK(node_src.has_value() == node_dst.has_value() &&
-                  node_src2.has_value() == node_dst2.has_value(),
-              op, ": node_src/node_dst (and node_src2/node_dst2) go together");
+  NINO_CHECK(node_src.has_value() == node_dst.has_value() &&
+                 node_src2.has_value() == node_dst2.has_value(),
+             op, ": node_src/node_dst (and node_src2/node_dst2) go together");
   auto types = type_table(op, etype, type_table_in, e, dh, dev);
   // all gathered node tables index the same nodes: one row count
   int64_t rows = -1;

@@ -154,24 +154,24 @@ at::Tensor film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowptr_in
   check_cuda(op, "rowptr", rowptr_in, dev);
   check_dim(op, "rowptr", rowptr_in, 1);
   check_dtype(op, "rowptr", rowptr_in, at::kLong);
-  TORCH_CHECK(rowptr_in.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
+  NINO_CHECK(rowptr_in.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
   auto rowptr = rowptr_in.contiguous();
   const int64_t n = rowptr.numel() - 1;
-  TORCH_CHECK(n > 0 || e == 0, op, ": rowptr must start at 0 and end at E=", e,
-              ", got the 1-entry rowptr of an empty graph");
+  NINO_CHECK(n > 0 || e == 0, op, ": rowptr must start at 0 and end at E=", e,
+             ", got the 1-entry rowptr of an empty graph");
   auto src = index32(op, "src", src_in, e, dev);
   check_cuda(op, "weight", weight, dev);
   check_dim(op, "weight", weight, 2);
-  TORCH_CHECK(weight.size(0) % 2 == 0 && weight.size(1) == c, op,
-              ": weight must be (2*D, C) with C=", c, " (feat columns), got shape ",
-              shape_str(weight));
+  NINO_CHECK(weight.size(0) % 2 == 0 && weight.size(1) == c, op,
+             ": weight must be (2*D, C) with C=", c, " (feat columns), got shape ",
+             shape_str(weight));
   const int64_t d = weight.size(0) / 2;
   FloatArg w, b;
   auto w_t = param(op, "weight", weight, {2 * d, c}, dev, w);
   auto b_t = param(op, "bias", bias, {2 * d}, dev, b);
   check_widths(op, "D (node_dst columns)", d);
   check_widths(op, "C (feat columns)", c);
-  TORCH_CHECK(n < INT32_MAX, op, ": the CUDA kernel supports N < 2^31 nodes, got ", n);
+  NINO_CHECK(n < INT32_MAX, op, ": the CUDA kernel supports N < 2^31 nodes, got ", n);
   auto types = type_table(op, etype, type_table_in, e, 2 * d, dev);
   auto nodes = node_tables(op, feat.scalar_type(),
                            {{"node_dst", &node_dst, d, n}, {"node_src", &node_src, d, -1}}, dev);

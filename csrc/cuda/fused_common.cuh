@@ -24,6 +24,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <tuple>
 #include <type_traits>
 
@@ -332,20 +333,27 @@ template <typename Kernel>
 inline int persistent_grid(const char* op, Kernel kernel, size_t smem, int64_t tiles) {
   const int device = c10::cuda::current_device();
   const DeviceInfo info = device_info();
-  TORCH_CHECK(smem <= size_t(info.smem_optin), op, ": these widths need ", smem,
-              " bytes of shared memory per block, the device allows ", info.smem_optin,
-              " (use a 16-bit feature dtype or the triton backend)");
+  NINO_CHECK(smem <= size_t(info.smem_optin), op, ": these widths need ", smem,
+             " bytes of shared memory per block, the device allows ", info.smem_optin,
+             " (use a 16-bit feature dtype or the triton backend)");
   static std::mutex mutex;
   static std::map<std::tuple<const void*, size_t, int>, int> resident;  // blocks per device
+  static std::set<std::pair<const void*, int>> opted_in;                // (kernel, device)
   const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device);
   int blocks = 0;
   {
     const std::lock_guard<std::mutex> lock(mutex);
+    // The limit is a property of the kernel, not of one launch: raise it once to the device's
+    // maximum. (Setting it to this call's size would shrink it for a kernel already launched with
+    // more, and a later launch of the larger size, found in the cache below, would then fail with
+    // "invalid argument".)
+    if (opted_in.emplace(reinterpret_cast<const void*>(kernel), device).second) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          info.smem_optin));
+    }
     auto it = resident.find(key);
     if (it == resident.end()) {
       int per_sm = 0;
-      C10_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       C10_CUDA_CHECK(
           cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
       it = resident.emplace(key, std::max(per_sm, 1) * info.sms).first;
@@ -374,16 +382,15 @@ inline int dtype_code(const char* op, const char* arg, const at::Tensor& t) {
     case at::kHalf:
       return kF16;
     default:
-      TORCH_CHECK(false, op, ": ", arg, " must be float32, float64, bfloat16 or float16, got ",
-                  c10::toString(t.scalar_type()));
+      NINO_CHECK(false, op, ": ", arg, " must be float32, float64, bfloat16 or float16, got ",
+                 c10::toString(t.scalar_type()));
   }
   return kF32;
 }
 
 inline void check_cuda(const char* op, const char* arg, const at::Tensor& t,
                        const at::Device& dev) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", arg, " must be a CUDA tensor (on ", dev, "), got ",
-              t.device());
+  NINO_CHECK(t.is_cuda(), op, ": ", arg, " must be a CUDA tensor (on ", dev, "), got ", t.device());
   check_device(op, arg, t, dev);
 }
 
@@ -405,7 +412,7 @@ inline at::Tensor index32(const char* op, const char* arg, const at::Tensor& t, 
   check_cuda(op, arg, t, dev);
   check_dim(op, arg, t, 1);
   check_dtype(op, arg, t, at::kInt);
-  TORCH_CHECK(t.numel() == len, op, ": ", arg, " must have E=", len, " entries, got ", t.numel());
+  NINO_CHECK(t.numel() == len, op, ": ", arg, " must have E=", len, " entries, got ", t.numel());
   return t.contiguous();
 }
 
@@ -419,22 +426,21 @@ struct TypeTable {
 inline TypeTable type_table(const char* op, const std::optional<at::Tensor>& etype,
                             const std::optional<at::Tensor>& table, int64_t e, int64_t width,
                             const at::Device& dev) {
-  TORCH_CHECK(etype.has_value() == table.has_value(), op,
-              ": etype and type_table go together (got ",
-              etype.has_value() ? "etype" : "type_table", " alone)");
+  NINO_CHECK(etype.has_value() == table.has_value(), op, ": etype and type_table go together (got ",
+             etype.has_value() ? "etype" : "type_table", " alone)");
   TypeTable out;
   if (!table.has_value()) return out;
   check_cuda(op, "type_table", *table, dev);
   check_dim(op, "type_table", *table, 2);
-  TORCH_CHECK(table->size(1) == width, op, ": type_table must have ", width, " columns, got shape ",
-              shape_str(*table));
+  NINO_CHECK(table->size(1) == width, op, ": type_table must have ", width, " columns, got shape ",
+             shape_str(*table));
   dtype_code(op, "type_table", *table);
   check_cuda(op, "etype", *etype, dev);
   check_dim(op, "etype", *etype, 1);
-  TORCH_CHECK(at::isIntegralType(etype->scalar_type(), /*includeBool=*/false), op,
-              ": etype must be an integer tensor (int64), got ",
-              c10::toString(etype->scalar_type()));
-  TORCH_CHECK(etype->numel() == e, op, ": etype must have E=", e, " entries, got ", etype->numel());
+  NINO_CHECK(at::isIntegralType(etype->scalar_type(), /*includeBool=*/false), op,
+             ": etype must be an integer tensor (int64), got ",
+             c10::toString(etype->scalar_type()));
+  NINO_CHECK(etype->numel() == e, op, ": etype must have E=", e, " entries, got ", etype->numel());
   out.etype = etype->to(at::kLong).contiguous();
   out.table = table->to(at::kFloat).contiguous();
   out.types = table->size(0);
@@ -443,27 +449,27 @@ inline TypeTable type_table(const char* op, const std::optional<at::Tensor>& ety
 
 // Feature matrix: its dtype picks T (fp64 is computed as fp32).
 inline at::Tensor features(const char* op, const at::Tensor& feat) {
-  TORCH_CHECK(feat.is_cuda(), op, ": feat must be a CUDA tensor for the CUDA kernel, got ",
-              feat.device());
+  NINO_CHECK(feat.is_cuda(), op, ": feat must be a CUDA tensor for the CUDA kernel, got ",
+             feat.device());
   check_dim(op, "feat", feat, 2);
   const auto st = feat.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble, op,
-              ": feat must be float32, bfloat16, float16 (or float64), got ", c10::toString(st));
+  NINO_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble, op,
+             ": feat must be float32, bfloat16, float16 (or float64), got ", c10::toString(st));
   auto f = st == at::kDouble ? feat.to(at::kFloat) : feat;
   return f.contiguous();
 }
 
 inline void check_widths(const char* op, const char* what, int64_t v) {
-  TORCH_CHECK(v <= kMaxWidth, op, ": the CUDA kernel supports ", what, " <= ", kMaxWidth, ", got ",
-              v, " (use the cpu/triton/reference backend for wider layers)");
+  NINO_CHECK(v <= kMaxWidth, op, ": the CUDA kernel supports ", what, " <= ", kMaxWidth, ", got ",
+             v, " (use the cpu/triton/reference backend for wider layers)");
 }
 
 inline void check_arch(const char* op) {
   const DeviceInfo info = device_info();
-  TORCH_CHECK(info.major >= 8, op,
-              ": the CUDA kernels need compute capability >= 8.0 (tensor cores with bf16/tf32), "
-              "got ",
-              info.major, ".", info.minor);
+  NINO_CHECK(info.major >= 8, op,
+             ": the CUDA kernels need compute capability >= 8.0 (tensor cores with bf16/tf32), "
+             "got ",
+             info.major, ".", info.minor);
 }
 
 // Node tables gathered per edge: all read as the feature dtype T when they all have it (and T is
@@ -492,10 +498,10 @@ inline NodeTables node_tables(const char* op, at::ScalarType feat_type,
     check_cuda(op, s.name, *s.t, dev);
     check_dim(op, s.name, *s.t, 2);
     dtype_code(op, s.name, *s.t);
-    TORCH_CHECK(s.t->size(1) == s.width, op, ": ", s.name, " must have ", s.width,
-                " columns, got shape ", shape_str(*s.t));
-    TORCH_CHECK(s.rows < 0 || s.t->size(0) == s.rows, op, ": ", s.name, " must have ", s.rows,
-                " rows, got shape ", shape_str(*s.t));
+    NINO_CHECK(s.t->size(1) == s.width, op, ": ", s.name, " must have ", s.width,
+               " columns, got shape ", shape_str(*s.t));
+    NINO_CHECK(s.rows < 0 || s.t->size(0) == s.rows, op, ": ", s.name, " must have ", s.rows,
+               " rows, got shape ", shape_str(*s.t));
     all_t = all_t && s.t->scalar_type() == feat_type;
   }
   out.low = all_t;

@@ -41,8 +41,8 @@ __global__ void segment_mean_csr_kernel(const scalar_t* __restrict__ src,
 at::Tensor segment_mean_csr_cuda(const at::Tensor& src_in, const at::Tensor& rowptr_in) {
   constexpr const char* op = "nino_fast::segment_mean_csr";
   check_dim(op, "src", src_in, 2);
-  TORCH_CHECK(at::isFloatingType(src_in.scalar_type()), op, ": src must be floating point, got ",
-              c10::toString(src_in.scalar_type()));
+  NINO_CHECK(at::isFloatingType(src_in.scalar_type()), op, ": src must be floating point, got ",
+             c10::toString(src_in.scalar_type()));
   check_device(op, "rowptr", rowptr_in, src_in.device());
   const c10::cuda::CUDAGuard guard(src_in.device());
   auto src = src_in.contiguous();
@@ -53,9 +53,9 @@ at::Tensor segment_mean_csr_cuda(const at::Tensor& src_in, const at::Tensor& row
   auto out = at::empty({n, d}, src.options());
   if (n == 0 || d == 0) return out;
   const int64_t col_tiles = (d + kWarp - 1) / kWarp;
-  TORCH_CHECK(col_tiles <= 65535, op,
-              ": src has too many columns for one launch (D <= ", num_str(65535 * kWarp),
-              "), got D=", num_str(d));
+  NINO_CHECK(col_tiles <= 65535, op,
+             ": src has too many columns for one launch (D <= ", num_str(65535 * kWarp),
+             "), got D=", num_str(d));
   const dim3 block(kWarp, kRowsPerBlock);
   const dim3 grid(static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>(col_tiles));

@@ -117,7 +117,7 @@ at::Tensor tile_first_rows(const char* op, const at::Tensor& rowptr, int64_t e_t
   const int64_t tiles = (e_total + kTileE - 1) / kTileE;
   auto tile_row = at::empty({tiles}, rowptr.options().dtype(at::kInt));
   if (tiles == 0) return tile_row;
-  TORCH_CHECK(n > 0, op, ": rowptr has no rows but E=", e_total, " edges were given");
+  NINO_CHECK(n > 0, op, ": rowptr has no rows but E=", e_total, " edges were given");
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   tile_first_row_kernel<<<unsigned(blocks), kThreads, 0, current_stream()>>>(
       rowptr.data_ptr<int64_t>(), n, e_total, tile_row.data_ptr<int>());

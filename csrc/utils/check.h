@@ -1,17 +1,56 @@
-// Input checks shared by the kernels: every message names the op, the argument, what was expected and
-// what was received.
+// Input checks shared by the kernels: every message names the op, the argument, what was expected
+// and what was received.
 #pragma once
 
 #include <torch/types.h>
 
 #include <string>
+#include <type_traits>
 
 namespace nino_fast {
 
-// Numbers are formatted with std::to_string, not iostreams: on a runtime whose process-wide libstdc++
-// differs from the compiler's (seen on the H100 image: Python 3.12 + torch 2.11), inserting an integer
-// into a stream from this library crashed while raising the error; strings stream safely.
-inline std::string num_str(int64_t v) { return std::to_string(v); }
+// Error messages are built here as one std::string, never through iostreams: on a runtime whose
+// process-wide libstdc++ differs from the compiler's (seen on the H100 image: Python 3.12 +
+// torch 2.11), inserting an integer or a c10::Device into a stream from this library segfaulted
+// while raising the error. TORCH_CHECK with a single std::string message does not touch a stream.
+// Use NINO_CHECK (same arguments as TORCH_CHECK) everywhere in csrc/.
+inline std::string num_str(int64_t v) {
+  return std::to_string(v);
+}
+
+namespace detail {
+inline std::string to_msg(const char* s) {
+  return s;
+}
+inline std::string to_msg(const std::string& s) {
+  return s;
+}
+inline std::string to_msg(char c) {
+  return std::string(1, c);
+}
+inline std::string to_msg(bool b) {
+  return b ? "true" : "false";
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline std::string to_msg(T v) {
+  return std::to_string(v);
+}
+inline std::string to_msg(const c10::Device& d) {
+  return d.str();
+}
+inline std::string to_msg(c10::ScalarType t) {
+  return c10::toString(t);
+}
+
+template <typename... Args>
+inline std::string cat(const Args&... args) {
+  std::string s;
+  ((s += to_msg(args)), ...);
+  return s;
+}
+}  // namespace detail
+
+#define NINO_CHECK(cond, ...) TORCH_CHECK(cond, ::nino_fast::detail::cat(__VA_ARGS__))
 
 inline std::string shape_str(at::IntArrayRef sizes) {
   std::string s = "[";
@@ -19,36 +58,43 @@ inline std::string shape_str(at::IntArrayRef sizes) {
   return s + "]";
 }
 
-inline std::string shape_str(const at::Tensor& t) { return shape_str(t.sizes()); }
+inline std::string shape_str(const at::Tensor& t) {
+  return shape_str(t.sizes());
+}
 
 inline void check_dtype(const char* op, const char* arg, const at::Tensor& t, at::ScalarType want) {
-  TORCH_CHECK(t.scalar_type() == want, op, ": ", arg, " must be ", c10::toString(want), ", got ",
-              c10::toString(t.scalar_type()));
+  NINO_CHECK(t.scalar_type() == want, op, ": ", arg, " must be ", c10::toString(want), ", got ",
+             c10::toString(t.scalar_type()));
 }
 
 inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", arg, " must be ", num_str(dim), "-D, got shape ", shape_str(t));
+  NINO_CHECK(t.dim() == dim, op, ": ", arg, " must be ", num_str(dim), "-D, got shape ",
+             shape_str(t));
 }
 
-inline void check_shape(const char* op, const char* arg, const at::Tensor& t, at::IntArrayRef want) {
-  TORCH_CHECK(t.sizes() == want, op, ": ", arg, " must have shape ", shape_str(want), ", got ",
-              shape_str(t));
+inline void check_shape(const char* op, const char* arg, const at::Tensor& t,
+                        at::IntArrayRef want) {
+  NINO_CHECK(t.sizes() == want, op, ": ", arg, " must have shape ", shape_str(want), ", got ",
+             shape_str(t));
 }
 
-inline void check_device(const char* op, const char* arg, const at::Tensor& t, const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, op, ": ", arg, " must be on ", dev, ", got ", t.device());
+inline void check_device(const char* op, const char* arg, const at::Tensor& t,
+                         const at::Device& dev) {
+  NINO_CHECK(t.device() == dev, op, ": ", arg, " must be on ", dev, ", got ", t.device());
 }
 
-// rowptr: int64 (N+1,) on `device`, rowptr[0] == 0, rowptr[N] == E (values are not scanned: O(1) check).
+// rowptr: int64 (N+1,) on `device`, rowptr[0] == 0, rowptr[N] == E (values are not scanned: O(1)
+// check).
 inline void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t num_edges,
                          const at::Device& device = at::kCPU) {
   check_device(op, "rowptr", rowptr, device);
   check_dtype(op, "rowptr", rowptr, at::kLong);
   check_dim(op, "rowptr", rowptr, 1);
-  TORCH_CHECK(rowptr.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
+  NINO_CHECK(rowptr.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
   auto first = rowptr[0].item<int64_t>(), last = rowptr[-1].item<int64_t>();
-  TORCH_CHECK(first == 0 && last == num_edges, op, ": rowptr must start at 0 and end at E=",
-              num_str(num_edges), ", got ", num_str(first), " and ", num_str(last));
+  NINO_CHECK(first == 0 && last == num_edges, op,
+             ": rowptr must start at 0 and end at E=", num_str(num_edges), ", got ", num_str(first),
+             " and ", num_str(last));
 }
 
 }  // namespace nino_fast
