@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 # BuildExtension silently falls back to a slow serial build.
 WITH_VENV := PATH="$(abspath $(VENV))/bin:$$PATH"
 TORCH_CPU ?= torch==2.13.0
-EXTRAS ?= test,transformers,plot,demo
+EXTRAS ?= test,transformers,plot,demo,triton
 STAMP := $(VENV)/.nino_fast-installed
 EXT_STAMP := build/.nino_fast-ext
 # The CPU build compiles these; a change rebuilds the extension (ninja: only what changed) before tests.
@@ -28,7 +28,7 @@ CUDA_BUILD ?= build/cu130
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv build test pytest ctest demo bench lint format cuda-check clean distclean
+.PHONY: venv build test pytest pytest-triton ctest demo bench lint format cuda-check clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,12 +58,16 @@ build: $(STAMP)
 pytest: $(EXT_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
+# The Triton kernels on CPU tensors through Triton's interpreter (small shapes; the GPU runs them all).
+pytest-triton: $(EXT_STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_kernels.py -k "triton or Triton" $(PYTEST_ARGS)
+
 ctest: $(STAMP)
 	cmake -S . -B build/cmake -G Ninja -DBUILD_TEST=ON -DNINO_FAST_PYTHON="$(abspath $(PY))" > /dev/null
 	cmake --build build/cmake
 	ctest --test-dir build/cmake --output-on-failure
 
-test: pytest ctest
+test: pytest pytest-triton ctest
 
 demo: $(EXT_STAMP)
 	$(PY) -m nino_fast.demo $(DEMO_ARGS)
