@@ -1,5 +1,6 @@
 """``nino-fast`` command line. ``nino-fast info``: versions, the compiled extension and the available
 backends. ``nino-fast step``: one NiNo step on saved model checkpoints (see :mod:`nino_fast.offline`).
+``nino-fast collect`` / ``nino-fast train``: meta-training (see :mod:`nino_fast.meta`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import argparse
 import platform
 import sys
 from collections.abc import Sequence
+
+from .meta.cli import add_parsers as add_meta_parsers
 
 
 def _version(module: str) -> str:
@@ -112,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions and available backends").set_defaults(func=info)
     _add_step_parser(sub)
+    add_meta_parsers(sub)  # collect, train
     return parser
 
 

@@ -1,0 +1,156 @@
+"""The bundled checkpoint vs AdamW, Linefit+ and WNN+ with the demo's protocol, on the demo task and a held-out task.
+
+    python -m bench.bench_meta_eval [--ckpt nino_fast/checkpoints/nino_fast_small.pt] [--seeds 3] [--steps 2000]
+                                    [--tasks demo heldout] [--official]
+
+Protocol (:mod:`nino_fast.demo`'s, per task and seed; every run starts from the same initialisation and sees the
+same mini-batches): AdamW (lr 3e-3, weight decay 0.01, batch 64, constant lr) for ``steps`` steps, alone and
+wrapped in ``NiNo(AdamW, period=200)`` with each predictor; validation loss every 20 steps; target = AdamW's
+final validation loss (mean of its last 5 evaluations); steps to target = first evaluated step at or below it;
+saved = 1 - steps(predictor) / steps(AdamW).
+
+Tasks (neither is in the meta-training data, see :mod:`nino_fast.meta.tasks`):
+
+- ``demo``: the demo's ConvNet (width 16, depth 3) on sklearn digits — run through ``nino_fast.demo.train``;
+- ``heldout``: an MLP 64-128-128-128-10 on the same digits (deeper and wider than any MLP in training) at AdamW
+  lr 3e-4 (below the training range; at 3e-3 it overfits within 200 steps), run by a copy of ``demo.train`` with
+  another model (checked to match ``demo.train`` on the ConvNet first).
+
+Predictors: ``ours`` (``--ckpt``), ``linefit+``, ``wnn+`` (``../shared/checkpoints/nino_mlp.pt``), and with
+``--official`` the official NiNo ``nino_no_posw.pt`` for reference. Results: bench/results/meta_eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nino_fast import demo
+from nino_fast.meta import tasks
+from nino_fast.optim import NiNo
+
+from .common import write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "checkpoints"
+DEFAULT_CKPT = ROOT / "nino_fast" / "checkpoints" / "nino_fast_small.pt"
+
+
+def train_model(data, model_fn, seed, steps, lr, ckpt=None, period=200, eval_every=20, batch_size=64) -> dict:
+    """``demo.train`` with the model built by ``model_fn`` (same seeding, batches, evaluation and NiNo wrapper)."""
+    x_tr, y_tr, x_va, y_va = data
+    torch.manual_seed(seed)
+    model = model_fn()
+    base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = NiNo(base, model=model, ckpt=ckpt, period=period, max_train_steps=steps)
+    batches = torch.Generator().manual_seed(seed)
+    loss, acc = demo.evaluate(model, x_va, y_va)
+    log = {"step": [0], "val_loss": [loss], "val_acc": [acc]}
+    t0 = time.perf_counter()
+    for i in range(steps):
+        idx = torch.randint(len(y_tr), (batch_size,), generator=batches)
+        opt.zero_grad()
+        if opt.need_grads:
+            F.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
+        opt.step()
+        if (i + 1) % eval_every == 0:
+            loss, acc = demo.evaluate(model, x_va, y_va)
+            log["step"].append(i + 1)
+            log["val_loss"].append(loss)
+            log["val_acc"].append(acc)
+    log["wall"] = time.perf_counter() - t0
+    return log
+
+
+def heldout_model():
+    return tasks.build_model({**tasks.HELDOUT_TASK, "seed": 0})
+
+
+def run(task: str, data, seed: int, steps: int, lr: float, ckpt) -> dict:
+    """One run of ``task``; ``lr`` is the demo's (the held-out task has its own, ``HELDOUT_TASK['lr']``)."""
+    if task == "demo":
+        return demo.train(data, seed, steps, lr, ckpt=ckpt, period=200)
+    return train_model(data, heldout_model, seed, steps, tasks.HELDOUT_TASK["lr"], ckpt=ckpt, period=200)
+
+
+def check_copy_matches_demo(data) -> None:
+    """The copied loop is the demo's loop: same validation curve on the demo's ConvNet (AdamW and Linefit+)."""
+    for ckpt in (None, "linefit+"):
+        want = demo.train(data, 0, 400, 3e-3, ckpt=ckpt, period=200)
+        got = train_model(data, demo.convnet, 0, 400, 3e-3, ckpt=ckpt, period=200)
+        assert got["val_loss"] == want["val_loss"], "bench_meta_eval: the copied training loop differs from the demo"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default=str(DEFAULT_CKPT))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=3e-3, help="the demo task's learning rate")
+    p.add_argument("--tasks", nargs="+", default=["demo", "heldout"], choices=["demo", "heldout"])
+    p.add_argument("--official", action="store_true", help="also the official nino_no_posw.pt (reference)")
+    p.add_argument("--predictors", nargs="+", help="only these (ours, linefit+, wnn+, official)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="meta_eval", help="results name under bench/results/")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    predictors = {"ours": args.ckpt, "linefit+": "linefit+", "wnn+": str(SHARED / "nino_mlp.pt")}
+    if args.official:
+        predictors["official"] = str(SHARED / "nino_no_posw.pt")
+    if args.predictors:
+        predictors = {k: v for k, v in predictors.items() if k in args.predictors}
+    data = demo.load_digits_split()
+    check_copy_matches_demo(data)
+    rows, summary = [], {}
+    for task in args.tasks:
+        for seed in range(args.seeds):
+            base = run(task, data, seed, args.steps, args.lr, None)
+            target = float(np.mean(base["val_loss"][-5:]))
+            sb = demo.steps_to(base, target)
+            row = dict(task=task, seed=seed, target=target, steps_adamw=sb, final_loss_adamw=base["val_loss"][-1])
+            for name, ckpt in predictors.items():
+                log = run(task, data, seed, args.steps, args.lr, ckpt)
+                sn = demo.steps_to(log, target)
+                row[name] = dict(
+                    steps=sn,
+                    saved_pct=None if sn is None else 100.0 * (1 - sn / sb),
+                    final_loss=log["val_loss"][-1],
+                    final_acc=log["val_acc"][-1],
+                    best_loss=min(log["val_loss"]),
+                )
+            rows.append(row)
+            print(
+                f"{task} seed {seed}: AdamW {sb} steps to {target:.4f}; "
+                + ", ".join(f"{n} {row[n]['steps']}" for n in predictors),
+                flush=True,
+            )
+        for name in predictors:
+            mine = [r[name] for r in rows if r["task"] == task]
+            saved = [m["saved_pct"] for m in mine if m["saved_pct"] is not None]
+            summary[f"{task}/{name}"] = dict(
+                reached=f"{len(saved)}/{len(mine)}",
+                mean_saved_pct=statistics.mean(saved) if len(saved) == len(mine) else None,
+                saved_pct=[m["saved_pct"] for m in mine],
+                mean_final_loss=statistics.mean(m["final_loss"] for m in mine),
+            )
+        adamw = [r["final_loss_adamw"] for r in rows if r["task"] == task]
+        summary[f"{task}/adamw"] = dict(mean_final_loss=statistics.mean(adamw))
+    print(f"\n{'task/predictor':24s} {'reached':>8s} {'mean saved':>11s}  per seed")
+    for key, s in summary.items():
+        if "reached" in s:
+            mean = "-" if s["mean_saved_pct"] is None else f"{s['mean_saved_pct']:.1f}%"
+            per = ", ".join("-" if v is None else f"{v:.0f}%" for v in s["saved_pct"])
+            print(f"{key:24s} {s['reached']:>8s} {mean:>11s}  {per}")
+    path = write_results(args.out, dict(args=vars(args), predictors=predictors, summary=summary, rows=rows))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
