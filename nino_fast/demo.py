@@ -25,8 +25,9 @@ steps and then overfits, so "steps to AdamW's final loss" stops measuring speed;
 the end. See the README for what was measured at other learning rates and periods.
 
 The predictor is ``--ckpt`` if given, else ``../shared/checkpoints/nino_no_posw.pt`` beside the repository if
-present, else the Linefit+ baseline; the demo prints which one it used. Writes ``demo_loss.png`` (validation
-loss curves of both runs, all seeds) and ``demo_results.json`` to ``--out``.
+present, else nino_fast's own bundled checkpoint (``nino_fast/checkpoints/nino_fast_small.pt``, meta-trained
+by ``nino-fast collect`` + ``nino-fast train``), else the Linefit+ baseline; the demo prints which one it used.
+Writes ``demo_loss.png`` (validation loss curves of both runs, all seeds) and ``demo_results.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .optim import NiNo
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = REPO.parent / "shared" / "checkpoints" / "nino_no_posw.pt"
+BUNDLED_CKPT = Path(__file__).resolve().parent / "checkpoints" / "nino_fast_small.pt"  # ours: nino-fast train
 
 
 def load_digits_split(split_seed: int = 0):
@@ -165,6 +167,9 @@ def pick_predictor(ckpt: str | None) -> tuple[str, str]:
     if ckpt is None:
         if DEFAULT_CKPT.is_file():
             ckpt = str(DEFAULT_CKPT)
+        elif BUNDLED_CKPT.is_file():
+            print(f"no NiNo checkpoint at {DEFAULT_CKPT}: using nino_fast's own bundled checkpoint (--ckpt PATH)")
+            ckpt = str(BUNDLED_CKPT)
         else:
             print(f"no NiNo checkpoint at {DEFAULT_CKPT}: using the Linefit+ baseline instead (--ckpt PATH)")
             ckpt = "linefit+"

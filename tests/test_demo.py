@@ -27,11 +27,23 @@ def test_demo_runs(capsys, tmp_path):
     assert (out / "demo_loss.png").stat().st_size > 1000
 
 
-def test_demo_linefit_fallback(capsys, tmp_path, monkeypatch):
-    """Without a NiNo checkpoint the demo says so and uses Linefit+."""
+def test_demo_bundled_fallback(capsys, tmp_path, monkeypatch):
+    """Without the official checkpoint the demo says so and uses our bundled one."""
     from nino_fast import demo
 
     monkeypatch.setattr(demo, "DEFAULT_CKPT", tmp_path / "missing.pt")
+    argv = ["--seeds", "1", "--steps", "100", "--period", "50", "--out", str(tmp_path / "o")]
+    assert demo.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "bundled checkpoint" in text and "predictor: NiNo (nino_fast_small.pt)" in text
+
+
+def test_demo_linefit_fallback(capsys, tmp_path, monkeypatch):
+    """Without any NiNo checkpoint the demo says so and uses Linefit+."""
+    from nino_fast import demo
+
+    monkeypatch.setattr(demo, "DEFAULT_CKPT", tmp_path / "missing.pt")
+    monkeypatch.setattr(demo, "BUNDLED_CKPT", tmp_path / "missing_too.pt")
     argv = ["--seeds", "1", "--steps", "100", "--period", "50", "--out", str(tmp_path / "o")]
     assert demo.main(argv) == 0
     text = capsys.readouterr().out
