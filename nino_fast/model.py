@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import plan as folded_plan
+from . import stream
 from .graph import NeuralGraph
 from .ops import dispatch
 from .scaling import METHODS, scale_params, unscale_params
@@ -33,6 +34,11 @@ def graph_to(graph: NeuralGraph, device: torch.device) -> NeuralGraph:
         if isinstance(value, torch.Tensor):
             setattr(moved, name, value.to(device))
     return moved
+
+
+def _count_nonfinite(t: torch.Tensor, rows: int = 1 << 20) -> int:
+    """NaN/Inf entries of ``t``, in row chunks (no bool copy of a large history)."""
+    return sum(int((~torch.isfinite(t[a : a + rows])).sum()) for a in range(0, t.shape[0], rows))
 
 
 class _MLP(nn.Module):
@@ -213,7 +219,7 @@ class NiNoModel(nn.Module):
             )
         if not states.is_floating_point():
             raise ValueError(f"NiNoModel: states must be floating point, got {states.dtype}")
-        bad = (~torch.isfinite(states)).sum().item()
+        bad = _count_nonfinite(states)
         if bad:
             raise ValueError(f"NiNoModel: states contain {bad} NaN/Inf values")
         if k is not None and not (isinstance(k, int) and 1 <= k <= self.seq_len):
@@ -298,18 +304,48 @@ class NiNoModel(nn.Module):
 
     @torch.no_grad()
     def nowcast(
-        self, graph: NeuralGraph, states: torch.Tensor, k: int, backend: str | None = None, fused: bool = True
+        self,
+        graph: NeuralGraph,
+        states: torch.Tensor,
+        k: int,
+        backend: str | None = None,
+        fused: bool = True,
+        max_memory: int | str | None = None,
+        progress: bool | None = None,
+        edge_sample_ratio: float = 0.0,
+        subgraph: bool = False,
     ) -> torch.Tensor:
         """The NiNo step: raw history (n_params, ctx), oldest first -> predicted parameters (n_params,) at k.
 
         Steps: per-tensor scaling of the history, edge features, GNN (or WNN+ MLP), horizon-k head, residual on
         the last state, unscaling. ``states`` is not modified. Raises ValueError for bad inputs and for a
-        non-finite prediction. ``fused=True`` runs the folded plan (:mod:`nino_fast.plan`) when the architecture
-        allows it; ``fused=False`` the layer-by-layer path of the official model (same maths, more work).
+        non-finite prediction. ``fused=True`` runs the folded plan when the architecture allows it, streamed over
+        destination-row tiles (:mod:`nino_fast.stream`): ``max_memory`` (bytes, or a string such as ``"6GB"`` /
+        ``"6GiB"``; default: half the available memory, at most 2 GiB on the CPU) bounds what the step allocates
+        beyond its inputs and output, exactly (any tiling gives the same result). ``progress``: a tqdm bar over
+        layers and tiles (None: only for steps of more than a few seconds, on a terminal). ``fused=False`` runs
+        the layer-by-layer path of the official model (same maths, more work, E x D memory; WNN+ needs no tiles).
+
+        The official memory-saving approximations, off by default (results differ from the exact step):
+        ``edge_sample_ratio`` in (0, 1): each message pass aggregates over a random part of the edges;
+        ``subgraph=True``: one neural graph per transformer block (see :func:`nino_fast.stream.nowcast_subgraphs`).
         """
         self._check_inputs(graph, states, k)
+        ratio = edge_sample_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"NiNoModel.nowcast: edge_sample_ratio must be a number in [0, 1], got {ratio!r}")
         device = self.device
         graph = graph_to(graph, device)
+        if fused and not self.is_mlp and folded_plan.supports(self):
+            opts = dict(backend=backend, max_memory=max_memory, progress=progress, edge_sample_ratio=float(ratio))
+            if subgraph:
+                return stream.nowcast_subgraphs(self, graph, states, k, **opts)
+            return stream.nowcast_streamed(self, graph, states, k, **opts)
+        if (max_memory is not None or subgraph or 0.0 < ratio < 1.0) and not self.is_mlp:
+            raise ValueError(
+                "NiNoModel.nowcast: max_memory, edge_sample_ratio and subgraph need the folded plan (fused=True and"
+                " the official architecture)"
+            )
         scaled, scales = scale_params(
             states.to(device=device, dtype=torch.float32), graph.param_shapes, self.scale_method
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,8 @@ class Shard:
     """Destination nodes ``[node_lo, node_hi)`` and their CSR edges ``[edge_lo, edge_hi)`` owned by one process.
 
     ``combine(local_rows)`` returns the (N, D) aggregation of all nodes from this shard's rows (an all-reduce in
-    :mod:`nino_fast.distributed`); the default shard is the whole graph.
+    :mod:`nino_fast.distributed`); the default shard is the whole graph. The same class describes the row tiles
+    of a streamed step (:mod:`nino_fast.stream`): any contiguous row range, whose edges are then contiguous too.
     """
 
     node_lo: int
@@ -131,6 +133,136 @@ class Shard:
         return Shard(0, graph.num_nodes, 0, graph.num_edges)
 
 
+# ---- the plan's stages ---------------------------------------------------------------------------------------
+# Node terms are (N, D) and computed in full; the three edge passes take the raw features ``raw`` of one row range
+# ``sh`` (its edges ``[sh.edge_lo, sh.edge_hi)``) and return that range's rows (passes 0, 1) or its edges' head
+# outputs, so a caller may run them over the whole graph at once (``predict_deltas``) or tile by tile.
+
+
+class Layer1(NamedTuple):
+    """Node terms after layer 0: the node state and what edge update 0 / layer 1's message gather, (N, D) each."""
+
+    x1: torch.Tensor
+    s0: torch.Tensor  # lin_s of edge update 0 (gathered at the source)
+    t0: torch.Tensor  # lin_t of edge update 0 (at the destination)
+    nd: torch.Tensor  # layer 1's pre-projection, destination half (bias included)
+    ns: torch.Tensor  # source half
+
+
+class Head(NamedTuple):
+    """Node terms the head pass gathers, (N, D) each, and the horizon-k rows of the last head layer."""
+
+    s0: torch.Tensor
+    t0: torch.Tensor
+    s1: torch.Tensor
+    t1: torch.Tensor
+    wk: torch.Tensor  # (F, D)
+    bk: torch.Tensor  # (F,)
+
+
+def layer0_nodes(model, graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0, nd, ns): input node states and layer 0's per-node pre-projections, (N, D) each."""
+    x0 = model._node_input(graph)
+    nd, ns = _split_pre(model.gnn.convs[0], x0)
+    return x0, nd, ns
+
+
+def _types(graph, e0: int, e1: int) -> torch.Tensor:
+    return graph.edge_type_u8[e0:e1].long()  # int64 for this range only (8 bytes per edge)
+
+
+def _edges(graph, raw, sh: Shard, keep):
+    """(raw, rowptr, src, types) of ``sh``'s edges, or of its edges at positions ``keep`` (sorted) only."""
+    n0, n1, e0, e1 = sh.node_lo, sh.node_hi, sh.edge_lo, sh.edge_hi
+    rowptr = graph.rowptr[n0 : n1 + 1] - e0
+    src, types = graph.src[e0:e1], _types(graph, e0, e1)
+    if keep is None:
+        return raw, rowptr, src, types
+    return raw[keep], torch.searchsorted(keep, rowptr), src[keep], types[keep]
+
+
+def film_rows(graph, raw, sh: Shard, nd, ns, fw: Folded, backend=None, keep=None) -> torch.Tensor:
+    """Layer 0's aggregation for the rows of ``sh``: (node_hi - node_lo, D). ``keep``: aggregate only over these
+    edges (sorted positions within ``sh``; the official ``edge_sample_ratio`` approximation)."""
+    raw, rowptr, src, types = _edges(graph, raw, sh, keep)
+    n0, n1 = sh.node_lo, sh.node_hi
+    return dispatch.film_mean(raw, rowptr, src, nd[n0:n1], ns, fw.W0, fw.b0, types, fw.T0, backend=backend)
+
+
+def after_layer0(model, x0, agg0) -> Layer1:
+    convs, eu = model.gnn.convs, model.gnn.edge_update[0]
+    x1 = _node_update(convs[0], x0, agg0)
+    nd, ns = _split_pre(convs[1], x1)
+    return Layer1(x1, F.linear(x1, eu.lin_s.weight), F.linear(x1, eu.lin_t.weight), nd, ns)
+
+
+def edge_film_rows(graph, raw, sh: Shard, l1: Layer1, fw: Folded, backend=None, keep=None) -> torch.Tensor:
+    """Edge update 0 fused with layer 1's aggregation, for the rows of ``sh``: (node_hi - node_lo, D); ``keep`` as
+    in :func:`film_rows`."""
+    raw, rowptr, src, types = _edges(graph, raw, sh, keep)
+    n0, n1 = sh.node_lo, sh.node_hi
+    return dispatch.edge_film_mean(
+        raw,
+        rowptr,
+        src,
+        fw.Wa,
+        fw.ba,
+        types,
+        fw.Ta,
+        l1.s0,
+        l1.t0[n0:n1],
+        l1.nd[n0:n1],
+        l1.ns,
+        fw.Wsc,
+        fw.bsc,
+        fw.Wsh,
+        fw.bsh,
+        backend=backend,
+    )
+
+
+def after_layer1(model, graph, l1: Layer1, agg1, k: int) -> Head:
+    eu = model.gnn.edge_update[1]
+    x2 = _node_update(model.gnn.convs[1], l1.x1, agg1)
+    n_feat = graph.max_feat_size
+    last = model.edge_out.fc[-1]
+    wk = last.weight.view(model.max_feat_size, model.seq_len, -1)[:n_feat, k - 1].contiguous()
+    bk = last.bias.view(model.max_feat_size, model.seq_len)[:n_feat, k - 1].contiguous()
+    return Head(l1.s0, l1.t0, F.linear(x2, eu.lin_s.weight), F.linear(x2, eu.lin_t.weight), wk, bk)
+
+
+def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -> torch.Tensor:
+    """Edge update 1 and the horizon-k head on edges ``used`` (sorted positions within ``sh``'s edges):
+    (len(used), F) scaled deltas. Runs in chunks of edges, bounding the (chunk, D) temporaries."""
+    e0, e1 = sh.edge_lo, sh.edge_hi
+    src, dst = graph.src[e0:e1], graph.dst[e0:e1]
+    out = torch.empty(used.numel(), graph.max_feat_size, dtype=raw.dtype, device=raw.device)
+    chunk = HEAD_CHUNK if raw.device.type == "cpu" else HEAD_CHUNK_GPU
+    for i in range(0, used.numel(), chunk):
+        ids = used[i : i + chunk]
+        s_, d_ = src[ids], dst[ids]
+        et = graph.edge_type_u8[e0:e1][ids].long()
+        h1 = dispatch.edge_mlp(
+            raw[ids],
+            s_,
+            d_,
+            fw.Wa,
+            fw.ba,
+            fw.Wb1,
+            fw.bb1,
+            et,
+            fw.Ta,
+            hd.s0,
+            hd.t0,
+            hd.s1,
+            hd.t1,
+            act_out=True,
+            backend=backend,
+        )
+        out[i : i + chunk] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, hd.wk, hd.bk, backend=backend)
+    return out
+
+
 def predict_deltas(
     model,
     graph,
@@ -141,71 +273,18 @@ def predict_deltas(
     backend=None,
     shard: Shard | None = None,
 ) -> torch.Tensor:
-    """Scaled parameter deltas (len(used), F) at horizon k.
+    """Scaled parameter deltas (len(used), F) at horizon k, in one pass over the shard (the in-memory plan).
 
     ``raw``: raw edge features of the shard's edges; ``used``: the edges (positions within the shard, sorted) whose
     prediction is needed. ``fw`` is ``fold(model, raw.shape[1])`` (the model caches it). Node states are computed
     in full on every shard (cheap: N x D); only edge work is split. Traceable by torch.compile (fullgraph).
+    :mod:`nino_fast.stream` runs the same stages over row tiles instead, with memory bounded by ``max_memory``.
     """
     sh = shard or Shard.whole(graph)
-    n0, n1, e0, e1 = sh.node_lo, sh.node_hi, sh.edge_lo, sh.edge_hi
     combine = sh.combine or (lambda rows: rows)
-    convs, eus = model.gnn.convs, model.gnn.edge_update
-    rowptr = graph.rowptr[n0 : n1 + 1] - e0
-    src, dst, et = graph.src[e0:e1], graph.dst[e0:e1], graph.edge_type[e0:e1]
-    x0 = model._node_input(graph)
-    nd, ns = _split_pre(convs[0], x0)
-    agg0 = combine(dispatch.film_mean(raw, rowptr, src, nd[n0:n1], ns, fw.W0, fw.b0, et, fw.T0, backend=backend))
-    x1 = _node_update(convs[0], x0, agg0)
-    s0, t0 = F.linear(x1, eus[0].lin_s.weight), F.linear(x1, eus[0].lin_t.weight)
-    nd, ns = _split_pre(convs[1], x1)
-    agg1 = combine(
-        dispatch.edge_film_mean(
-            raw,
-            rowptr,
-            src,
-            fw.Wa,
-            fw.ba,
-            et,
-            fw.Ta,
-            s0,
-            t0[n0:n1],
-            nd[n0:n1],
-            ns,
-            fw.Wsc,
-            fw.bsc,
-            fw.Wsh,
-            fw.bsh,
-            backend=backend,
-        )
-    )
-    x2 = _node_update(convs[1], x1, agg1)
-    s1, t1 = F.linear(x2, eus[1].lin_s.weight), F.linear(x2, eus[1].lin_t.weight)
-    n_feat = graph.max_feat_size
-    last = model.edge_out.fc[-1]
-    wk = last.weight.view(model.max_feat_size, model.seq_len, -1)[:n_feat, k - 1].contiguous()
-    bk = last.bias.view(model.max_feat_size, model.seq_len)[:n_feat, k - 1].contiguous()
-    out = torch.empty(used.numel(), n_feat, dtype=raw.dtype, device=raw.device)
-    chunk = HEAD_CHUNK if raw.device.type == "cpu" else HEAD_CHUNK_GPU
-    for i in range(0, used.numel(), chunk):  # a loop over edge chunks, bounding the (chunk, D) temporaries
-        ids = used[i : i + chunk]
-        s_, d_ = src[ids], dst[ids]
-        h1 = dispatch.edge_mlp(
-            raw[ids],
-            s_,
-            d_,
-            fw.Wa,
-            fw.ba,
-            fw.Wb1,
-            fw.bb1,
-            et[ids],
-            fw.Ta,
-            s0,
-            t0,
-            s1,
-            t1,
-            act_out=True,
-            backend=backend,
-        )
-        out[i : i + chunk] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, wk, bk, backend=backend)
-    return out
+    x0, nd, ns = layer0_nodes(model, graph)
+    agg0 = combine(film_rows(graph, raw, sh, nd, ns, fw, backend))
+    l1 = after_layer0(model, x0, agg0)
+    agg1 = combine(edge_film_rows(graph, raw, sh, l1, fw, backend))
+    hd = after_layer1(model, graph, l1, agg1, k)
+    return head_rows(graph, raw, sh, used, hd, fw, backend)

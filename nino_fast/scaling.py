@@ -8,6 +8,10 @@ Per parameter tensor t with history ``w`` (n_t, C):
 - ``min-max-param`` as the official code does it: the range of the *first* parameter (clamped to >= 1e-2) for all
 
 eps = 1e-6. ``scales`` is a (T, 2) or (P, 2) tensor of (shift, scale) per tensor or per parameter.
+
+:func:`scale_stats` gives the ``scales`` alone and :func:`scale_rows` / :func:`unscale_rows` apply them to any
+subset of rows with the same float32 operations, so a streamed step (:mod:`nino_fast.stream`) scales edge tiles
+on the fly and gets bitwise the values of :func:`scale_params` without a second (P, C) copy of the history.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 METHODS = ("std", "std-param", "min-max", "min-max-param")
 EPS = 1e-6
+ROWS = 1 << 20  # history rows per elementwise chunk: bounds the temporaries to a few (ROWS, C) tensors
 
 
 def _check(method: str) -> None:
@@ -29,29 +34,67 @@ def _sizes(param_shapes) -> list[int]:
     return [math.prod(s) for _, s in param_shapes]
 
 
-def scale_params(states: torch.Tensor, param_shapes, method: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale a (P, C) history; returns (scaled (P, C), scales). Does not modify ``states``."""
+def per_tensor(method: str) -> bool:
+    """Whether ``method``'s scales are one (shift, scale) per parameter tensor (else one per parameter)."""
     _check(method)
+    return not method.endswith("-param")
+
+
+def scale_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(x - shift) / (scale + eps)``: rows (n, C) with scalar or (n, 1) shift/scale."""
+    return (x - shift) / (scale + EPS)
+
+
+def scale_rows_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`scale_rows` in place on ``x`` (the same operations, bitwise the same values)."""
+    return x.sub_(shift).div_(scale + EPS)
+
+
+def unscale_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift``, the inverse of :func:`scale_rows` on a prediction."""
+    return x * scale + shift
+
+
+def scale_stats(states: torch.Tensor, param_shapes, method: str = "std", dtype: torch.dtype | None = None):
+    """The ``scales`` of :func:`scale_params` alone: (T, 2) for per-tensor methods, (P, 2) otherwise.
+
+    ``states`` (P, C) is read tensor by tensor; with ``dtype`` each tensor's rows are converted to it first (one
+    tensor at a time), giving the scales of ``scale_params(states.to(dtype), ...)``."""
+    _check(method)
+    dtype = dtype or states.dtype
+    f32 = lambda w: w.to(dtype)  # noqa: E731  (a no-op when states already has that dtype)
     if method == "std-param":
-        mn = states.mean(1, keepdim=True)
-        sd = states.std(1, keepdim=True).clamp_min(1e-2)
-        return (states - mn) / (sd + EPS), torch.cat((mn, sd), 1)
+        x = f32(states)
+        return torch.cat((x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-2)), 1)
     if method == "min-max-param":
-        first = states[0]
+        first = f32(states[0])
         sd = (first.max() - first.min()).clamp_min(1e-2).reshape(1, 1).expand(states.shape[0], 1)
-        mn = torch.zeros_like(sd)
-        return states / (sd + EPS), torch.cat((mn, sd), 1)
-    out = torch.empty_like(states)
-    scales = torch.empty(len(param_shapes), 2, dtype=states.dtype, device=states.device)
+        return torch.cat((torch.zeros_like(sd), sd), 1)
+    scales = torch.empty(len(param_shapes), 2, dtype=dtype, device=states.device)
     off = 0
     for i, n in enumerate(_sizes(param_shapes)):  # one step per parameter tensor, vectorised inside
-        w = states[off : off + n]
+        w = f32(states[off : off + n])
         if method == "std":
-            mn, sd = w.mean(), w.std()
+            scales[i, 0], scales[i, 1] = w.mean(), w.std()
         else:
-            mn, sd = torch.zeros((), dtype=w.dtype, device=w.device), (w.max() - w.min()).clamp_min(1e-2)
-        out[off : off + n] = (w - mn) / (sd + EPS)
-        scales[i, 0], scales[i, 1] = mn, sd
+            scales[i, 0], scales[i, 1] = 0.0, (w.max() - w.min()).clamp_min(1e-2)
+        off += n
+    return scales
+
+
+def scale_params(states: torch.Tensor, param_shapes, method: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale a (P, C) history; returns (scaled (P, C), scales). Does not modify ``states``."""
+    scales = scale_stats(states, param_shapes, method)
+    out = torch.empty_like(states)
+    if not per_tensor(method):
+        for a in range(0, states.shape[0], ROWS):
+            out[a : a + ROWS] = scale_rows(states[a : a + ROWS], scales[a : a + ROWS, :1], scales[a : a + ROWS, 1:])
+        return out, scales
+    off = 0
+    for i, n in enumerate(_sizes(param_shapes)):
+        for a in range(off, off + n, ROWS):  # chunks: no (n_t, C) temporaries for the largest tensors
+            b = min(off + n, a + ROWS)
+            out[a:b] = scale_rows(states[a:b], scales[i, 0], scales[i, 1])
         off += n
     return out, scales
 
@@ -59,8 +102,8 @@ def scale_params(states: torch.Tensor, param_shapes, method: str = "std") -> tup
 def unscale_params(x: torch.Tensor, param_shapes, scales: torch.Tensor, method: str = "std") -> torch.Tensor:
     """Inverse of :func:`scale_params` for a (P,) prediction: ``x * scale + shift``."""
     _check(method)
-    if method.endswith("-param"):
-        return x * scales[:, 1] + scales[:, 0]
+    if not per_tensor(method):
+        return unscale_rows(x, scales[:, 0], scales[:, 1])
     sizes = torch.tensor(_sizes(param_shapes), device=x.device)
     per = torch.repeat_interleave(scales, sizes, dim=0)
-    return x * per[:, 1] + per[:, 0]
+    return unscale_rows(x, per[:, 0], per[:, 1])

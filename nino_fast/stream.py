@@ -1,0 +1,362 @@
+"""The memory-bounded NiNo step: the folded plan (:mod:`nino_fast.plan`) streamed over destination-row tiles.
+
+Beyond its inputs (the graph, the (P, C) history, the model) and its (P,) output, the step holds
+
+- a slot -> parameter map, (E * F,) int32 (4 bytes per edge slot; the inverse of ``graph.param_pos``),
+- 6 (during an edge pass) to 9 (during a node update) node terms of (N, D) float32,
+- per tile of destination rows: the tile's raw edge features (E_t, F * C), scaled on the fly from ``states``,
+  the kernels' small per-thread scratch and a few per-edge index/scale temporaries,
+- optionally (when ``max_memory`` allows) the raw features of all edges, (E, F * C) float32.
+
+No E x D edge state is ever stored. The fused plan recomputes each layer's edge states from the raw history
+(E x F*C floats, 20 bytes per edge for transformers) instead of keeping them between layers: recomputing costs one
+(D x F*C) GEMM per edge and pass (~1.3 kFLOP, ~1% of the step's ~105 kFLOP per edge: three D x D GEMMs), while
+storing them would take D * 2 = 256 bytes per edge even in bf16 (29 GB for the 111M-parameter Llama) and would not
+be exact.
+Likewise the raw features themselves are either kept for all edges (when they fit in ``max_memory``: built once)
+or rebuilt per tile and pass from the history (3 builds, a gather and an elementwise scaling: a few % of the step).
+
+Exactness: every destination row lies in one tile, and the CPU kernels reduce each row in its own edge order
+whatever the rows around it, so any tiling gives bitwise the same result on CPU, equal to the in-memory plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+
+from . import plan
+from .graph.layout import HEAD, RESIDUAL, SELF_LOOP
+from .ops import dispatch
+from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats, unscale_rows
+
+log = logging.getLogger(__name__)
+DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 GiB (larger tiles gain nothing)
+NODE_PASS, NODE_PEAK = 6, 9  # (N, D) float32 node terms alive during an edge pass / during a node update
+EDGE_BYTES_REFERENCE = 8 * 128 * 4  # the pure-PyTorch ops materialise a few (E_t, D) tensors per pass (D = 128)
+PASSES = ("layer 0", "layer 1", "head")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_UNITS["ti"] = 2**40
+
+
+def parse_memory(value, where: str = "max_memory") -> int:
+    """Bytes from an int (bytes) or a string such as ``"6GB"`` (10^9), ``"6GiB"`` (2^30), ``"512 MB"``, ``"1.5G"``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}: expected bytes (int) or a string like '6GB', got {type(value).__name__}")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]i?)?[bB]?\s*", value)
+        if not m:
+            raise ValueError(f"{where}: cannot parse {value!r}; expected e.g. '6GB', '6GiB', '512MB' or bytes")
+        value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: must be a positive number of bytes, got {value!r}")
+    return int(value)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory on ``device`` now: the CUDA allocator's free bytes, or Linux's MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_budget(device: torch.device) -> int:
+    """``max_memory`` when none is given: half the available memory; on the CPU at most 2 GiB."""
+    half = available_memory(device) // 2
+    return half if device.type == "cuda" else min(half, DEFAULT_CAP)
+
+
+def row_tiles(graph, max_edges: int, node_lo: int = 0, node_hi: int | None = None) -> list[plan.Shard]:
+    """Contiguous destination-row ranges of ``[node_lo, node_hi)`` with at most ``max_edges`` edges each (a row
+    longer than that is a tile of its own)."""
+    rowptr = graph.rowptr.cpu()
+    node_hi = graph.num_nodes if node_hi is None else node_hi
+    tiles, n0 = [], node_lo
+    while n0 < node_hi:
+        e0 = int(rowptr[n0])
+        n1 = int(torch.searchsorted(rowptr, e0 + max_edges, right=True)) - 1
+        n1 = min(max(n1, n0 + 1), node_hi)
+        tiles.append(plan.Shard(n0, n1, e0, int(rowptr[n1])))
+        n0 = n1
+    return tiles
+
+
+class Budget:
+    """How a step fits in ``budget`` bytes: tile size and whether the raw features of all edges are kept.
+
+    Accounting (bytes): the slot -> parameter map (4 per edge slot) and one head chunk's temporaries always;
+    ``NODE_PASS`` (N, D) node terms during an edge pass, ``NODE_PEAK`` during a node update (no tile alive then);
+    per tile edge ``per_edge`` (its raw features and the index/scaling temporaries of building them or of writing
+    back the prediction). The raw features of all edges (4 * E * F * C) are kept when that still leaves tiles of at
+    least ~1M edges, else rebuilt from the history in each pass.
+    """
+
+    def __init__(self, graph, width, hid, device: torch.device, budget: int, reference: bool, where: str, sample=False):
+        E, N, F = graph.num_edges, graph.num_nodes, graph.max_feat_size
+        self.per_edge = 8 * width + 48 * F + 32 + (EDGE_BYTES_REFERENCE * hid // 128 if reference else 0)
+        self.per_edge += 4 * width + 32 if sample else 0  # the sampled edges' copies and the draw
+        chunk = plan.HEAD_CHUNK if device.type == "cpu" else plan.HEAD_CHUNK_GPU
+        node = 4 * N * hid
+        self.fixed = 4 * E * F + min(chunk, E) * (4 * hid + 4 * width + 64)  # + one head chunk's temporaries
+        longest = int(graph.degree().max()) if N else 0
+        need = max(self.fixed + NODE_PEAK * node, self.fixed + NODE_PASS * node + self.per_edge * longest)
+        if budget < need:
+            raise ValueError(
+                f"{where}: max_memory={budget} bytes is too small for this graph: the step needs at least {need} "
+                f"bytes ({4 * E * F} for the slot->parameter map, {NODE_PEAK * node} for node states, "
+                f"{self.per_edge * longest} for a tile holding its longest destination row of {longest} edges)"
+            )
+        free = budget - self.fixed - NODE_PASS * node
+        raw_all = 4 * E * width
+        self.hold = free - raw_all >= self.per_edge * min(E, max(longest, 1 << 20))
+        if self.hold:
+            free -= raw_all
+        self.tile_edges = max(longest, free // self.per_edge, 1)
+        self.budget = budget
+
+
+class History:
+    """The scaled raw edge features of any edge range, computed from the (P, C) history on demand."""
+
+    def __init__(self, graph, states: torch.Tensor, method: str, device: torch.device):
+        self.graph, self.states, self.device, self.F = graph, states, device, graph.max_feat_size
+        P, E = graph.num_params, graph.num_edges
+        idx = torch.int32 if P < 2**31 else torch.int64
+        self.inv = torch.full((E * self.F,), -1, dtype=idx, device=device)
+        for a in range(0, P, 1 << 22):
+            b = min(P, a + (1 << 22))
+            self.inv[graph.param_pos[a:b]] = torch.arange(a, b, dtype=idx, device=device)
+        self.per_tensor = per_tensor(method)
+        self.scales = scale_stats(states, graph.param_shapes, method, torch.float32).to(device)
+        sizes = torch.tensor([math.prod(s) for _, s in graph.param_shapes], dtype=torch.int64)
+        self.ends = sizes.cumsum(0).to(device)  # parameter tensor t holds [ends[t-1], ends[t])
+
+    def _shift_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) shift and scale of parameters ``params`` (int64, on the device)."""
+        rows = torch.searchsorted(self.ends, params, right=True) if self.per_tensor else params
+        sc = torch.index_select(self.scales, 0, rows)
+        return sc[:, 0], sc[:, 1]
+
+    def _rows(self, params: torch.Tensor, cols: slice) -> torch.Tensor:
+        x = torch.index_select(self.states, 0, params.to(self.states.device))[:, cols]
+        return x.to(device=self.device, dtype=torch.float32)
+
+    def features(self, e0: int, e1: int) -> torch.Tensor:
+        """(e1 - e0, F * C) float32: ``graph.to_edges(scale_params(states)[0])[e0:e1]``, bitwise."""
+        F, C = self.F, self.states.shape[1]
+        slots = self.inv[e0 * F : e1 * F]
+        where = (slots >= 0).nonzero().squeeze(1)
+        params = slots[where].long()
+        shift, scale = self._shift_scale(params)
+        x = scale_rows_(self._rows(params, slice(None)), shift.unsqueeze(1), scale.unsqueeze(1))
+        del slots, params, shift, scale
+        out = torch.zeros((e1 - e0) * F, C, dtype=torch.float32, device=self.device)
+        out.index_copy_(0, where, x)
+        del x, where
+        # slot-0 constants of the structural edges (NeuralGraph.edge_constants): 2 on self-loops, 1 on
+        # residual/head edges; they are few (about one per node), so index them
+        t = self.graph.edge_type_u8[e0:e1]
+        const = ((t == SELF_LOOP) | (t == RESIDUAL) | (t == HEAD)).nonzero().squeeze(1)
+        value = torch.where(t[const] == SELF_LOOP, 2.0, 1.0).to(torch.float32)
+        out.view(e1 - e0, F * C)[const, :C] = value.unsqueeze(1)
+        return out.view(e1 - e0, F * C)
+
+    def used_edges(self, e0: int, e1: int) -> torch.Tensor:
+        """Positions within ``[e0, e1)`` of the edges that carry at least one parameter (sorted, int64)."""
+        has = self.inv[e0 * self.F : e1 * self.F].view(e1 - e0, self.F) >= 0
+        return (has.any(1) if self.F > 1 else has.squeeze(1)).nonzero().squeeze(1)
+
+    def finish(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
+        """Residual, unscaling and write-back of the parameters on edges ``e0 + used`` with scaled deltas ``pred``
+        (len(used), F), the float32 operations of ``NiNoModel._finish``; returns the count of non-finite values."""
+        F = self.F
+        slots = self.inv[((used + e0) * F).unsqueeze(1) + torch.arange(F, device=self.device)]
+        mine = slots >= 0
+        params = slots[mine].long()
+        delta = pred[mine]
+        shift, scale = self._shift_scale(params)
+        out = delta
+        if model.residual:
+            out = scale_rows(self._rows(params, slice(-1, None)).squeeze(1), shift, scale) + delta * model.upd_scale
+        bad = int((~torch.isfinite(out)).sum())
+        result[params.to(result.device)] = unscale_rows(out, shift, scale).to(device=result.device, dtype=result.dtype)
+        return bad
+
+
+def _progress_bar(enabled, total_edges: int, device: torch.device):
+    """A tqdm bar over (pass, tile) edges, or None. ``enabled=None``: only for long steps on a terminal."""
+    if enabled is None:  # a few seconds: ~2M edges on 2 CPU cores, ~200M on a GPU
+        long_step = total_edges >= (2_000_000 if device.type == "cpu" else 200_000_000)
+        enabled = long_step and sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(PASSES) * total_edges, unit="edge", unit_scale=True, desc="NiNo step", leave=False)
+
+
+def nowcast_streamed(
+    model,
+    graph,
+    states: torch.Tensor,
+    k: int,
+    backend=None,
+    max_memory=None,
+    progress=None,
+    tile_edges=None,
+    edge_sample_ratio: float = 0.0,
+) -> torch.Tensor:
+    """The folded NiNo step tile by tile: ``states`` (P, C) -> predicted parameters (P,) in ``states.dtype``.
+
+    Called by ``NiNoModel.nowcast`` (inputs checked, graph on the model's device). ``max_memory`` bounds what the
+    step allocates beyond its inputs and output (see the module docstring); ``tile_edges`` forces the tile size
+    (tests). ``0 < edge_sample_ratio < 1``: the official approximation, each message pass aggregates over a random
+    part of the edges (each edge kept with that probability, per pass; torch's global RNG); the edge updates and
+    the head still run on every edge. Raises ValueError for a ``max_memory`` too small for the graph and for a
+    non-finite prediction.
+    """
+    device, where = model.device, "NiNoModel.nowcast"
+    F, C = graph.max_feat_size, states.shape[1]
+    budget = default_budget(device) if max_memory is None else parse_memory(max_memory, f"{where}: max_memory")
+    reference = dispatch.resolve(device, backend) == "reference"
+    sample = 0.0 < edge_sample_ratio < 1.0
+    fit = Budget(graph, F * C, model.hid, device, budget, reference, where, sample)
+    tiles = row_tiles(graph, tile_edges or fit.tile_edges)
+    hist = History(graph, states, model.scale_method, device)
+    fw = model._folded(F * C)
+    held: list[torch.Tensor] | None = [] if fit.hold and tile_edges is None else None
+    bar = _progress_bar(progress, graph.num_edges, device)
+
+    def features(i: int, sh: plan.Shard) -> torch.Tensor:
+        if held is not None and i < len(held):
+            return held[i]
+        raw = hist.features(sh.edge_lo, sh.edge_hi)
+        if held is not None:
+            held.append(raw)
+        return raw
+
+    def keep(sh: plan.Shard) -> torch.Tensor | None:  # edge sampling (official edge_sample_ratio): per pass
+        if not sample:
+            return None
+        return (torch.rand(sh.edge_hi - sh.edge_lo, device=device) < edge_sample_ratio).nonzero().squeeze(1)
+
+    def advance(name: str, sh: plan.Shard) -> None:
+        if bar is not None:
+            bar.set_description(f"NiNo step, {name}")
+            bar.update(sh.edge_hi - sh.edge_lo)
+
+    times = [time.perf_counter()]
+    try:
+        x0, nd, ns = plan.layer0_nodes(model, graph)
+        agg = torch.empty(graph.num_nodes, model.hid, dtype=torch.float32, device=device)
+        for i, sh in enumerate(tiles):
+            agg[sh.node_lo : sh.node_hi] = plan.film_rows(graph, features(i, sh), sh, nd, ns, fw, backend, keep(sh))
+            advance(PASSES[0], sh)
+        times.append(time.perf_counter())
+        del nd, ns
+        l1 = plan.after_layer0(model, x0, agg)
+        del x0
+        for i, sh in enumerate(tiles):
+            agg[sh.node_lo : sh.node_hi] = plan.edge_film_rows(graph, features(i, sh), sh, l1, fw, backend, keep(sh))
+            advance(PASSES[1], sh)
+        times.append(time.perf_counter())
+        l1 = l1._replace(nd=None, ns=None)  # layer 1's message terms: not needed by the node update
+        hd = plan.after_layer1(model, graph, l1, agg, k)
+        del l1, agg
+        result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
+        bad = 0
+        for i, sh in enumerate(tiles):
+            raw = features(i, sh)
+            if held is not None:
+                held[i] = None  # the last pass over this tile: free its features
+            used = hist.used_edges(sh.edge_lo, sh.edge_hi)
+            pred = plan.head_rows(graph, raw, sh, used, hd, fw, backend)
+            del raw
+            bad += hist.finish(sh.edge_lo, used, pred, model, result)
+            advance(PASSES[2], sh)
+        times.append(time.perf_counter())
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = dict(
+        tiles=len(tiles),
+        tile_edges=max(sh.edge_hi - sh.edge_lo for sh in tiles) if tiles else 0,
+        raw_held=held is not None,
+        budget=budget,
+        pass_s=[times[i + 1] - times[i] for i in range(len(times) - 1)],
+    )
+    log.debug(
+        "streamed NiNo step: %d tiles of <= %d edges, raw features %s, passes %s s",
+        stats["tiles"],
+        stats["tile_edges"],
+        "kept" if stats["raw_held"] else "rebuilt per pass",
+        " / ".join(f"{t:.2f}" for t in stats["pass_s"]),
+        extra={"nino_stats": stats},
+    )
+    if bad:
+        raise ValueError(f"{where}: the prediction has {bad} NaN/Inf values")
+    return result
+
+
+# ---- the official per-block subgraph approximation -----------------------------------------------------------
+BLOCK_NAMES = {  # the official NiNo.set_model's block names
+    "gpt2": "transformer.h.",
+    "bert": "encoder.layer.",
+    "llama": "model.layers.",
+    "qwen3": "model.layers.",
+    "vit": "encoder.layers.encoder_layer_",
+}
+
+
+def split_blocks(param_shapes, arch: str) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """The official ``subgraph`` split: a new part at each transformer block, parameters before the first block
+    with block 0 and those after the last with the last block; one part for architectures without blocks."""
+    block_name = BLOCK_NAMES.get(arch)
+    if block_name is None:
+        return [list(param_shapes)]
+    parts: list[list[tuple[str, tuple[int, ...]]]] = []
+    part: list[tuple[str, tuple[int, ...]]] = []
+    block = prev = 0
+    for name, shape in param_shapes:
+        if block_name in name:
+            block = int(name.split(block_name)[-1].split(".")[0])
+        if block > prev:
+            parts.append(part)
+            part, prev = [], block
+        part.append((name, shape))
+    if part:
+        parts.append(part)
+    return parts
+
+
+def nowcast_subgraphs(model, graph, states: torch.Tensor, k: int, **kwargs) -> torch.Tensor:
+    """The step on one neural graph per transformer block (the official ``subgraph=True``; an approximation: no
+    message crosses blocks, each part has its own LPE). Parts are built one at a time, so the graph memory is one
+    block's; each part costs a graph build (and an LPE, cached on disk for large parts) per step."""
+    from .graph import build_graph
+    from .model import graph_to
+
+    parts = split_blocks(graph.param_shapes, graph.arch)
+    if len(parts) == 1:  # no transformer blocks: the whole graph, as officially
+        return nowcast_streamed(model, graph, states, k, **kwargs)
+    result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
+    lpe = model.lpe if graph.lpe is not None else 0
+    off = 0
+    for part in parts:
+        heads = dict(num_heads=graph.meta.get("num_heads"), num_key_value_heads=graph.meta.get("num_key_value_heads"))
+        sub = graph_to(build_graph(part, arch=graph.arch, lpe=lpe, **heads), model.device)
+        n = sub.num_params
+        result[off : off + n] = nowcast_streamed(model, sub, states[off : off + n], k, **kwargs)
+        off += n
+        del sub
+    return result

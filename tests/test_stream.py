@@ -1,0 +1,257 @@
+"""The memory-bounded streamed step (nino_fast.stream): equal to the in-memory plan, bitwise between tilings on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nino_fast import NiNoModel, build_graph, stream
+from nino_fast.ops import dispatch
+from nino_fast.scaling import scale_params
+
+from golden import ckpt
+
+LLAMA_1M = dict(  # 1.02M parameters, 1.03M edges
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2000,
+)
+
+
+def _history(n: int, seed: int, ctx: int = 5) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, generator=gen) * 0.02 + torch.randn(n, ctx, generator=gen).cumsum(1) * 2e-4
+
+
+@pytest.fixture(scope="module")
+def llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(**LLAMA_1M, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    graph = build_graph(model, lpe=8)
+    nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    return graph, nino, _history(graph.num_params, seed=0)
+
+
+def in_memory(nino, graph, states, k, backend=None):
+    """The in-memory plan: the whole (P, C) scaled history and (E, C) raw features, one pass over all edges."""
+    scaled, scales = scale_params(states.float(), graph.param_shapes, nino.scale_method)
+    return nino._finish(graph, scaled, nino._delta(graph, scaled, k, backend), scales, states.dtype)
+
+
+@pytest.fixture(scope="module")
+def expected(llama):
+    graph, nino, states = llama
+    return in_memory(nino, graph, states, 10)
+
+
+def test_streamed_equals_in_memory(llama, expected):
+    graph, nino, states = llama
+    assert 0.9e6 < graph.num_params < 1.2e6
+    got = nino.nowcast(graph, states, 10)  # the default: streamed, raw features kept (they fit)
+    rel = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert rel <= 1e-5
+    if dispatch.resolve("cpu") == "cpu":  # the CPU kernels reduce each row alone: the same bits
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("tile_edges", [1, 50_000, 333_333, 10**9])
+def test_tilings_bitwise(llama, expected, tile_edges):
+    graph, nino, states = llama
+    if tile_edges == 1:  # one destination row per tile: thousands of tiles, a cheaper graph
+        graph = build_graph([("a.weight", (64, 48)), ("a.bias", (64,)), ("b.weight", (10, 64))], lpe=8)
+        states = _history(graph.num_params, seed=1)
+        want = in_memory(nino, graph, states, 7)
+        got = stream.nowcast_streamed(nino, graph, states, 7, tile_edges=1)
+        assert len(stream.row_tiles(graph, 1)) == graph.num_nodes
+    else:
+        want = expected
+        got = stream.nowcast_streamed(nino, graph, states, 10, tile_edges=tile_edges)
+    if dispatch.resolve("cpu") == "cpu":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_max_memory_rebuilds_features(llama, expected, caplog):
+    """A budget below the raw features of all edges: many tiles, features rebuilt per pass, same result."""
+    graph, nino, states = llama
+    with caplog.at_level("DEBUG", logger="nino_fast.stream"):
+        got = nino.nowcast(graph, states, 10, max_memory="100MB")
+    plans = [r.nino_stats for r in caplog.records if hasattr(r, "nino_stats")]
+    assert plans and plans[-1]["tiles"] > 1 and not plans[-1]["raw_held"]
+    assert plans[-1]["budget"] == 100_000_000
+    if dispatch.resolve("cpu") == "cpu":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "value, bytes_",
+    [(1000, 1000), ("6GB", 6 * 10**9), ("6GiB", 6 * 2**30), ("512 MB", 512 * 10**6), ("1.5g", 1_500_000_000)],
+)
+def test_parse_memory(value, bytes_):
+    assert stream.parse_memory(value) == bytes_
+
+
+@pytest.mark.parametrize("bad", ["six GB", "", "-1GB", "1XB", 0, -5, float("nan"), True, [1], "0GB"])
+def test_bad_max_memory(llama, bad):
+    graph, nino, states = llama
+    with pytest.raises(ValueError, match="max_memory"):
+        nino.nowcast(graph, states, 10, max_memory=bad)
+
+
+def test_max_memory_too_small(llama):
+    graph, nino, states = llama
+    with pytest.raises(ValueError, match="too small for this graph"):
+        nino.nowcast(graph, states, 10, max_memory="1MB")
+    with pytest.raises(ValueError, match="need the folded plan"):
+        nino.nowcast(graph, states, 10, fused=False, max_memory="1GB")
+
+
+@pytest.mark.parametrize("max_edges", [1, 7, 1000, 10**9])
+def test_row_tiles_cover_rows(max_edges):
+    graph = build_graph([("a.weight", (30, 20)), ("a.bias", (30,)), ("b.weight", (5, 30))], lpe=0)
+    tiles = stream.row_tiles(graph, max_edges)
+    assert tiles[0].node_lo == 0 and tiles[-1].node_hi == graph.num_nodes
+    assert tiles[-1].edge_hi == graph.num_edges
+    for a, b in zip(tiles, tiles[1:], strict=False):
+        assert a.node_hi == b.node_lo and a.edge_hi == b.edge_lo
+    for t in tiles:
+        assert t.edge_lo == int(graph.rowptr[t.node_lo]) and t.edge_hi == int(graph.rowptr[t.node_hi])
+        assert t.edge_hi - t.edge_lo <= max_edges or t.node_hi - t.node_lo == 1
+
+
+CONV = [("c1.weight", (8, 3, 3, 3)), ("c1.bias", (8,)), ("c2.weight", (6, 8, 3, 3)), ("fc.weight", (4, 6))]
+
+
+@pytest.mark.parametrize("method", ["std", "std-param", "min-max", "min-max-param"])
+def test_features_and_scale_methods(method):
+    """Conv graph (9 feature slots): streamed features are ``to_edges(scale_params(...))`` bitwise, and the step
+    equals the in-memory plan for every scaling method (a randomly initialised model)."""
+    torch.manual_seed(3)
+    graph = build_graph(CONV, lpe=8)
+    states = _history(graph.num_params, seed=2) * 5
+    hist = stream.History(graph, states, method, torch.device("cpu"))
+    scaled, _ = scale_params(states, graph.param_shapes, method)
+    want = graph.to_edges(scaled)
+    assert torch.equal(hist.features(0, graph.num_edges), want)
+    tiles = stream.row_tiles(graph, 40)
+    assert torch.equal(torch.cat([hist.features(t.edge_lo, t.edge_hi) for t in tiles]), want)
+    nino = NiNoModel(scale_method=method).eval()
+    got = stream.nowcast_streamed(nino, graph, states, 3, tile_edges=40)
+    torch.testing.assert_close(got, in_memory(nino, graph, states, 3), rtol=0, atol=0)
+
+
+def test_bfloat16_history_and_reference_backend():
+    torch.manual_seed(4)
+    graph = build_graph(CONV, lpe=8)
+    states = _history(graph.num_params, seed=5).bfloat16()
+    nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    got = nino.nowcast(graph, states, 5, max_memory="8MB")
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, in_memory(nino, graph, states, 5))
+    ref = nino.nowcast(graph, states.float(), 5, backend="reference", max_memory="8MB")
+    want = in_memory(nino, graph, states.float(), 5, backend="reference")
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_prediction_raises():
+    graph = build_graph(CONV, lpe=8)
+    nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    with torch.no_grad():
+        nino.edge_out.fc[-1].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        nino.nowcast(graph, _history(graph.num_params, seed=6), 5)
+
+
+def test_progress_bar(capsys):
+    graph = build_graph(CONV, lpe=8)
+    nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    states = _history(graph.num_params, seed=7)
+    nino.nowcast(graph, states, 5, progress=False)
+    assert "NiNo step" not in capsys.readouterr().err
+    nino.nowcast(graph, states, 5, progress=True)
+    assert "NiNo step" in capsys.readouterr().err
+
+
+# ---- the official approximations (off by default) -----------------------------------------------------------
+
+
+def test_edge_sampling_aggregates_over_kept_edges():
+    """``keep`` restricts each row's mean to the kept edges: the same as the op on the sub-CSR of those edges."""
+    from nino_fast import plan
+    from nino_fast.ops import reference
+
+    torch.manual_seed(8)
+    graph = build_graph(CONV, lpe=8)
+    nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    raw = graph.to_edges(_history(graph.num_params, seed=9))
+    fw = nino._folded(raw.shape[1])
+    sh = plan.Shard.whole(graph)
+    _, nd, ns = plan.layer0_nodes(nino, graph)
+    everything = torch.arange(graph.num_edges)
+    assert torch.equal(
+        plan.film_rows(graph, raw, sh, nd, ns, fw, keep=everything), plan.film_rows(graph, raw, sh, nd, ns, fw)
+    )
+    keep = (torch.rand(graph.num_edges) < 0.4).nonzero().squeeze(1)
+    rowptr = torch.zeros(graph.num_nodes + 1, dtype=torch.int64)
+    rowptr[1:] = torch.bincount(graph.dst[keep].long(), minlength=graph.num_nodes).cumsum(0)
+    want = reference.film_mean(raw[keep], rowptr, graph.src[keep], nd, ns, fw.W0, fw.b0, graph.edge_type[keep], fw.T0)
+    torch.testing.assert_close(plan.film_rows(graph, raw, sh, nd, ns, fw, keep=keep), want, rtol=1e-5, atol=1e-6)
+
+
+def test_edge_sample_ratio(llama, expected):
+    graph, nino, states = llama
+    for off in (0.0, 1.0):  # the official rule: only 0 < ratio < 1 samples
+        assert torch.equal(nino.nowcast(graph, states, 10, edge_sample_ratio=off), expected)
+    torch.manual_seed(10)
+    a = nino.nowcast(graph, states, 10, edge_sample_ratio=0.5)
+    torch.manual_seed(10)
+    b = nino.nowcast(graph, states, 10, edge_sample_ratio=0.5)
+    assert torch.equal(a, b) and torch.isfinite(a).all() and not torch.equal(a, expected)
+    rel = ((a - expected).abs().max() / expected.abs().max()).item()
+    assert rel < 0.5  # an approximation of the same step, not a different one
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match="edge_sample_ratio"):
+            nino.nowcast(graph, states, 10, edge_sample_ratio=bad)
+
+
+def test_subgraph_per_block():
+    """``subgraph=True``: the official split (embeddings with block 0, final norm and head with the last block),
+    each part stepped on its own neural graph."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    graph = build_graph(model, lpe=8)
+    parts = stream.split_blocks(graph.param_shapes, graph.arch)
+    assert len(parts) == 3 and sum(len(p) for p in parts) == len(graph.param_shapes)
+    assert parts[0][0][0] == "model.embed_tokens.weight" and parts[-1][-1][0] == "lm_head.weight"
+    assert all(n.startswith("model.layers.1.") for n, _ in parts[1])
+    nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    states = _history(graph.num_params, seed=11)
+    got = nino.nowcast(graph, states, 4, subgraph=True)
+    want, off = [], 0
+    for part in parts:
+        sub = build_graph(part, arch="llama", num_heads=4, num_key_value_heads=2, lpe=8)
+        want.append(nino.nowcast(sub, states[off : off + sub.num_params], 4))
+        off += sub.num_params
+    assert torch.equal(got, torch.cat(want))
+    assert not torch.equal(got, nino.nowcast(graph, states, 4))
+    generic = build_graph(CONV, lpe=8)  # no blocks: the whole graph
+    s = _history(generic.num_params, seed=12)
+    assert torch.equal(nino.nowcast(generic, s, 4, subgraph=True), nino.nowcast(generic, s, 4))
