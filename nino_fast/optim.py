@@ -32,6 +32,15 @@ The base optimizer's state (Adam moments, step counts) is *kept* across NiNo ste
 wrapper: the base optimizer simply does not step on the calls NiNo replaces, and continues from its moments
 afterwards.
 
+Distributed data parallel training (``distributed=True``). Every process holds the same model and parameters
+(DDP) and runs the same wrapper: each keeps its own snapshots (identical across processes), and the NiNo step is
+split over the processes with :func:`nino_fast.distributed.nowcast_sharded` (each predicts the parameters on its
+share of the graph's edges; the result is the same on every process and bitwise that of one process). The
+processes then agree on the step's success with one all-reduce before any parameter is written: with
+``on_error='skip'`` a failure anywhere (an exception, a NaN, a dead or silent process after ``dist_timeout``
+seconds) skips the step on every process alike; with ``'raise'`` every process raises. A failed collective leaves
+the wrapper's process group out of step: later NiNo steps then fail at once (skipped or raised), never hang.
+
 Memory. Snapshots live on the CPU in one preallocated ``(ctx, n_params)`` buffer, i.e. ``ctx x`` the trainable
 parameters (5 x 4 bytes per parameter in float32, half with ``snapshot_dtype=torch.bfloat16``), whatever the
 device of the model. Row-major per snapshot so that recording one is a contiguous copy per parameter tensor.
@@ -43,11 +52,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .baselines import Linefit, make_baseline
+from .distributed import CommError, nowcast_sharded, param_shard
 from .graph import build_graph, detect_arch
 from .model import NiNoModel, graph_to
 
@@ -113,6 +125,13 @@ class NiNo:
         graph: a prebuilt neural graph of the trainable parameters (skips building one).
         nino_device: where the prediction runs; default the device of the first trainable parameter.
         backend: kernel backend for :meth:`NiNoModel.nowcast` (None: automatic).
+        distributed: split each NiNo step over the processes of ``torch.distributed`` (DDP training: every process
+            holds the same parameters; see the module docstring). Needs an initialised process group; a
+            ``DistributedDataParallel`` model is unwrapped.
+        dist_group: the process group to use (default: a new group of all processes, made here, so that NiNo's
+            collectives never interleave with DDP's; gloo when the prediction runs on the CPU).
+        dist_timeout: seconds (or a ``timedelta``) after which a process that does not answer makes the others
+            fail the step (default: torch.distributed's default timeout). Ignored with ``dist_group``.
     """
 
     def __init__(
@@ -132,6 +151,9 @@ class NiNo:
         graph=None,
         nino_device: torch.device | str | None = None,
         backend: str | None = None,
+        distributed: bool = False,
+        dist_group=None,
+        dist_timeout: float | timedelta | None = None,
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"NiNo: on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -139,6 +161,19 @@ class NiNo:
             raise ValueError(f"NiNo: snapshot_dtype must be a floating dtype, got {snapshot_dtype}")
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"NiNo: model must be an nn.Module, got {type(model).__name__}")
+        self.distributed, self._group, self._shard, self._dist_broken = bool(distributed), dist_group, None, None
+        if self.distributed:
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError(
+                    "NiNo(distributed=True): torch.distributed is not initialised (torchrun + init_process_group)"
+                )
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                model = model.module
+            if dist_timeout is not None and not isinstance(dist_timeout, timedelta):
+                if not dist_timeout > 0:
+                    raise ValueError(f"NiNo: dist_timeout must be > 0 seconds, got {dist_timeout!r}")
+                dist_timeout = timedelta(seconds=float(dist_timeout))
+        self._dist_timeout = dist_timeout
         self.base_opt = base_opt
         self.period, self.max_train_steps, self.k_decay = int(period), int(max_train_steps), float(k_decay)
         self.snapshot_dtype, self.on_error, self.backend = snapshot_dtype, on_error, backend
@@ -221,6 +256,20 @@ class NiNo:
         self.graph = graph
         self._snapshots = torch.empty(self.ctx, self.num_params, dtype=self.snapshot_dtype)
         self.num_snapshots = 0
+        if self.distributed:
+            self._dist_setup()
+
+    def _dist_setup(self) -> None:
+        """The wrapper's process group (made once: a collective call, as every process builds the wrapper) and
+        this process's shard of the graph."""
+        dev = torch.device(self._predictor_device() or self._params[0].device)
+        if self._group is None:
+            backend = "gloo" if dev.type == "cpu" else dist.get_backend()
+            self._group = dist.new_group(backend=backend, timeout=self._dist_timeout)
+        self._dist_device = dev
+        self._shard = None
+        if isinstance(self.predictor, NiNoModel) and self.graph is not None:
+            self._shard = param_shard(self.graph, dist.get_rank(self._group), dist.get_world_size(self._group))
 
     def _predictor_device(self):
         if not isinstance(self.predictor, torch.nn.Module):
@@ -337,22 +386,30 @@ class NiNo:
             work = torch.float64 if self.snapshot_dtype == torch.float64 else torch.float32
             # (one contiguous copy: a strided view would give nowcast a different summation order)
             states = torch.empty(self.num_params, self.ctx, dtype=work).copy_(self._snapshots.t())
-            pred = self.predictor.nowcast(self.graph, states, k, backend=self.backend)
+            if self.distributed:
+                pred = self._predict_distributed(states, k)
+            else:
+                pred = self.predictor.nowcast(self.graph, states, k, backend=self.backend)
             if pred.shape != (self.num_params,):
                 raise ValueError(f"the prediction has shape {tuple(pred.shape)}, expected ({self.num_params},)")
             bad = (~torch.isfinite(pred)).sum().item()
             if bad:
                 raise ValueError(f"the prediction has {bad} NaN/Inf values")
+            failure = None
         except Exception as exc:
+            failure = exc
+        if self.distributed:  # every process learns whether all succeeded before any of them writes
+            failure = self._agree(failure)
+        if failure is not None:
             if self.on_error == "raise":
                 self.num_snapshots -= 1  # undo this call's snapshot: the wrapper is as before the call
-                raise
+                raise failure
             logger.warning(
                 "NiNo step at step %d (k=%s) failed, parameters left unchanged and snapshots dropped: %s: %s",
                 at,
                 k,
-                type(exc).__name__,
-                exc,
+                type(failure).__name__,
+                failure,
             )
             self.num_snapshots = 0
             return False
@@ -372,6 +429,49 @@ class NiNo:
             self.num_params,
         )
         return True
+
+    # ---- distributed -------------------------------------------------------------------------------------------
+    def _predict_distributed(self, states: torch.Tensor, k: int) -> torch.Tensor:
+        if self._dist_broken is not None:
+            raise RuntimeError(f"NiNo: the process group failed in an earlier NiNo step ({self._dist_broken})")
+        try:
+            if isinstance(self.predictor, NiNoModel):
+                return nowcast_sharded(
+                    self.predictor, self.graph, states, k, group=self._group, backend=self.backend, shard=self._shard
+                )
+            # the baselines are per-parameter and cheap: every process runs them whole, on the same snapshots
+            return self.predictor.nowcast(self.graph, states, k, backend=self.backend)
+        except CommError as exc:
+            self._dist_broken = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _agree(self, failure: Exception | None) -> Exception | None:
+        """One all-reduce of (failed, step, -step): every process fails the step if any did, or if the processes
+        are not at the same step. After a failed collective the group is out of step: no further collective."""
+        if self._dist_broken is not None:
+            return failure or RuntimeError(f"NiNo: the process group failed ({self._dist_broken})")
+        rank, world = dist.get_rank(self._group), dist.get_world_size(self._group)
+        flag = torch.tensor(
+            [float(failure is not None), self.step_idx, -self.step_idx], dtype=torch.float64, device=self._dist_device
+        )
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        except Exception as exc:  # a peer died or timed out between the prediction and here
+            self._dist_broken = f"{type(exc).__name__}: {exc}"
+            return failure or RuntimeError(
+                f"NiNo: rank {rank}/{world}: the processes could not agree on the NiNo step ({exc}); "
+                "parameters left unchanged"
+            )
+        if failure is None and flag[0] > 0:
+            return RuntimeError(
+                f"NiNo: rank {rank}/{world}: the NiNo step failed on another process; parameters left unchanged"
+            )
+        if failure is None and flag[1] != -flag[2]:
+            return RuntimeError(
+                f"NiNo: rank {rank}/{world}: the processes are at different steps ({int(-flag[2])}..{int(flag[1])})"
+                "; parameters left unchanged"
+            )
+        return failure
 
     # ---- checkpointing -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
