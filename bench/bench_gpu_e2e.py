@@ -1,12 +1,14 @@
 """NiNo step on one GPU: Llama models up to the 111M-parameter "Llama 3-tiny", time and peak GPU memory.
 
     python -m bench.bench_gpu_e2e [--models llama2m llama3tiny] [--backend triton] [--repeat 3]
+                                  [--edge-dtype bf16] [--max-memory 8GiB] [--out e2e_gpu]
 
 The graph is built on the CPU (``build_graph``); its LPE is replaced by a fixed random (N, 8) tensor for the
 largest model (the step's cost does not depend on LPE values; computing it is the CPU's job, timed in
 bench_graph). The step (``NiNoModel.nowcast``: scaling, edge features, the fused GNN plan, head, unscaling) runs
 on the GPU after a warm-up; the output is checked finite and, for the small model, against the reference
-backend. Results: bench/results/e2e_gpu.json.
+backend. ``--edge-dtype bf16``: bfloat16 edge features (``nowcast(edge_dtype=torch.bfloat16)``); its predicted
+deltas are compared with the float32 step's. Results: bench/results/<out>.json.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT))
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--edge-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--max-memory", default=None, help="nowcast's max_memory (default: half the free GPU memory)")
+    p.add_argument("--out", default="e2e_gpu", help="results file name under bench/results/")
     args = p.parse_args(argv)
+    opts = dict(backend=args.backend, max_memory=args.max_memory)
+    if args.edge_dtype == "bf16":
+        opts["edge_dtype"] = torch.bfloat16
     nino = NiNoModel.from_checkpoint(args.ckpt).cuda()
     rows = []
     for name in args.models:
@@ -62,7 +70,7 @@ def main(argv=None):
 
         g_cuda = graph_to(graph, "cuda")
         s_cuda = states.cuda()
-        out = nino.nowcast(g_cuda, s_cuda, args.k, backend=args.backend)  # warm-up (compiles the kernels)
+        out = nino.nowcast(g_cuda, s_cuda, args.k, **opts)  # warm-up (compiles the kernels)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -70,7 +78,7 @@ def main(argv=None):
         for _ in range(args.repeat):
             torch.cuda.synchronize()
             t1 = time.perf_counter()
-            out = nino.nowcast(g_cuda, s_cuda, args.k, backend=args.backend)
+            out = nino.nowcast(g_cuda, s_cuda, args.k, **opts)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t1)
         peak = torch.cuda.max_memory_allocated() - base
@@ -84,15 +92,23 @@ def main(argv=None):
             step_min_s=min(times),
             peak_gpu_bytes_step=peak,
             finite=bool(torch.isfinite(out).all()),
+            edge_dtype=args.edge_dtype,
+            max_memory=args.max_memory,
         )
+        if args.edge_dtype != "fp32":  # vs the float32 step, on the predicted change
+            full = nino.nowcast(g_cuda, s_cuda, args.k, backend=args.backend, max_memory=args.max_memory)
+            last = s_cuda[:, -1]
+            d_ref = full - last
+            row["delta_rel_err_vs_fp32"] = ((out - last - d_ref).abs().max() / d_ref.abs().max()).item()
+            del full, d_ref
         if not big:
-            ref = nino.nowcast(g_cuda, s_cuda, args.k, backend="reference")
+            ref = nino.nowcast(g_cuda, s_cuda, args.k, backend="reference", max_memory=args.max_memory)
             row["rel_err_vs_reference"] = ((out - ref).abs().max() / ref.abs().max()).item()
         rows.append(row)
         print(row, flush=True)
         del g_cuda, s_cuda, out
         torch.cuda.empty_cache()
-    path = write_results("e2e_gpu", {"k": args.k, "backend": args.backend, "rows": rows})
+    path = write_results(args.out, {"k": args.k, "backend": args.backend, "rows": rows})
     print(f"# wrote {path}")
 
 

@@ -236,7 +236,8 @@ def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -
     (len(used), F) scaled deltas. Runs in chunks of edges, bounding the (chunk, D) temporaries."""
     e0, e1 = sh.edge_lo, sh.edge_hi
     src, dst = graph.src[e0:e1], graph.dst[e0:e1]
-    out = torch.empty(used.numel(), graph.max_feat_size, dtype=raw.dtype, device=raw.device)
+    out_dtype = torch.promote_types(raw.dtype, torch.float32)  # float32 deltas from 16-bit features
+    out = torch.empty(used.numel(), graph.max_feat_size, dtype=out_dtype, device=raw.device)
     chunk = HEAD_CHUNK if raw.device.type == "cpu" else HEAD_CHUNK_GPU
     for i in range(0, used.numel(), chunk):
         ids = used[i : i + chunk]
@@ -259,6 +260,8 @@ def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -
             act_out=True,
             backend=backend,
         )
+        if h1.dtype != raw.dtype:  # 16-bit edge features (GPU backends): the head reads h1 at that width too
+            h1 = h1.to(raw.dtype)
         out[i : i + chunk] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, hd.wk, hd.bk, backend=backend)
     return out
 

@@ -215,6 +215,7 @@ def nowcast_streamed(
     progress=None,
     tile_edges=None,
     edge_sample_ratio: float = 0.0,
+    edge_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The folded NiNo step tile by tile: ``states`` (P, C) -> predicted parameters (P,) in ``states.dtype``.
 
@@ -222,8 +223,9 @@ def nowcast_streamed(
     step allocates beyond its inputs and output (see the module docstring); ``tile_edges`` forces the tile size
     (tests). ``0 < edge_sample_ratio < 1``: the official approximation, each message pass aggregates over a random
     part of the edges (each edge kept with that probability, per pass; torch's global RNG); the edge updates and
-    the head still run on every edge. Raises ValueError for a ``max_memory`` too small for the graph and for a
-    non-finite prediction.
+    the head still run on every edge. ``edge_dtype``: dtype of the per-edge features given to the kernels (the
+    raw features are built in float32 and rounded once; see ``NiNoModel.nowcast``). Raises ValueError for a
+    ``max_memory`` too small for the graph and for a non-finite prediction.
     """
     device, where = model.device, "NiNoModel.nowcast"
     F, C = graph.max_feat_size, states.shape[1]
@@ -241,6 +243,8 @@ def nowcast_streamed(
         if held is not None and i < len(held):
             return held[i]
         raw = hist.features(sh.edge_lo, sh.edge_hi)
+        if edge_dtype != torch.float32:
+            raw = raw.to(edge_dtype)
         if held is not None:
             held.append(raw)
         return raw
