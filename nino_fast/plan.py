@@ -19,7 +19,7 @@ Folded weights are formed in float64 and rounded once to float32.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -101,6 +101,23 @@ def fold(model, width: int) -> Folded:
         if value is not None:
             setattr(out, name, value.float().contiguous())
     return out
+
+
+def split_raw(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(E, 2C) ``[hi, lo]`` in ``dtype`` with ``hi + lo`` = ``raw`` to ~2^-16 relative (bf16: 16 significant bits).
+
+    The raw history of consecutive checkpoints differs by ~1e-3 relative: rounded once to bfloat16 (2^-9) the
+    differences the model reads are lost (max error ~6% of the predicted change, measured on Llama 251K). Applied
+    to ``[hi, lo]``, the layer-0 weights ``[W, W]`` (:func:`split_raw_weights`) see the float32 input to ~2^-16
+    for the price of a (D, 2C) instead of a (D, C) GEMM per edge, ~1% of the step.
+    """
+    hi = raw.to(dtype)
+    return torch.cat((hi, (raw - hi.float()).to(dtype)), 1)
+
+
+def split_raw_weights(fw: Folded) -> Folded:
+    """``fw`` for :func:`split_raw` features: the maps applied to the raw features, ``W0`` and ``Wa``, doubled."""
+    return replace(fw, W0=torch.cat((fw.W0, fw.W0), 1), Wa=torch.cat((fw.Wa, fw.Wa), 1))
 
 
 def _node_update(conv, x, agg):

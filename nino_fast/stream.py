@@ -224,8 +224,8 @@ def nowcast_streamed(
     (tests). ``0 < edge_sample_ratio < 1``: the official approximation, each message pass aggregates over a random
     part of the edges (each edge kept with that probability, per pass; torch's global RNG); the edge updates and
     the head still run on every edge. ``edge_dtype``: dtype of the per-edge features given to the kernels (the
-    raw features are built in float32 and rounded once; see ``NiNoModel.nowcast``). Raises ValueError for a
-    ``max_memory`` too small for the graph and for a non-finite prediction.
+    raw features go in as two 16-bit halves, :func:`nino_fast.plan.split_raw`; see ``NiNoModel.nowcast``). Raises
+    ValueError for a ``max_memory`` too small for the graph and for a non-finite prediction.
     """
     device, where = model.device, "NiNoModel.nowcast"
     F, C = graph.max_feat_size, states.shape[1]
@@ -236,6 +236,8 @@ def nowcast_streamed(
     tiles = row_tiles(graph, tile_edges or fit.tile_edges)
     hist = History(graph, states, model.scale_method, device)
     fw = model._folded(F * C)
+    if edge_dtype != torch.float32:
+        fw = plan.split_raw_weights(fw)  # raw features go in as hi + lo 16-bit halves (see split_raw)
     held: list[torch.Tensor] | None = [] if fit.hold and tile_edges is None else None
     bar = _progress_bar(progress, graph.num_edges, device)
 
@@ -244,7 +246,7 @@ def nowcast_streamed(
             return held[i]
         raw = hist.features(sh.edge_lo, sh.edge_hi)
         if edge_dtype != torch.float32:
-            raw = raw.to(edge_dtype)
+            raw = plan.split_raw(raw, edge_dtype)
         if held is not None:
             held.append(raw)
         return raw

@@ -78,8 +78,8 @@ def _pre(feat, weight, bias, etype=None, table=None, ns=None, src=None, nd=None,
 
 def _type_counts(dst: torch.Tensor, etype: torch.Tensor, n: int, n_types: int, dtype) -> torch.Tensor:
     """(N, T) number of in-edges of each type per node (row sums by type, for the shift half's type table)."""
-    counts = torch.zeros(n * n_types, dtype=dtype)
-    counts.index_add_(0, dst * n_types + etype, torch.ones(1, dtype=dtype).expand(dst.numel()))
+    counts = torch.zeros(n * n_types, dtype=dtype, device=dst.device)
+    counts.index_add_(0, dst * n_types + etype, torch.ones(1, dtype=dtype, device=dst.device).expand(dst.numel()))
     return counts.view(n, n_types)
 
 
