@@ -29,6 +29,7 @@ from .ops import dispatch
 
 HEAD_CHUNK = 1 << 16  # edges per head chunk on CPU: bounds the (chunk, D) intermediate
 HEAD_CHUNK_GPU = 1 << 22  # on a GPU: 4M edges (a 2 GiB fp32 intermediate); small chunks were launch-bound
+DENSE_HEAD = 0.9  # run the head on all edges of a range (no gathers) when at least this fraction of them is used
 
 
 @dataclass
@@ -250,18 +251,27 @@ def after_layer1(model, graph, l1: Layer1, agg1, k: int) -> Head:
 
 def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -> torch.Tensor:
     """Edge update 1 and the horizon-k head on edges ``used`` (sorted positions within ``sh``'s edges):
-    (len(used), F) scaled deltas. Runs in chunks of edges, bounding the (chunk, D) temporaries."""
+    (len(used), F) scaled deltas. Runs in chunks of edges, bounding the (chunk, D) temporaries.
+
+    When most edges are used (transformers: all but the ~1 structural edge per node), the head runs on contiguous
+    edge ranges -- views, no gathers of raw features and indices -- and the used rows are picked at the end: each
+    edge's output is computed on its own, so the result is the same, for < 1% more edges."""
     e0, e1 = sh.edge_lo, sh.edge_hi
-    src, dst = graph.src[e0:e1], graph.dst[e0:e1]
+    src, dst, types = graph.src[e0:e1], graph.dst[e0:e1], graph.edge_type_u8[e0:e1]
     out_dtype = torch.promote_types(raw.dtype, torch.float32)  # float32 deltas from 16-bit features
-    out = torch.empty(used.numel(), graph.max_feat_size, dtype=out_dtype, device=raw.device)
+    dense = used.numel() >= DENSE_HEAD * (e1 - e0)
+    n = e1 - e0 if dense else used.numel()
+    out = torch.empty(n, graph.max_feat_size, dtype=out_dtype, device=raw.device)
     chunk = HEAD_CHUNK if raw.device.type == "cpu" else HEAD_CHUNK_GPU
-    for i in range(0, used.numel(), chunk):
-        ids = used[i : i + chunk]
-        s_, d_ = src[ids], dst[ids]
-        et = graph.edge_type_u8[e0:e1][ids].long()
+    for i in range(0, n, chunk):
+        if dense:
+            part = slice(i, min(i + chunk, n))
+            r_, s_, d_, et = raw[part], src[part], dst[part], types[part].long()
+        else:
+            ids = used[i : i + chunk]
+            r_, s_, d_, et = raw[ids], src[ids], dst[ids], types[ids].long()
         h1 = dispatch.edge_mlp(
-            raw[ids],
+            r_,
             s_,
             d_,
             fw.Wa,
@@ -280,7 +290,7 @@ def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -
         if h1.dtype != raw.dtype:  # 16-bit edge features (GPU backends): the head reads h1 at that width too
             h1 = h1.to(raw.dtype)
         out[i : i + chunk] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, hd.wk, hd.bk, backend=backend)
-    return out
+    return out.index_select(0, used) if dense and used.numel() < n else out
 
 
 def predict_deltas(
