@@ -58,12 +58,24 @@ DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / 
 
 
 def named_shapes(name: str):
+    """((name, shape) list, heads) of the Llama model ``name``, from ``transformers`` on the meta device."""
     import transformers
 
     cfg = transformers.LlamaConfig(**MODELS[name], tie_word_embeddings=False)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
-    return [(n, tuple(p.shape)) for n, p in model.named_parameters()], cfg
+    heads = dict(num_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads)
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()], heads
+
+
+def _shapes(model_name: str, out_dir) -> tuple[list, dict]:
+    """The shapes written by the parent (workers never import transformers: ~150 MB of RSS that is neither
+    implementation's), or computed here when run alone."""
+    path = Path(out_dir or ".") / f"{model_name}_shapes.json"
+    if not path.exists():
+        return named_shapes(model_name)
+    named, heads = json.loads(path.read_text())
+    return [(n, tuple(s)) for n, s in named], heads
 
 
 def trajectory(n_params: int, ctx: int = 5, seed: int = 0) -> torch.Tensor:
@@ -78,16 +90,10 @@ def trajectory(n_params: int, ctx: int = 5, seed: int = 0) -> torch.Tensor:
 def run_ours(model_name, ckpt, k, out_dir, layerwise=False):
     from nino_fast import NiNoModel, build_graph
 
-    named, cfg = named_shapes(model_name)
+    named, heads = _shapes(model_name, out_dir)
     states = trajectory(sum(torch.Size(s).numel() for _, s in named))
     t0 = time.perf_counter()
-    graph = build_graph(
-        named,
-        arch="llama",
-        num_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        lpe=8,
-    )
+    graph = build_graph(named, arch="llama", lpe=8, **heads)
     t_graph = time.perf_counter() - t0
     nino = NiNoModel.from_checkpoint(ckpt)
     t1 = time.perf_counter()
@@ -104,7 +110,7 @@ def run_official(model_name, ckpt, k, out_dir, official_path):
     import contextlib
     import io
 
-    named, cfg = named_shapes(model_name)  # before the stub below: transformers probes for torchvision
+    named, heads = _shapes(model_name, out_dir)
     sys.path.insert(0, official_path)
     try:  # the official optim package imports torchvision, which only its optimizer wrapper uses
         import torchvision  # noqa: F401
@@ -128,8 +134,8 @@ def run_official(model_name, ckpt, k, out_dir, official_path):
         graph = NeuralGraphLlama(
             model_dict,
             lpe=lpe,
-            num_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads,
+            num_heads=heads["num_heads"],
+            num_key_value_heads=heads["num_key_value_heads"],
             verbose=False,
         )
     t_graph = time.perf_counter() - t0
@@ -175,6 +181,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
+            (Path(tmp) / f"{model}_shapes.json").write_text(json.dumps(named_shapes(model)))
             preds = {}
             for impl in impls:
                 extra = ["--official-path", args.official_path] if impl == "official" else []
