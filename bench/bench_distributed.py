@@ -42,45 +42,15 @@ from pathlib import Path
 
 import torch
 
-from .common import current_rss, peak_rss, run_isolated, write_results
+from .common import LLAMA, current_rss, llama_shapes, peak_rss, run_isolated, write_results
 
-MODELS = {  # the 2M point, the end-to-end benchmark's small and 8M models
-    "llama2m": dict(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=4000,
-    ),
-    "llama8m": dict(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8000,
-    ),
-    "llama251k": dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-    ),
-}
+MODELS = {k: LLAMA[k] for k in ("llama2m", "llama8m", "llama251k")}  # the 2M point, and 8M / 251K
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "nino_no_posw.pt"
 
 
-def named_shapes(name: str):
-    import transformers
-
-    cfg = transformers.LlamaConfig(**MODELS[name], tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    return dict(named=named, num_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads)
+def named_shapes(name: str) -> dict:
+    named, heads = llama_shapes(name)
+    return dict(named=named, **heads)
 
 
 BLOCK = 1 << 16

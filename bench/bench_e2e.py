@@ -26,46 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .common import peak_rss, run_isolated, write_results
+from .common import LLAMA, llama_shapes, peak_rss, run_isolated, write_results
 
-MODELS = {  # the configurations the issue names
-    "llama251k": dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-    ),
-    "llama2m": dict(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=4000,
-    ),
-    "llama8m": dict(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8000,
-    ),
-}
+MODELS = {k: LLAMA[k] for k in ("llama251k", "llama2m", "llama8m")}  # the configurations the issue names
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "nino_no_posw.pt"
 
 
 def named_shapes(name: str):
     """((name, shape) list, heads) of the Llama model ``name``, from ``transformers`` on the meta device."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(**MODELS[name], tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    heads = dict(num_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads)
-    return [(n, tuple(p.shape)) for n, p in model.named_parameters()], heads
+    return llama_shapes(name)
 
 
 def _shapes(model_name: str, out_dir) -> tuple[list, dict]:

@@ -19,24 +19,12 @@ import time
 import torch
 
 from .bench_e2e import DEFAULT_CKPT, MODELS, trajectory
-from .common import write_results
+from .common import LLAMA, llama_meta, write_results
 
-MODELS = dict(
-    MODELS,
-    llama3tiny=dict(
-        hidden_size=384,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        vocab_size=128256,
-    ),
-)
+MODELS = dict(MODELS, llama3tiny=LLAMA["llama111m"])
 
 
 def main(argv=None):
-    import transformers
-
     from nino_fast import NiNoModel, build_graph
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,9 +43,7 @@ def main(argv=None):
     nino = NiNoModel.from_checkpoint(args.ckpt).cuda()
     rows = []
     for name in args.models:
-        cfg = transformers.LlamaConfig(**MODELS[name], tie_word_embeddings=False)
-        with torch.device("meta"):
-            model = transformers.LlamaForCausalLM(cfg)
+        model = llama_meta(name, MODELS)
         t0 = time.perf_counter()
         big = name == "llama3tiny"
         graph = build_graph(model, lpe=0 if big else 8)

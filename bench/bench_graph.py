@@ -30,44 +30,15 @@ import time
 import numpy as np
 import torch
 
-from .common import current_rss, peak_rss, reset_peak_rss, run_isolated, write_results
+from .common import LLAMA, current_rss, llama_meta, peak_rss, reset_peak_rss, run_isolated, write_results
 
-MODELS = {  # 2M / 8M: the end-to-end benchmark's models; 111M: the "Llama 3-tiny" of the issue
-    "llama2m": dict(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=4000,
-    ),
-    "llama8m": dict(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8000,
-    ),
-    "llama111m": dict(
-        hidden_size=384,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        vocab_size=128256,
-    ),
-}
+MODELS = {k: LLAMA[k] for k in ("llama2m", "llama8m", "llama111m")}  # 2M / 8M end to end; 111M: Llama 3-tiny
 K = 8
 MAX_RESIDUAL = 1e-6
 
 
 def meta_model(name: str):
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    with torch.device("meta"):
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODELS[name], tie_word_embeddings=False))
+    return llama_meta(name)
 
 
 def _residuals(blocks, n, vecs) -> float:

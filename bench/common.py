@@ -178,3 +178,57 @@ def write_results(name: str, payload: dict) -> Path:
     payload = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+# ---- the Llama models the benchmarks use (transformers.LlamaConfig arguments; untied embeddings) ------------------
+LLAMA = {
+    "llama251k": dict(  # the issue's 251K-parameter variant
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    ),
+    "llama2m": dict(  # the issue's 2.0M-parameter end-to-end model (2.02M edges)
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4000,
+    ),
+    "llama8m": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=8000,
+    ),
+    "llama111m": dict(  # the official "Llama 3-tiny" (111.48M parameters)
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=128256,
+    ),
+}
+
+
+def llama_meta(name: str, configs: dict | None = None):
+    """The Llama model ``name`` on the meta device (nothing allocated, nothing downloaded)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(**(configs or LLAMA)[name], tie_word_embeddings=False)
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(cfg)
+
+
+def llama_shapes(name: str, configs: dict | None = None) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+    """((name, shape) of every parameter, {num_heads, num_key_value_heads}) of the Llama model ``name``."""
+    model = llama_meta(name, configs)
+    heads = dict(num_heads=model.config.num_attention_heads, num_key_value_heads=model.config.num_key_value_heads)
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()], heads
