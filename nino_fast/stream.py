@@ -41,6 +41,7 @@ DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 Gi
 NODE_PASS, NODE_PEAK = 6, 9  # (N, D) float32 node terms alive during an edge pass / during a node update
 EDGE_BYTES_REFERENCE = 8 * 128 * 4  # the pure-PyTorch ops materialise a few (E_t, D) tensors per pass (D = 128)
 PASSES = ("layer 0", "layer 1", "head")
+CHUNK = 1 << 18  # edges per chunk while building raw features / writing back predictions (bounds temporaries)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 _UNITS["ti"] = 2**40
 
@@ -148,21 +149,23 @@ class History:
         return sc[:, 0], sc[:, 1]
 
     def _rows(self, params: torch.Tensor, cols: slice) -> torch.Tensor:
-        x = torch.index_select(self.states, 0, params.to(self.states.device))[:, cols]
+        x = torch.index_select(self.states[:, cols], 0, params.to(self.states.device))
         return x.to(device=self.device, dtype=torch.float32)
 
     def features(self, e0: int, e1: int) -> torch.Tensor:
-        """(e1 - e0, F * C) float32: ``graph.to_edges(scale_params(states)[0])[e0:e1]``, bitwise."""
+        """(e1 - e0, F * C) float32: ``graph.to_edges(scale_params(states)[0])[e0:e1]``, bitwise. Built in chunks
+        of ``CHUNK`` edges, so that its index and scaling temporaries stay small beside the output."""
         F, C = self.F, self.states.shape[1]
-        slots = self.inv[e0 * F : e1 * F]
-        where = (slots >= 0).nonzero().squeeze(1)
-        params = slots[where].long()
-        shift, scale = self._shift_scale(params)
-        x = scale_rows_(self._rows(params, slice(None)), shift.unsqueeze(1), scale.unsqueeze(1))
-        del slots, params, shift, scale
         out = torch.zeros((e1 - e0) * F, C, dtype=torch.float32, device=self.device)
-        out.index_copy_(0, where, x)
-        del x, where
+        for a in range(e0, e1, CHUNK):
+            b = min(e1, a + CHUNK)
+            slots = self.inv[a * F : b * F]
+            where = (slots >= 0).nonzero().squeeze(1)
+            params = slots[where].long()
+            shift, scale = self._shift_scale(params)
+            x = scale_rows_(self._rows(params, slice(None)), shift.unsqueeze(1), scale.unsqueeze(1))
+            out[(a - e0) * F : (b - e0) * F].index_copy_(0, where, x)
+            del slots, where, params, shift, scale, x
         # slot-0 constants of the structural edges (NeuralGraph.edge_constants): 2 on self-loops, 1 on
         # residual/head edges; they are few (about one per node), so index them
         t = self.graph.edge_type_u8[e0:e1]
@@ -178,18 +181,23 @@ class History:
 
     def finish(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
         """Residual, unscaling and write-back of the parameters on edges ``e0 + used`` with scaled deltas ``pred``
-        (len(used), F), the float32 operations of ``NiNoModel._finish``; returns the count of non-finite values."""
-        F = self.F
-        slots = self.inv[((used + e0) * F).unsqueeze(1) + torch.arange(F, device=self.device)]
-        mine = slots >= 0
-        params = slots[mine].long()
-        delta = pred[mine]
-        shift, scale = self._shift_scale(params)
-        out = delta
-        if model.residual:
-            out = scale_rows(self._rows(params, slice(-1, None)).squeeze(1), shift, scale) + delta * model.upd_scale
-        bad = int((~torch.isfinite(out)).sum())
-        result[params.to(result.device)] = unscale_rows(out, shift, scale).to(device=result.device, dtype=result.dtype)
+        (len(used), F), the float32 operations of ``NiNoModel._finish``; returns the count of non-finite values.
+        Runs in chunks of ``CHUNK`` edges (small temporaries)."""
+        F, bad = self.F, 0
+        cols = torch.arange(F, device=self.device)
+        for a in range(0, used.numel(), CHUNK):
+            ids = used[a : a + CHUNK]
+            slots = self.inv[((ids + e0) * F).unsqueeze(1) + cols]
+            mine = slots >= 0
+            params = slots[mine].long()
+            out = pred[a : a + CHUNK][mine]
+            shift, scale = self._shift_scale(params)
+            if model.residual:
+                out = scale_rows(self._rows(params, slice(-1, None)).squeeze(1), shift, scale) + out * model.upd_scale
+            bad += int((~torch.isfinite(out)).sum())
+            result[params.to(result.device)] = unscale_rows(out, shift, scale).to(
+                device=result.device, dtype=result.dtype
+            )
         return bad
 
 
