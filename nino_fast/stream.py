@@ -187,10 +187,12 @@ class History:
         cols = torch.arange(F, device=self.device)
         for a in range(0, used.numel(), CHUNK):
             ids = used[a : a + CHUNK]
-            slots = self.inv[((ids + e0) * F).unsqueeze(1) + cols]
-            mine = slots >= 0
-            params = slots[mine].long()
-            out = pred[a : a + CHUNK][mine]
+            if F == 1:  # one slot per edge, and every used edge has its parameter: no masks
+                params, out = self.inv[ids + e0].long(), pred[a : a + CHUNK, 0]
+            else:
+                slots = self.inv[((ids + e0) * F).unsqueeze(1) + cols]
+                mine = slots >= 0
+                params, out = slots[mine].long(), pred[a : a + CHUNK][mine]
             shift, scale = self._shift_scale(params)
             if model.residual:
                 out = scale_rows(self._rows(params, slice(-1, None)).squeeze(1), shift, scale) + out * model.upd_scale
