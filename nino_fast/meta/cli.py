@@ -11,7 +11,11 @@ def _collect(args: argparse.Namespace) -> int:
     from . import tasks
     from .collect import collect
 
-    plan = tasks.default_plan(steps=args.steps, save_every=args.save_every)
+    try:
+        plan = tasks.make_plan(args.plan, steps=args.steps, save_every=args.save_every)
+    except ValueError as exc:
+        print(f"nino-fast collect: error: {exc}", file=sys.stderr)
+        return 2
     collect(args.out, plan, budget_min=args.budget_min, max_runs=args.max_runs, dtype=args.dtype, threads=args.threads)
     return 0
 
@@ -39,6 +43,8 @@ def _train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         threads=args.threads,
         init=args.init,
+        arch=args.arch,
+        init_from=args.init_from,
     )
     try:
         train(cfg)
@@ -53,8 +59,16 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "collect",
         help="train small models and store their parameter trajectories (meta-training data)",
-        description="Train the meta-training plan's small models (MLPs, ConvNets on sklearn digits) and store "
+        description="Train the meta-training plan's small models (MLPs, ConvNets on sklearn digits; with --plan "
+        "wide also character-level GPT-2/Llama transformers on Python standard-library source) and store "
         "parameter snapshots (memory-mapped float16 + JSON manifest). Resumable: rerun to continue.",
+    )
+    p.add_argument(
+        "--plan",
+        choices=("default", "wide"),
+        default="default",
+        help="default: ConvNets + MLPs, lr 1e-3..5e-3 (the bundled checkpoint's); wide: more MLP depths/widths, "
+        "lr 1e-4..5e-3, and transformers (at steps/2)",
     )
     p.add_argument("--out", required=True, help="store directory (created; an existing store is continued)")
     p.add_argument("--budget-min", type=float, help="stop starting new runs after this many minutes")
@@ -67,14 +81,17 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "train",
-        help="meta-train a NiNo model on collected trajectories",
-        description="Fit a NiNoModel (official architecture) on a trajectory store with the paper's loss (mean "
-        "L1 of the scaled parameter deltas over horizons 1..K), AdamW + cosine decay, gradient clipping, "
-        "NaN-safe; resumable (rerun the same command).",
+        help="meta-train a NiNo model (GNN or WNN+ MLP) on collected trajectories",
+        description="Fit a NiNoModel (official GNN architecture, or with --arch wnn the WNN+ MLP) on a trajectory "
+        "store with the paper's loss (mean L1 of the scaled parameter deltas over horizons 1..K), AdamW + cosine "
+        "decay, gradient clipping, NaN-safe; resumable (rerun the same command).",
     )
     p.add_argument("--data", required=True, help="trajectory store made by `nino-fast collect`")
     p.add_argument("--out", required=True, help="checkpoint to write (NiNoModel.from_checkpoint format)")
-    p.add_argument("--hid", type=int, default=64, help="hidden width of the GNN (official: 128)")
+    p.add_argument(
+        "--arch", choices=("nino", "wnn"), default="nino", help="nino: the GNN; wnn: the WNN+ per-parameter MLP"
+    )
+    p.add_argument("--hid", type=int, default=64, help="hidden width of the GNN or MLP (official: 128)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=4, help="trajectories per step")
     p.add_argument("--samples-per-traj", type=int, default=4, help="windows per trajectory (shifted by one)")
@@ -83,12 +100,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--grad-clip", type=float, default=5.0)
     p.add_argument("--stride-steps", type=int, default=40, help="optimizer steps between input states")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--path", choices=("folded", "layerwise", "oracle"), default="folded")
+    p.add_argument(
+        "--path", choices=("folded", "layerwise", "oracle"), default="folded", help="GNN forward path (not for wnn)"
+    )
     p.add_argument("--backend", help="kernel backend for the fused ops (default: best available)")
     p.add_argument("--ckpt-every", type=int, default=50, help="steps between resumable checkpoints")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes of CPU time in all")
     p.add_argument("--stop-at", type=int, help="stop (resumably) after this many steps")
     p.add_argument("--init", choices=("official", "torch"), default="official", help="initialisation")
+    p.add_argument(
+        "--init-from", help="start from this checkpoint's weights (same --arch/--hid; fine-tuning) instead of --init"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_train)

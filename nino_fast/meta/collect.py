@@ -1,12 +1,14 @@
 """``nino-fast collect``: train the plan's small models and store their parameter trajectories.
 
-    nino-fast collect --out DIR [--budget-min 12] [--max-runs N] [--steps 2400] [--save-every 20]
+    nino-fast collect --out DIR [--plan default|wide] [--budget-min 12] [--max-runs N] [--steps 2400]
+                      [--save-every 20]
 
-Runs the tasks of :func:`nino_fast.meta.tasks.default_plan` in order, skipping those already in the store
-(resumable: rerun the same command after an interruption; the run in progress is redone). Prints the disk the
-whole plan would take before starting, and stops starting new runs once ``--budget-min`` minutes of this
-process's CPU time have been used (CPU time, not wall time: on a shared machine the wall clock says little). One
-thread (``torch.set_num_threads``): the models are tiny and the machine is shared.
+Runs the tasks of a plan (:func:`nino_fast.meta.tasks.make_plan`; ``default``: ConvNets and MLPs, ``wide``:
+more MLPs, lower learning rates and the character-level GPT-2 / Llama transformers) in order, skipping those
+already in the store (resumable: rerun the same command after an interruption; the run in progress is redone).
+Prints the disk the whole plan would take before starting, and stops starting new runs once ``--budget-min``
+minutes of this process's CPU time have been used (CPU time, not wall time: on a shared machine the wall clock
+says little). One thread (``torch.set_num_threads``): the models are tiny and the machine is shared.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ def collect(
         f"{len(plan) - len(todo)} already in {out}, {len(todo)} to do"
         + (f", time budget {budget_min:g} min" if budget_min else "")
     )
-    data = tasks.digits()
     t0, c0, done = time.perf_counter(), time.process_time(), 0
     for spec in todo:
         if budget_min is not None and time.process_time() - c0 > 60 * budget_min:
@@ -68,7 +69,7 @@ def collect(
 
         try:
             c1 = time.process_time()
-            res = tasks.run_task(spec, on_snapshot, data)
+            res = tasks.run_task(spec, on_snapshot, tasks.load_data(spec))
         except BaseException:
             writer.abort()
             raise
@@ -81,6 +82,10 @@ def collect(
             cpu_seconds=round(time.process_time() - c1, 2),
             diverged=res["diverged"],
         )
+        if tasks.graph_args(spec):
+            entry["graph_args"] = tasks.graph_args(spec)  # build_graph's arch / heads (also derived from spec)
+        if "data" in res:
+            entry["data"] = res["data"]
         writer.commit(entry)
         done += 1
         log(

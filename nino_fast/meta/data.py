@@ -16,6 +16,13 @@ prediction the loss needs, split into those with one feature slot (U1 edges: K o
 edges: F * K outputs). The prediction matrix is ``(R, K)``, ``R = U1 + U9 * F`` rows in that order; targets and
 masks are stored in the same row order (so the loss needs no gather), and ``row_of_param`` maps parameters to
 rows.
+
+A :class:`ParamBatch` (for the WNN+ MLP, which sees each parameter alone) is the same windows without a graph:
+the scaled histories ``(P, ctx)`` of all parameters of all windows, each parameter's edge type, targets and masks
+``(P, K)``.
+
+Graphs are built with the run's :func:`nino_fast.meta.tasks.graph_args` (a transformer's ``arch`` and heads;
+generic for MLPs and ConvNets), read from the manifest entry or derived from its spec.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 
 from ..graph import build_graph
 from ..scaling import EPS
+from . import tasks
 from .store import TrajectoryStore
 
 
@@ -44,8 +52,10 @@ class GraphInfo:
     tensor_id: torch.Tensor | None = None  # (P,) tensor of each parameter
 
 
-def graph_info(param_shapes, lpe: int = 8) -> GraphInfo:
-    g = build_graph([(n, tuple(s)) for n, s in param_shapes], lpe=lpe)
+def graph_info(param_shapes, lpe: int = 8, graph_args: dict | None = None) -> GraphInfo:
+    """The graph of a ``(name, shape)`` list (``graph_args``: :func:`~nino_fast.build_graph`'s ``arch`` and
+    heads) and its parameter -> (edge, slot, prediction row) maps; ``lpe=0``: no Laplacian encoding (WNN+)."""
+    g = build_graph([(n, tuple(s)) for n, s in param_shapes], lpe=lpe, **(graph_args or {}))
     F = g.max_feat_size
     edge, slot = torch.div(g.param_pos, F, rounding_mode="floor"), g.param_pos % F
     is_multi = torch.zeros(g.num_edges, dtype=torch.bool)
@@ -84,6 +94,36 @@ class Batch:
     @property
     def num_edges(self) -> int:
         return self.src.numel()
+
+
+@dataclass
+class ParamBatch:
+    """Windows for the WNN+ MLP: every parameter of every window is one row."""
+
+    x: torch.Tensor  # (P, ctx) scaled history
+    edge_type: torch.Tensor  # (P,) type of the edge carrying the parameter
+    target: torch.Tensor  # (P, K) scaled delta y_k - x_last (0 where unavailable)
+    mask: torch.Tensor  # (P, K) float 1/0: a parameter's available horizon
+    num_graphs: int
+
+
+def make_param_batch(samples: list[tuple], K: int) -> ParamBatch:
+    """Concatenate ``(info, lpe_signs, x (P, ctx) scaled, target (P, L <= K))`` samples into a ParamBatch."""
+    xs, types, targets, masks = [], [], [], []
+    for info, _, x, tgt in samples:
+        xs.append(x)
+        types.append(info.graph.edge_type[info.edge_of_param])
+        pad = torch.zeros(x.shape[0], K)
+        pad[:, : tgt.shape[1]] = tgt
+        targets.append(pad)
+        masks.append((torch.arange(K) < tgt.shape[1]).float().expand(x.shape[0], K))
+    return ParamBatch(
+        x=torch.cat(xs),
+        edge_type=torch.cat(types),
+        target=torch.cat(targets),
+        mask=torch.cat(masks),
+        num_graphs=len(samples),
+    )
 
 
 def make_batch(samples: list[tuple], ctx: int, K: int) -> Batch:
@@ -162,7 +202,7 @@ class WindowSampler:
         ctx, K: input states and horizons (5 and 40, as the official checkpoints).
         stride_steps: optimizer steps between consecutive input states (the NiNo period / ctx it targets).
         samples_per_traj: windows per drawn trajectory, shifted by one state each.
-        lpe: Laplacian eigenvectors per graph (the model's ``lpe``).
+        lpe: Laplacian eigenvectors per graph (the model's ``lpe``; 0 for WNN+).
     """
 
     def __init__(self, store, ctx=5, K=40, stride_steps=40, samples_per_traj=4, lpe=8, seed=0, runs=None):
@@ -191,10 +231,11 @@ class WindowSampler:
         self._info: dict[tuple, GraphInfo] = {}
 
     def info(self, rid: str) -> GraphInfo:
-        shapes = self.store.runs[rid]["param_shapes"]
-        key = tuple((n, tuple(s)) for n, s in shapes)
+        e = self.store.runs[rid]
+        shapes, args = e["param_shapes"], e.get("graph_args") or tasks.graph_args(e["spec"])
+        key = (tuple((n, tuple(s)) for n, s in shapes), tuple(sorted(args.items())))
         if key not in self._info:
-            self._info[key] = graph_info(shapes, self.lpe)
+            self._info[key] = graph_info(shapes, self.lpe, args)
         return self._info[key]
 
     def _randint(self, high: int) -> int:
@@ -215,7 +256,8 @@ class WindowSampler:
             info.sizes, info.tensor_id = sizes, torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
         mean, sd = scale_windows(traj, info.tensor_id, info.sizes, ctx, self.spt)
         inv = 1.0 / (sd + EPS)
-        signs = (torch.randint(0, 2, (1, info.graph.lpe.shape[1]), generator=self.gen) * 2 - 1).float()
+        n_vec = 0 if info.graph.lpe is None else info.graph.lpe.shape[1]
+        signs = (torch.randint(0, 2, (1, n_vec), generator=self.gen) * 2 - 1).float()
         out = []
         for s in range(self.spt):
             x = (traj[:, s : s + ctx] - mean[:, s : s + 1]) * inv[:, s : s + 1]
@@ -224,9 +266,17 @@ class WindowSampler:
             out.append((info, signs, x, target))
         return out
 
-    def sample(self, batch: int) -> Batch:
-        """A batch of ``batch`` trajectories x ``samples_per_traj`` windows."""
+    def _samples(self, batch: int) -> list[tuple]:
         samples = []
         for _ in range(batch):
             samples += self.trajectory(self.runs[self._randint(len(self.runs))])
-        return make_batch(samples, self.ctx, self.K)
+        return samples
+
+    def sample(self, batch: int) -> Batch:
+        """A batch of ``batch`` trajectories x ``samples_per_traj`` windows, as one graph (NiNo)."""
+        return make_batch(self._samples(batch), self.ctx, self.K)
+
+    def sample_params(self, batch: int) -> ParamBatch:
+        """The windows :meth:`sample` would draw (same generator use, for the same ``lpe``) as per-parameter rows
+        (WNN+)."""
+        return make_param_batch(self._samples(batch), self.K)

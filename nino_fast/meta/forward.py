@@ -10,6 +10,9 @@ Three paths, the same maths (the official model in training mode, checked agains
 - ``oracle``: ``layerwise`` on the pure-PyTorch reference ops with plain autograd (the baseline the fused path
   is measured against: what training the official model costs without our kernels).
 
+The WNN+ MLP (``NiNoModel(gnn=False)``) has no graph: :func:`predict_wnn` runs its per-parameter MLP on a
+:class:`~nino_fast.meta.data.ParamBatch` (plain PyTorch ops and autograd; the same loss, :func:`wnn_loss`).
+
 Only parameter-carrying edges reach the head, and edges whose parameters all sit in feature slot 0 (linear
 layers, biases) only compute the head's K slot-0 rows instead of F * K. Layer 2's message pass feeds nothing the
 loss reads and is skipped (so its weights get no gradient, as in the official training).
@@ -22,13 +25,19 @@ import torch.nn.functional as F
 
 from ..ops import autograd as ag
 from ..ops import reference
-from .data import Batch
+from .data import Batch, ParamBatch
 
 PATHS = ("folded", "layerwise", "oracle")
 
 
 def check_trainable(model) -> None:
-    if model.is_mlp or len(model.gnn.convs) != 3 or len(model.gnn.edge_update) != 2:
+    """Raise ValueError unless ``model`` is an architecture the trainer supports: the official GNN (the fused
+    paths) or the WNN+ MLP (:func:`predict_wnn`)."""
+    if model.is_mlp:
+        if len(model.edge_proj.fc) != 1 or len(model.edge_mlp.fc) != 7:
+            raise ValueError("meta-training supports the official WNN+ layers: linear edge_proj, 4-layer edge_mlp")
+        return
+    if len(model.gnn.convs) != 3 or len(model.gnn.edge_update) != 2:
         raise ValueError("meta-training supports the official GNN architecture (3 layers, 2 edge updates)")
     if len(model.edge_proj.fc) != 1 or len(model.edge_out.fc) != 3 or model.act_name != "silu":
         raise ValueError("meta-training supports the official layers: linear edge_proj, 2-layer head, SiLU")
@@ -147,6 +156,17 @@ def predict(model, b: Batch, path: str = "folded", backend: str | None = None) -
     return rows.index_select(0, b.row_of_param)
 
 
+def predict_wnn(model, b: ParamBatch) -> torch.Tensor:
+    """WNN+: (P, K) predicted scaled deltas of every parameter of ``b`` at horizons 1..K, differentiable
+    (:meth:`nino_fast.NiNoModel._wnn` for all horizons at once)."""
+    if not model.is_mlp:
+        raise ValueError("meta.forward.predict_wnn: the model is a GNN (gnn=True); use predict_pieces")
+    h = model.edge_proj(b.x)
+    if model.edge_types:
+        h = h + model.layer_embed(b.edge_type)
+    return model.edge_mlp(h)
+
+
 class _MaskedL1Sum(torch.autograd.Function):
     """``sum(|pred - target| * mask)`` in three passes (sub, sign*mask, dot); backward: one multiply."""
 
@@ -175,3 +195,9 @@ def loss_fn(pieces: list[torch.Tensor], b: Batch) -> torch.Tensor:
             total = total + _MaskedL1Sum.apply(p, b.target[view].view_as(p), b.mask[view].view_as(p))
         row += n // b.target.shape[1]
     return total / b.mask.sum().clamp_min(1)
+
+
+def wnn_loss(pred: torch.Tensor, b: ParamBatch) -> torch.Tensor:
+    """The same loss for WNN+: mean L1 error of the scaled deltas over parameters and available horizons;
+    ``pred``: :func:`predict_wnn`'s (P, K) output."""
+    return _MaskedL1Sum.apply(pred, b.target, b.mask) / b.mask.sum().clamp_min(1)

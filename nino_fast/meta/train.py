@@ -1,6 +1,7 @@
-"""``nino-fast train``: meta-train a NiNoModel on a trajectory store.
+"""``nino-fast train``: meta-train a NiNoModel (the GNN, or the WNN+ MLP) on a trajectory store.
 
-    nino-fast train --data STORE --out nino_fast_small.pt [--hid 64] [--steps 2000] [--max-minutes 25]
+    nino-fast train --data STORE --out nino_fast_small.pt [--arch nino|wnn] [--hid 64] [--steps 2000]
+                    [--max-minutes 25]
 
 The official recipe (``train_nino.py`` of SamsungSAILMontreal/nino), on our data and our fused ops:
 
@@ -10,6 +11,11 @@ The official recipe (``train_nino.py`` of SamsungSAILMontreal/nino), on our data
   multi-step forecasting: one forward pass predicts all K horizons);
 - AdamW (lr 3e-3, weight decay 1e-2), cosine decay to 1e-6 over ``steps``, gradient norm clipped at 5;
 - the forward of :mod:`nino_fast.meta.forward` (``folded`` by default: fused kernels, analytic backward).
+
+``arch='wnn'`` fits the WNN+ MLP (``NiNoModel(gnn=False)``, the official ``nino_mlp.pt`` architecture: each
+parameter's own scaled history and edge type through a 4-layer MLP) on the same windows, loss, optimizer,
+schedule, clipping, NaN safety and resumption; it needs no graph message passing (``path``/``backend`` do not
+apply) and no Laplacian encoding.
 
 NaN safety (the official run needs an outer restart loop; this one does not): a step whose loss or gradient
 norm is not finite is skipped (counted, no parameter update); if the parameters become non-finite after an
@@ -38,7 +44,9 @@ import torch
 
 from ..model import NiNoModel
 from .data import WindowSampler
-from .forward import PATHS, check_trainable, loss_fn, predict_pieces
+from .forward import PATHS, check_trainable, loss_fn, predict_pieces, predict_wnn, wnn_loss
+
+ARCHS = ("nino", "wnn")
 
 
 @dataclass
@@ -68,8 +76,20 @@ class TrainConfig:
     threads: int = 1
     max_restores: int = 20
     init: str = "official"  # 'official' (normal, std 0.02) or 'torch' (PyTorch's Linear init, zero last head layer)
+    arch: str = "nino"  # 'nino' (the GNN) or 'wnn' (the WNN+ per-parameter MLP)
+    init_from: str | None = None  # start from this checkpoint's weights (same architecture) instead of ``init``
 
     def model_args(self) -> dict:
+        """The checkpoint's ``model_args`` (what :meth:`NiNoModel.from_checkpoint` builds)."""
+        if self.arch == "wnn":
+            return dict(
+                gnn=False,
+                ctx=self.ctx,
+                hid=self.hid,
+                seq_len=self.seq_len,
+                max_feat_size=self.max_feat_size,
+                scale_method="std",
+            )
         return dict(
             ctx=self.ctx,
             hid=self.hid,
@@ -88,8 +108,9 @@ def _torch_init(model) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             m.reset_parameters()
-    torch.nn.init.zeros_(model.edge_out.fc[-1].weight)
-    torch.nn.init.zeros_(model.edge_out.fc[-1].bias)
+    last = model.edge_mlp.fc[-1] if model.is_mlp else model.edge_out.fc[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
 
 
 def _finite(tensors) -> bool:
@@ -106,6 +127,8 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None]):
         if cfg.path not in PATHS:
             raise ValueError(f"train: path must be one of {PATHS}, got {cfg.path!r}")
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"train: arch must be one of {ARCHS}, got {cfg.arch!r}")
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
         self.state_path = self.out.with_name(self.out.name + ".state.pt")
@@ -114,19 +137,45 @@ class _Trainer:
         check_trainable(self.model)
         if cfg.init == "torch":
             _torch_init(self.model)
-        elif cfg.init != "official":
+        elif cfg.init != "official":  # official: NiNoModel's own (std 0.02 for the GNN, PyTorch's for WNN+)
             raise ValueError(f"train: init must be 'official' or 'torch', got {cfg.init!r}")
+        if cfg.init_from:
+            self._warm_start(cfg.init_from)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=cfg.eta_min)
+        lpe = 0 if cfg.arch == "wnn" else cfg.lpe
         self.sampler = WindowSampler(
-            cfg.data, cfg.ctx, cfg.seq_len, cfg.stride_steps, cfg.samples_per_traj, cfg.lpe, seed=cfg.seed
+            cfg.data, cfg.ctx, cfg.seq_len, cfg.stride_steps, cfg.samples_per_traj, lpe, seed=cfg.seed
         )
         self.step, self.losses, self.skipped, self.restores = 0, [], 0, 0
         self.cpu_seconds, self.graphs = 0.0, 0
         if self.state_path.is_file():
-            self._load(torch.load(self.state_path, map_location="cpu", weights_only=True))
+            st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            was = st.get("config", {}).get("arch", "nino")
+            if was != cfg.arch:
+                raise ValueError(
+                    f"train: {self.state_path} continues an arch={was!r} run, not arch={cfg.arch!r}; "
+                    "use another --out or delete the state file"
+                )
+            self._load(st)
             log(f"train: resumed from {self.state_path} at step {self.step}")
         self.good = self._state()
+
+    def _warm_start(self, path: str) -> None:
+        """Copy the weights of checkpoint ``path`` (fine-tuning; the optimizer and schedule start fresh)."""
+        src = NiNoModel.from_checkpoint(path)
+        own = self.model.state_dict()
+        theirs = src.state_dict()
+        if (
+            src.is_mlp != self.model.is_mlp
+            or set(theirs) != set(own)
+            or any(theirs[k].shape != v.shape for k, v in own.items())
+        ):
+            raise ValueError(
+                f"train: init_from={path} is not a checkpoint of this architecture (arch={self.cfg.arch!r}, "
+                f"model_args={self.cfg.model_args()})"
+            )
+        self.model.load_state_dict(theirs)
 
     # ---- state --------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -182,11 +231,18 @@ class _Trainer:
         _atomic_save(ckpt, self.out)
 
     # ---- one step -----------------------------------------------------------------------------------------
+    def loss(self, b) -> torch.Tensor:
+        """The paper's loss on batch ``b`` (a Batch for the GNN, a ParamBatch for WNN+)."""
+        if self.cfg.arch == "wnn":
+            return wnn_loss(predict_wnn(self.model, b), b)
+        return loss_fn(predict_pieces(self.model, b, self.cfg.path, self.cfg.backend), b)
+
     def train_step(self, hook) -> float | None:
-        b = self.sampler.sample(self.cfg.batch)
+        cfg = self.cfg
+        b = self.sampler.sample_params(cfg.batch) if cfg.arch == "wnn" else self.sampler.sample(cfg.batch)
         if hook:
             hook("batch", self, b)
-        loss = loss_fn(predict_pieces(self.model, b, self.cfg.path, self.cfg.backend), b)
+        loss = self.loss(b)
         self.graphs += b.num_graphs
         self.step += 1
         ok = bool(torch.isfinite(loss))
@@ -264,9 +320,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, hook=None) -> di
     if not math.isfinite(cfg.lr) or cfg.steps < 1:
         raise ValueError(f"train: need a finite lr and steps >= 1, got lr={cfg.lr}, steps={cfg.steps}")
     trainer = _Trainer(cfg, log)
+    name = f"WNN+ MLP(hid={cfg.hid})" if cfg.arch == "wnn" else f"NiNoModel(hid={cfg.hid}), path {cfg.path}"
     log(
-        f"train: NiNoModel(hid={cfg.hid}) {sum(p.numel() for p in trainer.model.parameters())} parameters, "
-        f"{len(trainer.sampler.runs)} runs in {cfg.data}, path {cfg.path}, {cfg.steps} steps of "
+        f"train: {name} {sum(p.numel() for p in trainer.model.parameters())} parameters, "
+        f"{len(trainer.sampler.runs)} runs in {cfg.data}, {cfg.steps} steps of "
         f"{cfg.batch}x{cfg.samples_per_traj} graphs"
     )
     return trainer.run(hook)
