@@ -8,6 +8,8 @@
 // files up by glob.
 #include <torch/library.h>
 
+#include "cpu/out_pool.h"
+
 #ifdef NINO_FAST_PYTHON_MODULE
 #include <Python.h>
 // `import nino_fast._C` loads this library, which registers the ops with the dispatcher.
@@ -27,11 +29,16 @@ bool cuda_compiled() {
   return false;
 #endif
 }
+// Frees the CPU kernels' cached output buffers (csrc/cpu/out_pool.h); a NiNo step calls it when it ends.
+void cpu_pool_release() {
+  nino_fast::cpu::OutPool::get().release();
+}
 }  // namespace
 
 TORCH_LIBRARY(nino_fast, m) {
   // Build information (no tensor argument, so a catch-all kernel): were the CUDA kernels built?
   m.def("_cuda_compiled() -> bool", &cuda_compiled);
+  m.def("_cpu_pool_release() -> ()", &cpu_pool_release);
   // out[n] = mean(src[rowptr[n]:rowptr[n+1]]), 0 for an empty row.
   m.def("segment_mean_csr(Tensor src, Tensor rowptr) -> Tensor");
   // FiLM message + mean aggregation over destination-sorted CSR (see reference.film_mean).

@@ -53,3 +53,13 @@ _CUDA_COMPILED = _query_cuda_compiled()
 def has_cuda_ext() -> bool:
     """Whether the loaded extension was compiled with its CUDA kernels (a GPU may still be absent)."""
     return _CUDA_COMPILED
+
+
+def release_cpu_buffers() -> None:
+    """Free the CPU kernels' cached output buffers (they are reused within a NiNo step to avoid page faults on
+    fresh pages; a step calls this when it ends, so no memory stays cached between steps)."""
+    if has_ext():
+        try:
+            torch.ops.nino_fast._cpu_pool_release()
+        except (AttributeError, RuntimeError):  # an extension built before the op existed
+            pass

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import plan
+from ._extension import release_cpu_buffers
 from .graph import NeuralGraph
 from .graph.layout import HEAD, RESIDUAL, SELF_LOOP
 from .model import graph_to
@@ -364,6 +365,7 @@ def nowcast_sharded(
         result[:P].zero_()
         result[P + rank] = _NAN if isinstance(failure, _NonFinite) else _EXC
     comm(result, "the prediction")
+    release_cpu_buffers()
     codes = result[P:].tolist()
     if stats is not None:
         stats.update(

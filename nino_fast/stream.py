@@ -32,6 +32,7 @@ import time
 import torch
 
 from . import plan
+from ._extension import release_cpu_buffers
 from .graph.layout import HEAD, RESIDUAL, SELF_LOOP
 from .ops import dispatch
 from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats, unscale_rows
@@ -304,6 +305,7 @@ def nowcast_streamed(
     finally:
         if bar is not None:
             bar.close()
+        release_cpu_buffers()
     stats = dict(
         tiles=len(tiles),
         tile_edges=max(sh.edge_hi - sh.edge_lo for sh in tiles) if tiles else 0,

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nino_fast.ops import dispatch
+from nino_fast.ops import dispatch, reference
 
 KERNEL_BACKENDS = [b for b in dispatch.BACKENDS if b != "reference"]
 pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is built")
@@ -247,3 +247,23 @@ def test_bf16_error_bound(backend, op):
     err_torch = (torch_bf16 - exact).abs().max().item()
     err_ours = (got - exact).abs().max().item()
     assert err_ours <= 2 * err_torch + 1e-6
+
+
+@pytest.mark.skipif("cpu" not in dispatch.BACKENDS, reason="needs the CPU extension")
+def test_cpu_output_pool_survives_release():
+    """Large CPU outputs come from a buffer pool (csrc/cpu/out_pool.h): releasing the pool while an output is alive
+    must not free it, and a later call of the same size (reusing the returned buffer) must compute afresh."""
+    from nino_fast._extension import release_cpu_buffers
+
+    n, e, c, d = 3000, 12000, 5, 128  # (E, D) fp32 output of 6 MB: pooled
+    a = make_inputs(n, e, c, d, seed=3, dtype=torch.float32)
+    args = (a["feat"], a["src"], a["dst"], a["Wa"], a["ba"], a["Wb"], a["bb"])
+    first = dispatch.edge_mlp(*args, backend="cpu")
+    keep = first.clone()
+    release_cpu_buffers()
+    assert torch.equal(first, keep)
+    del first
+    again = dispatch.edge_mlp(*args, backend="cpu")  # likely the same buffer, back from the pool
+    assert torch.equal(again, keep)
+    torch.testing.assert_close(again, reference.edge_mlp(*args), rtol=1e-5, atol=1e-5)
+    release_cpu_buffers()

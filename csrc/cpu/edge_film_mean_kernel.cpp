@@ -52,7 +52,7 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
     NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
                " rows, got [", lo, ", ", hi, "]");
   }
-  auto out = at::zeros({n, d}, feat.options());
+  auto out = pooled_empty({n, d}, feat.options());
   if (n == 0 || d == 0) return out;
 
   const int64_t* rp = rowptr.data_ptr<int64_t>();
@@ -60,47 +60,66 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
   const int32_t* s = src.data_ptr<int32_t>();
   const float *pns = ns.data_ptr<float>(), *pnd = nd.data_ptr<float>();
   const float *pmd = md.data_ptr<float>(), *pms = ms.data_ptr<float>();
-  const float *pbsc = bsc.data_ptr<float>(), *pwsh = wsh.data_ptr<float>(),
-              *pbsh = bsh.data_ptr<float>();
+  const std::vector<float> bscp = padded_copy(bsc), bshp = padded_copy(bsh);
+  const PackedB shift_w(wsh.data_ptr<float>(), d, dh);
   float* y = out.data_ptr<float>();
   const auto tasks = row_tasks(rp, n);
   const int64_t nph = padded(dh), np = padded(d);
 
-  at::parallel_for(0, int64_t(tasks.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+  run_dynamic(int64_t(tasks.size()) - 1, [&](auto claim) {
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
-    std::vector<float> htile(kTile * nph), stile(kTile * np), acc(d), hsum(dh), tacc(d), th(dh);
-    for (int64_t task = t0; task < t1; ++task) {
-      for (int64_t r = tasks[task]; r < tasks[task + 1]; ++r) {
-        const int64_t b = rp[r], e = rp[r + 1];
-        if (e <= b) continue;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        std::fill(hsum.begin(), hsum.end(), 0.f);
-        const float* mdr = pmd + r * d;
-        for (int64_t e0 = b; e0 < e; e0 += kTile) {
-          const int64_t m = std::min(kTile, e - e0);
-          stage.run(x, e0, m, s, [r](int64_t) { return r; }, pns, pnd, true, htile.data(), nph);
-          gemm_tile(htile.data(), nph, m, scale, stile.data(), np);
-          std::fill(tacc.begin(), tacc.end(), 0.f);
-          std::fill(th.begin(), th.end(), 0.f);
-          for (int64_t i = 0; i < m; ++i) {
-            const float* sc = stile.data() + i * np;
-            const float* h = htile.data() + i * nph;
-            const float* msr = pms + int64_t(s[e0 + i]) * d;
-            for (int64_t j = 0; j < d; ++j) tacc[j] += (sc[j] + pbsc[j]) * (mdr[j] + msr[j]);
-            for (int64_t j = 0; j < dh; ++j) th[j] += h[j];
-          }
-          for (int64_t j = 0; j < d; ++j) acc[j] += tacc[j];
-          for (int64_t j = 0; j < dh; ++j) hsum[j] += th[j];
+    std::vector<float> htile(kTile * nph), part(kTile * np), hpart(kTile * nph), acc, hsum;
+    TileRows tr;
+    AffineEp first(stage, true);
+    first.ns = pns, first.nd = pnd, first.src = s, first.dsti = tr.dsti;
+    first.out = htile.data(), first.ldo = nph;
+    first.hpart = hpart.data(), first.seg = tr.seg, first.ldp = nph;
+    int64_t e0 = 0;
+    // per edge: (W_sc h + b_sc) * (msg_dst[n] + msg_src[src]), summed per row
+    auto scale_ep = [&](int64_t i, int64_t col0, V8 lo, V8 hi) NINO_FAST_LAMBDA_INLINE {
+      const int64_t e = e0 + i, valid = d - col0;
+      V8 a, b, g0, g1;
+      lo = vadd(lo, vld(bscp.data() + col0)), hi = vadd(hi, vld(bscp.data() + col0 + 8));
+      load16(pmd + tr.dsti[i] * d + col0, valid, g0, g1);
+      load16(pms + int64_t(s[e]) * d + col0, valid, a, b);
+      g0 = vadd(g0, a), g1 = vadd(g1, b);
+      float* pp = part.data() + tr.seg[i] * np + col0;
+      vst(pp, vfma(lo, g0, vld(pp)));
+      vst(pp + 8, vfma(hi, g1, vld(pp + 8)));
+    };
+    for (int64_t task; (task = claim()) >= 0;) {
+      const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
+      acc.assign(nr * np, 0.f);
+      hsum.assign(nr * nph, 0.f);
+      int64_t r = r0;
+      bool carry = false;  // slot 0 of the parts continues the last tile's unfinished group
+      for (int64_t t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
+        const int64_t t1 = std::min(t0 + kTile, rp[r1]), m = t1 - t0;
+        tr.build(rp, r, t0, t1);
+        std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
+        std::fill(hpart.begin() + (carry ? nph : 0), hpart.begin() + tr.nseg * nph, 0.f);
+        if (const int64_t n1 = std::min(kTile, rp[r1] - t1); n1 > 0) {  // the next tile's data
+          prefetch_block(x + t1 * c, n1 * c * int64_t(sizeof(float)));
+          prefetch_rows(pns, s + t1, n1, dh), prefetch_rows(pms, s + t1, n1, d);
         }
-        const float deg = float(e - b), inv = 1.f / deg;
-        float* yr = y + r * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const float* wr = pwsh + j * dh;
-          float shift = 0.f;
-          for (int64_t k = 0; k < dh; ++k) shift += wr[k] * hsum[k];
-          yr[j] = (acc[j] + shift + deg * pbsh[j]) * inv;
-        }
+        e0 = first.e0 = t0;
+        gemm_ep(x + t0 * c, c, m, stage.w, first);  // h = silu(...) into htile, sum_e h into hpart
+        gemm_ep(htile.data(), nph, m, scale, scale_ep);
+        carry = fold_segments(tr, r0, part.data(), acc.data(), np);
+        fold_segments(tr, r0, hpart.data(), hsum.data(), nph);  // the same segments: the same carry
       }
+      // the shift half, one GEMM over the task's rows: W_sh (sum_e h) + deg b_sh
+      auto fin = [&](int64_t i, int64_t col0, V8 lo, V8 hi) {
+        const int64_t row = r0 + i, deg = rp[row + 1] - rp[row], valid = d - col0;
+        float* yr = y + row * d + col0;
+        if (deg == 0) return store16(yr, valid, vzero(), vzero());
+        const V8 dg = vset1(float(deg)), inv = vset1(1.f / float(deg));
+        const float* a = acc.data() + i * np + col0;
+        lo = vmul(vadd(vadd(vld(a), lo), vmul(dg, vld(bshp.data() + col0))), inv);
+        hi = vmul(vadd(vadd(vld(a + 8), hi), vmul(dg, vld(bshp.data() + col0 + 8))), inv);
+        store16(yr, valid, lo, hi);
+      };
+      gemm_ep(hsum.data(), nph, nr, shift_w, fin);
     }
   });
   return out;

@@ -1,6 +1,7 @@
 // CPU edge_mlp: out = W_b silu(W_a e + b_a + table[t] + s[src] + t[dst]) + b_b (+ s2[src] +
-// t2[dst]), optionally SiLU (spec: reference.edge_mlp). Tiles of edges in parallel (no reduction);
-// the hidden tile stays in L1/L2 between the two GEMMs.
+// t2[dst]), optionally SiLU (spec: reference.edge_mlp). Tiles of edges claimed dynamically (no
+// reduction); both GEMMs apply their epilogue in registers and
+// the hidden tile stays in L1 between the two GEMMs.
 #include <torch/library.h>
 
 #include "cpu/fused_common.h"
@@ -54,7 +55,7 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
     NINO_CHECK(lo >= 0 && hi < rows, op, ": src/dst values must index the node tables' ", rows,
                " rows, got [", lo, ", ", hi, "]");
   }
-  auto out = at::empty({e_total, dout}, feat.options());
+  auto out = pooled_empty({e_total, dout}, feat.options());
   if (e_total == 0 || dout == 0) return out;
 
   const float* x = feat.data_ptr<float>();
@@ -63,29 +64,44 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   const float* pnd = nd.defined() ? nd.data_ptr<float>() : nullptr;
   const float* pns2 = ns2.defined() ? ns2.data_ptr<float>() : nullptr;
   const float* pnd2 = nd2.defined() ? nd2.data_ptr<float>() : nullptr;
-  const float* pbb = bb.data_ptr<float>();
+  const std::vector<float> bbp = padded_copy(bb);
   float* y = out.data_ptr<float>();
-  const int64_t nph = padded(dh), np = padded(dout);
+  const int64_t nph = padded(dh);
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
 
-  at::parallel_for(0, n_tiles, 8, [&](int64_t i0, int64_t i1) {
-    std::vector<float> htile(kTile * nph), otile(kTile * np);
-    for (int64_t tile = i0; tile < i1; ++tile) {
-      const int64_t e0 = tile * kTile, m = std::min(kTile, e_total - e0);
-      stage.run(x, e0, m, s, [t](int64_t e) { return int64_t(t[e]); }, pns, pnd, true, htile.data(),
-                nph);
-      gemm_tile(htile.data(), nph, m, second, otile.data(), np);
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t e = e0 + i;
-        const float* o = otile.data() + i * np;
-        float* yr = y + e * dout;
-        for (int64_t j = 0; j < dout; ++j) yr[j] = o[j] + pbb[j];
-        if (pns2) {
-          const float *a = pns2 + int64_t(s[e]) * dout, *b = pnd2 + int64_t(t[e]) * dout;
-          for (int64_t j = 0; j < dout; ++j) yr[j] += a[j] + b[j];
-        }
-        if (act_out) silu_inplace(yr, dout);
+  run_dynamic(n_tiles, [&](auto claim) {
+    std::vector<float> htile(kTile * nph);
+    int64_t dsti[kTile];
+    AffineEp first(stage, true);
+    first.ns = pns, first.nd = pnd, first.src = s, first.dsti = dsti;
+    first.out = htile.data(), first.ldo = nph;
+    int64_t e0 = 0;
+    // second GEMM's epilogue: y[e] = [silu](acc + b_b (+ s2[src] + t2[dst])), written straight out
+    auto second_ep = [&](int64_t i, int64_t col0, V8 lo, V8 hi) NINO_FAST_LAMBDA_INLINE {
+      const int64_t e = e0 + i, valid = dout - col0;
+      lo = vadd(lo, vld(bbp.data() + col0));
+      hi = vadd(hi, vld(bbp.data() + col0 + 8));
+      if (pns2) {
+        V8 a, b, a2, b2;
+        load16(pns2 + int64_t(s[e]) * dout + col0, valid, a, b);
+        load16(pnd2 + dsti[i] * dout + col0, valid, a2, b2);
+        lo = vadd(lo, vadd(a, a2)), hi = vadd(hi, vadd(b, b2));
       }
+      if (act_out) lo = vsilu(lo), hi = vsilu(hi);
+      store16(y + e * dout + col0, valid, lo, hi);
+    };
+    for (int64_t tile; (tile = claim()) >= 0;) {
+      e0 = tile * kTile;
+      const int64_t m = std::min(kTile, e_total - e0);
+      for (int64_t i = 0; i < m; ++i) dsti[i] = t[e0 + i];
+      if (const int64_t n1 = std::min(kTile, e_total - e0 - m); n1 > 0) {  // the next tile's data
+        prefetch_block(x + (e0 + m) * c, n1 * c * int64_t(sizeof(float)));
+        if (pns) prefetch_rows(pns, s + e0 + m, n1, dh), prefetch_rows(pnd, t + e0 + m, n1, dh);
+        if (pns2) prefetch_rows(pns2, s + e0 + m, n1, dout), prefetch_rows(pnd2, t + e0 + m, n1, dout);
+      }
+      first.e0 = e0;
+      gemm_ep(x + e0 * c, c, m, stage.w, first);
+      gemm_ep(htile.data(), nph, m, second, second_ep);
     }
   });
   return out;

@@ -55,61 +55,78 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
     NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
                " rows, got [", lo, ", ", hi, "]");
   }
-  auto out = at::zeros({n, d}, feat.options());
+  auto out = pooled_empty({n, d}, feat.options());
   if (n == 0 || d == 0) return out;
 
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const float* x = feat.data_ptr<float>();
   const int32_t* s = src.data_ptr<int32_t>();
   const float *pnd = nd.data_ptr<float>(), *pns = ns.data_ptr<float>();
-  const float *pwsh = w_sh.data_ptr<float>(), *pbsh = b_sh.data_ptr<float>();
   const float* ptsh = tab_sh ? tab_sh->data_ptr<float>() : nullptr;
-  const int64_t* pet = scale.etype.defined() ? scale.etype.data_ptr<int64_t>() : nullptr;
+  const float* ptsc = scale.tab();
+  const int64_t* pet = scale.et();
+  const float* pbsc = scale.bias_p.data();
+  const std::vector<float> bshp = padded_copy(b_sh);
+  const PackedB shift_w(w_sh.data_ptr<float>(), d, c);
   float* y = out.data_ptr<float>();
   const auto tasks = row_tasks(rp, n);
   const int64_t np = padded(d);
 
-  at::parallel_for(0, int64_t(tasks.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+  run_dynamic(int64_t(tasks.size()) - 1, [&](auto claim) {
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
-    std::vector<float> tile(kTile * np), acc(d), fsum(c), tsum(d), tacc(d), tf(c), tt(d);
-    for (int64_t task = t0; task < t1; ++task) {
-      for (int64_t r = tasks[task]; r < tasks[task + 1]; ++r) {
-        const int64_t b = rp[r], e = rp[r + 1];
-        if (e <= b) continue;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        std::fill(fsum.begin(), fsum.end(), 0.f);
-        std::fill(tsum.begin(), tsum.end(), 0.f);
-        const float* ndr = pnd + r * d;
-        for (int64_t e0 = b; e0 < e; e0 += kTile) {
-          const int64_t m = std::min(kTile, e - e0);
-          scale.run(x, e0, m, s, [r](int64_t) { return r; }, nullptr, nullptr, false, tile.data(),
-                    np);
-          std::fill(tacc.begin(), tacc.end(), 0.f);
-          std::fill(tf.begin(), tf.end(), 0.f);
-          std::fill(tt.begin(), tt.end(), 0.f);
-          for (int64_t i = 0; i < m; ++i) {
-            const float* sc = tile.data() + i * np;
-            const float* nsr = pns + int64_t(s[e0 + i]) * d;
-            for (int64_t j = 0; j < d; ++j) tacc[j] += sc[j] * (ndr[j] + nsr[j]);
-            const float* xe = x + (e0 + i) * c;
-            for (int64_t k = 0; k < c; ++k) tf[k] += xe[k];
-            if (ptsh) {
-              const float* tr = ptsh + pet[e0 + i] * d;
-              for (int64_t j = 0; j < d; ++j) tt[j] += tr[j];
-            }
-          }
-          for (int64_t j = 0; j < d; ++j) acc[j] += tacc[j], tsum[j] += tt[j];
-          for (int64_t k = 0; k < c; ++k) fsum[k] += tf[k];
-        }
-        const float deg = float(e - b), inv = 1.f / deg;
-        float* yr = y + r * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const float* wr = pwsh + j * c;
-          float shift = 0.f;
-          for (int64_t k = 0; k < c; ++k) shift += wr[k] * fsum[k];
-          yr[j] = (acc[j] + shift + deg * pbsh[j] + tsum[j]) * inv;
-        }
+    std::vector<float> part(kTile * np), fpart(kTile * c), acc, fsum;
+    TileRows tr;
+    int64_t e0 = 0;
+    // per edge: (W_sc x + b_sc + T_sc[t]) * (node_dst[n] + node_src[src]) + T_sh[t], summed per row
+    auto scale_ep = [&](int64_t i, int64_t col0, V8 lo, V8 hi) NINO_FAST_LAMBDA_INLINE {
+      const int64_t e = e0 + i, valid = d - col0;
+      V8 a, b, g0, g1, t0 = vzero(), t1 = vzero();
+      lo = vadd(lo, vld(pbsc + col0)), hi = vadd(hi, vld(pbsc + col0 + 8));
+      if (ptsc) {
+        load16(ptsc + pet[e] * d + col0, valid, a, b);
+        lo = vadd(lo, a), hi = vadd(hi, b);
+        load16(ptsh + pet[e] * d + col0, valid, t0, t1);
       }
+      load16(pnd + tr.dsti[i] * d + col0, valid, g0, g1);
+      load16(pns + int64_t(s[e]) * d + col0, valid, a, b);
+      g0 = vadd(g0, a), g1 = vadd(g1, b);
+      float* pp = part.data() + tr.seg[i] * np + col0;
+      vst(pp, vadd(vld(pp), vfma(lo, g0, t0)));
+      vst(pp + 8, vadd(vld(pp + 8), vfma(hi, g1, t1)));
+    };
+    for (int64_t task; (task = claim()) >= 0;) {
+      const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
+      acc.assign(nr * np, 0.f);
+      fsum.assign(nr * c, 0.f);
+      int64_t r = r0;
+      bool carry = false;  // slot 0 of the parts continues the last tile's unfinished group
+      for (int64_t t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
+        const int64_t t1 = std::min(t0 + kTile, rp[r1]), m = t1 - t0;
+        tr.build(rp, r, t0, t1);
+        std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
+        std::fill(fpart.begin() + (carry ? c : 0), fpart.begin() + tr.nseg * c, 0.f);
+        if (const int64_t n1 = std::min(kTile, rp[r1] - t1); n1 > 0) {  // the next tile's data
+          prefetch_block(x + t1 * c, n1 * c * int64_t(sizeof(float)));
+          prefetch_rows(pns, s + t1, n1, d);
+        }
+        e0 = t0;
+        gemm_ep(x + t0 * c, c, m, scale.w, scale_ep);
+        for (int64_t i = 0; i < m; ++i) add_inplace(fpart.data() + tr.seg[i] * c, x + (t0 + i) * c, c);
+        carry = fold_segments(tr, r0, part.data(), acc.data(), np);
+        fold_segments(tr, r0, fpart.data(), fsum.data(), c);  // the same segments: the same carry
+      }
+      // the shift half, one GEMM over the task's rows: W_sh (sum_e x) + deg b_sh
+      auto fin = [&](int64_t i, int64_t col0, V8 lo, V8 hi) {
+        const int64_t row = r0 + i, deg = rp[row + 1] - rp[row], valid = d - col0;
+        float* yr = y + row * d + col0;
+        if (deg == 0) return store16(yr, valid, vzero(), vzero());
+        const V8 dg = vset1(float(deg)), inv = vset1(1.f / float(deg));
+        const float* a = acc.data() + i * np + col0;
+        lo = vmul(vadd(vadd(vld(a), lo), vmul(dg, vld(bshp.data() + col0))), inv);
+        hi = vmul(vadd(vadd(vld(a + 8), hi), vmul(dg, vld(bshp.data() + col0 + 8))), inv);
+        store16(yr, valid, lo, hi);
+      };
+      gemm_ep(fsum.data(), c, nr, shift_w, fin);
     }
   });
   return out;

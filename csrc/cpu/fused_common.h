@@ -7,16 +7,19 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <vector>
 
 #include "cpu/gemm_tile.h"
+#include "cpu/out_pool.h"
 #include "utils/check.h"
 
 namespace nino_fast::cpu {
 
-constexpr int64_t kTile = 96;         // edges per GEMM tile (A tile + outputs stay in L1/L2)
+constexpr int64_t kTile = 48;         // edges per GEMM tile (a 48 x 128 A tile is 24 KB: L1)
 constexpr int64_t kTaskEdges = 4096;  // target edges per parallel task (whole rows)
+constexpr int64_t kTaskRows = 512;    // and at most this many rows (bounds the per-task row buffers)
 
 // Contiguous row ranges [rows[i], rows[i+1]) of about kTaskEdges edges each, from rowptr alone: the
 // same partition for any thread count, so every row is reduced by one task in its own edge order.
@@ -24,13 +27,32 @@ inline std::vector<int64_t> row_tasks(const int64_t* rp, int64_t n) {
   std::vector<int64_t> rows{0};
   int64_t start_edge = 0;
   for (int64_t r = 0; r < n; ++r) {
-    if (rp[r + 1] - start_edge >= kTaskEdges) {
+    if (rp[r + 1] - start_edge >= kTaskEdges || r + 1 - rows.back() >= kTaskRows) {
       rows.push_back(r + 1);
       start_edge = rp[r + 1];
     }
   }
   if (rows.back() != n) rows.push_back(n);
   return rows;
+}
+
+// Work units 0..n-1 claimed dynamically (an atomic counter) by up to at::get_num_threads() workers:
+// worker(claim) runs once per thread and calls claim() until it returns -1. Each unit must write only
+// its own outputs; results are then independent of which thread ran which unit (and of the load).
+template <class Worker>
+inline void run_dynamic(int64_t n, Worker&& worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto claim = [&next, n]() -> int64_t {
+    const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
+    return u < n ? u : -1;
+  };
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  if (nt <= 1 || at::in_parallel_region()) {
+    worker(claim);
+    return;
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { worker(claim); });
 }
 
 inline at::Tensor f32(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
@@ -49,6 +71,13 @@ inline at::Tensor idx32(const char* op, const char* arg, const at::Tensor& t, in
   return t.contiguous();
 }
 
+// A float vector zero-padded to a multiple of kPanel.
+inline std::vector<float> padded_copy(const at::Tensor& v) {
+  std::vector<float> out(padded(v.numel()), 0.f);
+  std::copy(v.data_ptr<float>(), v.data_ptr<float>() + v.numel(), out.begin());
+  return out;
+}
+
 // Per-node (N, D) table used as a gather source.
 inline at::Tensor node_table(const char* op, const char* arg, const at::Tensor& t, int64_t n,
                              int64_t d) {
@@ -59,10 +88,12 @@ inline at::Tensor node_table(const char* op, const char* arg, const at::Tensor& 
 }
 
 // The input stage: y = A W^T + bias (+ table[etype]) (+ node_src[src] + node_dst[dst]), optionally
-// SiLU. Weights and optional tables are validated and packed once per call.
+// SiLU. Weights and optional tables are validated and packed once per call; ep() gives the epilogue
+// that applies it to the GEMM accumulators of one tile.
 struct AffineStage {
   PackedB w;
   at::Tensor bias, table, etype, node_src, node_dst;
+  std::vector<float> bias_p;  // bias zero-padded to Np
   int64_t d = 0, c = 0, types = 0;
 
   AffineStage(const char* op, const char* wname, const at::Tensor& weight,
@@ -77,6 +108,7 @@ struct AffineStage {
     bias = f32(op, "bias", bias_in, 1);
     NINO_CHECK(bias.numel() == d, op, ": the bias of ", wname, " must have ", d, " entries, got ",
                bias.numel());
+    bias_p = padded_copy(bias);
     NINO_CHECK(etype_in.has_value() == table_in.has_value(), op,
                ": etype and type_table go together");
     if (table_in.has_value()) {
@@ -96,30 +128,99 @@ struct AffineStage {
     }
   }
 
-  // rows e0..e0+m of the output tile (m x Np); gathers use src[e], dst_of(e)
-  template <typename DstOf>
-  void run(const float* feat, int64_t e0, int64_t m, const int32_t* src, DstOf dst_of,
-           const float* ns, const float* nd, bool act, float* out, int64_t ldo) const {
-    gemm_tile(feat + e0 * c, c, m, w, out, ldo);
-    const float* b = bias.data_ptr<float>();
-    const float* tab = table.defined() ? table.data_ptr<float>() : nullptr;
-    const int64_t* et = etype.defined() ? etype.data_ptr<int64_t>() : nullptr;
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t e = e0 + i;
-      float* y = out + i * ldo;
-      for (int64_t j = 0; j < d; ++j) y[j] += b[j];
-      if (tab) {
-        const float* tr = tab + et[e] * d;
-        for (int64_t j = 0; j < d; ++j) y[j] += tr[j];
-      }
-      if (ns) {
-        const float* a = ns + int64_t(src[e]) * d;
-        const float* bb = nd + dst_of(e) * d;
-        for (int64_t j = 0; j < d; ++j) y[j] += a[j] + bb[j];
-      }
-      if (act) silu_inplace(y, d);
+  const float* tab() const { return table.defined() ? table.data_ptr<float>() : nullptr; }
+  const int64_t* et() const { return etype.defined() ? etype.data_ptr<int64_t>() : nullptr; }
+};
+
+// Epilogue of the input stage for the tile of edges e0..e0+m: row i of the output tile (out, leading
+// dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + ns[src[e]] + nd[dsti[i]]), e = e0 + i.
+// Optionally also hpart[seg[i]] += that row (the per-row sum of h within the tile).
+struct AffineEp {
+  const float* bias = nullptr;  // Np, zero-padded
+  const float* tab = nullptr;
+  const int64_t* et = nullptr;
+  const float *ns = nullptr, *nd = nullptr;  // both or neither
+  const int32_t* src = nullptr;
+  const int64_t* dsti = nullptr;  // per tile row
+  int64_t d = 0, e0 = 0;
+  bool act = false;
+  float* out = nullptr;
+  int64_t ldo = 0;
+  float* hpart = nullptr;
+  const int32_t* seg = nullptr;
+  int64_t ldp = 0;
+
+  AffineEp(const AffineStage& st, bool act_) : bias(st.bias_p.data()), tab(st.tab()), et(st.et()),
+                                               d(st.d), act(act_) {}
+
+  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V8 lo, V8 hi) const {
+    const int64_t e = e0 + i, valid = d - col0;
+    lo = vadd(lo, vld(bias + col0));
+    hi = vadd(hi, vld(bias + col0 + 8));
+    V8 a, b;
+    if (tab) {
+      load16(tab + et[e] * d + col0, valid, a, b);
+      lo = vadd(lo, a), hi = vadd(hi, b);
+    }
+    if (ns) {
+      V8 a2, b2;
+      load16(ns + int64_t(src[e]) * d + col0, valid, a, b);
+      load16(nd + dsti[i] * d + col0, valid, a2, b2);
+      lo = vadd(lo, vadd(a, a2)), hi = vadd(hi, vadd(b, b2));
+    }
+    if (act) lo = vsilu(lo), hi = vsilu(hi);
+    float* y = out + i * ldo + col0;
+    vst(y, lo), vst(y + 8, hi);
+    if (hpart) {
+      float* hp = hpart + seg[i] * ldp + col0;
+      vst(hp, vadd(vld(hp), lo)), vst(hp + 8, vadd(vld(hp + 8), hi));
     }
   }
 };
+
+// The CSR rows met by the GEMM tile of edges [t0, t1) of a destination-sorted graph. GEMM tiles run
+// across row boundaries (full micro-kernel blocks even on short rows), but each row's two-level sum
+// is grouped by the row alone: groups of kTile consecutive edges from the row's first edge, so a row's
+// bits do not depend on which other rows share the call (streamed row tiles == in memory). A segment
+// is the part of one (row, group) inside this tile; per tile row: its row (dsti) and segment (seg).
+// done[s]: the group ends inside this tile (else it is the last segment and continues in the next
+// tile, whose segment 0 it then is).
+struct TileRows {
+  int64_t dsti[kTile];
+  int32_t seg[kTile];
+  int64_t seg_row[kTile];
+  bool done[kTile];
+  int64_t nseg = 0;
+
+  // r: in/out, the row holding edge t0 (advanced past empty rows as needed)
+  void build(const int64_t* rp, int64_t& r, int64_t t0, int64_t t1) {
+    nseg = 0;
+    for (int64_t e = t0; e < t1; ++e) {
+      while (rp[r + 1] <= e) ++r;
+      if (nseg == 0 || seg_row[nseg - 1] != r || (e - rp[r]) % kTile == 0) {
+        seg_row[nseg] = r;
+        done[nseg++] = true;
+      }
+      seg[e - t0] = int32_t(nseg - 1);
+      dsti[e - t0] = r;
+    }
+    if (nseg > 0) done[nseg - 1] = t1 == rp[r + 1] || (t1 - rp[r]) % kTile == 0;
+  }
+};
+
+// Per task: the partial sums of the tile's segments (parts: width w each) folded into the rows'
+// accumulators (acc: row r at (r - r0) * w) when their group is done; an unfinished last segment is
+// moved to slot 0, where the next tile continues it. Returns whether it did (carry).
+inline bool fold_segments(const TileRows& tr, int64_t r0, float* part, float* acc, int64_t w) {
+  for (int64_t sg = 0; sg < tr.nseg; ++sg) {
+    if (tr.done[sg]) {
+      add_inplace(acc + (tr.seg_row[sg] - r0) * w, part + sg * w, w);
+    } else {  // only the last segment
+      if (sg != 0) std::memmove(part, part + sg * w, sizeof(float) * w);
+      return true;
+    }
+  }
+  return false;
+}
 
 }  // namespace nino_fast::cpu

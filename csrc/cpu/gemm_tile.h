@@ -1,10 +1,16 @@
-// Small-GEMM building blocks of the fused CPU kernels: C[M x Np] = A[M x K] * W^T with W (N x K)
-// prepacked into 16-column panels (zero-padded to Np = 16 * ceil(N / 16)), and a vectorised SiLU.
+// Small-GEMM building blocks of the fused CPU kernels: acc[M x Np] = A[M x K] * W^T with W (N x K)
+// prepacked into 16-column panels (zero-padded to Np = 16 * ceil(N / 16)), handed to an epilogue
+// functor while still in registers, plus a vectorised SiLU.
 //
-// Why a micro-kernel and not BLAS: the fused kernels run one GEMM per tile of ~100 edges, inside an
-// OpenMP task, with the epilogue (bias, gathers, SiLU, row reduction) applied while the tile is in
-// L1/L2. Each output element is a fixed sequence of FMAs over k = 0..K-1, whatever the tile size or
-// the row's position in it, so results do not depend on tiling or thread count (determinism).
+// Why a micro-kernel and not BLAS: the fused kernels run one GEMM per tile of ~50 edges, inside a
+// parallel task, and apply the epilogue (bias, gathers, SiLU, row reduction) to each 6 x 16 block of
+// accumulators before it leaves the registers: no extra pass over the tile. Each output element is a
+// fixed sequence of FMAs over k = 0..K-1 starting from zero, whatever the tile size or the row's
+// position in it, so results do not depend on tiling or thread count (determinism).
+//
+// The epilogue is called as ep(i, col0, lo, hi): row i of the tile, columns col0..col0+15 (lo: the
+// first 8, hi: the next 8), in a fixed order: panel by panel, and within a panel rows 0..m-1 in
+// increasing order (so an epilogue may reduce over rows in edge order).
 #pragma once
 
 #include <cmath>
@@ -19,11 +25,120 @@
 
 namespace nino_fast::cpu {
 
+#if defined(__GNUC__)
+#define NINO_FAST_INLINE inline __attribute__((always_inline))
+#define NINO_FAST_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define NINO_FAST_INLINE inline
+#define NINO_FAST_LAMBDA_INLINE
+#endif
+
 constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 registers)
 constexpr int64_t kRows = 6;  // edges per micro-kernel call (6 x 2 accumulators + 2 loads < 16 ymm)
 
 inline int64_t padded(int64_t n) {
   return (n + kPanel - 1) / kPanel * kPanel;
+}
+
+// ---- 8-float vectors: AVX2 registers, or a portable struct with the same operations ----
+#ifdef NINO_FAST_AVX2
+using V8 = __m256;
+inline V8 vld(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+inline void vst(float* p, V8 v) {
+  _mm256_storeu_ps(p, v);
+}
+inline V8 vzero() {
+  return _mm256_setzero_ps();
+}
+inline V8 vset1(float x) {
+  return _mm256_set1_ps(x);
+}
+inline V8 vadd(V8 a, V8 b) {
+  return _mm256_add_ps(a, b);
+}
+inline V8 vmul(V8 a, V8 b) {
+  return _mm256_mul_ps(a, b);
+}
+inline V8 vfma(V8 a, V8 b, V8 c) {  // a * b + c, one rounding
+  return _mm256_fmadd_ps(a, b, c);
+}
+#else
+struct V8 {
+  float x[8];
+};
+inline V8 vld(const float* p) {
+  V8 v;
+  std::memcpy(v.x, p, sizeof(v.x));
+  return v;
+}
+inline void vst(float* p, V8 v) {
+  std::memcpy(p, v.x, sizeof(v.x));
+}
+inline V8 vzero() {
+  return V8{};
+}
+inline V8 vset1(float x) {
+  V8 v;
+  for (float& e : v.x) e = x;
+  return v;
+}
+inline V8 vadd(V8 a, V8 b) {
+  for (int i = 0; i < 8; ++i) a.x[i] += b.x[i];
+  return a;
+}
+inline V8 vmul(V8 a, V8 b) {
+  for (int i = 0; i < 8; ++i) a.x[i] *= b.x[i];
+  return a;
+}
+inline V8 vfma(V8 a, V8 b, V8 c) {
+  for (int i = 0; i < 8; ++i) c.x[i] = std::fma(a.x[i], b.x[i], c.x[i]);
+  return c;
+}
+#endif
+
+// 16 floats at p, of which only the first `valid` exist (the rest read as 0)
+NINO_FAST_INLINE void load16(const float* p, int64_t valid, V8& lo, V8& hi) {
+  if (valid >= kPanel) {
+    lo = vld(p), hi = vld(p + 8);
+    return;
+  }
+  alignas(32) float t[kPanel] = {};
+  std::memcpy(t, p, sizeof(float) * valid);
+  lo = vld(t), hi = vld(t + 8);
+}
+
+// store the first `valid` of 16 floats at p
+NINO_FAST_INLINE void store16(float* p, int64_t valid, V8 lo, V8 hi) {
+  if (valid >= kPanel) {
+    vst(p, lo), vst(p + 8, hi);
+    return;
+  }
+  alignas(32) float t[kPanel];
+  vst(t, lo), vst(t + 8, hi);
+  std::memcpy(p, t, sizeof(float) * valid);
+}
+
+// Prefetch into L2 (a hint; no effect on results): the rows table[idx[0..n)] of `width` floats, and
+// a contiguous block of `nbytes`. The fused kernels issue these for the next tile's gathers and
+// A rows while the current tile computes: the micro-kernel's loop is too long for out-of-order
+// execution to overlap a gather's cache miss on its own.
+inline void prefetch_rows(const float* table, const int32_t* idx, int64_t n, int64_t width) {
+#if defined(__GNUC__)
+  const int64_t bytes = width * int64_t(sizeof(float));
+  for (int64_t i = 0; i < n; ++i) {
+    const char* p = reinterpret_cast<const char*>(table + int64_t(idx[i]) * width);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+  }
+#endif
+}
+
+inline void prefetch_block(const void* ptr, int64_t nbytes) {
+#if defined(__GNUC__)
+  const char* p = static_cast<const char*>(ptr);
+  for (int64_t off = 0; off < nbytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+#endif
 }
 
 // W (N x K, row-major: the torch Linear layout) packed as panels p = 0..Np/16-1 of K x 16 floats.
@@ -44,10 +159,11 @@ struct PackedB {
   const float* panel(int64_t p) const { return data.data() + p * k * kPanel; }
 };
 
-// C rows [0, MR) x panel p: C[i][p*16 + j] = sum_k A[i][k] * W[p*16 + j][k]
-template <int MR>
-inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k, float* c,
-                         int64_t ldc) {
+// Rows [i0, i0 + MR) x one panel (columns col0..col0+15): acc = sum_k A[i][k] * B[k][:], then
+// ep(i, col0, lo, hi) for each row in order. The generic version (remainder rows, portable build).
+template <int MR, class Ep>
+inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
+                         int64_t col0, Ep& ep) {
 #ifdef NINO_FAST_AVX2
   __m256 acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
@@ -59,17 +175,14 @@ inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k,
       acc1[i] = _mm256_fmadd_ps(ai, b1, acc1[i]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(c + i * ldc, acc0[i]);
-    _mm256_storeu_ps(c + i * ldc + 8, acc1[i]);
-  }
+  for (int i = 0; i < MR; ++i) ep(i0 + i, col0, acc0[i], acc1[i]);
 #else
   float acc[MR][kPanel] = {};
   for (int64_t kk = 0; kk < k; ++kk)
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < kPanel; ++j)
         acc[i][j] = std::fma(a[i * lda + kk], b[kk * kPanel + j], acc[i][j]);
-  for (int i = 0; i < MR; ++i) std::memcpy(c + i * ldc, acc[i], sizeof(acc[i]));
+  for (int i = 0; i < MR; ++i) ep(i0 + i, col0, vld(acc[i]), vld(acc[i] + 8));
 #endif
 }
 
@@ -77,9 +190,9 @@ inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k,
 // The full 6-row kernel with its 12 accumulators as named variables: with arrays, GCC may keep them
 // on the stack (a store per FMA pair), which costs 3-4x. Same per-element FMA sequence as
 // micro_kernel<MR>.
-template <>
-inline void micro_kernel<6>(const float* a, int64_t lda, const float* b, int64_t k, float* c,
-                            int64_t ldc) {
+template <class Ep>
+inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
+                          int64_t col0, Ep& ep) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
@@ -99,41 +212,45 @@ inline void micro_kernel<6>(const float* a, int64_t lda, const float* b, int64_t
     x = _mm256_broadcast_ss(a5 + kk);
     c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
   }
-  _mm256_storeu_ps(c, c00), _mm256_storeu_ps(c + 8, c01);
-  _mm256_storeu_ps(c + ldc, c10), _mm256_storeu_ps(c + ldc + 8, c11);
-  _mm256_storeu_ps(c + 2 * ldc, c20), _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-  _mm256_storeu_ps(c + 3 * ldc, c30), _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-  _mm256_storeu_ps(c + 4 * ldc, c40), _mm256_storeu_ps(c + 4 * ldc + 8, c41);
-  _mm256_storeu_ps(c + 5 * ldc, c50), _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+  ep(i0, col0, c00, c01);
+  ep(i0 + 1, col0, c10, c11);
+  ep(i0 + 2, col0, c20, c21);
+  ep(i0 + 3, col0, c30, c31);
+  ep(i0 + 4, col0, c40, c41);
+  ep(i0 + 5, col0, c50, c51);
+}
+#else
+template <class Ep>
+inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
+                          int64_t col0, Ep& ep) {
+  micro_kernel<6>(a, lda, b, k, i0, col0, ep);
 }
 #endif
 
-// C (m x Np, leading dimension ldc >= Np) = A (m x K, leading dimension lda) * W^T
-inline void gemm_tile(const float* a, int64_t lda, int64_t m, const PackedB& w, float* c,
-                      int64_t ldc) {
+// For each panel, rows 0..m-1 of A (m x K, leading dimension lda) times the panel, handed to ep.
+template <class Ep>
+inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep& ep) {
   for (int64_t p = 0; p < w.np / kPanel; ++p) {
     const float* b = w.panel(p);
+    const int64_t col0 = p * kPanel;
     int64_t i = 0;
-    for (; i + kRows <= m; i += kRows)
-      micro_kernel<kRows>(a + i * lda, lda, b, w.k, c + i * ldc + p * kPanel, ldc);
-    const int64_t rest = m - i;
+    for (; i + kRows <= m; i += kRows) micro_kernel6(a + i * lda, lda, b, w.k, i, col0, ep);
     const float* ar = a + i * lda;
-    float* cr = c + i * ldc + p * kPanel;
-    switch (rest) {  // the same per-element FMA sequence as the 6-row kernel
+    switch (m - i) {  // the same per-element FMA sequence as the 6-row kernel
       case 5:
-        micro_kernel<5>(ar, lda, b, w.k, cr, ldc);
+        micro_kernel<5>(ar, lda, b, w.k, i, col0, ep);
         break;
       case 4:
-        micro_kernel<4>(ar, lda, b, w.k, cr, ldc);
+        micro_kernel<4>(ar, lda, b, w.k, i, col0, ep);
         break;
       case 3:
-        micro_kernel<3>(ar, lda, b, w.k, cr, ldc);
+        micro_kernel<3>(ar, lda, b, w.k, i, col0, ep);
         break;
       case 2:
-        micro_kernel<2>(ar, lda, b, w.k, cr, ldc);
+        micro_kernel<2>(ar, lda, b, w.k, i, col0, ep);
         break;
       case 1:
-        micro_kernel<1>(ar, lda, b, w.k, cr, ldc);
+        micro_kernel<1>(ar, lda, b, w.k, i, col0, ep);
         break;
       default:
         break;
@@ -141,10 +258,19 @@ inline void gemm_tile(const float* a, int64_t lda, int64_t m, const PackedB& w, 
   }
 }
 
+// C (m x Np, leading dimension ldc >= Np) = A (m x K, leading dimension lda) * W^T
+inline void gemm_tile(const float* a, int64_t lda, int64_t m, const PackedB& w, float* c,
+                      int64_t ldc) {
+  auto store = [c, ldc](int64_t i, int64_t col0, V8 lo, V8 hi) {
+    vst(c + i * ldc + col0, lo), vst(c + i * ldc + col0 + 8, hi);
+  };
+  gemm_ep(a, lda, m, w, store);
+}
+
 // ---- SiLU: x * sigmoid(x) with an exp accurate to ~2 ulp (the goldens need ~1e-6 relative
 // overall) ----
 #ifdef NINO_FAST_AVX2
-inline __m256 exp_avx2(__m256 x) {
+NINO_FAST_INLINE __m256 exp_avx2(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -163,7 +289,7 @@ inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-inline __m256 silu_avx2(__m256 x) {
+NINO_FAST_INLINE __m256 silu_avx2(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.f);
   return _mm256_div_ps(x, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
@@ -173,6 +299,15 @@ inline float silu(float x) {
   return x / (1.f + std::exp(-x));
 }
 
+NINO_FAST_INLINE V8 vsilu(V8 x) {
+#ifdef NINO_FAST_AVX2
+  return silu_avx2(x);
+#else
+  for (float& e : x.x) e = silu(e);
+  return x;
+#endif
+}
+
 // y[0..n) = silu(y[0..n)) in place
 inline void silu_inplace(float* y, int64_t n) {
   int64_t j = 0;
@@ -180,6 +315,13 @@ inline void silu_inplace(float* y, int64_t n) {
   for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, silu_avx2(_mm256_loadu_ps(y + j)));
 #endif
   for (; j < n; ++j) y[j] = silu(y[j]);
+}
+
+// y[0..n) += x[0..n)
+inline void add_inplace(float* y, const float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) vst(y + j, vadd(vld(y + j), vld(x + j)));
+  for (; j < n; ++j) y[j] += x[j];
 }
 
 }  // namespace nino_fast::cpu

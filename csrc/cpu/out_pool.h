@@ -1,0 +1,110 @@
+// A small cache of large output buffers for the fused CPU kernels.
+//
+// Why: an (E, D) fp32 output is tens to hundreds of MB. glibc serves such sizes with a fresh mmap and
+// returns them with munmap, so every call pays a page fault plus the kernel zeroing each 4 KiB page on
+// first touch (measured ~0.35 s for 512 MB on one core: as much as the GEMMs themselves at E = 1e6,
+// and ~20 ms per 64K-edge head chunk). Outputs of these ops are handed out with a deleter that gives
+// the buffer back here; the next call of the same size reuses the already-mapped pages.
+//
+// Bounded: at most kMaxBuffers buffers and NINO_FAST_CPU_POOL_MB MiB (default 256; 0 disables) are
+// kept; buffers under 1 MiB go through the ordinary allocator. Reuse is exact-size (rounded to 64 KiB),
+// which is what chunked loops produce. Nothing stays cached between NiNo steps: the Python step calls
+// torch.ops.nino_fast._cpu_pool_release() when it ends (release()), so the pool never holds memory
+// outside a step.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+namespace nino_fast::cpu {
+
+class OutPool {
+ public:
+  static OutPool& get() {
+    static OutPool* pool = new OutPool();  // never destroyed: tensors may outlive static destruction
+    return *pool;
+  }
+
+  size_t cap() const { return cap_; }
+
+  // Frees every cached buffer (buffers still in use come back later and are cached again).
+  void release() {
+    std::vector<std::pair<size_t, void*>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop.swap(free_);
+      cached_ = 0;
+    }
+    for (auto& b : drop) std::free(b.second);
+  }
+
+  void* take(size_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = free_.size(); i-- > 0;)
+        if (free_[i].first == nbytes) {
+          void* p = free_[i].second;
+          free_.erase(free_.begin() + int64_t(i));
+          cached_ -= nbytes;
+          return p;
+        }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, 4096, nbytes) != 0) return nullptr;
+    return p;
+  }
+
+  void give(void* p, size_t nbytes) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (nbytes > cap_) {
+        drop.push_back(p);
+      } else {
+        // evict the oldest until the new one fits
+        while (!free_.empty() && (cached_ + nbytes > cap_ || free_.size() >= kMaxBuffers)) {
+          drop.push_back(free_.front().second);
+          cached_ -= free_.front().first;
+          free_.erase(free_.begin());
+        }
+        free_.emplace_back(nbytes, p);
+        cached_ += nbytes;
+      }
+    }
+    for (void* q : drop) std::free(q);
+  }
+
+ private:
+  static constexpr size_t kMaxBuffers = 8;
+
+  OutPool() {
+    size_t mb = 256;
+    if (const char* s = std::getenv("NINO_FAST_CPU_POOL_MB")) mb = size_t(std::strtoull(s, nullptr, 10));
+    cap_ = mb << 20;
+  }
+
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> free_;
+  size_t cached_ = 0, cap_ = 0;
+};
+
+// An uninitialised float32 CPU tensor of `sizes`, from the pool when it is large enough to matter.
+inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = size_t(numel) * sizeof(float);
+  auto& pool = OutPool::get();
+  if (nbytes < (size_t(1) << 20) || pool.cap() == 0) return at::empty(sizes, options);
+  const size_t rounded = (nbytes + 65535) / 65536 * 65536;
+  void* p = pool.take(rounded);
+  if (p == nullptr) return at::empty(sizes, options);
+  return at::from_blob(
+      p, sizes, [rounded](void* q) { OutPool::get().give(q, rounded); },
+      options.dtype(at::kFloat).device(at::kCPU));
+}
+
+}  // namespace nino_fast::cpu
