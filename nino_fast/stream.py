@@ -43,6 +43,7 @@ NODE_PASS, NODE_PEAK = 6, 9  # (N, D) float32 node terms alive during an edge pa
 EDGE_BYTES_REFERENCE = 8 * 128 * 4  # the pure-PyTorch ops materialise a few (E_t, D) tensors per pass (D = 128)
 PASSES = ("layer 0", "layer 1", "head")
 CHUNK = 1 << 18  # edges per chunk while building raw features / writing back predictions (bounds temporaries)
+CHUNK_GPU = 1 << 24  # on a GPU: small chunks would be launch-bound (111M edges: thousands of launches)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 _UNITS["ti"] = 2**40
 
@@ -158,8 +159,9 @@ class History:
         of ``CHUNK`` edges, so that its index and scaling temporaries stay small beside the output."""
         F, C = self.F, self.states.shape[1]
         out = torch.zeros((e1 - e0) * F, C, dtype=torch.float32, device=self.device)
-        for a in range(e0, e1, CHUNK):
-            b = min(e1, a + CHUNK)
+        chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
+        for a in range(e0, e1, chunk):
+            b = min(e1, a + chunk)
             slots = self.inv[a * F : b * F]
             where = (slots >= 0).nonzero().squeeze(1)
             params = slots[where].long()
@@ -186,14 +188,15 @@ class History:
         Runs in chunks of ``CHUNK`` edges (small temporaries)."""
         F, bad = self.F, 0
         cols = torch.arange(F, device=self.device)
-        for a in range(0, used.numel(), CHUNK):
-            ids = used[a : a + CHUNK]
+        chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
+        for a in range(0, used.numel(), chunk):
+            ids = used[a : a + chunk]
             if F == 1:  # one slot per edge, and every used edge has its parameter: no masks
-                params, out = self.inv[ids + e0].long(), pred[a : a + CHUNK, 0]
+                params, out = self.inv[ids + e0].long(), pred[a : a + chunk, 0]
             else:
                 slots = self.inv[((ids + e0) * F).unsqueeze(1) + cols]
                 mine = slots >= 0
-                params, out = slots[mine].long(), pred[a : a + CHUNK][mine]
+                params, out = slots[mine].long(), pred[a : a + chunk][mine]
             shift, scale = self._shift_scale(params)
             if model.residual:
                 out = scale_rows(self._rows(params, slice(-1, None)).squeeze(1), shift, scale) + out * model.upd_scale
