@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from test_meta import PLAN
+from test_meta import cfg as meta_cfg
 
 from nino_fast import NiNo, NiNoModel, build_graph
 from nino_fast.cli import build_parser
@@ -14,14 +16,7 @@ from nino_fast.meta import tasks
 from nino_fast.meta.collect import collect
 from nino_fast.meta.data import WindowSampler
 from nino_fast.meta.forward import predict_wnn, wnn_loss
-from nino_fast.meta.train import TrainConfig, train
-
-PLAN = [
-    dict(family="mlp", widths=[12], act="relu", opt="adamw", lr=3e-3, wd=0.01, seed=1),
-    dict(family="convnet", width=4, depth=2, act="gelu", opt="adam", lr=5e-3, wd=0.0, seed=2),
-]
-for _spec in PLAN:
-    _spec.update(steps=80, batch=32, save_every=4)
+from nino_fast.meta.train import train
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +27,8 @@ def store(tmp_path_factory):
 
 
 def cfg(store, out, **kw):
-    base = dict(data=str(store), out=str(out), hid=16, steps=6, batch=2, samples_per_traj=2, stride_steps=4)
-    base.update(ckpt_every=2, log_every=100, arch="wnn")
-    return TrainConfig(**{**base, **kw})
+    """test_meta's small training config, with the WNN+ architecture."""
+    return meta_cfg(store, out, **{"arch": "wnn", **kw})
 
 
 def quiet(*_):
