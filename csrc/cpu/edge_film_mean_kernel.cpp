@@ -109,16 +109,7 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
         fold_segments(tr, r0, hpart.data(), hsum.data(), nph);  // the same segments: the same carry
       }
       // the shift half, one GEMM over the task's rows: W_sh (sum_e h) + deg b_sh
-      auto fin = [&](int64_t i, int64_t col0, V8 lo, V8 hi) {
-        const int64_t row = r0 + i, deg = rp[row + 1] - rp[row], valid = d - col0;
-        float* yr = y + row * d + col0;
-        if (deg == 0) return store16(yr, valid, vzero(), vzero());
-        const V8 dg = vset1(float(deg)), inv = vset1(1.f / float(deg));
-        const float* a = acc.data() + i * np + col0;
-        lo = vmul(vadd(vadd(vld(a), lo), vmul(dg, vld(bshp.data() + col0))), inv);
-        hi = vmul(vadd(vadd(vld(a + 8), hi), vmul(dg, vld(bshp.data() + col0 + 8))), inv);
-        store16(yr, valid, lo, hi);
-      };
+      const ShiftMeanEp fin{rp, r0, y, d, acc.data(), np, bshp.data()};
       gemm_ep(hsum.data(), nph, nr, shift_w, fin);
     }
   });

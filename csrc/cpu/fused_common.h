@@ -132,6 +132,29 @@ struct AffineStage {
   const int64_t* et() const { return etype.defined() ? etype.data_ptr<int64_t>() : nullptr; }
 };
 
+// Epilogue of the shift-half GEMM over a task's rows r0 + i (the FiLM ops): y[row] = (acc[i] + W_sh sum + deg
+// b_sh) / deg for the (row, 16-column) block, zeros for a row without in-edges. acc: (rows, np); b_sh: padded.
+struct ShiftMeanEp {
+  const int64_t* rp;
+  int64_t r0;
+  float* y;
+  int64_t d;
+  const float* acc;
+  int64_t np;
+  const float* b_sh;
+
+  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V8 lo, V8 hi) const {
+    const int64_t row = r0 + i, deg = rp[row + 1] - rp[row], valid = d - col0;
+    float* yr = y + row * d + col0;
+    if (deg == 0) return store16(yr, valid, vzero(), vzero());
+    const V8 dg = vset1(float(deg)), inv = vset1(1.f / float(deg));
+    const float* a = acc + i * np + col0;
+    lo = vmul(vadd(vadd(vld(a), lo), vmul(dg, vld(b_sh + col0))), inv);
+    hi = vmul(vadd(vadd(vld(a + 8), hi), vmul(dg, vld(b_sh + col0 + 8))), inv);
+    store16(yr, valid, lo, hi);
+  }
+};
+
 // Epilogue of the input stage for the tile of edges e0..e0+m: row i of the output tile (out, leading
 // dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + ns[src[e]] + nd[dsti[i]]), e = e0 + i.
 // Optionally also hpart[seg[i]] += that row (the per-row sum of h within the tile).
