@@ -10,7 +10,8 @@ Environment:
   NINO_FAST_FORCE_CUDA=1   compile CUDA sources even if auto-detection says no (needs nvcc and a CUDA torch)
   CUDA_HOME                the CUDA toolkit root (the directory holding bin/nvcc)
   TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "9.0" (default: torch's choice)
-  NINO_FAST_NO_NATIVE=1    no -mavx2/-mfma (portable CPU build; results stay correct without them)
+  NINO_FAST_NO_NATIVE=1    no -mavx2/-mfma/-mavx512f (portable CPU build; results stay correct without them)
+  NINO_FAST_NO_AVX512=1    AVX2 kernels even where this machine has AVX-512 (same results, for AVX2-only hosts)
   MAX_JOBS                 parallel compile jobs (default: capped by free memory and cores)
 """
 
@@ -59,21 +60,44 @@ def _cap_jobs(with_cuda: bool) -> None:
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(_free_mem_gb() / per_job))))
 
 
-def _compiler_accepts(flags: list[str]) -> bool:
-    """Whether the C++ compiler builds (not only parses) AVX2/FMA intrinsics with ``flags``."""
+_AVX2_PROBE = (
+    "#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
+    "a=_mm256_fmadd_ps(a,a,a);return (int)_mm256_cvtss_f32(a);}\n"
+)
+# exits 0 only where the compiler builds AVX-512F code and this (the build) machine runs it
+_AVX512_PROBE = (
+    "#include <immintrin.h>\nint main(){if(!__builtin_cpu_supports(\"avx512f\"))return 1;"
+    "__m512 a=_mm512_set1_ps(1.f);a=_mm512_fmadd_ps(a,a,a);return (int)_mm512_reduce_add_ps(a) - 32;}\n"
+)
+
+
+def _compiler_accepts(flags: list[str], probe: str = _AVX2_PROBE, run: bool = False) -> bool:
+    """Whether the C++ compiler builds (not only parses) ``probe`` with ``flags``; with ``run``, also
+    whether the built program exits 0 on this machine."""
     cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "t.cpp")
+        src, exe = os.path.join(tmp, "t.cpp"), os.path.join(tmp, "t")
         with open(src, "w") as f:
-            f.write(
-                "#include <immintrin.h>\nint main(){__m256 a=_mm256_set1_ps(1.f);"
-                "a=_mm256_fmadd_ps(a,a,a);return (int)_mm256_cvtss_f32(a);}\n"
-            )
+            f.write(probe)
         try:
-            res = subprocess.run([cxx, *flags, src, "-o", os.path.join(tmp, "t")], capture_output=True)
+            res = subprocess.run([cxx, *flags, src, "-o", exe], capture_output=True)
+            if res.returncode != 0:
+                return False
+            return not run or subprocess.run([exe], capture_output=True).returncode == 0
         except OSError:
             return False
-        return res.returncode == 0
+
+
+def _native_flags() -> list[str]:
+    """Vector ISA flags: AVX-512F where the build machine runs it (the kernels' 16-wide path; a
+    machine without it must build with NINO_FAST_NO_AVX512=1, and nino_fast refuses to load such a
+    build there), else AVX2/FMA where the compiler builds it, else none (scalar kernels)."""
+    if _flag("NINO_FAST_NO_NATIVE") or not _compiler_accepts(["-mavx2", "-mfma"]):
+        return []
+    avx512 = ["-mavx2", "-mfma", "-mavx512f"]
+    if not _flag("NINO_FAST_NO_AVX512") and _compiler_accepts(avx512, _AVX512_PROBE, run=True):
+        return avx512
+    return ["-mavx2", "-mfma"]
 
 
 def _want_cuda() -> bool:
@@ -96,8 +120,7 @@ def extensions() -> list:
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # NINO_FAST_PYTHON_MODULE: only this build defines PyInit__C (the CMake library has no Python in it).
     cxx = ["-O3", "-fopenmp", "-DNINO_FAST_PYTHON_MODULE"]
-    if not _flag("NINO_FAST_NO_NATIVE") and _compiler_accepts(["-mavx2", "-mfma"]):
-        cxx += ["-mavx2", "-mfma"]
+    cxx += _native_flags()
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if not with_cuda:
         return [CppExtension("nino_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)]

@@ -114,12 +114,26 @@ _FMA_SRC = r"""
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
-/* Throughput of independent AVX2 FMAs: 10 named accumulators (registers, not an array) hide the FMA latency
-   on both FMA ports. Returns the best GFLOP/s over 3 repetitions. */
-#define FMA10(x) a0 = _mm256_fmadd_ps(a0, m, c); a1 = _mm256_fmadd_ps(a1, m, c); a2 = _mm256_fmadd_ps(a2, m, c); \
-  a3 = _mm256_fmadd_ps(a3, m, c); a4 = _mm256_fmadd_ps(a4, m, c); a5 = _mm256_fmadd_ps(a5, m, c); \
-  a6 = _mm256_fmadd_ps(a6, m, c); a7 = _mm256_fmadd_ps(a7, m, c); a8 = _mm256_fmadd_ps(a8, m, c); \
-  a9 = _mm256_fmadd_ps(a9, m, c);
+/* Throughput of independent FMAs of vector type V (VEC floats wide): 10 named accumulators (registers, not an
+   array) hide the FMA latency on both FMA ports. Returns the best GFLOP/s over 3 repetitions. */
+#define FMA10 a0 = FMADD(a0, m, c); a1 = FMADD(a1, m, c); a2 = FMADD(a2, m, c); a3 = FMADD(a3, m, c); \
+  a4 = FMADD(a4, m, c); a5 = FMADD(a5, m, c); a6 = FMADD(a6, m, c); a7 = FMADD(a7, m, c); a8 = FMADD(a8, m, c); \
+  a9 = FMADD(a9, m, c);
+#if WIDTH == 512
+#define V __m512
+#define VEC 16
+#define FMADD _mm512_fmadd_ps
+#define SET1 _mm512_set1_ps
+#define ADD _mm512_add_ps
+#define FIRST(v) _mm512_cvtss_f32(v)
+#else
+#define V __m256
+#define VEC 8
+#define FMADD _mm256_fmadd_ps
+#define SET1 _mm256_set1_ps
+#define ADD _mm256_add_ps
+#define FIRST(v) _mm256_cvtss_f32(v)
+#endif
 double fma_gflops(int64_t iters, int threads) {
   double best = 0;
   for (int rep = 0; rep < 3; ++rep) {
@@ -127,21 +141,15 @@ double fma_gflops(int64_t iters, int threads) {
     float sink = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
     {
-      __m256 a0 = _mm256_set1_ps(1.0f), a1 = _mm256_set1_ps(1.1f), a2 = _mm256_set1_ps(1.2f),
-             a3 = _mm256_set1_ps(1.3f), a4 = _mm256_set1_ps(1.4f), a5 = _mm256_set1_ps(1.5f),
-             a6 = _mm256_set1_ps(1.6f), a7 = _mm256_set1_ps(1.7f), a8 = _mm256_set1_ps(1.8f),
-             a9 = _mm256_set1_ps(1.9f);
-      const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-      for (int64_t it = 0; it < iters; ++it) { FMA10(0) }
-      __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                               _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(_mm256_add_ps(a6, a7),
-                                                                                 _mm256_add_ps(a8, a9))));
-      float out[8];
-      _mm256_storeu_ps(out, s);
-      sink += out[0];
+      V a0 = SET1(1.0f), a1 = SET1(1.1f), a2 = SET1(1.2f), a3 = SET1(1.3f), a4 = SET1(1.4f), a5 = SET1(1.5f),
+        a6 = SET1(1.6f), a7 = SET1(1.7f), a8 = SET1(1.8f), a9 = SET1(1.9f);
+      const V m = SET1(0.999999f), c = SET1(1e-7f);
+      for (int64_t it = 0; it < iters; ++it) { FMA10 }
+      V s = ADD(ADD(ADD(a0, a1), ADD(a2, a3)), ADD(ADD(a4, a5), ADD(ADD(a6, a7), ADD(a8, a9))));
+      sink += FIRST(s);
     }
     double sec = omp_get_wtime() - t0;
-    double gf = 2.0 * 8 * 10 * (double)iters * threads / sec / 1e9;
+    double gf = 2.0 * VEC * 10 * (double)iters * threads / sec / 1e9;
     if (sink != 12345.f && gf > best) best = gf;
   }
   return best;
@@ -149,18 +157,31 @@ double fma_gflops(int64_t iters, int threads) {
 """
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
 def fma_peak_gflops(threads: int | None = None) -> float:
-    """Measured fp32 FMA peak of this CPU (AVX2 FMA loop on ``threads`` cores), GFLOP/s; 0 if not measurable."""
+    """Measured fp32 FMA peak of this CPU on ``threads`` cores, GFLOP/s: a loop of independent FMAs of the widest
+    vectors it runs (AVX-512 where the CPU has it, else AVX2); 0 if not measurable. The same ISA the kernels are
+    built for (setup.py), so fractions of this peak are honest."""
     import ctypes
     import tempfile
 
     threads = threads or torch.get_num_threads()
+    width = 512 if _cpu_has_avx512() else 256
+    isa = ["-mavx512f"] if width == 512 else []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             src, lib = Path(tmp) / "fma.c", Path(tmp) / "fma.so"
             src.write_text(_FMA_SRC)
             subprocess.run(
-                ["cc", "-O2", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                ["cc", "-O2", "-mavx2", "-mfma", *isa, f"-DWIDTH={width}", "-fopenmp", "-shared", "-fPIC"]
+                + [str(src), "-o", str(lib)],
                 check=True,
                 capture_output=True,
             )

@@ -8,6 +8,9 @@
 // files up by glob.
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/gemm_tile.h"
 #include "cpu/out_pool.h"
 
 #ifdef NINO_FAST_PYTHON_MODULE
@@ -29,6 +32,11 @@ bool cuda_compiled() {
   return false;
 #endif
 }
+// The vector instruction set the CPU kernels were compiled for: "avx512", "avx2" or "scalar"
+// (csrc/cpu/gemm_tile.h); nino_fast._extension refuses an "avx512" build on a CPU without AVX-512.
+std::string cpu_isa() {
+  return nino_fast::cpu::compiled_isa();
+}
 // Frees the CPU kernels' cached output buffers (csrc/cpu/out_pool.h); a NiNo step calls it when it ends.
 void cpu_pool_release() {
   nino_fast::cpu::OutPool::get().release();
@@ -38,6 +46,7 @@ void cpu_pool_release() {
 TORCH_LIBRARY(nino_fast, m) {
   // Build information (no tensor argument, so a catch-all kernel): were the CUDA kernels built?
   m.def("_cuda_compiled() -> bool", &cuda_compiled);
+  m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_pool_release() -> ()", &cpu_pool_release);
   // out[n] = mean(src[rowptr[n]:rowptr[n+1]]), 0 for an empty row.
   m.def("segment_mean_csr(Tensor src, Tensor rowptr) -> Tensor");

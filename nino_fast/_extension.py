@@ -14,6 +14,7 @@ import torch
 
 log = logging.getLogger("nino_fast")
 _ERROR: str | None = None
+_CPU_ISA: str | None = None  # the vector ISA the loaded CPU kernels were built for
 
 if os.environ.get("NINO_FAST_DISABLE_EXT", "0").strip().lower() not in ("", "0", "false", "no", "off"):
     _ERROR = "disabled by NINO_FAST_DISABLE_EXT"
@@ -22,6 +23,35 @@ else:
         from . import _C  # noqa: F401  (loading the library registers torch.ops.nino_fast.*)
     except Exception as exc:  # ImportError/OSError for a missing or ABI-broken .so; a registration clash
         _ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _cpu_has_avx512() -> bool:
+    """Whether this CPU runs AVX-512F (Linux: /proc/cpuinfo; elsewhere torch's own CPU capability probe)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _isa_error(isa: str | None, cpu_has_avx512: bool) -> str | None:
+    """Why CPU kernels built for ``isa`` must not run on this CPU (None if they may). setup.py enables AVX-512
+    where the build machine has it; on a CPU without it those kernels would die of an illegal instruction, so
+    the extension counts as not loaded and the ops go to the next backend."""
+    if isa == "avx512" and not cpu_has_avx512:
+        return (
+            "nino_fast._C was built with AVX-512 kernels but this CPU has no AVX-512; rebuild it here, or with "
+            "NINO_FAST_NO_AVX512=1 for AVX2-only machines"
+        )
+    return None
+
+
+if _ERROR is None:
+    try:
+        _CPU_ISA = str(torch.ops.nino_fast._cpu_isa())
+    except (AttributeError, RuntimeError):  # an older _C without the op
+        _CPU_ISA = "unknown"
+    _ERROR = _isa_error(_CPU_ISA, _cpu_has_avx512())
 if _ERROR is not None:
     log.warning("nino_fast: C++ extension not loaded (%s); using the Triton/reference backends", _ERROR)
 
@@ -29,6 +59,12 @@ if _ERROR is not None:
 def has_ext() -> bool:
     """Whether ``nino_fast._C`` is loaded (its ops are in ``torch.ops.nino_fast``)."""
     return _ERROR is None
+
+
+def cpu_isa() -> str | None:
+    """The vector instruction set of the loaded CPU kernels: "avx512", "avx2" or "scalar" (None if not loaded).
+    The results are the same bits for each (every output element is the same FMA sequence)."""
+    return _CPU_ISA if has_ext() else None
 
 
 def ext_error() -> str | None:

@@ -171,6 +171,21 @@ def test_cuda_flag_matches_dispatcher():
     assert _extension.has_cuda_ext() == registered
 
 
+def test_cpu_isa():
+    """The loaded kernels report their vector ISA; AVX-512 only where this CPU has it (setup.py's probe runs the
+    instructions on the build machine), and a build for AVX-512 is refused on a CPU without it."""
+    isa = _extension.cpu_isa()
+    if not _extension.has_ext():
+        assert isa is None
+        return
+    assert isa in ("avx512", "avx2", "scalar")
+    if not _extension._cpu_has_avx512():
+        assert isa != "avx512"
+    assert _extension._isa_error("avx512", cpu_has_avx512=True) is None
+    assert _extension._isa_error("avx2", cpu_has_avx512=False) is None
+    assert "NINO_FAST_NO_AVX512=1" in _extension._isa_error("avx512", cpu_has_avx512=False)
+
+
 @needs_cuda_ext
 @pytest.mark.parametrize("n, e, d, heavy", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)

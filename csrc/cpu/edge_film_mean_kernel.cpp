@@ -76,16 +76,13 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
     first.hpart = hpart.data(), first.seg = tr.seg, first.ldp = nph;
     int64_t e0 = 0;
     // per edge: (W_sc h + b_sc) * (msg_dst[n] + msg_src[src]), summed per row
-    auto scale_ep = [&](int64_t i, int64_t col0, V8 lo, V8 hi) NINO_FAST_LAMBDA_INLINE {
+    auto scale_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
       const int64_t e = e0 + i, valid = d - col0;
-      V8 a, b, g0, g1;
-      lo = vadd(lo, vld(bscp.data() + col0)), hi = vadd(hi, vld(bscp.data() + col0 + 8));
-      load16(pmd + tr.dsti[i] * d + col0, valid, g0, g1);
-      load16(pms + int64_t(s[e]) * d + col0, valid, a, b);
-      g0 = vadd(g0, a), g1 = vadd(g1, b);
+      v = vadd(v, vld16(bscp.data() + col0));
+      const V16 g = vadd(load16(pmd + tr.dsti[i] * d + col0, valid),
+                         load16(pms + int64_t(s[e]) * d + col0, valid));
       float* pp = part.data() + tr.seg[i] * np + col0;
-      vst(pp, vfma(lo, g0, vld(pp)));
-      vst(pp + 8, vfma(hi, g1, vld(pp + 8)));
+      vst16(pp, vfma(v, g, vld16(pp)));
     };
     for (int64_t task; (task = claim()) >= 0;) {
       const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;

@@ -77,18 +77,14 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
     first.out = htile.data(), first.ldo = nph;
     int64_t e0 = 0;
     // second GEMM's epilogue: y[e] = [silu](acc + b_b (+ s2[src] + t2[dst])), written straight out
-    auto second_ep = [&](int64_t i, int64_t col0, V8 lo, V8 hi) NINO_FAST_LAMBDA_INLINE {
+    auto second_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
       const int64_t e = e0 + i, valid = dout - col0;
-      lo = vadd(lo, vld(bbp.data() + col0));
-      hi = vadd(hi, vld(bbp.data() + col0 + 8));
-      if (pns2) {
-        V8 a, b, a2, b2;
-        load16(pns2 + int64_t(s[e]) * dout + col0, valid, a, b);
-        load16(pnd2 + dsti[i] * dout + col0, valid, a2, b2);
-        lo = vadd(lo, vadd(a, a2)), hi = vadd(hi, vadd(b, b2));
-      }
-      if (act_out) lo = vsilu(lo), hi = vsilu(hi);
-      store16(y + e * dout + col0, valid, lo, hi);
+      v = vadd(v, vld16(bbp.data() + col0));
+      if (pns2)
+        v = vadd(v, vadd(load16(pns2 + int64_t(s[e]) * dout + col0, valid),
+                         load16(pnd2 + dsti[i] * dout + col0, valid)));
+      if (act_out) v = vsilu(v);
+      store16(y + e * dout + col0, valid, v);
     };
     for (int64_t tile; (tile = claim()) >= 0;) {
       e0 = tile * kTile;

@@ -78,21 +78,18 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
     TileRows tr;
     int64_t e0 = 0;
     // per edge: (W_sc x + b_sc + T_sc[t]) * (node_dst[n] + node_src[src]) + T_sh[t], summed per row
-    auto scale_ep = [&](int64_t i, int64_t col0, V8 lo, V8 hi) NINO_FAST_LAMBDA_INLINE {
+    auto scale_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
       const int64_t e = e0 + i, valid = d - col0;
-      V8 a, b, g0, g1, t0 = vzero(), t1 = vzero();
-      lo = vadd(lo, vld(pbsc + col0)), hi = vadd(hi, vld(pbsc + col0 + 8));
+      V16 t = vzero16();
+      v = vadd(v, vld16(pbsc + col0));
       if (ptsc) {
-        load16(ptsc + pet[e] * d + col0, valid, a, b);
-        lo = vadd(lo, a), hi = vadd(hi, b);
-        load16(ptsh + pet[e] * d + col0, valid, t0, t1);
+        v = vadd(v, load16(ptsc + pet[e] * d + col0, valid));
+        t = load16(ptsh + pet[e] * d + col0, valid);
       }
-      load16(pnd + tr.dsti[i] * d + col0, valid, g0, g1);
-      load16(pns + int64_t(s[e]) * d + col0, valid, a, b);
-      g0 = vadd(g0, a), g1 = vadd(g1, b);
+      const V16 g = vadd(load16(pnd + tr.dsti[i] * d + col0, valid),
+                         load16(pns + int64_t(s[e]) * d + col0, valid));
       float* pp = part.data() + tr.seg[i] * np + col0;
-      vst(pp, vadd(vld(pp), vfma(lo, g0, t0)));
-      vst(pp + 8, vadd(vld(pp + 8), vfma(hi, g1, t1)));
+      vst16(pp, vadd(vld16(pp), vfma(v, g, t)));
     };
     for (int64_t task; (task = claim()) >= 0;) {
       const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;

@@ -143,15 +143,13 @@ struct ShiftMeanEp {
   int64_t np;
   const float* b_sh;
 
-  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V8 lo, V8 hi) const {
+  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V16 v) const {
     const int64_t row = r0 + i, deg = rp[row + 1] - rp[row], valid = d - col0;
     float* yr = y + row * d + col0;
-    if (deg == 0) return store16(yr, valid, vzero(), vzero());
-    const V8 dg = vset1(float(deg)), inv = vset1(1.f / float(deg));
-    const float* a = acc + i * np + col0;
-    lo = vmul(vadd(vadd(vld(a), lo), vmul(dg, vld(b_sh + col0))), inv);
-    hi = vmul(vadd(vadd(vld(a + 8), hi), vmul(dg, vld(b_sh + col0 + 8))), inv);
-    store16(yr, valid, lo, hi);
+    if (deg == 0) return store16(yr, valid, vzero16());
+    const V16 dg = vset16(float(deg)), inv = vset16(1.f / float(deg));
+    v = vmul(vadd(vadd(vld16(acc + i * np + col0), v), vmul(dg, vld16(b_sh + col0))), inv);
+    store16(yr, valid, v);
   }
 };
 
@@ -176,27 +174,18 @@ struct AffineEp {
   AffineEp(const AffineStage& st, bool act_) : bias(st.bias_p.data()), tab(st.tab()), et(st.et()),
                                                d(st.d), act(act_) {}
 
-  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V8 lo, V8 hi) const {
+  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V16 v) const {
     const int64_t e = e0 + i, valid = d - col0;
-    lo = vadd(lo, vld(bias + col0));
-    hi = vadd(hi, vld(bias + col0 + 8));
-    V8 a, b;
-    if (tab) {
-      load16(tab + et[e] * d + col0, valid, a, b);
-      lo = vadd(lo, a), hi = vadd(hi, b);
-    }
-    if (ns) {
-      V8 a2, b2;
-      load16(ns + int64_t(src[e]) * d + col0, valid, a, b);
-      load16(nd + dsti[i] * d + col0, valid, a2, b2);
-      lo = vadd(lo, vadd(a, a2)), hi = vadd(hi, vadd(b, b2));
-    }
-    if (act) lo = vsilu(lo), hi = vsilu(hi);
-    float* y = out + i * ldo + col0;
-    vst(y, lo), vst(y + 8, hi);
+    v = vadd(v, vld16(bias + col0));
+    if (tab) v = vadd(v, load16(tab + et[e] * d + col0, valid));
+    if (ns)
+      v = vadd(v, vadd(load16(ns + int64_t(src[e]) * d + col0, valid),
+                       load16(nd + dsti[i] * d + col0, valid)));
+    if (act) v = vsilu(v);
+    vst16(out + i * ldo + col0, v);
     if (hpart) {
       float* hp = hpart + seg[i] * ldp + col0;
-      vst(hp, vadd(vld(hp), lo)), vst(hp + 8, vadd(vld(hp + 8), hi));
+      vst16(hp, vadd(vld16(hp), v));
     }
   }
 };

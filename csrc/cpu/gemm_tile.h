@@ -3,14 +3,16 @@
 // functor while still in registers, plus a vectorised SiLU.
 //
 // Why a micro-kernel and not BLAS: the fused kernels run one GEMM per tile of ~50 edges, inside a
-// parallel task, and apply the epilogue (bias, gathers, SiLU, row reduction) to each 6 x 16 block of
+// parallel task, and apply the epilogue (bias, gathers, SiLU, row reduction) to each block of
 // accumulators before it leaves the registers: no extra pass over the tile. Each output element is a
-// fixed sequence of FMAs over k = 0..K-1 starting from zero, whatever the tile size or the row's
-// position in it, so results do not depend on tiling or thread count (determinism).
+// fixed sequence of FMAs over k = 0..K-1 starting from zero, whatever the tile size, the row's
+// position in it or the instruction set (AVX-512, AVX2, scalar), so results do not depend on tiling,
+// thread count or build (determinism).
 //
-// The epilogue is called as ep(i, col0, lo, hi): row i of the tile, columns col0..col0+15 (lo: the
-// first 8, hi: the next 8), in a fixed order: panel by panel, and within a panel rows 0..m-1 in
-// increasing order (so an epilogue may reduce over rows in edge order).
+// The epilogue is called as ep(i, col0, v): row i of the tile, columns col0..col0+15 as one V16
+// (16 floats: one AVX-512 register, or two AVX2 registers). For each column, rows come in
+// increasing order (so an epilogue may reduce over rows in edge order); nothing else about the order
+// is promised (the AVX-512 kernel interleaves two panels).
 #pragma once
 
 #include <cmath>
@@ -19,8 +21,16 @@
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 intrinsics (e.g. _mm512_max_ps) pass a self-initialised "undefined" vector as the
+// masked-off source; once inlined, -Wmaybe-uninitialized reports it (GCC bug 105593). Not our code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #define NINO_FAST_AVX2 1
+#endif
+#if defined(NINO_FAST_AVX2) && defined(__AVX512F__)
+#define NINO_FAST_AVX512 1
 #endif
 
 namespace nino_fast::cpu {
@@ -33,8 +43,18 @@ namespace nino_fast::cpu {
 #define NINO_FAST_LAMBDA_INLINE
 #endif
 
-constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 registers)
-constexpr int64_t kRows = 6;  // edges per micro-kernel call (6 x 2 accumulators + 2 loads < 16 ymm)
+constexpr int64_t kPanel = 16;  // output columns per packed panel (one AVX-512 / two AVX2 registers)
+
+// The instruction set the kernels were compiled for (reported by torch.ops.nino_fast.cpu_isa).
+inline const char* compiled_isa() {
+#if defined(NINO_FAST_AVX512)
+  return "avx512";
+#elif defined(NINO_FAST_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
 
 inline int64_t padded(int64_t n) {
   return (n + kPanel - 1) / kPanel * kPanel;
@@ -98,28 +118,6 @@ inline V8 vfma(V8 a, V8 b, V8 c) {
 }
 #endif
 
-// 16 floats at p, of which only the first `valid` exist (the rest read as 0)
-NINO_FAST_INLINE void load16(const float* p, int64_t valid, V8& lo, V8& hi) {
-  if (valid >= kPanel) {
-    lo = vld(p), hi = vld(p + 8);
-    return;
-  }
-  alignas(32) float t[kPanel] = {};
-  std::memcpy(t, p, sizeof(float) * valid);
-  lo = vld(t), hi = vld(t + 8);
-}
-
-// store the first `valid` of 16 floats at p
-NINO_FAST_INLINE void store16(float* p, int64_t valid, V8 lo, V8 hi) {
-  if (valid >= kPanel) {
-    vst(p, lo), vst(p + 8, hi);
-    return;
-  }
-  alignas(32) float t[kPanel];
-  vst(t, lo), vst(t + 8, hi);
-  std::memcpy(p, t, sizeof(float) * valid);
-}
-
 // Prefetch into L2 (a hint; no effect on results): the rows table[idx[0..n)] of `width` floats, and
 // a contiguous block of `nbytes`. The fused kernels issue these for the next tile's gathers and
 // A rows while the current tile computes: the micro-kernel's loop is too long for out-of-order
@@ -159,116 +157,8 @@ struct PackedB {
   const float* panel(int64_t p) const { return data.data() + p * k * kPanel; }
 };
 
-// Rows [i0, i0 + MR) x one panel (columns col0..col0+15): acc = sum_k A[i][k] * B[k][:], then
-// ep(i, col0, lo, hi) for each row in order. The generic version (remainder rows, portable build).
-template <int MR, class Ep>
-inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
-                         int64_t col0, Ep& ep) {
-#ifdef NINO_FAST_AVX2
-  __m256 acc0[MR], acc1[MR];
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel), b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i * lda + kk);
-      acc0[i] = _mm256_fmadd_ps(ai, b0, acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(ai, b1, acc1[i]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) ep(i0 + i, col0, acc0[i], acc1[i]);
-#else
-  float acc[MR][kPanel] = {};
-  for (int64_t kk = 0; kk < k; ++kk)
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < kPanel; ++j)
-        acc[i][j] = std::fma(a[i * lda + kk], b[kk * kPanel + j], acc[i][j]);
-  for (int i = 0; i < MR; ++i) ep(i0 + i, col0, vld(acc[i]), vld(acc[i] + 8));
-#endif
-}
-
-#ifdef NINO_FAST_AVX2
-// The full 6-row kernel with its 12 accumulators as named variables: with arrays, GCC may keep them
-// on the stack (a store per FMA pair), which costs 3-4x. Same per-element FMA sequence as
-// micro_kernel<MR>.
-template <class Ep>
-inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
-                          int64_t col0, Ep& ep) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
-              *a5 = a + 5 * lda;
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel), b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
-    __m256 x = _mm256_broadcast_ss(a0 + kk);
-    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a1 + kk);
-    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a2 + kk);
-    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a3 + kk);
-    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(a4 + kk);
-    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(a5 + kk);
-    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
-  }
-  ep(i0, col0, c00, c01);
-  ep(i0 + 1, col0, c10, c11);
-  ep(i0 + 2, col0, c20, c21);
-  ep(i0 + 3, col0, c30, c31);
-  ep(i0 + 4, col0, c40, c41);
-  ep(i0 + 5, col0, c50, c51);
-}
-#else
-template <class Ep>
-inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
-                          int64_t col0, Ep& ep) {
-  micro_kernel<6>(a, lda, b, k, i0, col0, ep);
-}
-#endif
-
-// For each panel, rows 0..m-1 of A (m x K, leading dimension lda) times the panel, handed to ep.
-template <class Ep>
-inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep& ep) {
-  for (int64_t p = 0; p < w.np / kPanel; ++p) {
-    const float* b = w.panel(p);
-    const int64_t col0 = p * kPanel;
-    int64_t i = 0;
-    for (; i + kRows <= m; i += kRows) micro_kernel6(a + i * lda, lda, b, w.k, i, col0, ep);
-    const float* ar = a + i * lda;
-    switch (m - i) {  // the same per-element FMA sequence as the 6-row kernel
-      case 5:
-        micro_kernel<5>(ar, lda, b, w.k, i, col0, ep);
-        break;
-      case 4:
-        micro_kernel<4>(ar, lda, b, w.k, i, col0, ep);
-        break;
-      case 3:
-        micro_kernel<3>(ar, lda, b, w.k, i, col0, ep);
-        break;
-      case 2:
-        micro_kernel<2>(ar, lda, b, w.k, i, col0, ep);
-        break;
-      case 1:
-        micro_kernel<1>(ar, lda, b, w.k, i, col0, ep);
-        break;
-      default:
-        break;
-    }
-  }
-}
-
-// C (m x Np, leading dimension ldc >= Np) = A (m x K, leading dimension lda) * W^T
-inline void gemm_tile(const float* a, int64_t lda, int64_t m, const PackedB& w, float* c,
-                      int64_t ldc) {
-  auto store = [c, ldc](int64_t i, int64_t col0, V8 lo, V8 hi) {
-    vst(c + i * ldc + col0, lo), vst(c + i * ldc + col0 + 8, hi);
-  };
-  gemm_ep(a, lda, m, w, store);
-}
-
 // ---- SiLU: x * sigmoid(x) with an exp accurate to ~2 ulp (the goldens need ~1e-6 relative
-// overall) ----
+// overall). The AVX-512 and AVX2 versions run the same operations (the same bits). ----
 #ifdef NINO_FAST_AVX2
 NINO_FAST_INLINE __m256 exp_avx2(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
@@ -295,6 +185,31 @@ NINO_FAST_INLINE __m256 silu_avx2(__m256 x) {
 }
 #endif
 
+#ifdef NINO_FAST_AVX512
+NINO_FAST_INLINE __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+NINO_FAST_INLINE __m512 silu_avx512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(x, _mm512_add_ps(one, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+#endif
+
 inline float silu(float x) {
   return x / (1.f + std::exp(-x));
 }
@@ -308,14 +223,240 @@ NINO_FAST_INLINE V8 vsilu(V8 x) {
 #endif
 }
 
-// y[0..n) = silu(y[0..n)) in place
-inline void silu_inplace(float* y, int64_t n) {
-  int64_t j = 0;
-#ifdef NINO_FAST_AVX2
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, silu_avx2(_mm256_loadu_ps(y + j)));
-#endif
-  for (; j < n; ++j) y[j] = silu(y[j]);
+// ---- 16-float vectors (one packed panel row), the unit the epilogues work in ----
+#ifdef NINO_FAST_AVX512
+using V16 = __m512;
+NINO_FAST_INLINE V16 vld16(const float* p) {
+  return _mm512_loadu_ps(p);
 }
+NINO_FAST_INLINE void vst16(float* p, V16 v) {
+  _mm512_storeu_ps(p, v);
+}
+NINO_FAST_INLINE V16 vzero16() {
+  return _mm512_setzero_ps();
+}
+NINO_FAST_INLINE V16 vset16(float x) {
+  return _mm512_set1_ps(x);
+}
+NINO_FAST_INLINE V16 vadd(V16 a, V16 b) {
+  return _mm512_add_ps(a, b);
+}
+NINO_FAST_INLINE V16 vmul(V16 a, V16 b) {
+  return _mm512_mul_ps(a, b);
+}
+NINO_FAST_INLINE V16 vfma(V16 a, V16 b, V16 c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+NINO_FAST_INLINE V16 vsilu(V16 x) {
+  return silu_avx512(x);
+}
+NINO_FAST_INLINE __mmask16 tail_mask(int64_t valid) {
+  return valid >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1u);
+}
+// 16 floats at p, of which only the first `valid` exist (the rest read as 0)
+NINO_FAST_INLINE V16 load16(const float* p, int64_t valid) {
+  return valid >= kPanel ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(tail_mask(valid), p);
+}
+// store the first `valid` of 16 floats at p
+NINO_FAST_INLINE void store16(float* p, int64_t valid, V16 v) {
+  if (valid >= kPanel) return _mm512_storeu_ps(p, v);
+  _mm512_mask_storeu_ps(p, tail_mask(valid), v);
+}
+#else
+struct V16 {
+  V8 lo, hi;
+};
+NINO_FAST_INLINE V16 vld16(const float* p) {
+  return {vld(p), vld(p + 8)};
+}
+NINO_FAST_INLINE void vst16(float* p, V16 v) {
+  vst(p, v.lo), vst(p + 8, v.hi);
+}
+NINO_FAST_INLINE V16 vzero16() {
+  return {vzero(), vzero()};
+}
+NINO_FAST_INLINE V16 vset16(float x) {
+  return {vset1(x), vset1(x)};
+}
+NINO_FAST_INLINE V16 vadd(V16 a, V16 b) {
+  return {vadd(a.lo, b.lo), vadd(a.hi, b.hi)};
+}
+NINO_FAST_INLINE V16 vmul(V16 a, V16 b) {
+  return {vmul(a.lo, b.lo), vmul(a.hi, b.hi)};
+}
+NINO_FAST_INLINE V16 vfma(V16 a, V16 b, V16 c) {
+  return {vfma(a.lo, b.lo, c.lo), vfma(a.hi, b.hi, c.hi)};
+}
+NINO_FAST_INLINE V16 vsilu(V16 x) {
+  return {vsilu(x.lo), vsilu(x.hi)};
+}
+NINO_FAST_INLINE V16 load16(const float* p, int64_t valid) {
+  if (valid >= kPanel) return vld16(p);
+  alignas(64) float t[kPanel] = {};
+  std::memcpy(t, p, sizeof(float) * valid);
+  return vld16(t);
+}
+NINO_FAST_INLINE void store16(float* p, int64_t valid, V16 v) {
+  if (valid >= kPanel) return vst16(p, v);
+  alignas(64) float t[kPanel];
+  vst16(t, v);
+  std::memcpy(p, t, sizeof(float) * valid);
+}
+#endif
+
+// ---- micro-kernels ----
+#ifdef NINO_FAST_AVX512
+// Rows [i0, i0 + MR) x NP consecutive panels (columns col0..col0 + 16 NP - 1): MR x NP accumulators
+// (12 x 2 = 24 of the 32 zmm registers), one broadcast of A per row and k, then ep(row, column
+// block) per panel, rows in increasing order. The loops have constant trip counts and are fully
+// unrolled, so the accumulators live in registers.
+template <int MR, int NP, class Ep>
+NINO_FAST_INLINE void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k,
+                                   int64_t i0, int64_t col0, Ep& ep) {
+  __m512 acc[MR][NP];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
+  const int64_t pstride = k * kPanel;  // panel p + 1 follows panel p
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m512 bv[NP];
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) bv[p] = _mm512_loadu_ps(b + p * pstride + kk * kPanel);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i * lda + kk]);
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_fmadd_ps(x, bv[p], acc[i][p]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) ep(i0 + i, col0 + p * kPanel, acc[i][p]);
+}
+
+// Rows 0..m-1 against NP panels starting at b: blocks of 12 rows, then 8, 4, 2, 1.
+template <int NP, class Ep>
+NINO_FAST_INLINE void gemm_panels(const float* a, int64_t lda, int64_t m, const float* b, int64_t k,
+                                  int64_t col0, Ep& ep) {
+  int64_t i = 0;
+  for (; i + 12 <= m; i += 12) micro_kernel<12, NP>(a + i * lda, lda, b, k, i, col0, ep);
+  if (i + 8 <= m) micro_kernel<8, NP>(a + i * lda, lda, b, k, i, col0, ep), i += 8;
+  if (i + 4 <= m) micro_kernel<4, NP>(a + i * lda, lda, b, k, i, col0, ep), i += 4;
+  if (i + 2 <= m) micro_kernel<2, NP>(a + i * lda, lda, b, k, i, col0, ep), i += 2;
+  if (i < m) micro_kernel<1, NP>(a + i * lda, lda, b, k, i, col0, ep);
+}
+
+// For each pair of panels (then a last single one), rows 0..m-1 of A (m x K, leading dimension lda)
+// times the panels, handed to ep.
+template <class Ep>
+inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep& ep) {
+  const int64_t panels = w.np / kPanel;
+  int64_t p = 0;
+  for (; p + 2 <= panels; p += 2) gemm_panels<2>(a, lda, m, w.panel(p), w.k, p * kPanel, ep);
+  if (p < panels) gemm_panels<1>(a, lda, m, w.panel(p), w.k, p * kPanel, ep);
+}
+#else
+// Rows [i0, i0 + MR) x one panel (columns col0..col0+15): acc = sum_k A[i][k] * B[k][:], then
+// ep(i, col0, acc) for each row in order. The generic version (remainder rows, portable build).
+template <int MR, class Ep>
+inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
+                         int64_t col0, Ep& ep) {
+#ifdef NINO_FAST_AVX2
+  __m256 acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel), b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i * lda + kk);
+      acc0[i] = _mm256_fmadd_ps(ai, b0, acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(ai, b1, acc1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) ep(i0 + i, col0, V16{acc0[i], acc1[i]});
+#else
+  float acc[MR][kPanel] = {};
+  for (int64_t kk = 0; kk < k; ++kk)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < kPanel; ++j)
+        acc[i][j] = std::fma(a[i * lda + kk], b[kk * kPanel + j], acc[i][j]);
+  for (int i = 0; i < MR; ++i) ep(i0 + i, col0, V16{vld(acc[i]), vld(acc[i] + 8)});
+#endif
+}
+
+#ifdef NINO_FAST_AVX2
+// The full 6-row AVX2 kernel with its 12 accumulators as named variables: with arrays, GCC may keep
+// them on the stack (a store per FMA pair), which costs 3-4x. Same per-element FMA sequence as
+// micro_kernel<MR>.
+template <class Ep>
+inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
+                          int64_t col0, Ep& ep) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
+              *a5 = a + 5 * lda;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel), b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
+    __m256 x = _mm256_broadcast_ss(a0 + kk);
+    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a1 + kk);
+    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a2 + kk);
+    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a3 + kk);
+    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a4 + kk);
+    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a5 + kk);
+    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  ep(i0, col0, V16{c00, c01});
+  ep(i0 + 1, col0, V16{c10, c11});
+  ep(i0 + 2, col0, V16{c20, c21});
+  ep(i0 + 3, col0, V16{c30, c31});
+  ep(i0 + 4, col0, V16{c40, c41});
+  ep(i0 + 5, col0, V16{c50, c51});
+}
+#else
+template <class Ep>
+inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
+                          int64_t col0, Ep& ep) {
+  micro_kernel<6>(a, lda, b, k, i0, col0, ep);
+}
+#endif
+
+// For each panel, rows 0..m-1 of A (m x K, leading dimension lda) times the panel, handed to ep.
+template <class Ep>
+inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep& ep) {
+  for (int64_t p = 0; p < w.np / kPanel; ++p) {
+    const float* b = w.panel(p);
+    const int64_t col0 = p * kPanel;
+    int64_t i = 0;
+    for (; i + 6 <= m; i += 6) micro_kernel6(a + i * lda, lda, b, w.k, i, col0, ep);
+    const float* ar = a + i * lda;
+    switch (m - i) {  // the same per-element FMA sequence as the 6-row kernel
+      case 5:
+        micro_kernel<5>(ar, lda, b, w.k, i, col0, ep);
+        break;
+      case 4:
+        micro_kernel<4>(ar, lda, b, w.k, i, col0, ep);
+        break;
+      case 3:
+        micro_kernel<3>(ar, lda, b, w.k, i, col0, ep);
+        break;
+      case 2:
+        micro_kernel<2>(ar, lda, b, w.k, i, col0, ep);
+        break;
+      case 1:
+        micro_kernel<1>(ar, lda, b, w.k, i, col0, ep);
+        break;
+      default:
+        break;
+    }
+  }
+}
+#endif
 
 // y[0..n) += x[0..n)
 inline void add_inplace(float* y, const float* x, int64_t n) {

@@ -16,6 +16,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -53,8 +56,13 @@ class OutPool {
           return p;
         }
     }
+    // 2 MiB-aligned and marked for transparent huge pages (where the kernel offers them on request,
+    // THP "madvise" mode): first touch then faults once per 2 MiB instead of once per 4 KiB page.
     void* p = nullptr;
-    if (posix_memalign(&p, 4096, nbytes) != 0) return nullptr;
+    if (posix_memalign(&p, kHuge, nbytes) != 0) return nullptr;
+#ifdef MADV_HUGEPAGE
+    madvise(p, nbytes, MADV_HUGEPAGE);  // a hint: failure only means 4 KiB pages
+#endif
     return p;
   }
 
@@ -80,6 +88,7 @@ class OutPool {
 
  private:
   static constexpr size_t kMaxBuffers = 8;
+  static constexpr size_t kHuge = size_t(2) << 20;
 
   OutPool() {
     size_t mb = 256;
