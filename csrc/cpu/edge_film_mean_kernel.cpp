@@ -69,18 +69,16 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
   run_dynamic(int64_t(tasks.size()) - 1, [&](auto claim) {
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
     std::vector<float> htile(kTile * nph), part(kTile * np), hpart(kTile * nph), acc, hsum;
+    std::vector<float> gh(kTile * nph), gm(kTile * np);  // the tile's gathered node terms
     TileRows tr;
     AffineEp first(stage, true);
     first.ns = pns, first.nd = pnd, first.src = s, first.dsti = tr.dsti;
     first.out = htile.data(), first.ldo = nph;
     first.hpart = hpart.data(), first.seg = tr.seg, first.ldp = nph;
-    int64_t e0 = 0;
     // per edge: (W_sc h + b_sc) * (msg_dst[n] + msg_src[src]), summed per row
     auto scale_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-      const int64_t e = e0 + i, valid = d - col0;
       v = vadd(v, vld16(bscp.data() + col0));
-      const V16 g = vadd(load16(pmd + tr.dsti[i] * d + col0, valid),
-                         load16(pms + int64_t(s[e]) * d + col0, valid));
+      const V16 g = vld16(gm.data() + i * np + col0);  // msg_dst[n] + msg_src[src]
       float* pp = part.data() + tr.seg[i] * np + col0;
       vst16(pp, vfma(v, g, vld16(pp)));
     };
@@ -99,7 +97,9 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
           prefetch_block(x + t1 * c, n1 * c * int64_t(sizeof(float)));
           prefetch_rows(pns, s + t1, n1, dh), prefetch_rows(pms, s + t1, n1, d);
         }
-        e0 = first.e0 = t0;
+        first.e0 = t0;
+        gather_add(pns, s + t0, pnd, tr.dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
+        gather_add(pmd, tr.dsti, pms, s + t0, m, d, gm.data(), np);
         gemm_ep(x + t0 * c, c, m, stage.w, first);  // h = silu(...) into htile, sum_e h into hpart
         gemm_ep(htile.data(), nph, m, scale, scale_ep);
         carry = fold_segments(tr, r0, part.data(), acc.data(), np);

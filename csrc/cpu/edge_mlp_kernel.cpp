@@ -70,7 +70,7 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
 
   run_dynamic(n_tiles, [&](auto claim) {
-    std::vector<float> htile(kTile * nph);
+    std::vector<float> htile(kTile * nph), gtile(pns ? kTile * nph : 0);
     int64_t dsti[kTile];
     AffineEp first(stage, true);
     first.ns = pns, first.nd = pnd, first.src = s, first.dsti = dsti;
@@ -96,6 +96,7 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
         if (pns2) prefetch_rows(pns2, s + e0 + m, n1, dout), prefetch_rows(pnd2, t + e0 + m, n1, dout);
       }
       first.e0 = e0;
+      if (pns) gather_add(pns, s + e0, pnd, dsti, m, dh, gtile.data(), nph), first.gsum = gtile.data();
       gemm_ep(x + e0 * c, c, m, stage.w, first);
       gemm_ep(htile.data(), nph, m, second, second_ep);
     }

@@ -50,7 +50,7 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
                     etype, tab_sc, c, e_total);
   auto w_sh = w.narrow(0, d, d).contiguous();
   auto b_sh = bias.narrow(0, d, d).contiguous();
-  if (ns.size(0) > 0 && e_total > 0) {
+  if (e_total > 0) {
     const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
     NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
                " rows, got [", lo, ", ", hi, "]");
@@ -74,7 +74,7 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
 
   run_dynamic(int64_t(tasks.size()) - 1, [&](auto claim) {
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
-    std::vector<float> part(kTile * np), fpart(kTile * c), acc, fsum;
+    std::vector<float> part(kTile * np), fpart(kTile * c), gtile(kTile * np), acc, fsum;
     TileRows tr;
     int64_t e0 = 0;
     // per edge: (W_sc x + b_sc + T_sc[t]) * (node_dst[n] + node_src[src]) + T_sh[t], summed per row
@@ -86,8 +86,7 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
         v = vadd(v, load16(ptsc + pet[e] * d + col0, valid));
         t = load16(ptsh + pet[e] * d + col0, valid);
       }
-      const V16 g = vadd(load16(pnd + tr.dsti[i] * d + col0, valid),
-                         load16(pns + int64_t(s[e]) * d + col0, valid));
+      const V16 g = vld16(gtile.data() + i * np + col0);  // node_dst[n] + node_src[src]
       float* pp = part.data() + tr.seg[i] * np + col0;
       vst16(pp, vadd(vld16(pp), vfma(v, g, t)));
     };
@@ -107,6 +106,7 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
           prefetch_rows(pns, s + t1, n1, d);
         }
         e0 = t0;
+        gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
         gemm_ep(x + t0 * c, c, m, scale.w, scale_ep);
         for (int64_t i = 0; i < m; ++i) add_inplace(fpart.data() + tr.seg[i] * c, x + (t0 + i) * c, c);
         carry = fold_segments(tr, r0, part.data(), acc.data(), np);

@@ -119,6 +119,10 @@ struct AffineStage {
       NINO_CHECK(
           etype_in->device().is_cpu() && etype_in->dim() == 1 && etype_in->numel() == num_edges, op,
           ": etype must be a CPU (E,) tensor with E=", num_edges, ", got ", shape_str(*etype_in));
+      NINO_CHECK(!at::isFloatingType(etype_in->scalar_type()) &&
+                     !at::isComplexType(etype_in->scalar_type()),
+                 op, ": etype must be an integer tensor, got ",
+                 c10::toString(etype_in->scalar_type()));
       etype = etype_in->to(at::kLong).contiguous();
       if (num_edges > 0) {
         const int64_t lo = etype.min().item<int64_t>(), hi = etype.max().item<int64_t>();
@@ -170,6 +174,7 @@ struct AffineEp {
   float* hpart = nullptr;
   const int32_t* seg = nullptr;
   int64_t ldp = 0;
+  const float* gsum = nullptr;  // if set: ns[src] + nd[dst] already gathered per tile row (leading dim ldo)
 
   AffineEp(const AffineStage& st, bool act_) : bias(st.bias_p.data()), tab(st.tab()), et(st.et()),
                                                d(st.d), act(act_) {}
@@ -178,7 +183,9 @@ struct AffineEp {
     const int64_t e = e0 + i, valid = d - col0;
     v = vadd(v, vld16(bias + col0));
     if (tab) v = vadd(v, load16(tab + et[e] * d + col0, valid));
-    if (ns)
+    if (gsum)
+      v = vadd(v, vld16(gsum + i * ldo + col0));
+    else if (ns)
       v = vadd(v, vadd(load16(ns + int64_t(src[e]) * d + col0, valid),
                        load16(nd + dsti[i] * d + col0, valid)));
     if (act) v = vsilu(v);
@@ -189,6 +196,21 @@ struct AffineEp {
     }
   }
 };
+
+// out[i] (leading dimension ldo >= padded(d), padding zero) = a[ia[i]] + b[ib[i]] for i < m, rows of
+// width d. Gathering a tile's rows in one tight loop, before its GEMM, lets the core keep many cache
+// misses in flight; the epilogue then reads them from L1/L2.
+template <class IA, class IB>
+NINO_FAST_INLINE void gather_add(const float* a, const IA* ia, const float* b, const IB* ib, int64_t m,
+                                 int64_t d, float* out, int64_t ldo) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float *ra = a + int64_t(ia[i]) * d, *rb = b + int64_t(ib[i]) * d;
+    for (int64_t col0 = 0; col0 < d; col0 += kPanel) {
+      const int64_t valid = d - col0;
+      vst16(out + i * ldo + col0, vadd(load16(ra + col0, valid), load16(rb + col0, valid)));
+    }
+  }
+}
 
 // The CSR rows met by the GEMM tile of edges [t0, t1) of a destination-sorted graph. GEMM tiles run
 // across row boundaries (full micro-kernel blocks even on short rows), but each row's two-level sum

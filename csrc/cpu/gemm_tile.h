@@ -461,6 +461,7 @@ inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep
 // y[0..n) += x[0..n)
 inline void add_inplace(float* y, const float* x, int64_t n) {
   int64_t j = 0;
+  for (; j + kPanel <= n; j += kPanel) vst16(y + j, vadd(vld16(y + j), vld16(x + j)));
   for (; j + 8 <= n; j += 8) vst(y + j, vadd(vld(y + j), vld(x + j)));
   for (; j < n; ++j) y[j] += x[j];
 }
