@@ -71,12 +71,15 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
     std::vector<float> htile(kTile * nph), part(kTile * np), hpart(kTile * nph), acc, hsum;
     std::vector<float> gh(kTile * nph), gm(kTile * np);  // the tile's gathered node terms
     TileRows tr;
+    NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);
+    first.pf = &pf1;
     first.ns = pns, first.nd = pnd, first.src = s, first.dsti = tr.dsti;
     first.out = htile.data(), first.ldo = nph;
     first.hpart = hpart.data(), first.seg = tr.seg, first.ldp = nph;
     // per edge: (W_sc h + b_sc) * (msg_dst[n] + msg_src[src]), summed per row
     auto scale_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+      pf2(i, col0);
       v = vadd(v, vld16(bscp.data() + col0));
       const V16 g = vld16(gm.data() + i * np + col0);  // msg_dst[n] + msg_src[src]
       float* pp = part.data() + tr.seg[i] * np + col0;
@@ -93,10 +96,9 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
         tr.build(rp, r, t0, t1);
         std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
         std::fill(hpart.begin() + (carry ? nph : 0), hpart.begin() + tr.nseg * nph, 0.f);
-        if (const int64_t n1 = std::min(kTile, rp[r1] - t1); n1 > 0) {  // the next tile's data
-          prefetch_block(x + t1 * c, n1 * c * int64_t(sizeof(float)));
-          prefetch_rows(pns, s + t1, n1, dh), prefetch_rows(pms, s + t1, n1, d);
-        }
+        const int64_t n1 = std::min(kTile, rp[r1] - t1);  // the next tile's rows
+        pf1.reset(n1), pf2.reset(n1);
+        pf1.add(x + t1 * c, nullptr, c), pf1.add(pns, s + t1, dh), pf2.add(pms, s + t1, d);
         first.e0 = t0;
         gather_add(pns, s + t0, pnd, tr.dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
         gather_add(pmd, tr.dsti, pms, s + t0, m, d, gm.data(), np);

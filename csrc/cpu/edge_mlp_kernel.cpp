@@ -72,13 +72,16 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   run_dynamic(n_tiles, [&](auto claim) {
     std::vector<float> htile(kTile * nph), gtile(pns ? kTile * nph : 0);
     int64_t dsti[kTile];
+    NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);
+    first.pf = &pf1;
     first.ns = pns, first.nd = pnd, first.src = s, first.dsti = dsti;
     first.out = htile.data(), first.ldo = nph;
     int64_t e0 = 0;
     // second GEMM's epilogue: y[e] = [silu](acc + b_b (+ s2[src] + t2[dst])), written straight out
     auto second_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
       const int64_t e = e0 + i, valid = dout - col0;
+      pf2(i, col0);
       v = vadd(v, vld16(bbp.data() + col0));
       if (pns2)
         v = vadd(v, vadd(load16(pns2 + int64_t(s[e]) * dout + col0, valid),
@@ -90,11 +93,10 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
       e0 = tile * kTile;
       const int64_t m = std::min(kTile, e_total - e0);
       for (int64_t i = 0; i < m; ++i) dsti[i] = t[e0 + i];
-      if (const int64_t n1 = std::min(kTile, e_total - e0 - m); n1 > 0) {  // the next tile's data
-        prefetch_block(x + (e0 + m) * c, n1 * c * int64_t(sizeof(float)));
-        if (pns) prefetch_rows(pns, s + e0 + m, n1, dh), prefetch_rows(pnd, t + e0 + m, n1, dh);
-        if (pns2) prefetch_rows(pns2, s + e0 + m, n1, dout), prefetch_rows(pnd2, t + e0 + m, n1, dout);
-      }
+      // the next tile's rows: x, and the src-indexed tables (dst rows repeat: mostly cached)
+      pf1.reset(std::min(kTile, e_total - e0 - m)), pf2.reset(pf1.rows);
+      pf1.add(x + (e0 + m) * c, nullptr, c), pf1.add(pns, s + e0 + m, dh);
+      pf2.add(pns2, s + e0 + m, dout);
       first.e0 = e0;
       if (pns) gather_add(pns, s + e0, pnd, dsti, m, dh, gtile.data(), nph), first.gsum = gtile.data();
       gemm_ep(x + e0 * c, c, m, stage.w, first);

@@ -76,10 +76,12 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
     std::vector<float> part(kTile * np), fpart(kTile * c), gtile(kTile * np), acc, fsum;
     TileRows tr;
+    NextTilePrefetch pf;
     int64_t e0 = 0;
     // per edge: (W_sc x + b_sc + T_sc[t]) * (node_dst[n] + node_src[src]) + T_sh[t], summed per row
     auto scale_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
       const int64_t e = e0 + i, valid = d - col0;
+      pf(i, col0);
       V16 t = vzero16();
       v = vadd(v, vld16(pbsc + col0));
       if (ptsc) {
@@ -101,10 +103,8 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
         tr.build(rp, r, t0, t1);
         std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
         std::fill(fpart.begin() + (carry ? c : 0), fpart.begin() + tr.nseg * c, 0.f);
-        if (const int64_t n1 = std::min(kTile, rp[r1] - t1); n1 > 0) {  // the next tile's data
-          prefetch_block(x + t1 * c, n1 * c * int64_t(sizeof(float)));
-          prefetch_rows(pns, s + t1, n1, d);
-        }
+        pf.reset(std::min(kTile, rp[r1] - t1));  // the next tile's rows
+        pf.add(x + t1 * c, nullptr, c), pf.add(pns, s + t1, d);
         e0 = t0;
         gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
         gemm_ep(x + t0 * c, c, m, scale.w, scale_ep);

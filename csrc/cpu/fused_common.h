@@ -157,6 +157,32 @@ struct ShiftMeanEp {
   }
 };
 
+// The next tile's rows, prefetched a line at a time from the current tile's epilogue: the call for
+// (row i, columns col0..col0+15) prefetches the 64-byte line at column col0 of the next tile's row i
+// in each table, so the prefetches are spread over the GEMM instead of issued as one burst of
+// hundreds (which overflows the core's miss buffers: most are dropped and the gathers stall).
+struct NextTilePrefetch {
+  struct Table {
+    const float* base;
+    const int32_t* idx;  // row i of the next tile is base[idx[i]] (null: base[i], contiguous rows)
+    int64_t width;
+  };
+  Table t[3] = {};
+  int n = 0;
+  int64_t rows = 0;  // rows of the next tile (0: none)
+
+  void reset(int64_t next_rows) { n = 0, rows = next_rows; }
+  void add(const float* base, const int32_t* idx, int64_t width) {
+    if (base != nullptr) t[n++] = Table{base, idx, width};
+  }
+  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0) const {
+    if (i >= rows) return;
+    for (int k = 0; k < n; ++k)
+      if (col0 < t[k].width)
+        prefetch_line(t[k].base + (t[k].idx ? int64_t(t[k].idx[i]) : i) * t[k].width + col0);
+  }
+};
+
 // Epilogue of the input stage for the tile of edges e0..e0+m: row i of the output tile (out, leading
 // dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + ns[src[e]] + nd[dsti[i]]), e = e0 + i.
 // Optionally also hpart[seg[i]] += that row (the per-row sum of h within the tile).
@@ -175,12 +201,14 @@ struct AffineEp {
   const int32_t* seg = nullptr;
   int64_t ldp = 0;
   const float* gsum = nullptr;  // if set: ns[src] + nd[dst] already gathered per tile row (leading dim ldo)
+  const NextTilePrefetch* pf = nullptr;
 
   AffineEp(const AffineStage& st, bool act_) : bias(st.bias_p.data()), tab(st.tab()), et(st.et()),
                                                d(st.d), act(act_) {}
 
   NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V16 v) const {
     const int64_t e = e0 + i, valid = d - col0;
+    if (pf) (*pf)(i, col0);
     v = vadd(v, vld16(bias + col0));
     if (tab) v = vadd(v, load16(tab + et[e] * d + col0, valid));
     if (gsum)

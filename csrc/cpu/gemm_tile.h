@@ -118,24 +118,13 @@ inline V8 vfma(V8 a, V8 b, V8 c) {
 }
 #endif
 
-// Prefetch into L2 (a hint; no effect on results): the rows table[idx[0..n)] of `width` floats, and
-// a contiguous block of `nbytes`. The fused kernels issue these for the next tile's gathers and
-// A rows while the current tile computes: the micro-kernel's loop is too long for out-of-order
+// Prefetch the 64-byte line at p into the caches (a hint; no effect on results). The fused kernels
+// prefetch the next tile's A rows and gathered rows from the current tile's epilogues, a line per
+// call (fused_common.h: NextTilePrefetch): the micro-kernel's loop is too long for out-of-order
 // execution to overlap a gather's cache miss on its own.
-inline void prefetch_rows(const float* table, const int32_t* idx, int64_t n, int64_t width) {
+NINO_FAST_INLINE void prefetch_line(const float* p) {
 #if defined(__GNUC__)
-  const int64_t bytes = width * int64_t(sizeof(float));
-  for (int64_t i = 0; i < n; ++i) {
-    const char* p = reinterpret_cast<const char*>(table + int64_t(idx[i]) * width);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
-  }
-#endif
-}
-
-inline void prefetch_block(const void* ptr, int64_t nbytes) {
-#if defined(__GNUC__)
-  const char* p = static_cast<const char*>(ptr);
-  for (int64_t off = 0; off < nbytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 
