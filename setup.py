@@ -66,7 +66,7 @@ _AVX2_PROBE = (
 )
 # exits 0 only where the compiler builds AVX-512F code and this (the build) machine runs it
 _AVX512_PROBE = (
-    "#include <immintrin.h>\nint main(){if(!__builtin_cpu_supports(\"avx512f\"))return 1;"
+    '#include <immintrin.h>\nint main(){if(!__builtin_cpu_supports("avx512f"))return 1;'
     "__m512 a=_mm512_set1_ps(1.f);a=_mm512_fmadd_ps(a,a,a);return (int)_mm512_reduce_add_ps(a) - 32;}\n"
 )
 

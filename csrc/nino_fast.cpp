@@ -37,7 +37,8 @@ bool cuda_compiled() {
 std::string cpu_isa() {
   return nino_fast::cpu::compiled_isa();
 }
-// Frees the CPU kernels' cached output buffers (csrc/cpu/out_pool.h); a NiNo step calls it when it ends.
+// Frees the CPU kernels' cached output buffers (csrc/cpu/out_pool.h); a NiNo step calls it when it
+// ends.
 void cpu_pool_release() {
   nino_fast::cpu::OutPool::get().release();
 }

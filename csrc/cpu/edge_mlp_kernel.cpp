@@ -98,7 +98,8 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
       pf1.add(x + (e0 + m) * c, nullptr, c), pf1.add(pns, s + e0 + m, dh);
       pf2.add(pns2, s + e0 + m, dout);
       first.e0 = e0;
-      if (pns) gather_add(pns, s + e0, pnd, dsti, m, dh, gtile.data(), nph), first.gsum = gtile.data();
+      if (pns)
+        gather_add(pns, s + e0, pnd, dsti, m, dh, gtile.data(), nph), first.gsum = gtile.data();
       gemm_ep(x + e0 * c, c, m, stage.w, first);
       gemm_ep(htile.data(), nph, m, second, second_ep);
     }

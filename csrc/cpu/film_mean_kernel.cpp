@@ -108,7 +108,8 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
         e0 = t0;
         gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
         gemm_ep(x + t0 * c, c, m, scale.w, scale_ep);
-        for (int64_t i = 0; i < m; ++i) add_inplace(fpart.data() + tr.seg[i] * c, x + (t0 + i) * c, c);
+        for (int64_t i = 0; i < m; ++i)
+          add_inplace(fpart.data() + tr.seg[i] * c, x + (t0 + i) * c, c);
         carry = fold_segments(tr, r0, part.data(), acc.data(), np);
         fold_segments(tr, r0, fpart.data(), fsum.data(), c);  // the same segments: the same carry
       }

@@ -19,7 +19,7 @@ namespace nino_fast::cpu {
 
 constexpr int64_t kTile = 48;         // edges per GEMM tile (a 48 x 128 A tile is 24 KB: L1)
 constexpr int64_t kTaskEdges = 4096;  // target edges per parallel task (whole rows)
-constexpr int64_t kTaskRows = 512;    // and at most this many rows (bounds the per-task row buffers)
+constexpr int64_t kTaskRows = 512;  // and at most this many rows (bounds the per-task row buffers)
 
 // Contiguous row ranges [rows[i], rows[i+1]) of about kTaskEdges edges each, from rowptr alone: the
 // same partition for any thread count, so every row is reduced by one task in its own edge order.
@@ -37,8 +37,9 @@ inline std::vector<int64_t> row_tasks(const int64_t* rp, int64_t n) {
 }
 
 // Work units 0..n-1 claimed dynamically (an atomic counter) by up to at::get_num_threads() workers:
-// worker(claim) runs once per thread and calls claim() until it returns -1. Each unit must write only
-// its own outputs; results are then independent of which thread ran which unit (and of the load).
+// worker(claim) runs once per thread and calls claim() until it returns -1. Each unit must write
+// only its own outputs; results are then independent of which thread ran which unit (and of the
+// load).
 template <class Worker>
 inline void run_dynamic(int64_t n, Worker&& worker) {
   if (n <= 0) return;
@@ -136,8 +137,9 @@ struct AffineStage {
   const int64_t* et() const { return etype.defined() ? etype.data_ptr<int64_t>() : nullptr; }
 };
 
-// Epilogue of the shift-half GEMM over a task's rows r0 + i (the FiLM ops): y[row] = (acc[i] + W_sh sum + deg
-// b_sh) / deg for the (row, 16-column) block, zeros for a row without in-edges. acc: (rows, np); b_sh: padded.
+// Epilogue of the shift-half GEMM over a task's rows r0 + i (the FiLM ops): y[row] = (acc[i] + W_sh
+// sum + deg b_sh) / deg for the (row, 16-column) block, zeros for a row without in-edges. acc:
+// (rows, np); b_sh: padded.
 struct ShiftMeanEp {
   const int64_t* rp;
   int64_t r0;
@@ -158,8 +160,8 @@ struct ShiftMeanEp {
 };
 
 // The next tile's rows, prefetched a line at a time from the current tile's epilogue: the call for
-// (row i, columns col0..col0+15) prefetches the 64-byte line at column col0 of the next tile's row i
-// in each table, so the prefetches are spread over the GEMM instead of issued as one burst of
+// (row i, columns col0..col0+15) prefetches the 64-byte line at column col0 of the next tile's row
+// i in each table, so the prefetches are spread over the GEMM instead of issued as one burst of
 // hundreds (which overflows the core's miss buffers: most are dropped and the gathers stall).
 struct NextTilePrefetch {
   struct Table {
@@ -183,9 +185,9 @@ struct NextTilePrefetch {
   }
 };
 
-// Epilogue of the input stage for the tile of edges e0..e0+m: row i of the output tile (out, leading
-// dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + ns[src[e]] + nd[dsti[i]]), e = e0 + i.
-// Optionally also hpart[seg[i]] += that row (the per-row sum of h within the tile).
+// Epilogue of the input stage for the tile of edges e0..e0+m: row i of the output tile (out,
+// leading dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + ns[src[e]] + nd[dsti[i]]), e =
+// e0 + i. Optionally also hpart[seg[i]] += that row (the per-row sum of h within the tile).
 struct AffineEp {
   const float* bias = nullptr;  // Np, zero-padded
   const float* tab = nullptr;
@@ -200,11 +202,12 @@ struct AffineEp {
   float* hpart = nullptr;
   const int32_t* seg = nullptr;
   int64_t ldp = 0;
-  const float* gsum = nullptr;  // if set: ns[src] + nd[dst] already gathered per tile row (leading dim ldo)
+  const float* gsum =
+      nullptr;  // if set: ns[src] + nd[dst] already gathered per tile row (leading dim ldo)
   const NextTilePrefetch* pf = nullptr;
 
-  AffineEp(const AffineStage& st, bool act_) : bias(st.bias_p.data()), tab(st.tab()), et(st.et()),
-                                               d(st.d), act(act_) {}
+  AffineEp(const AffineStage& st, bool act_)
+      : bias(st.bias_p.data()), tab(st.tab()), et(st.et()), d(st.d), act(act_) {}
 
   NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V16 v) const {
     const int64_t e = e0 + i, valid = d - col0;
@@ -225,12 +228,12 @@ struct AffineEp {
   }
 };
 
-// out[i] (leading dimension ldo >= padded(d), padding zero) = a[ia[i]] + b[ib[i]] for i < m, rows of
-// width d. Gathering a tile's rows in one tight loop, before its GEMM, lets the core keep many cache
-// misses in flight; the epilogue then reads them from L1/L2.
+// out[i] (leading dimension ldo >= padded(d), padding zero) = a[ia[i]] + b[ib[i]] for i < m, rows
+// of width d. Gathering a tile's rows in one tight loop, before its GEMM, lets the core keep many
+// cache misses in flight; the epilogue then reads them from L1/L2.
 template <class IA, class IB>
-NINO_FAST_INLINE void gather_add(const float* a, const IA* ia, const float* b, const IB* ib, int64_t m,
-                                 int64_t d, float* out, int64_t ldo) {
+NINO_FAST_INLINE void gather_add(const float* a, const IA* ia, const float* b, const IB* ib,
+                                 int64_t m, int64_t d, float* out, int64_t ldo) {
   for (int64_t i = 0; i < m; ++i) {
     const float *ra = a + int64_t(ia[i]) * d, *rb = b + int64_t(ib[i]) * d;
     for (int64_t col0 = 0; col0 < d; col0 += kPanel) {
@@ -242,11 +245,11 @@ NINO_FAST_INLINE void gather_add(const float* a, const IA* ia, const float* b, c
 
 // The CSR rows met by the GEMM tile of edges [t0, t1) of a destination-sorted graph. GEMM tiles run
 // across row boundaries (full micro-kernel blocks even on short rows), but each row's two-level sum
-// is grouped by the row alone: groups of kTile consecutive edges from the row's first edge, so a row's
-// bits do not depend on which other rows share the call (streamed row tiles == in memory). A segment
-// is the part of one (row, group) inside this tile; per tile row: its row (dsti) and segment (seg).
-// done[s]: the group ends inside this tile (else it is the last segment and continues in the next
-// tile, whose segment 0 it then is).
+// is grouped by the row alone: groups of kTile consecutive edges from the row's first edge, so a
+// row's bits do not depend on which other rows share the call (streamed row tiles == in memory). A
+// segment is the part of one (row, group) inside this tile; per tile row: its row (dsti) and
+// segment (seg). done[s]: the group ends inside this tile (else it is the last segment and
+// continues in the next tile, whose segment 0 it then is).
 struct TileRows {
   int64_t dsti[kTile];
   int32_t seg[kTile];

@@ -4,15 +4,15 @@
 //
 // Why a micro-kernel and not BLAS: the fused kernels run one GEMM per tile of ~50 edges, inside a
 // parallel task, and apply the epilogue (bias, gathers, SiLU, row reduction) to each block of
-// accumulators before it leaves the registers: no extra pass over the tile. Each output element is a
-// fixed sequence of FMAs over k = 0..K-1 starting from zero, whatever the tile size, the row's
-// position in it or the instruction set (AVX-512, AVX2, scalar), so results do not depend on tiling,
-// thread count or build (determinism).
+// accumulators before it leaves the registers: no extra pass over the tile. Each output element is
+// a fixed sequence of FMAs over k = 0..K-1 starting from zero, whatever the tile size, the row's
+// position in it or the instruction set (AVX-512, AVX2, scalar), so results do not depend on
+// tiling, thread count or build (determinism).
 //
 // The epilogue is called as ep(i, col0, v): row i of the tile, columns col0..col0+15 as one V16
 // (16 floats: one AVX-512 register, or two AVX2 registers). For each column, rows come in
-// increasing order (so an epilogue may reduce over rows in edge order); nothing else about the order
-// is promised (the AVX-512 kernel interleaves two panels).
+// increasing order (so an epilogue may reduce over rows in edge order); nothing else about the
+// order is promised (the AVX-512 kernel interleaves two panels).
 #pragma once
 
 #include <cmath>
@@ -22,8 +22,9 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 intrinsics (e.g. _mm512_max_ps) pass a self-initialised "undefined" vector as the
-// masked-off source; once inlined, -Wmaybe-uninitialized reports it (GCC bug 105593). Not our code.
+// GCC 12's AVX-512 intrinsics (e.g. _mm512_max_ps) pass a self-initialised "undefined" vector as
+// the masked-off source; once inlined, -Wmaybe-uninitialized reports it (GCC bug 105593). Not our
+// code.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <immintrin.h>
@@ -43,7 +44,8 @@ namespace nino_fast::cpu {
 #define NINO_FAST_LAMBDA_INLINE
 #endif
 
-constexpr int64_t kPanel = 16;  // output columns per packed panel (one AVX-512 / two AVX2 registers)
+constexpr int64_t kPanel =
+    16;  // output columns per packed panel (one AVX-512 / two AVX2 registers)
 
 // The instruction set the kernels were compiled for (reported by torch.ops.nino_fast.cpu_isa).
 inline const char* compiled_isa() {

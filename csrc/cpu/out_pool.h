@@ -1,16 +1,16 @@
 // A small cache of large output buffers for the fused CPU kernels.
 //
-// Why: an (E, D) fp32 output is tens to hundreds of MB. glibc serves such sizes with a fresh mmap and
-// returns them with munmap, so every call pays a page fault plus the kernel zeroing each 4 KiB page on
-// first touch (measured ~0.35 s for 512 MB on one core: as much as the GEMMs themselves at E = 1e6,
-// and ~20 ms per 64K-edge head chunk). Outputs of these ops are handed out with a deleter that gives
-// the buffer back here; the next call of the same size reuses the already-mapped pages.
+// Why: an (E, D) fp32 output is tens to hundreds of MB. glibc serves such sizes with a fresh mmap
+// and returns them with munmap, so every call pays a page fault plus the kernel zeroing each 4 KiB
+// page on first touch (measured ~0.35 s for 512 MB on one core: as much as the GEMMs themselves at
+// E = 1e6, and ~20 ms per 64K-edge head chunk). Outputs of these ops are handed out with a deleter
+// that gives the buffer back here; the next call of the same size reuses the already-mapped pages.
 //
 // Bounded: at most kMaxBuffers buffers and NINO_FAST_CPU_POOL_MB MiB (default 256; 0 disables) are
-// kept; buffers under 1 MiB go through the ordinary allocator. Reuse is exact-size (rounded to 64 KiB),
-// which is what chunked loops produce. Nothing stays cached between NiNo steps: the Python step calls
-// torch.ops.nino_fast._cpu_pool_release() when it ends (release()), so the pool never holds memory
-// outside a step.
+// kept; buffers under 1 MiB go through the ordinary allocator. Reuse is exact-size (rounded to 64
+// KiB), which is what chunked loops produce. Nothing stays cached between NiNo steps: the Python
+// step calls torch.ops.nino_fast._cpu_pool_release() when it ends (release()), so the pool never
+// holds memory outside a step.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,7 +28,8 @@ namespace nino_fast::cpu {
 class OutPool {
  public:
   static OutPool& get() {
-    static OutPool* pool = new OutPool();  // never destroyed: tensors may outlive static destruction
+    static OutPool* pool =
+        new OutPool();  // never destroyed: tensors may outlive static destruction
     return *pool;
   }
 
@@ -92,7 +93,8 @@ class OutPool {
 
   OutPool() {
     size_t mb = 256;
-    if (const char* s = std::getenv("NINO_FAST_CPU_POOL_MB")) mb = size_t(std::strtoull(s, nullptr, 10));
+    if (const char* s = std::getenv("NINO_FAST_CPU_POOL_MB"))
+      mb = size_t(std::strtoull(s, nullptr, 10));
     cap_ = mb << 20;
   }
 
@@ -111,9 +113,8 @@ inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
   const size_t rounded = (nbytes + 65535) / 65536 * 65536;
   void* p = pool.take(rounded);
   if (p == nullptr) return at::empty(sizes, options);
-  return at::from_blob(
-      p, sizes, [rounded](void* q) { OutPool::get().give(q, rounded); },
-      options.dtype(at::kFloat).device(at::kCPU));
+  return at::from_blob(p, sizes, [rounded](void* q) { OutPool::get().give(q, rounded); },
+                       options.dtype(at::kFloat).device(at::kCPU));
 }
 
 }  // namespace nino_fast::cpu

@@ -397,12 +397,14 @@ int main() {
            "empty rows are exactly 0");
   }
 
-  // bad input is an error, never an out-of-bounds read: src into a node_src without rows, a float etype
+  // bad input is an error, never an out-of-bounds read: src into a node_src without rows, a float
+  // etype
   {
     std::string err;
     try {
-      film_mean(at::randn({5, 3}), at::tensor({0, 2, 5}, i64), at::tensor({0, 1, 1, 0, 1}, at::kInt),
-                at::randn({2, 4}), at::randn({0, 4}), at::randn({8, 3}), at::randn({8}), {}, {});
+      film_mean(at::randn({5, 3}), at::tensor({0, 2, 5}, i64),
+                at::tensor({0, 1, 1, 0, 1}, at::kInt), at::randn({2, 4}), at::randn({0, 4}),
+                at::randn({8, 3}), at::randn({8}), {}, {});
     } catch (const std::exception& e) {
       err = e.what();
     }
