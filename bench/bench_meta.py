@@ -23,6 +23,7 @@ import torch
 
 from nino_fast import NiNoModel
 from nino_fast.meta import tasks
+from nino_fast.meta._malloc import keep_freed_memory
 from nino_fast.meta.data import graph_info, make_batch
 from nino_fast.meta.forward import PATHS, loss_fn, predict_pieces
 from nino_fast.scaling import scale_params
@@ -104,8 +105,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="passes over the batches")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--paths", nargs="+", default=list(PATHS))
+    p.add_argument(
+        "--fresh-pages",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default freed blocks are kept for reuse, as `nino-fast train` does)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = False if args.fresh_pages else keep_freed_memory()
     batches = synthetic_batches(args.batches, args.batch, args.spt)
     graphs = sum(b.num_graphs for b in batches)
     edges = sum(b.num_edges for b in batches)
@@ -153,6 +160,7 @@ def main(argv=None) -> int:
         dict(
             batch=args.batch,
             samples_per_traj=args.spt,
+            keep_freed_memory=kept,
             edges_per_batch=edges / len(batches),
             params_per_batch=params / len(batches),
             rows=rows,

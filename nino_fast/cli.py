@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("collect", "train"):
+        # this process allocates and frees the same large tensors over and over: keep freed blocks for reuse
+        # instead of re-faulting fresh pages (~1.8x faster training; process-wide, so only here, never on import)
+        from .meta._malloc import keep_freed_memory
+
+        keep_freed_memory()
     return args.func(args)
 
 

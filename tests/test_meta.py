@@ -49,6 +49,30 @@ def test_plan_excludes_held_out_tasks():
         tasks.check_plan([*plan[:2], {**tasks.DEMO_TASK, "seed": 0}])
 
 
+def test_plan_families_filter_keeps_held_out_check(monkeypatch):
+    wide = tasks.make_plan("wide")
+    plan = tasks.make_plan("wide", families=["mlp", "convnet"])
+    assert {s["family"] for s in plan} == {"mlp", "convnet"}
+    assert plan == [s for s in wide if s["family"] in ("mlp", "convnet")]
+    assert not any(tasks.is_held_out(s) for s in plan)
+    with pytest.raises(ValueError, match="unknown families"):
+        tasks.make_plan("wide", families=["rnn"])
+    with pytest.raises(ValueError, match="no runs"):
+        tasks.make_plan("default", families=["gpt2"])
+    bad = [{**PLAN[0], "steps": 10}, {**tasks.HELDOUT_TASK, "seed": 0}, {**PLAN[1], "steps": 10}]
+    monkeypatch.setitem(tasks.PLANS, "bad", lambda steps, save_every: [dict(s) for s in bad])
+    with pytest.raises(ValueError, match="held-out"):
+        tasks.make_plan("bad", families=["mlp"])
+    assert [s["family"] for s in tasks.make_plan("bad", families=["convnet"])] == ["convnet"]
+    # the CLI hands the filtered plan to collect()
+    seen = {}
+    monkeypatch.setattr("nino_fast.meta.collect.collect", lambda out, plan, **kw: seen.update(plan=plan))
+    args = build_parser().parse_args(["collect", "--out", "d", "--plan", "wide", "--families", "mlp", "convnet"])
+    assert args.families == ["mlp", "convnet"] and args.func(args) == 0 and seen["plan"] == plan
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["collect", "--out", "d", "--families", "rnn"])
+
+
 def test_collect_store_and_resume(store, capsys):
     st = TrajectoryStore(store)
     assert len(st.runs) == 2 and st.dtype == "float16"

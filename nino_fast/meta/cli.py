@@ -12,7 +12,7 @@ def _collect(args: argparse.Namespace) -> int:
     from .collect import collect
 
     try:
-        plan = tasks.make_plan(args.plan, steps=args.steps, save_every=args.save_every)
+        plan = tasks.make_plan(args.plan, steps=args.steps, save_every=args.save_every, families=args.families)
     except ValueError as exc:
         print(f"nino-fast collect: error: {exc}", file=sys.stderr)
         return 2
@@ -69,6 +69,12 @@ def add_parsers(sub) -> None:
         default="default",
         help="default: ConvNets + MLPs, lr 1e-3..5e-3 (the bundled checkpoint's); wide: more MLP depths/widths, "
         "lr 1e-4..5e-3, and transformers (at steps/2)",
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=("mlp", "convnet", "gpt2", "llama"),
+        help="only the plan's runs of these model families (default: all of them)",
     )
     p.add_argument("--out", required=True, help="store directory (created; an existing store is continued)")
     p.add_argument("--budget-min", type=float, help="stop starting new runs after this many minutes")

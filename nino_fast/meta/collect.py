@@ -1,7 +1,7 @@
 """``nino-fast collect``: train the plan's small models and store their parameter trajectories.
 
-    nino-fast collect --out DIR [--plan default|wide] [--budget-min 12] [--max-runs N] [--steps 2400]
-                      [--save-every 20]
+    nino-fast collect --out DIR [--plan default|wide] [--families mlp convnet ...] [--budget-min 12]
+                      [--max-runs N] [--steps 2400] [--save-every 20]
 
 Runs the tasks of a plan (:func:`nino_fast.meta.tasks.make_plan`; ``default``: ConvNets and MLPs, ``wide``:
 more MLPs, lower learning rates and the character-level GPT-2 / Llama transformers) in order, skipping those

@@ -36,7 +36,7 @@ import functools
 import hashlib
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -437,11 +437,24 @@ def wide_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
 PLANS: dict[str, Callable[..., list[dict]]] = {"default": default_plan, "wide": wide_plan}
 
 
-def make_plan(name: str = "default", steps: int = 2400, save_every: int = 20) -> list[dict]:
-    """The plan called ``name`` (one of :data:`PLANS`)."""
+def make_plan(
+    name: str = "default", steps: int = 2400, save_every: int = 20, families: Sequence[str] | None = None
+) -> list[dict]:
+    """The plan called ``name`` (one of :data:`PLANS`); with ``families``, only its runs of those families (in
+    the plan's order), checked again by :func:`check_plan`."""
     if name not in PLANS:
         raise ValueError(f"make_plan: unknown plan {name!r} (expected one of {list(PLANS)})")
-    return PLANS[name](steps=steps, save_every=save_every)
+    plan = PLANS[name](steps=steps, save_every=save_every)
+    if families is None:
+        return plan
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"make_plan: unknown families {unknown} (expected some of {list(FAMILIES)})")
+    plan = [s for s in plan if s["family"] in families]
+    if not plan:
+        raise ValueError(f"make_plan: the {name} plan has no runs of the families {list(families)}")
+    check_plan(plan)
+    return plan
 
 
 def check_plan(plan: list[dict]) -> None:
