@@ -74,7 +74,6 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
     NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);
     first.pf = &pf1;
-    first.ns = pns, first.nd = pnd, first.src = s, first.dsti = tr.dsti;
     first.out = htile.data(), first.ldo = nph;
     first.hpart = hpart.data(), first.seg = tr.seg, first.ldp = nph;
     // per edge: (W_sc h + b_sc) * (msg_dst[n] + msg_src[src]), summed per row

@@ -75,7 +75,6 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
     NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);
     first.pf = &pf1;
-    first.ns = pns, first.nd = pnd, first.src = s, first.dsti = dsti;
     first.out = htile.data(), first.ldo = nph;
     int64_t e0 = 0;
     // second GEMM's epilogue: y[e] = [silu](acc + b_b (+ s2[src] + t2[dst])), written straight out

@@ -186,15 +186,15 @@ struct NextTilePrefetch {
 };
 
 // Epilogue of the input stage for the tile of edges e0..e0+m: row i of the output tile (out,
-// leading dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + ns[src[e]] + nd[dsti[i]]), e =
-// e0 + i. Optionally also hpart[seg[i]] += that row (the per-row sum of h within the tile).
+// leading dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + gsum[i]), e = e0 + i, where
+// gsum (optional, leading dimension ldo) holds the tile's gathered node terms ns[src] + nd[dst]
+// (gather_add, before the GEMM). Optionally also hpart[seg[i]] += that row (the per-row sum of h
+// within the tile).
 struct AffineEp {
   const float* bias = nullptr;  // Np, zero-padded
   const float* tab = nullptr;
   const int64_t* et = nullptr;
-  const float *ns = nullptr, *nd = nullptr;  // both or neither
-  const int32_t* src = nullptr;
-  const int64_t* dsti = nullptr;  // per tile row
+  const float* gsum = nullptr;
   int64_t d = 0, e0 = 0;
   bool act = false;
   float* out = nullptr;
@@ -202,8 +202,6 @@ struct AffineEp {
   float* hpart = nullptr;
   const int32_t* seg = nullptr;
   int64_t ldp = 0;
-  const float* gsum =
-      nullptr;  // if set: ns[src] + nd[dst] already gathered per tile row (leading dim ldo)
   const NextTilePrefetch* pf = nullptr;
 
   AffineEp(const AffineStage& st, bool act_)
@@ -214,11 +212,7 @@ struct AffineEp {
     if (pf) (*pf)(i, col0);
     v = vadd(v, vld16(bias + col0));
     if (tab) v = vadd(v, load16(tab + et[e] * d + col0, valid));
-    if (gsum)
-      v = vadd(v, vld16(gsum + i * ldo + col0));
-    else if (ns)
-      v = vadd(v, vadd(load16(ns + int64_t(src[e]) * d + col0, valid),
-                       load16(nd + dsti[i] * d + col0, valid)));
+    if (gsum) v = vadd(v, vld16(gsum + i * ldo + col0));
     if (act) v = vsilu(v);
     vst16(out + i * ldo + col0, v);
     if (hpart) {
