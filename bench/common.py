@@ -157,14 +157,6 @@ double fma_gflops(int64_t iters, int threads) {
 """
 
 
-def _cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
-
-
 def fma_peak_gflops(threads: int | None = None) -> float:
     """Measured fp32 FMA peak of this CPU on ``threads`` cores, GFLOP/s: a loop of independent FMAs of the widest
     vectors it runs (AVX-512 where the CPU has it, else AVX2); 0 if not measurable. The same ISA the kernels are
@@ -173,7 +165,9 @@ def fma_peak_gflops(threads: int | None = None) -> float:
     import tempfile
 
     threads = threads or torch.get_num_threads()
-    width = 512 if _cpu_has_avx512() else 256
+    from nino_fast._extension import cpu_has_avx512
+
+    width = 512 if cpu_has_avx512() else 256
     isa = ["-mavx512f"] if width == 512 else []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ else:
         _ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def _cpu_has_avx512() -> bool:
+def cpu_has_avx512() -> bool:
     """Whether this CPU runs AVX-512F (Linux: /proc/cpuinfo; elsewhere torch's own CPU capability probe)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -51,7 +51,7 @@ if _ERROR is None:
         _CPU_ISA = str(torch.ops.nino_fast._cpu_isa())
     except (AttributeError, RuntimeError):  # an older _C without the op
         _CPU_ISA = "unknown"
-    _ERROR = _isa_error(_CPU_ISA, _cpu_has_avx512())
+    _ERROR = _isa_error(_CPU_ISA, cpu_has_avx512())
 if _ERROR is not None:
     log.warning("nino_fast: C++ extension not loaded (%s); using the Triton/reference backends", _ERROR)
 

@@ -179,7 +179,7 @@ def test_cpu_isa():
         assert isa is None
         return
     assert isa in ("avx512", "avx2", "scalar")
-    if not _extension._cpu_has_avx512():
+    if not _extension.cpu_has_avx512():
         assert isa != "avx512"
     assert _extension._isa_error("avx512", cpu_has_avx512=True) is None
     assert _extension._isa_error("avx2", cpu_has_avx512=False) is None
