@@ -88,14 +88,18 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
       if (act_out) v = vsilu(v);
       store16(y + e * dout + col0, valid, v);
     };
-    for (int64_t tile; (tile = claim()) >= 0;) {
+    // Claim one tile ahead: the prefetches in this tile's epilogues are for the tile this thread
+    // runs next (with dynamic claiming that is rarely tile + 1).
+    for (int64_t tile, next = claim(); (tile = next) >= 0;) {
+      next = claim();
       e0 = tile * kTile;
       const int64_t m = std::min(kTile, e_total - e0);
+      const int64_t n0 = next >= 0 ? next * kTile : e_total;
       for (int64_t i = 0; i < m; ++i) dsti[i] = t[e0 + i];
       // the next tile's rows: x, and the src-indexed tables (dst rows repeat: mostly cached)
-      pf1.reset(std::min(kTile, e_total - e0 - m)), pf2.reset(pf1.rows);
-      pf1.add(x + (e0 + m) * c, nullptr, c), pf1.add(pns, s + e0 + m, dh);
-      pf2.add(pns2, s + e0 + m, dout);
+      pf1.reset(std::min(kTile, e_total - n0)), pf2.reset(pf1.rows);
+      pf1.add(x + n0 * c, nullptr, c), pf1.add(pns, s + n0, dh);
+      pf2.add(pns2, s + n0, dout);
       first.e0 = e0;
       if (pns)
         gather_add(pns, s + e0, pnd, dsti, m, dh, gtile.data(), nph), first.gsum = gtile.data();

@@ -92,8 +92,11 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
       float* pp = part.data() + tr.seg[i] * np + col0;
       vst16(pp, vadd(vld16(pp), vfma(v, g, t)));
     };
-    for (int64_t task; (task = claim()) >= 0;) {
+    for (int64_t task, next = claim(); (task = next) >= 0;) {
+      next = claim();  // one task ahead: its first tile is prefetched during this task's last
       const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
+      const NextTile after{rp[r1], next >= 0 ? rp[tasks[next]] : 0,
+                           next >= 0 ? rp[tasks[next + 1]] : 0};
       acc.assign(nr * np, 0.f);
       fsum.assign(nr * c, 0.f);
       int64_t r = r0;
@@ -103,8 +106,9 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
         tr.build(rp, r, t0, t1);
         std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
         std::fill(fpart.begin() + (carry ? c : 0), fpart.begin() + tr.nseg * c, 0.f);
-        pf.reset(std::min(kTile, rp[r1] - t1));  // the next tile's rows
-        pf.add(x + t1 * c, nullptr, c), pf.add(pns, s + t1, d);
+        const auto [p0, n1] = after.tile(t1);
+        pf.reset(n1);
+        pf.add(x + p0 * c, nullptr, c), pf.add(pns, s + p0, d);
         e0 = t0;
         gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
         gemm_ep(x + t0 * c, c, m, scale.w, scale_ep);

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu/gemm_tile.h"
@@ -182,6 +183,18 @@ struct NextTilePrefetch {
     for (int k = 0; k < n; ++k)
       if (col0 < t[k].width)
         prefetch_line(t[k].base + (t[k].idx ? int64_t(t[k].idx[i]) : i) * t[k].width + col0);
+  }
+};
+
+// Where the tile after the one ending at edge t1 starts, and its edge count, for a task whose edges
+// end at `end`: the task's next tile, or else the first tile of the task this thread claimed next
+// ([next_lo, next_hi); empty when none). Threads claim tasks dynamically, so the thread's next tile
+// is rarely the one after this task.
+struct NextTile {
+  int64_t end, next_lo, next_hi;
+  std::pair<int64_t, int64_t> tile(int64_t t1) const {
+    const int64_t p0 = t1 < end ? t1 : next_lo, p1 = t1 < end ? end : next_hi;
+    return {p0, std::min(kTile, p1 - p0)};
   }
 };
 
