@@ -92,11 +92,9 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
       float* pp = part.data() + tr.seg[i] * np + col0;
       vst16(pp, vadd(vld16(pp), vfma(v, g, t)));
     };
-    for (int64_t task, next = claim(); (task = next) >= 0;) {
-      next = claim();  // one task ahead: its first tile is prefetched during this task's last
+    TaskCursor<decltype(claim)> cursor{claim, rp, tasks};
+    for (int64_t task; (task = cursor.take()) >= 0;) {
       const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
-      const NextTile after{rp[r1], next >= 0 ? rp[tasks[next]] : 0,
-                           next >= 0 ? rp[tasks[next + 1]] : 0};
       acc.assign(nr * np, 0.f);
       fsum.assign(nr * c, 0.f);
       int64_t r = r0;
@@ -106,7 +104,7 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
         tr.build(rp, r, t0, t1);
         std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
         std::fill(fpart.begin() + (carry ? c : 0), fpart.begin() + tr.nseg * c, 0.f);
-        const auto [p0, n1] = after.tile(t1);
+        const auto [p0, n1] = cursor.after(t1, rp[r1]);
         pf.reset(n1);
         pf.add(x + p0 * c, nullptr, c), pf.add(pns, s + p0, d);
         e0 = t0;

@@ -186,15 +186,32 @@ struct NextTilePrefetch {
   }
 };
 
-// Where the tile after the one ending at edge t1 starts, and its edge count, for a task whose edges
-// end at `end`: the task's next tile, or else the first tile of the task this thread claimed next
-// ([next_lo, next_hi); empty when none). Threads claim tasks dynamically, so the thread's next tile
-// is rarely the one after this task.
-struct NextTile {
-  int64_t end, next_lo, next_hi;
-  std::pair<int64_t, int64_t> tile(int64_t t1) const {
-    const int64_t p0 = t1 < end ? t1 : next_lo, p1 = t1 < end ? end : next_hi;
-    return {p0, std::min(kTile, p1 - p0)};
+// Claims the row tasks of film_mean / edge_film_mean for one worker (claim: run_dynamic's) and says
+// where the tile after the current one starts, for the prefetches in the current tile's epilogues:
+// the task's next tile, or on its last tile the first tile of the task this worker runs next
+// (claimed then, not earlier: a worker never holds a task it has not started for longer than one
+// tile). Tasks are claimed dynamically, so a worker's next task is rarely the one after its
+// current.
+template <class Claim>
+struct TaskCursor {
+  Claim& claim;
+  const int64_t* rp;
+  const std::vector<int64_t>& tasks;
+  int64_t next = -2;  // -2: not claimed yet
+
+  // the task to run now (-1: none left)
+  int64_t take() {
+    const int64_t t = next == -2 ? claim() : next;
+    next = -2;
+    return t;
+  }
+  // (first edge, edge count) of the tile after the one ending at edge t1 of a task ending at `end`
+  std::pair<int64_t, int64_t> after(int64_t t1, int64_t end) {
+    if (t1 < end) return {t1, std::min(kTile, end - t1)};
+    if (next == -2) next = claim();
+    if (next < 0) return {0, 0};
+    const int64_t lo = rp[tasks[next]];
+    return {lo, std::min(kTile, rp[tasks[next + 1]] - lo)};
   }
 };
 
