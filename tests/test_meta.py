@@ -93,6 +93,20 @@ def test_collect_store_and_resume(store, capsys):
     assert summary["new_runs"] == 0 and "disk for all of them" in lines[0]
 
 
+def test_collect_second_plan_into_a_store(store, tmp_path):
+    """Another plan's runs go into an existing store; progress counts this plan's runs, not the store's."""
+    import shutil
+
+    root = tmp_path / "mixed"
+    shutil.copytree(store, root)
+    other = {**PLAN[0], "widths": [8], "seed": 3}
+    lines = []
+    summary = collect(root, [PLAN[0], other], log=lines.append)
+    assert "1 already in" in lines[0] and "1 to do" in lines[0]
+    assert lines[1].startswith("  [2/2] " + tasks.task_id(other))
+    assert summary["new_runs"] == 1 and summary["runs"] == 3 and len(TrajectoryStore(root).runs) == 3
+
+
 def test_scale_windows_matches_scale_params(store):
     st = TrajectoryStore(store)
     rid = tasks.task_id(PLAN[1])

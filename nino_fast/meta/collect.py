@@ -89,7 +89,7 @@ def collect(
         writer.commit(entry)
         done += 1
         log(
-            f"  [{len(store.runs)}/{len(plan)}] {rid}: {n_params} params, {writer.rows} states, val loss "
+            f"  [{len(plan) - len(todo) + done}/{len(plan)}] {rid}: {n_params} params, {writer.rows} states, val loss "
             f"{losses[0]:.3f} -> {losses[-1]:.3f}{' DIVERGED' if res['diverged'] else ''}, {res['seconds']:.1f}s"
         )
     summary = dict(
