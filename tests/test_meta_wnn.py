@@ -158,6 +158,11 @@ def test_init_from_checkpoint(store, tmp_path):
         a = torch.load(tmp_path / f"{arch}.pt", weights_only=True)["state_dict"]
         b = torch.load(tmp_path / f"{arch}0.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+        # the starting checkpoint's training record is kept in the fine-tuned one's
+        parent = torch.load(tmp_path / f"{arch}.pt", weights_only=True)["train_info"]
+        child = torch.load(tmp_path / f"{arch}0.pt", weights_only=True)["train_info"]
+        assert child["init_from"] == dict(path=str(tmp_path / f"{arch}.pt"), train_info=parent)
+        assert "init_from" not in parent
     with pytest.raises(ValueError, match="not a checkpoint of this architecture"):
         train(cfg(store, tmp_path / "x.pt", arch="nino", init_from=str(tmp_path / "wnn.pt")), log=quiet)
     with pytest.raises(ValueError, match="not a checkpoint of this architecture"):

@@ -139,6 +139,7 @@ class _Trainer:
             _torch_init(self.model)
         elif cfg.init != "official":  # official: NiNoModel's own (std 0.02 for the GNN, PyTorch's for WNN+)
             raise ValueError(f"train: init must be 'official' or 'torch', got {cfg.init!r}")
+        self.parent_info = None
         if cfg.init_from:
             self._warm_start(cfg.init_from)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
@@ -176,6 +177,9 @@ class _Trainer:
                 f"model_args={self.cfg.model_args()})"
             )
         self.model.load_state_dict(theirs)
+        # provenance: the starting checkpoint's own training record travels with the fine-tuned one
+        info = torch.load(path, map_location="cpu", weights_only=True).get("train_info")
+        self.parent_info = dict(path=str(path), train_info=info)
 
     # ---- state --------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -227,6 +231,8 @@ class _Trainer:
             runs=len(self.sampler.runs),
             config={k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("data", "out")},
         )
+        if self.parent_info is not None:
+            info["init_from"] = self.parent_info
         ckpt = dict(state_dict=self.model.state_dict(), model_args=self.cfg.model_args(), train_info=info)
         _atomic_save(ckpt, self.out)
 
