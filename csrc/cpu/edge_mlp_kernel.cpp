@@ -70,7 +70,9 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
 
   run_dynamic(n_tiles, [&](auto claim) {
+    const int64_t npo = padded(dout);
     std::vector<float> htile(kTile * nph), gtile(pns ? kTile * nph : 0);
+    std::vector<float> gtile2(pns2 ? kTile * npo : 0);  // the second stage's gathered node terms
     int64_t dsti[kTile];
     NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);
@@ -82,9 +84,7 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
       const int64_t e = e0 + i, valid = dout - col0;
       pf2(i, col0);
       v = vadd(v, vld16(bbp.data() + col0));
-      if (pns2)
-        v = vadd(v, vadd(load16(pns2 + int64_t(s[e]) * dout + col0, valid),
-                         load16(pnd2 + dsti[i] * dout + col0, valid)));
+      if (pns2) v = vadd(v, vld16(gtile2.data() + i * npo + col0));  // s2[src] + t2[dst]
       if (act_out) v = vsilu(v);
       store16(y + e * dout + col0, valid, v);
     };
@@ -104,6 +104,7 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
       if (pns)
         gather_add(pns, s + e0, pnd, dsti, m, dh, gtile.data(), nph), first.gsum = gtile.data();
       gemm_ep(x + e0 * c, c, m, stage.w, first);
+      if (pns2) gather_add(pns2, s + e0, pnd2, dsti, m, dout, gtile2.data(), npo);
       gemm_ep(htile.data(), nph, m, second, second_ep);
     }
   });
