@@ -88,16 +88,17 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
       if (act_out) v = vsilu(v);
       store16(y + e * dout + col0, valid, v);
     };
-    // Claim one tile ahead: the prefetches in this tile's epilogues are for the tile this thread
-    // runs next (with dynamic claiming that is rarely tile + 1).
-    for (int64_t tile, next = claim(); (tile = next) >= 0;) {
-      next = claim();
+    auto cursor = claim_cursor(claim, [&](int64_t u) {
+      return std::pair<int64_t, int64_t>{u * kTile, std::min(e_total, (u + 1) * kTile)};
+    });
+    for (int64_t tile; (tile = cursor.take()) >= 0;) {
       e0 = tile * kTile;
       const int64_t m = std::min(kTile, e_total - e0);
-      const int64_t n0 = next >= 0 ? next * kTile : e_total;
       for (int64_t i = 0; i < m; ++i) dsti[i] = t[e0 + i];
-      // the next tile's rows: x, and the src-indexed tables (dst rows repeat: mostly cached)
-      pf1.reset(std::min(kTile, e_total - n0)), pf2.reset(pf1.rows);
+      // the next tile's rows (each unit is one tile: the next unit's): x, and the src-indexed
+      // tables (dst rows repeat: mostly cached)
+      const auto [n0, n1] = cursor.after(e0 + m, e0 + m);
+      pf1.reset(n1), pf2.reset(n1);
       pf1.add(x + n0 * c, nullptr, c), pf1.add(pns, s + n0, dh);
       pf2.add(pns2, s + n0, dout);
       first.e0 = e0;

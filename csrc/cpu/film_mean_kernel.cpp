@@ -92,7 +92,9 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
       float* pp = part.data() + tr.seg[i] * np + col0;
       vst16(pp, vadd(vld16(pp), vfma(v, g, t)));
     };
-    TaskCursor<decltype(claim)> cursor{claim, rp, tasks};
+    auto cursor = claim_cursor(claim, [&](int64_t u) {
+      return std::pair<int64_t, int64_t>{rp[tasks[u]], rp[tasks[u + 1]]};
+    });
     for (int64_t task; (task = cursor.take()) >= 0;) {
       const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
       acc.assign(nr * np, 0.f);

@@ -186,34 +186,38 @@ struct NextTilePrefetch {
   }
 };
 
-// Claims the row tasks of film_mean / edge_film_mean for one worker (claim: run_dynamic's) and says
-// where the tile after the current one starts, for the prefetches in the current tile's epilogues:
-// the task's next tile, or on its last tile the first tile of the task this worker runs next
-// (claimed then, not earlier: a worker never holds a task it has not started for longer than one
-// tile). Tasks are claimed dynamically, so a worker's next task is rarely the one after its
-// current.
-template <class Claim>
-struct TaskCursor {
+// Claims work units for one worker (claim: run_dynamic's) and says where the tile after the current
+// one starts, for the prefetches in the current tile's epilogues: the unit's next tile, or on its
+// last tile the first tile of the unit this worker runs next (claimed then, not earlier, so a
+// worker never holds a unit it has not started for longer than one tile). Units are claimed
+// dynamically, so a worker's next unit is rarely the one after its current. range(u): unit u's
+// edges [lo, hi) (a row task of film_mean / edge_film_mean, one tile of edge_mlp).
+template <class Claim, class Range>
+struct ClaimCursor {
   Claim& claim;
-  const int64_t* rp;
-  const std::vector<int64_t>& tasks;
+  Range range;
   int64_t next = -2;  // -2: not claimed yet
 
-  // the task to run now (-1: none left)
+  // the unit to run now (-1: none left)
   int64_t take() {
-    const int64_t t = next == -2 ? claim() : next;
+    const int64_t u = next == -2 ? claim() : next;
     next = -2;
-    return t;
+    return u;
   }
-  // (first edge, edge count) of the tile after the one ending at edge t1 of a task ending at `end`
+  // (first edge, edge count) of the tile after the one ending at edge t1 of a unit ending at `end`
   std::pair<int64_t, int64_t> after(int64_t t1, int64_t end) {
     if (t1 < end) return {t1, std::min(kTile, end - t1)};
     if (next == -2) next = claim();
     if (next < 0) return {0, 0};
-    const int64_t lo = rp[tasks[next]];
-    return {lo, std::min(kTile, rp[tasks[next + 1]] - lo)};
+    const auto [lo, hi] = range(next);
+    return {lo, std::min(kTile, hi - lo)};
   }
 };
+
+template <class Claim, class Range>
+ClaimCursor<Claim, Range> claim_cursor(Claim& claim, Range range) {
+  return {claim, range};
+}
 
 // Epilogue of the input stage for the tile of edges e0..e0+m: row i of the output tile (out,
 // leading dimension ldo >= Np) = [silu](acc + bias + table[et[e]] + gsum[i]), e = e0 + i, where
