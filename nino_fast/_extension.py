@@ -8,15 +8,16 @@ pure-PyTorch reference).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from ._env import env_flag
 
 log = logging.getLogger("nino_fast")
 _ERROR: str | None = None
 _CPU_ISA: str | None = None  # the vector ISA the loaded CPU kernels were built for
 
-if os.environ.get("NINO_FAST_DISABLE_EXT", "0").strip().lower() not in ("", "0", "false", "no", "off"):
+if env_flag("NINO_FAST_DISABLE_EXT", default=False):
     _ERROR = "disabled by NINO_FAST_DISABLE_EXT"
 else:
     try:

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._env import env_flag
 from .adjacency import BlockAdjacency, shifted_normalized_operator
 from .blocks import Block, structure_hash
 
@@ -134,7 +135,7 @@ def cache_key(blocks: list[Block], num_nodes: int, k: int) -> str:
 
 def _cache_enabled(cache: bool | None, num_nodes: int) -> bool:
     if cache is None:
-        cache = os.environ.get("NINO_FAST_LPE_CACHE", "1") not in ("0", "false", "no", "")
+        cache = env_flag("NINO_FAST_LPE_CACHE", default=True)
     return bool(cache) and num_nodes >= CACHE_MIN_NODES
 
 

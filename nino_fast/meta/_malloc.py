@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from .._env import env_flag
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _INT_MAX = 2**31 - 1
@@ -25,7 +26,7 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     """Serve blocks up to ``threshold`` bytes from the heap and never trim it below its high-water mark (glibc
     ``mallopt``). Returns whether it took effect: False on other C libraries / platforms or when
     ``NINO_FAST_KEEP_FREED=0``."""
-    if os.environ.get("NINO_FAST_KEEP_FREED", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_flag("NINO_FAST_KEEP_FREED", default=True):
         return False
     if not sys.platform.startswith("linux"):
         return False
