@@ -249,6 +249,48 @@ def test_bf16_error_bound(backend, op):
     assert err_ours <= 2 * err_torch + 1e-6
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("d_out", [1, 3, 4, 5])
+@pytest.mark.parametrize("plain", [True, False])
+def test_edge_mlp_narrow_output(backend, d_out, plain):
+    """A few outputs per edge (the model's head): the CPU kernel runs plain ones (no node_src2/dst2, no act_out) as
+    dot products. Each output is judged against the magnitude of the terms summed into it (a one-value output can
+    cancel to near zero, so a check relative to the largest output would be meaningless); bitwise across threads."""
+    a = make_inputs(60, 2500, 7, 40, d_out=d_out, heavy=900, seed=d_out)
+    a64 = make_inputs(60, 2500, 7, 40, d_out=d_out, heavy=900, seed=d_out, dtype=torch.float64)
+    extra = () if plain else ("ns2", "nd2")
+
+    def args(x, abs_=False):
+        f = (lambda t: t.abs()) if abs_ else (lambda t: t)
+        nodes2 = tuple(f(x[k]) for k in extra) or (None, None)
+        return (
+            (f(x["feat"]), x["src"], x["dst"], f(x["Wa"]), f(x["ba"]), f(x["Wb"]), f(x["bb"]), x["etype"])
+            + (f(x["table"]), f(x["ns"]), f(x["nd"]))
+            + nodes2
+        )
+
+    got = dispatch.edge_mlp(*args(a), act_out=not plain, backend=backend)
+    want = reference.edge_mlp(*args(a64), act_out=not plain)
+    # the same maths on absolute values bounds every term (|silu(x)| <= |x|)
+    x = {k: v for k, v in a64.items()}
+    h = (x["feat"].abs() @ x["Wa"].abs().T + x["ba"].abs() + x["table"].abs()[x["etype"]]).add_(
+        x["ns"].abs()[x["src"].long()] + x["nd"].abs()[x["dst"].long()]
+    )
+    terms = h @ x["Wb"].abs().T + x["bb"].abs()
+    if not plain:
+        terms = terms + x["ns2"].abs()[x["src"].long()] + x["nd2"].abs()[x["dst"].long()]
+    assert got.shape == want.shape == (a["feat"].shape[0], d_out)
+    assert ((got.double() - want).abs() <= 1e-5 * terms).all()
+    if backend == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = dispatch.edge_mlp(*args(a), act_out=not plain, backend=backend)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(got, one)
+
+
 @pytest.mark.skipif("cpu" not in dispatch.BACKENDS, reason="needs the CPU extension")
 def test_cpu_output_pool_survives_release():
     """Large CPU outputs come from a buffer pool (csrc/cpu/out_pool.h): releasing the pool while an output is alive

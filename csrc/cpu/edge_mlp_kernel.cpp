@@ -68,6 +68,13 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   float* y = out.data_ptr<float>();
   const int64_t nph = padded(dh);
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
+  // A second stage of at most kDotOut plain outputs (the model's head: one per feature slot) runs
+  // as dot products over each hidden row, not as a GEMM whose panel would be 16 columns wide.
+  const bool dot_out = dout <= kDotOut && !pns2 && !act_out;
+  std::vector<float> wbrows(dot_out ? dout * nph : 0, 0.f);  // weight_b rows zero-padded to nph
+  for (int64_t j = 0; dot_out && j < dout; ++j)
+    std::copy(wb.data_ptr<float>() + j * dh, wb.data_ptr<float>() + (j + 1) * dh,
+              wbrows.begin() + j * nph);
 
   run_dynamic(n_tiles, [&](auto claim) {
     const int64_t npo = padded(dout);
@@ -105,6 +112,13 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
       if (pns)
         gather_add(pns, s + e0, pnd, dsti, m, dh, gtile.data(), nph), first.gsum = gtile.data();
       gemm_ep(x + e0 * c, c, m, stage.w, first);
+      if (dot_out) {
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < dout; ++j)
+            y[(e0 + i) * dout + j] =
+                dot_padded(htile.data() + i * nph, wbrows.data() + j * nph, nph) + bbp[j];
+        continue;
+      }
       if (pns2) gather_add(pns2, s + e0, pnd2, dsti, m, dout, gtile2.data(), npo);
       gemm_ep(htile.data(), nph, m, second, second_ep);
     }

@@ -256,6 +256,20 @@ struct AffineEp {
   }
 };
 
+constexpr int64_t kDotOut = 4;  // edge_mlp: second stages this narrow run as dot products
+
+// sum_k a[k] b[k] over n (a multiple of kPanel) floats: one FMA chain per lane over the 16-float
+// blocks, then the 16 lanes added pairwise in a fixed order: the same bits on every ISA.
+NINO_FAST_INLINE float dot_padded(const float* a, const float* b, int64_t n) {
+  V16 acc = vzero16();
+  for (int64_t k = 0; k < n; k += kPanel) acc = vfma(vld16(a + k), vld16(b + k), acc);
+  alignas(64) float t[kPanel];
+  vst16(t, acc);
+  for (int64_t w = kPanel / 2; w > 0; w /= 2)
+    for (int64_t i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
 // out[i] (leading dimension ldo >= padded(d), padding zero) = a[ia[i]] + b[ib[i]] for i < m, rows
 // of width d. Gathering a tile's rows in one tight loop, before its GEMM, lets the core keep many
 // cache misses in flight; the epilogue then reads them from L1/L2.
