@@ -9,6 +9,8 @@
 namespace nino_fast::cpu {
 namespace {
 
+constexpr int64_t kDotOut = 4;  // second stages this narrow (and plain) run as dot products
+
 at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
                         const at::Tensor& dst_in, const at::Tensor& weight_a,
                         const at::Tensor& bias_a, const at::Tensor& weight_b,

@@ -256,8 +256,6 @@ struct AffineEp {
   }
 };
 
-constexpr int64_t kDotOut = 4;  // edge_mlp: second stages this narrow run as dot products
-
 // sum_k a[k] b[k] over n (a multiple of kPanel) floats: one FMA chain per lane over the 16-float
 // blocks, then the 16 lanes added pairwise in a fixed order: the same bits on every ISA.
 NINO_FAST_INLINE float dot_padded(const float* a, const float* b, int64_t n) {
