@@ -56,6 +56,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     """Register ``collect`` and ``train`` on the ``nino-fast`` subparsers object ``sub``."""
+    from .tasks import FAMILIES  # (the nino_fast package has imported torch already: cheap)
+
     p = sub.add_parser(
         "collect",
         help="train small models and store their parameter trajectories (meta-training data)",
@@ -73,7 +75,7 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--families",
         nargs="+",
-        choices=("mlp", "convnet", "gpt2", "llama"),
+        choices=FAMILIES,
         help="only the plan's runs of these model families (default: all of them)",
     )
     p.add_argument("--out", required=True, help="store directory (created; an existing store is continued)")
