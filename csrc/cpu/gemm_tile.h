@@ -44,8 +44,8 @@ namespace nino_fast::cpu {
 #define NINO_FAST_LAMBDA_INLINE
 #endif
 
-constexpr int64_t kPanel =
-    16;  // output columns per packed panel (one AVX-512 / two AVX2 registers)
+// output columns per packed panel (one AVX-512 / two AVX2 registers)
+constexpr int64_t kPanel = 16;
 
 // The instruction set the kernels were compiled for (reported by torch.ops.nino_fast.cpu_isa).
 inline const char* compiled_isa() {
