@@ -290,6 +290,7 @@ def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -
         if h1.dtype != raw.dtype:  # 16-bit edge features (GPU backends): the head reads h1 at that width too
             h1 = h1.to(raw.dtype)
         out[i : i + chunk] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, hd.wk, hd.bk, backend=backend)
+        del h1  # before the next chunk's: one (chunk, D) buffer alive, not two
     return out.index_select(0, used) if dense and used.numel() < n else out
 
 

@@ -304,3 +304,23 @@ def test_cpu_output_pool_survives_release():
     assert torch.equal(again, keep)
     torch.testing.assert_close(again, reference.edge_mlp(*args), rtol=1e-5, atol=1e-5)
     release_cpu_buffers()
+
+
+@pytest.mark.skipif("cpu" not in dispatch.BACKENDS, reason="needs the CPU extension")
+def test_cpu_output_pool_reuses_larger_buffers():
+    """A smaller output (a chunked loop's last chunk, the next tile's) takes a cached larger buffer instead of
+    caching one more per size, and is computed afresh in it."""
+    from nino_fast._extension import release_cpu_buffers
+
+    release_cpu_buffers()
+    n, e, c, d = 3000, 12000, 5, 128
+    a = make_inputs(n, e, c, d, seed=4, dtype=torch.float32)
+    args = (a["feat"], a["src"], a["dst"], a["Wa"], a["ba"], a["Wb"], a["bb"])
+    big = dispatch.edge_mlp(*args, backend="cpu")  # (12000, 128) fp32: 6 MB, pooled
+    ptr = big.data_ptr()
+    del big  # back to the pool
+    part = (args[0][:8000], args[1][:8000], args[2][:8000], *args[3:])
+    small = dispatch.edge_mlp(*part, backend="cpu")  # 4 MB: served by the cached 6 MB buffer
+    assert small.data_ptr() == ptr
+    torch.testing.assert_close(small, reference.edge_mlp(*part), rtol=1e-5, atol=1e-5)
+    release_cpu_buffers()

@@ -7,10 +7,10 @@
 // that gives the buffer back here; the next call of the same size reuses the already-mapped pages.
 //
 // Bounded: at most kMaxBuffers buffers and NINO_FAST_CPU_POOL_MB MiB (default 256; 0 disables) are
-// kept; buffers under 1 MiB go through the ordinary allocator. Reuse is exact-size (rounded to 64
-// KiB), which is what chunked loops produce. Nothing stays cached between NiNo steps: the Python
-// step calls torch.ops.nino_fast._cpu_pool_release() when it ends (release()), so the pool never
-// holds memory outside a step.
+// kept; buffers under 1 MiB go through the ordinary allocator. A request takes the smallest cached
+// buffer that fits (sizes rounded to 64 KiB). Nothing stays cached between NiNo steps: the Python
+// step calls torch.ops.nino_fast._cpu_pool_release() after each pass and when it ends (release()),
+// so the pool never holds memory outside a step, and within one only buffers of the current pass.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,16 +46,26 @@ class OutPool {
     for (auto& b : drop) std::free(b.second);
   }
 
-  void* take(size_t nbytes) {
+  // A buffer of at least `nbytes` (its true size in `*got`): the smallest cached one that fits,
+  // else a new one. Fitting rather than exact sizes lets a chunked loop's last, shorter chunk (and
+  // the next tile's smaller output) reuse a buffer instead of caching one more: the pool then holds
+  // about the largest set of buffers in use at once, not one buffer per distinct size.
+  void* take(size_t nbytes, size_t* got) {
+    *got = nbytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (size_t i = free_.size(); i-- > 0;)
-        if (free_[i].first == nbytes) {
-          void* p = free_[i].second;
-          free_.erase(free_.begin() + int64_t(i));
-          cached_ -= nbytes;
-          return p;
-        }
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].first >= nbytes &&
+            (best == free_.size() || free_[i].first < free_[best].first))
+          best = i;
+      if (best < free_.size()) {
+        void* p = free_[best].second;
+        *got = free_[best].first;
+        free_.erase(free_.begin() + int64_t(best));
+        cached_ -= *got;
+        return p;
+      }
     }
     // 2 MiB-aligned and marked for transparent huge pages (where the kernel offers them on request,
     // THP "madvise" mode): first touch then faults once per 2 MiB instead of once per 4 KiB page.
@@ -110,10 +120,10 @@ inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
   const size_t nbytes = size_t(numel) * sizeof(float);
   auto& pool = OutPool::get();
   if (nbytes < (size_t(1) << 20) || pool.cap() == 0) return at::empty(sizes, options);
-  const size_t rounded = (nbytes + 65535) / 65536 * 65536;
-  void* p = pool.take(rounded);
+  size_t got = 0;
+  void* p = pool.take((nbytes + 65535) / 65536 * 65536, &got);
   if (p == nullptr) return at::empty(sizes, options);
-  return at::from_blob(p, sizes, [rounded](void* q) { OutPool::get().give(q, rounded); },
+  return at::from_blob(p, sizes, [got](void* q) { OutPool::get().give(q, got); },
                        options.dtype(at::kFloat).device(at::kCPU));
 }
 
