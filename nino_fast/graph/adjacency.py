@@ -17,11 +17,14 @@ O(K^2 + blocks).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.linalg import LinearOperator
 
 from .blocks import Block
+
+if TYPE_CHECKING:  # scipy is imported where it is used: a process that never computes an LPE skips its ~20 MB
+    from scipy.sparse.linalg import LinearOperator
 
 DENSE_CELLS_MAX = 2048  # up to this many intervals Z is a dense K x K array, beyond a sparse matrix
 
@@ -56,6 +59,8 @@ class BlockAdjacency:
                 np.concatenate([np.zeros(0, np.int64), *rows]),
                 np.concatenate([np.zeros(0, np.int64), *cols]),
             )
+            import scipy.sparse as sp
+
             z = sp.coo_matrix((np.ones(r.size), (r, c)), shape=(k, k)).tocsr()
             self.zf = ((z + z.T) > 0).astype(np.float64).tocsr()
         self.self_cell = np.repeat(self.zf.diagonal(), self.lens)  # 1 where the node's own cell is covered
@@ -133,6 +138,8 @@ class BlockAdjacency:
 def shifted_normalized_operator(adj: BlockAdjacency) -> tuple[LinearOperator, np.ndarray]:
     """``2I - L = I + D^-1/2 A D^-1/2`` as a LinearOperator (isolated nodes: identity rows), and
     ``D^-1/2``."""
+    from scipy.sparse.linalg import LinearOperator
+
     deg = adj.degrees()
     with np.errstate(divide="ignore"):
         dis = np.where(deg > 0, deg**-0.5, 0.0)

@@ -22,14 +22,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .._env import env_flag
 from .adjacency import BlockAdjacency, shifted_normalized_operator
 from .blocks import Block, structure_hash
+
+if TYPE_CHECKING:  # scipy is imported where it is used (see adjacency.py)
+    import scipy.sparse as sp
 
 DENSE_MAX_NODES = 3000
 CACHE_MIN_NODES = 50_000
@@ -40,6 +43,8 @@ SOLVER_VERSION = "arpack-la-shift2-v1"
 def normalized_laplacian(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> sp.csr_matrix:
     """Symmetric-normalised Laplacian (float64 CSR) of the undirected, unweighted graph (self-loops
     dropped)."""
+    import scipy.sparse as sp
+
     keep = src != dst
     a, b = src[keep].astype(np.int64), dst[keep].astype(np.int64)
     lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -88,6 +93,8 @@ def _solve(dense_lap, shifted, num_nodes: int, k: int) -> tuple[np.ndarray, np.n
 def laplacian_eigs(src, dst, num_nodes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k + 1`` smallest eigenpairs of the normalised Laplacian, ascending: values (k+1,), vectors
     (N, k+1)."""
+    import scipy.sparse as sp
+
     lap = normalized_laplacian(np.asarray(src), np.asarray(dst), num_nodes)
     return _solve(lap.toarray, lambda: (2.0 * sp.identity(num_nodes, format="csr") - lap).tocsr(), num_nodes, k)
 
