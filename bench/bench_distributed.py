@@ -10,7 +10,8 @@ Every run is a fresh process. Per model: first ``single`` (``NiNoModel.nowcast``
 
 Each worker builds the neural graph from the model's named shapes (computed here with ``transformers.LlamaConfig``
 on the meta device and passed as JSON, so the workers never import transformers; the LPE comes from the on-disk
-cache that the single run fills), loads the checkpoint, makes the same random history and runs the step once. It
+cache that the single run fills), loads the checkpoint, makes the same random history and runs the step once; a
+rank keeps only its part of the graph (``shard_graph``; the whole graph is freed before the step). It
 reports
 
 - ``baseline_rss``: its RSS after the imports (torch, nino_fast) and, for ranks, the process group's set-up: the
@@ -89,7 +90,7 @@ def worker(args):
     if args.worker == "rank":
         import torch.distributed as dist
 
-        from nino_fast.distributed import nowcast_sharded, param_shard
+        from nino_fast.distributed import nowcast_sharded, shard_graph
 
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -102,8 +103,9 @@ def worker(args):
     )
     nino = NiNoModel.from_checkpoint(args.ckpt)
     shard = None
-    if rank is not None:
-        shard = param_shard(graph, rank, world)
+    if rank is not None:  # keep only this rank's part of the graph
+        graph = shard_graph(graph, rank, world)
+        shard = graph.shard
     states = history(graph.num_params, rows=shard.ids if args.states == "local" and shard is not None else None)
     setup_s = time.perf_counter() - t0
     before = peak_rss()
@@ -111,13 +113,14 @@ def worker(args):
     if rank is not None:
         dist.barrier()  # time the step alone, not the other rank's set-up
         t1 = time.perf_counter()
-        pred = nowcast_sharded(nino, graph, states, args.k, stats=stats, shard=shard)
+        pred = nowcast_sharded(nino, graph, states, args.k, stats=stats, max_memory=args.max_memory)
     else:
         t1 = time.perf_counter()
-        pred = nino.nowcast(graph, states, args.k)
+        pred = nino.nowcast(graph, states, args.k, max_memory=args.single_max_memory)
     step_s = time.perf_counter() - t1
     res = dict(
         impl="single" if rank is None else f"rank-{args.states}",
+        max_memory=args.max_memory if rank is not None else args.single_max_memory,
         rank=rank,
         world=world,
         model=args.model,
@@ -173,6 +176,8 @@ def _worker_args(args, worker: str, shapes: str, out_dir: str) -> list[str]:
         f"--timeout={args.timeout}",
         f"--shapes={shapes}",
         f"--out-dir={out_dir}",
+        *([f"--max-memory={args.max_memory}"] if args.max_memory else []),
+        *([f"--single-max-memory={args.single_max_memory}"] if args.single_max_memory else []),
     ]
 
 
@@ -299,13 +304,23 @@ def main(argv=None):
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--tag", default="", help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/distributed_cpu.json")
+    p.add_argument("--max-memory", help="max_memory of each rank's step (default: the library's)")
+    p.add_argument("--single-max-memory", help="max_memory of the single process's step (default: the library's)")
     args = p.parse_args(argv)
     if args.worker:
         args.states = args.states[0]
         return worker(args)
     results = {model: bench_model(args, model) for model in args.models}
     if not args.no_write:
-        payload = dict(nproc=args.nproc, k=args.k, states=args.states, loadavg=os.getloadavg(), models=results)
+        payload = dict(
+            nproc=args.nproc,
+            k=args.k,
+            states=args.states,
+            max_memory=args.max_memory,
+            single_max_memory=args.single_max_memory,
+            loadavg=os.getloadavg(),
+            models=results,
+        )
         print(f"# wrote {write_results('distributed_cpu', payload)}")
 
 

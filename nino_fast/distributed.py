@@ -6,12 +6,16 @@ living on those edges (:func:`param_shard`); it only ever touches its own parame
 1. scaling statistics: from the full history when every process has it (``scale_stats``: bitwise those of one
    process, no communication), else from each process's rows combined by small ``(T,)`` all-reduces (sums, then
    centred sums of squares in float64 for ``std``; max / -min for ``min-max``, exact);
-2. the raw edge features of its own edges (``(E/P, F*ctx)``), scaled on the fly;
-3. the folded plan's stages (:mod:`nino_fast.plan`) on its edges. Node states (N x D) are replicated: after each of
-   the two message passes the processes exchange their rows of the aggregation with one all-reduce of an (N, D)
-   buffer (each row is non-zero on one process only, so the sum is exact), i.e. O(N * D) bytes per layer;
-4. residual and unscaling of its parameters, then one all-reduce of a ``(n_params + P,)`` vector: every parameter is
+2. the streamed step of :mod:`nino_fast.stream` on its rows (:class:`~nino_fast.stream.Part`): destination-row
+   tiles within ``max_memory``, raw edge features scaled on the fly from its history rows, the folded plan's
+   stages (:mod:`nino_fast.plan`). Node states (N x D) are replicated: after each of the two message passes the
+   processes exchange their rows of the aggregation with one all-reduce of an (N, D) buffer (each row is non-zero
+   on one process only, so the sum is exact), i.e. O(N * D) bytes per layer;
+3. residual and unscaling of its parameters, then one all-reduce of a ``(n_params + P,)`` vector: every parameter is
    written by exactly one process, and the last P slots carry each process's failure code.
+
+A process needs only its part of the neural graph: :func:`shard_graph` keeps all nodes but only the process's
+edges (about 1/P of the CSR arrays); pass it instead of the whole graph, which the caller may then free.
 
 Every process gets the same result; with full histories it is bitwise that of ``NiNoModel.nowcast`` on one process
 (the CPU kernels reduce each destination row in its own edge order whatever the rows around it).
@@ -28,6 +32,7 @@ writes parameters: callers write them only after the whole step succeeded.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,22 +42,17 @@ import torch.distributed as dist
 from . import plan
 from ._extension import release_cpu_buffers
 from .graph import NeuralGraph
-from .graph.layout import HEAD, RESIDUAL, SELF_LOOP
 from .model import graph_to
-from .scaling import scale_rows, scale_stats, unscale_rows
+from .scaling import scale_stats
+from .stream import NonFinitePrediction, Part, nowcast_streamed
 
 CHUNK = 1 << 16  # history rows per chunk while checking / scaling: bounds those temporaries (~3 MB)
-HEAD_EDGES = 1 << 14  # edges per head call on the CPU: bounds its (chunk, D) intermediate to 8 MB
 _EXC, _NAN = 1.0, 2.0  # failure codes carried in the result's last slots
 MAX = dist.ReduceOp.MAX
 
 
 class CommError(RuntimeError):
     """A collective failed (a dead or silent peer, a timeout): the process group is no longer in step."""
-
-
-class _NonFinite(ValueError):
-    """The prediction of this process's parameters is not finite."""
 
 
 def shard_bounds(graph: NeuralGraph, world: int) -> list[tuple[int, int, int, int]]:
@@ -108,23 +108,49 @@ def param_shard(graph: NeuralGraph, rank: int, world: int) -> ParamShard:
     return ParamShard(rank, world, n0, n1, e0, e1, ids, local, tuple(seg))
 
 
-def _put_constants(graph: NeuralGraph, raw: torch.Tensor, edge_lo: int, edge_hi: int) -> None:
-    """Slot-0 constants of the structural edges of ``[edge_lo, edge_hi)`` (``NeuralGraph.edge_constants``)."""
-    t = graph.edge_type_u8[edge_lo:edge_hi]
-    const = torch.where(t == SELF_LOOP, 2.0, torch.where((t == RESIDUAL) | (t == HEAD), 1.0, 0.0)).to(raw.dtype)
-    is_const = const != 0
-    raw.view(edge_hi - edge_lo, graph.max_feat_size, -1)[is_const, 0, :] = const[is_const].unsqueeze(1)
+@dataclass(frozen=True)
+class GraphShard:
+    """What process ``rank`` keeps of a neural graph: its :class:`ParamShard` and ``local``, the graph restricted
+    to the shard's edges. ``local`` has all N nodes (``rowptr`` (N+1,), ``lpe``, ``pos_w``: node states are
+    replicated) but only the edges ``[edge_lo, edge_hi)``, numbered from 0 (rows outside ``[node_lo, node_hi)`` are
+    empty), and ``param_pos`` holds the slots of the shard's parameters only (``shard.pos``): ``local.num_params``
+    is the shard's count. ``num_nodes`` / ``num_edges`` / ``num_params`` are the whole graph's."""
+
+    shard: ParamShard
+    local: NeuralGraph
+    num_nodes: int
+    num_edges: int
+    num_params: int
+    whole: NeuralGraph | None = None  # (nowcast_sharded given the whole graph: for models that run whole)
+
+    @property
+    def max_feat_size(self) -> int:
+        return self.local.max_feat_size
+
+    @property
+    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        return self.local.param_shapes
 
 
-def edge_features(graph: NeuralGraph, scaled: torch.Tensor, edge_lo: int, edge_hi: int) -> torch.Tensor:
-    """Raw edge features ``(edge_hi - edge_lo, F * C)`` of one CSR edge range (``to_edges`` restricted to it)."""
-    F, C = graph.max_feat_size, scaled.shape[1]
-    pos = graph.param_pos
-    mine = ((pos >= edge_lo * F) & (pos < edge_hi * F)).nonzero().flatten()
-    out = scaled.new_zeros((edge_hi - edge_lo) * F, C)
-    out[pos[mine] - edge_lo * F] = scaled[mine]
-    _put_constants(graph, out, edge_lo, edge_hi)
-    return out.view(edge_hi - edge_lo, F * C)
+def shard_graph(graph: NeuralGraph, rank: int, world: int, copy: bool = True) -> GraphShard:
+    """Process ``rank``'s part of ``graph`` (see :class:`GraphShard`), the same on every process. With ``copy``
+    (the default) its edge arrays are copies, so that the caller may free ``graph``: a process then holds about
+    1/world of the graph's edge arrays; ``copy=False`` gives views (no new memory while ``graph`` is kept) and
+    keeps ``graph`` as ``whole`` (for predictors that run whole: WNN+, non-official GNNs)."""
+    sh = param_shard(graph, rank, world)
+    e0, e1 = sh.edge_lo, sh.edge_hi
+    part = (lambda t: t[e0:e1].clone()) if copy else (lambda t: t[e0:e1])  # noqa: E731
+    local = dataclasses.replace(
+        graph,
+        rowptr=(graph.rowptr - e0).clamp_(0, e1 - e0),
+        src=part(graph.src),
+        dst=part(graph.dst),
+        edge_type_u8=part(graph.edge_type_u8),
+        param_pos=sh.pos,
+        meta=dict(graph.meta, shard=(rank, world)),
+        blocks=[],  # the layout describes the whole graph (its perm / LPE), not this part
+    )
+    return GraphShard(sh, local, graph.num_nodes, graph.num_edges, graph.num_params, None if copy else graph)
 
 
 # ---- communication and agreement --------------------------------------------------------------------------------
@@ -189,31 +215,35 @@ class _Rows:
         return acc
 
 
-def _validate(model, graph: NeuralGraph, states, k, shard: ParamShard) -> bool:
+def _validate(model, gs: GraphShard, states, k) -> bool:
     """The checks of ``NiNoModel.nowcast`` on this process's part of the inputs; returns whether ``states`` is
     the full (n_params, ctx) history (else it is the shard's rows ``states[shard.ids]``). Finiteness is checked on
     this process's rows only (each process checks its own; full histories are compared by checksum), so that no
     (n_params, ctx) temporary is made."""
+    shard = gs.shard
     if not isinstance(states, torch.Tensor) or states.dim() != 2:
         shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
         raise ValueError(f"nowcast_sharded: states must be a 2-D tensor, got {shape}")
-    full = states.shape[0] == graph.num_params
+    full = states.shape[0] == gs.num_params
     if states.shape[1] != model.ctx or not (full or states.shape[0] == shard.num_params):
         raise ValueError(
             f"nowcast_sharded: rank {shard.rank}: states has shape {tuple(states.shape)}, expected the full history"
-            f" ({graph.num_params}, {model.ctx}) or this shard's rows ({shard.num_params}, {model.ctx})"
+            f" ({gs.num_params}, {model.ctx}) or this shard's rows ({shard.num_params}, {model.ctx})"
         )
-    if not full and not plan.supports(model):
-        raise ValueError("nowcast_sharded: this model runs whole (not sharded): give the full history")
+    if not plan.supports(model) and not (full and gs.whole is not None):
+        raise ValueError(
+            "nowcast_sharded: this model runs whole on one process (not sharded): give the whole graph and the full"
+            " history"
+        )
     if states.is_floating_point():
         rows = _Rows(states, shard, full, states.device, cast=False)
-        bad = int(rows.per_tensor(lambda x, t: (~torch.isfinite(x)).sum(), len(graph.param_shapes)).sum())
+        bad = int(rows.per_tensor(lambda x, t: (~torch.isfinite(x)).sum(), len(gs.param_shapes)).sum())
         if bad:
             raise ValueError(f"NiNoModel: states contain {bad} NaN/Inf values")
     # the model's own dtype / k / graph checks, on a one-row view of the history and of the graph
     m = min(1, states.shape[0])
-    one = copy.copy(graph)
-    one.param_pos = graph.param_pos[:m]
+    one = copy.copy(gs.local)
+    one.param_pos = gs.local.param_pos.new_zeros(m)
     model._check_inputs(one, states[:m], k)
     return full
 
@@ -236,10 +266,7 @@ def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error) -> None:
         [
             float(error is not None),
             float(k) if isinstance(k, int) else -1.0,
-            float(graph.num_edges),
-            float(graph.num_params),
-            float(graph.num_nodes),
-            float(graph.max_feat_size),
+            *(float(getattr(graph, a, -1)) for a in ("num_edges", "num_params", "num_nodes", "max_feat_size")),
             float(model.ctx),
             float(full),
             *sums,
@@ -261,7 +288,7 @@ def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error) -> None:
 
 
 # ---- scaling ------------------------------------------------------------------------------------------------------
-def _scales(comm: _Comm, rows: _Rows, graph: NeuralGraph, method: str, guard: _Guard) -> torch.Tensor | None:
+def _scales(comm: _Comm, rows: _Rows, graph: GraphShard, method: str, guard: _Guard) -> torch.Tensor | None:
     """(T, 2) float32 (shift, scale) per parameter tensor for per-tensor methods; (1, 2) for ``min-max-param``
     (parameter 0's range scales all); None for ``std-param`` (row by row)."""
     T, C, dev = len(graph.param_shapes), rows.states.shape[1], rows.device
@@ -305,33 +332,41 @@ def _scales(comm: _Comm, rows: _Rows, graph: NeuralGraph, method: str, guard: _G
     return None
 
 
-def _shift_scale(x: torch.Tensor, t: int, method: str, scales) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) of rows ``x`` (n, C) of tensor t: scalars, or (n, 1) for ``std-param``."""
-    if scales is None:
-        sc = scale_stats(x, None, method)
-        return sc[:, :1], sc[:, 1:]
-    sc = scales[0] if method == "min-max-param" else scales[t]
-    return sc[0], sc[1]
-
-
 # ---- the step -----------------------------------------------------------------------------------------------------
+def _graph_shard(graph, rank: int, world: int) -> GraphShard:
+    """``graph`` if it is this process's :class:`GraphShard`, else this process's part of the whole graph (views)."""
+    if isinstance(graph, GraphShard):
+        if (graph.shard.rank, graph.shard.world) != (rank, world):
+            raise ValueError(
+                f"nowcast_sharded: the graph shard is rank {graph.shard.rank}'s of {graph.shard.world}, this process"
+                f" is rank {rank} of {world}"
+            )
+        return graph
+    if not isinstance(graph, NeuralGraph):
+        raise ValueError(f"nowcast_sharded: graph must be a NeuralGraph or a GraphShard, got {type(graph).__name__}")
+    return shard_graph(graph, rank, world, copy=False)
+
+
 @torch.no_grad()
 def nowcast_sharded(
     model,
-    graph: NeuralGraph,
+    graph: NeuralGraph | GraphShard,
     states: torch.Tensor,
     k: int,
     group=None,
     backend: str | None = None,
     stats: dict | None = None,
-    shard: ParamShard | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """``model.nowcast`` split over the processes of ``group``; every process gets the full (n_params,) result.
 
-    Call it on every process with the same ``graph`` and ``k``, and either the same full history ``states``
-    (n_params, ctx) or each process its own rows ``states[shard.ids]`` (``shard = param_shard(graph, rank,
-    world)``, which may be passed in to skip recomputing it). ``stats``, if given, receives the bytes this process
-    sent to all-reduces (``allreduce_bytes``, per collective in ``allreduce_log``) and its shard's size.
+    Call it on every process with the same ``k``, the same graph -- whole, or each process its own part
+    ``shard_graph(graph, rank, world)`` (then it needs to keep only that) -- and either the same full history
+    ``states`` (n_params, ctx) or each process its own rows ``states[shard.ids]``. ``max_memory`` and
+    ``progress`` are those of ``NiNoModel.nowcast``, for this process's part (the bar on rank 0 only).
+    ``stats``, if given, receives the bytes this process sent to all-reduces (``allreduce_bytes``, per collective
+    in ``allreduce_log``) and its shard's size.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -340,30 +375,30 @@ def nowcast_sharded(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     comm = _Comm(group, rank, world)
     device = model.device
-    graph = graph_to(graph, device)
-    error, full = None, True
+    error, full, gs = None, True, None
     try:
-        if shard is None or (shard.rank, shard.world) != (rank, world):
-            shard = param_shard(graph, rank, world)
-        full = _validate(model, graph, states, k, shard)
+        gs = _graph_shard(graph, rank, world)
+        gs = dataclasses.replace(gs, local=graph_to(gs.local, device))
+        full = _validate(model, gs, states, k)
     except Exception as exc:  # agreed below: every process raises, none waits for the others in a collective
         error = exc
     _agree_on_inputs(comm, model, graph, states, k, full, error)
 
-    P = graph.num_params
+    P, shard = gs.num_params, gs.shard
     result = torch.zeros(P + world, dtype=torch.float32, device=device)
     failure: Exception | None = None
     if not plan.supports(model):  # WNN+ (per-parameter, cheap) or a non-official GNN: rank 0 runs it whole
         if rank == 0:
             try:
-                result[:P] = model.nowcast(graph, states, k, backend=backend).to(device)
+                result[:P] = model.nowcast(graph_to(gs.whole, device), states, k, backend=backend).to(device)
             except Exception as exc:
                 failure = exc
     else:
-        failure = _sharded_step(comm, model, graph, states, k, backend, shard, full, result)
+        opts = dict(backend=backend, max_memory=max_memory, progress=progress if rank == 0 else False)
+        failure = _sharded_step(comm, model, gs, states, k, full, result, opts)
     if failure is not None:
         result[:P].zero_()
-        result[P + rank] = _NAN if isinstance(failure, _NonFinite) else _EXC
+        result[P + rank] = _NAN if isinstance(failure, NonFinitePrediction) else _EXC
     comm(result, "the prediction")
     release_cpu_buffers()
     codes = result[P:].tolist()
@@ -388,75 +423,31 @@ def nowcast_sharded(
     return result[:P].to(device=states.device, dtype=states.dtype)
 
 
-def _sharded_step(comm, model, graph, states, k, backend, shard, full, result) -> Exception | None:
-    """This process's part of the step, written into ``result[shard.ids]``; returns its local exception (the
-    process has then joined every remaining collective with zeros, see :class:`_Guard`)."""
-    guard = _Guard()
+def _sharded_step(comm, model, gs: GraphShard, states, k, full, result, opts) -> Exception | None:
+    """This process's part of the step (the streamed step on its rows), written into ``result[shard.ids]``;
+    returns its local exception (the process has then joined every remaining collective with zeros, see
+    :class:`_Guard`)."""
+    guard, shard, dev = _Guard(), gs.shard, model.device
     passes = len(model.gnn.edge_update)  # message passes whose aggregation the prediction uses: one all-reduce each
     done = [0]
 
-    def combine(local_rows: torch.Tensor) -> torch.Tensor:
-        agg = local_rows.new_zeros(graph.num_nodes, local_rows.shape[1])
-        agg[shard.node_lo : shard.node_hi] = local_rows
+    def combine(agg: torch.Tensor) -> torch.Tensor:  # (N, D), zero outside this process's rows
         done[0] += 1
         return comm(agg, f"message pass {done[0]}")
 
-    rows = _Rows(states, shard, full, model.device)
-    scales = _scales(comm, rows, graph, model.scale_method, guard)
-    guard(lambda: _predict(model, graph, rows, shard, scales, k, backend, combine, result), lambda: None)
+    rows = _Rows(states, shard, full, dev)
+    scales = _scales(comm, rows, gs, model.scale_method, guard)
+    if scales is not None and model.scale_method == "min-max-param":  # one (shift, scale) for every row
+        scales = scales.expand(states.shape[0], 2)
+
+    def run():
+        ends = None if full else torch.tensor(shard.seg[1:], dtype=torch.int64)  # tensor t ends at row seg[t+1]
+        part = Part(shard.node_lo, shard.node_hi, combine, shard.ids if full else None, scales, ends)
+        where = f"nowcast_sharded: rank {shard.rank}/{shard.world}"
+        out = nowcast_streamed(model, gs.local, states, k, part=part, where=where, **opts)
+        result[shard.ids] = (out[shard.ids] if full else out).to(device=dev, dtype=result.dtype)
+
+    guard(run, lambda: None)
     while done[0] < passes:  # the message passes this process did not reach
-        combine(torch.zeros(shard.node_hi - shard.node_lo, model.hid, device=model.device))
+        combine(torch.zeros(gs.num_nodes, model.hid, device=dev))
     return guard.failure
-
-
-def _predict(model, graph, rows: _Rows, shard: ParamShard, scales, k, backend, combine, result) -> None:
-    """The folded plan's stages on this shard's edges (as ``plan.predict_deltas``, freeing node terms as soon as
-    they are dead and running the head in small chunks), then residual and unscaling of its parameters."""
-    method, dev = model.scale_method, model.device
-    n0, n1, e0, e1, F = shard.node_lo, shard.node_hi, shard.edge_lo, shard.edge_hi, graph.max_feat_size
-    C, n, T = rows.states.shape[1], shard.num_params, len(graph.param_shapes)
-    # 1. the shard's scaled history, straight into its edges' raw features; the last column kept for the residual
-    raw = torch.zeros((e1 - e0) * F, C, dtype=torch.float32, device=dev)
-    last = torch.empty(n, dtype=torch.float32, device=dev)
-    for t in range(T):
-        for a, b, x in rows.chunks(t):
-            s = scale_rows(x, *_shift_scale(x, t, method, scales))
-            raw[shard.pos[a:b]] = s
-            last[a:b] = s[:, -1]
-    _put_constants(graph, raw, e0, e1)
-    raw = raw.view(e1 - e0, F * C)
-    # 2. the plan's stages; only edges with parameters get the head
-    used = torch.zeros(e1 - e0, F, dtype=torch.bool, device=dev)
-    used.view(-1)[shard.pos] = True
-    used = (used.any(1) if F > 1 else used.squeeze(1)).nonzero().flatten().to(shard.pos.dtype)
-    sh, fw = plan.Shard(n0, n1, e0, e1), model._folded(F * C)
-    x0, nd, ns = plan.layer0_nodes(model, graph)
-    agg = combine(plan.film_rows(graph, raw, sh, nd, ns, fw, backend))
-    del nd, ns
-    l1 = plan.after_layer0(model, x0, agg)
-    del x0, agg
-    agg = combine(plan.edge_film_rows(graph, raw, sh, l1, fw, backend))
-    hd = plan.after_layer1(model, graph, l1, agg, k)
-    del l1, agg
-    pred = torch.zeros(e1 - e0, F, dtype=torch.float32, device=dev)  # per edge slot (0 where no parameter)
-    chunk = HEAD_EDGES if dev.type == "cpu" else max(1, used.numel())  # (GPUs: head_rows' own large chunks)
-    for i in range(0, used.numel(), chunk):
-        ids = used[i : i + chunk]
-        pred[ids] = plan.head_rows(graph, raw, sh, ids, hd, fw, backend)
-    del raw, hd, used
-    delta = pred.view(-1)[shard.pos]
-    del pred
-    # 3. residual, finiteness, unscaling: the float32 operations of ``NiNoModel._finish``
-    out = last + delta * model.upd_scale if model.residual else delta
-    bad = int((~torch.isfinite(out)).sum())
-    if bad:
-        raise _NonFinite(f"the prediction has {bad} NaN/Inf values")
-    for t in range(T):
-        if method != "std-param":
-            a, b = shard.seg[t], shard.seg[t + 1]
-            out[a:b] = unscale_rows(out[a:b], *_shift_scale(None, t, method, scales))
-            continue
-        for a, b, x in rows.chunks(t):  # each row's own statistics, recomputed from its history
-            shift, scale = _shift_scale(x, t, method, scales)
-            out[a:b] = unscale_rows(out[a:b], shift.squeeze(1), scale.squeeze(1))
-    result[shard.ids] = out

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from .baselines import Linefit, make_baseline
-from .distributed import CommError, nowcast_sharded, param_shard
+from .distributed import CommError, nowcast_sharded, shard_graph
 from .graph import build_graph, detect_arch
 from .model import NiNoModel, graph_to
 
@@ -269,7 +269,8 @@ class NiNo:
         self._dist_device = dev
         self._shard = None
         if isinstance(self.predictor, NiNoModel) and self.graph is not None:
-            self._shard = param_shard(self.graph, dist.get_rank(self._group), dist.get_world_size(self._group))
+            rank, world = dist.get_rank(self._group), dist.get_world_size(self._group)
+            self._shard = shard_graph(self.graph, rank, world, copy=False)  # views of self.graph
 
     def _predictor_device(self):
         if not isinstance(self.predictor, torch.nn.Module):
@@ -436,9 +437,7 @@ class NiNo:
             raise RuntimeError(f"NiNo: the process group failed in an earlier NiNo step ({self._dist_broken})")
         try:
             if isinstance(self.predictor, NiNoModel):
-                return nowcast_sharded(
-                    self.predictor, self.graph, states, k, group=self._group, backend=self.backend, shard=self._shard
-                )
+                return nowcast_sharded(self.predictor, self._shard, states, k, group=self._group, backend=self.backend)
             # the baselines are per-parameter and cheap: every process runs them whole, on the same snapshots
             return self.predictor.nowcast(self.graph, states, k, backend=self.backend)
         except CommError as exc:

@@ -28,6 +28,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -129,23 +131,38 @@ class Budget:
 
 
 class History:
-    """The scaled raw edge features of any edge range, computed from the (P, C) history on demand."""
+    """The scaled raw edge features of any edge range, computed from the (R, C) history rows on demand.
 
-    def __init__(self, graph, states: torch.Tensor, method: str, device: torch.device):
+    By default the rows are the graph's parameters (R = P, row p = parameter p) with their own scales. One process
+    of a sharded step (:mod:`nino_fast.distributed`) gives instead its part of the graph (``graph.param_pos``: the
+    slots of the parameters on its edges), ``rows``: the row of ``states`` holding each of them (default: the
+    same index), ``scales``: the statistics all processes agreed on ((T, 2) per tensor, or one (shift, scale) per
+    row of ``states``; None: computed from ``states``) and ``ends``: (T,) the row index at which each parameter
+    tensor's rows end (default: the cumulative sizes of ``graph.param_shapes``).
+    """
+
+    def __init__(
+        self, graph, states: torch.Tensor, method: str, device: torch.device, rows=None, scales=None, ends=None
+    ):
         self.graph, self.states, self.device, self.F = graph, states, device, graph.max_feat_size
         P, E = graph.num_params, graph.num_edges
-        idx = torch.int32 if P < 2**31 else torch.int64
-        self.inv = torch.full((E * self.F,), -1, dtype=idx, device=device)
+        idx = torch.int32 if states.shape[0] < 2**31 else torch.int64
+        self.inv = torch.full((E * self.F,), -1, dtype=idx, device=device)  # edge slot -> row of states
         for a in range(0, P, 1 << 22):
             b = min(P, a + (1 << 22))
-            self.inv[graph.param_pos[a:b]] = torch.arange(a, b, dtype=idx, device=device)
+            ids = torch.arange(a, b, dtype=idx, device=device) if rows is None else rows[a:b].to(device, idx)
+            self.inv[graph.param_pos[a:b]] = ids
         self.per_tensor = per_tensor(method)
-        self.scales = scale_stats(states, graph.param_shapes, method, torch.float32).to(device)
-        sizes = torch.tensor([math.prod(s) for _, s in graph.param_shapes], dtype=torch.int64)
-        self.ends = sizes.cumsum(0).to(device)  # parameter tensor t holds [ends[t-1], ends[t])
+        if scales is None:
+            scales = scale_stats(states, graph.param_shapes, method, torch.float32)
+        self.scales = scales.to(device)
+        if ends is None:
+            sizes = torch.tensor([math.prod(s) for _, s in graph.param_shapes], dtype=torch.int64)
+            ends = sizes.cumsum(0)
+        self.ends = ends.to(device)  # parameter tensor t holds rows [ends[t-1], ends[t])
 
     def _shift_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n,) shift and scale of parameters ``params`` (int64, on the device)."""
+        """(n,) shift and scale of the rows ``params`` of ``states`` (int64, on the device)."""
         rows = torch.searchsorted(self.ends, params, right=True) if self.per_tensor else params
         sc = torch.index_select(self.scales, 0, rows)
         return sc[:, 0], sc[:, 1]
@@ -184,8 +201,8 @@ class History:
 
     def finish(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
         """Residual, unscaling and write-back of the parameters on edges ``e0 + used`` with scaled deltas ``pred``
-        (len(used), F), the float32 operations of ``NiNoModel._finish``; returns the count of non-finite values.
-        Runs in chunks of ``CHUNK`` edges (small temporaries)."""
+        (len(used), F), the float32 operations of ``NiNoModel._finish``, into ``result`` at their rows of
+        ``states``; returns the count of non-finite values. Runs in chunks of ``CHUNK`` edges (small temporaries)."""
         F, bad = self.F, 0
         cols = torch.arange(F, device=self.device)
         chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
@@ -206,6 +223,25 @@ class History:
                 device=result.device, dtype=result.dtype
             )
         return bad
+
+
+class NonFinitePrediction(ValueError):
+    """The step's prediction has NaN/Inf values (nothing was written to the model)."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One process's part of a sharded step (:mod:`nino_fast.distributed`): the destination rows
+    ``[node_lo, node_hi)`` whose edges it runs (the graph's other rows are empty: other processes' edges), the
+    :class:`History` arguments ``rows`` / ``scales`` / ``ends``, and ``combine``, which turns the (N, D)
+    aggregation of its rows (zero elsewhere) into that of all nodes."""
+
+    node_lo: int
+    node_hi: int
+    combine: Callable[[torch.Tensor], torch.Tensor]
+    rows: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    ends: torch.Tensor | None = None
 
 
 def _progress_bar(enabled, total_edges: int, device: torch.device):
@@ -231,6 +267,8 @@ def nowcast_streamed(
     tile_edges=None,
     edge_sample_ratio: float = 0.0,
     edge_dtype: torch.dtype = torch.float32,
+    part: Part | None = None,
+    where: str = "NiNoModel.nowcast",
 ) -> torch.Tensor:
     """The folded NiNo step tile by tile: ``states`` (P, C) -> predicted parameters (P,) in ``states.dtype``.
 
@@ -240,16 +278,22 @@ def nowcast_streamed(
     part of the edges (each edge kept with that probability, per pass; torch's global RNG); the edge updates and
     the head still run on every edge. ``edge_dtype``: dtype of the per-edge features given to the kernels (the
     raw features go in as two 16-bit halves, :func:`nino_fast.plan.split_raw`; see ``NiNoModel.nowcast``). Raises
-    ValueError for a ``max_memory`` too small for the graph and for a non-finite prediction.
+    ValueError for a ``max_memory`` too small for the graph and :class:`NonFinitePrediction` for a non-finite
+    prediction (``where`` names the caller in the messages).
+
+    ``part``: run one process's part of a sharded step instead (:class:`Part`): its rows only, the aggregations
+    combined after each message pass; the result then has a row per row of ``states``, written only at the rows
+    of the parameters on this process's edges.
     """
-    device, where = model.device, "NiNoModel.nowcast"
+    device = model.device
     F, C = graph.max_feat_size, states.shape[1]
     budget = default_budget(device) if max_memory is None else parse_memory(max_memory, f"{where}: max_memory")
     reference = dispatch.resolve(device, backend) == "reference"
     sample = 0.0 < edge_sample_ratio < 1.0
     fit = Budget(graph, F * C, model.hid, device, budget, reference, where, sample)
-    tiles = row_tiles(graph, tile_edges or fit.tile_edges)
-    hist = History(graph, states, model.scale_method, device)
+    rows = (part.node_lo, part.node_hi) if part else ()
+    tiles = row_tiles(graph, tile_edges or fit.tile_edges, *rows)
+    hist = History(graph, states, model.scale_method, device, *((part.rows, part.scales, part.ends) if part else ()))
     fw = model._folded(F * C)
     if edge_dtype != torch.float32:
         fw = plan.split_raw_weights(fw)  # raw features go in as hi + lo 16-bit halves (see split_raw)
@@ -279,22 +323,29 @@ def nowcast_streamed(
     times = [time.perf_counter()]
     try:
         x0, nd, ns = plan.layer0_nodes(model, graph)
-        agg = torch.empty(graph.num_nodes, model.hid, dtype=torch.float32, device=device)
+        new = torch.zeros if part else torch.empty  # a part's aggregation is zero outside its rows
+        agg = new(graph.num_nodes, model.hid, dtype=torch.float32, device=device)
         for i, sh in enumerate(tiles):
             agg[sh.node_lo : sh.node_hi] = plan.film_rows(graph, features(i, sh), sh, nd, ns, fw, backend, keep(sh))
             advance(PASSES[0], sh)
+        agg = part.combine(agg) if part else agg
+        release_cpu_buffers()  # the kernels' cached output buffers: reused within a pass, freed after it
         times.append(time.perf_counter())
         del nd, ns
         l1 = plan.after_layer0(model, x0, agg)
         del x0
+        if part:
+            agg.zero_()
         for i, sh in enumerate(tiles):
             agg[sh.node_lo : sh.node_hi] = plan.edge_film_rows(graph, features(i, sh), sh, l1, fw, backend, keep(sh))
             advance(PASSES[1], sh)
+        agg = part.combine(agg) if part else agg
+        release_cpu_buffers()
         times.append(time.perf_counter())
         l1 = l1._replace(nd=None, ns=None)  # layer 1's message terms: not needed by the node update
         hd = plan.after_layer1(model, graph, l1, agg, k)
         del l1, agg
-        result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
+        result = torch.empty(states.shape[0], dtype=states.dtype, device=states.device)
         bad = 0
         for i, sh in enumerate(tiles):
             raw = features(i, sh)
@@ -326,7 +377,7 @@ def nowcast_streamed(
         extra={"nino_stats": stats},
     )
     if bad:
-        raise ValueError(f"{where}: the prediction has {bad} NaN/Inf values")
+        raise NonFinitePrediction(f"{where}: the prediction has {bad} NaN/Inf values")
     return result
 
 

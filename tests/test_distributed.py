@@ -13,20 +13,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nino_fast import NiNoModel, build_graph, plan
-from nino_fast.distributed import edge_features, nowcast_sharded, param_shard, shard_bounds
+from nino_fast import NiNoModel, build_graph, plan, stream
+from nino_fast.distributed import nowcast_sharded, param_shard, shard_bounds, shard_graph
 
 sys.path.insert(0, str(Path(__file__).parent))
 from golden import load  # noqa: E402
 
 WORLD = 2
-# (name, golden case, states: full history or each rank's own rows, scale method override, fault injected)
+# (name, golden case, states: full history or each rank's own rows ("-shard": each rank given only its part of
+# the graph, shard_graph, and not the whole), scale method override, fault injected)
 JOBS = [
     ("llama", "llama", "full", None, None),
     ("convnet", "convnet", "full", None, None),
     ("mlp_wnn", "mlp_wnn", "full", None, None),
     ("llama-local", "llama", "local", None, None),
     ("convnet-local", "convnet", "local", None, None),
+    ("llama-local-shard", "llama", "local-shard", None, None),
+    ("convnet-full-shard", "convnet", "full-shard", None, None),
+    ("convnet-local-shard-min-max", "convnet", "local-shard", "min-max", None),
+    ("llama-local-shard-tiles", "llama", "local-shard", None, "tiles"),  # many row tiles per rank: still exact
     *[
         (f"llama-{m}-{mode}", "llama", mode, m, None)
         for m in ("std-param", "min-max", "min-max-param")
@@ -35,6 +40,9 @@ JOBS = [
     ("nan-on-rank-1", "llama", "full", None, "nan"),
     ("states-differ", "llama", "full", None, "differ"),
     ("raises-on-rank-1", "convnet", "full", None, "raise"),
+    ("wrong-shard-on-rank-1", "llama", "local-shard", None, "wrong-shard"),
+    ("wnn-given-a-shard", "mlp_wnn", "full-shard", None, None),
+    ("max-memory-too-small", "llama", "local-shard", None, "1KB"),
     ("after-the-failure", "convnet", "full", None, None),  # the group is still in step
 ]
 
@@ -56,8 +64,10 @@ def _worker(rank, world, init_file, out_dir, jobs, die_rank):
     for name, case, mode, method, fault in jobs:
         graph, model, states, k = _inputs(case, method)
         shard = param_shard(graph, rank, world)
-        if mode == "local":
+        if mode.startswith("local"):
             states = states[shard.ids.long()]
+        if mode.endswith("-shard"):  # this rank's part of the graph only: the whole is freed
+            graph = shard_graph(graph, 0 if fault == "wrong-shard" and rank == 1 else rank, world)
         if rank == 1 and fault == "nan":
             states = states.clone()
             states[-1, 0] = float("nan")
@@ -70,15 +80,19 @@ def _worker(rank, world, init_file, out_dir, jobs, die_rank):
                 raise RuntimeError("injected failure")
 
             plan.film_rows = broken
+        tiles = stream.row_tiles
+        if fault == "tiles":  # tiles of ~50 edges (a row longer than that is a tile of its own)
+            stream.row_tiles = lambda g, max_edges, *rows, _tiles=tiles: _tiles(g, 50, *rows)
         if rank == die_rank:
             os._exit(3)  # a process that dies before the step
         stats = {}
         try:
-            out = nowcast_sharded(model, graph, states, k, stats=stats)
+            memory = fault if fault and fault.endswith("KB") else None
+            out = nowcast_sharded(model, graph, states, k, stats=stats, max_memory=memory)
             results[name] = {"out": out, "stats": stats}
         except Exception as exc:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        plan.film_rows = original
+        plan.film_rows, stream.row_tiles = original, tiles
     torch.save(results, Path(out_dir) / f"{rank}.pt")
     if die_rank < 0:
         dist.destroy_process_group()
@@ -113,7 +127,7 @@ def _single(name):
     return graph, model.nowcast(graph, states, k)
 
 
-@pytest.mark.parametrize("name", [j[0] for j in JOBS if j[4] is None])
+@pytest.mark.parametrize("name", [j[0] for j in JOBS if j[4] in (None, "tiles") and j[0] != "wnn-given-a-shard"])
 def test_two_processes_identical_to_one(runs, name):
     graph, single = _single(name)
     _, _, mode, method, _ = next(j for j in JOBS if j[0] == name)
@@ -121,12 +135,15 @@ def test_two_processes_identical_to_one(runs, name):
         assert "error" not in runs[r][name], runs[r][name]
         out = runs[r][name]["out"]
         assert (out - single).abs().max() <= 1e-6 * single.abs().max()
-        if mode == "full" or method not in (None, "std"):  # all-reduced float64 means / stds may round differently
+        if mode.startswith("full") or method not in (
+            None,
+            "std",
+        ):  # all-reduced float64 means / stds may round differently
             assert torch.equal(out, single)  # bit for bit
     assert torch.equal(runs[0][name]["out"], runs[1][name]["out"])  # every rank ends with the same parameters
 
 
-@pytest.mark.parametrize("name", ["llama", "convnet", "llama-local"])
+@pytest.mark.parametrize("name", ["llama", "convnet", "llama-local", "llama-local-shard"])
 def test_shards_and_communication(runs, name):
     graph, _ = _single(name)
     s0, s1 = runs[0][name]["stats"], runs[1][name]["stats"]
@@ -151,6 +168,17 @@ def test_failures_are_agreed(runs):
         err = runs[r]["raises-on-rank-1"]["error"]
         assert err.startswith("RuntimeError") and "failed on rank(s) [1]" in err and "no parameters" in err
     assert "injected failure" in runs[1]["raises-on-rank-1"]["error"]
+    # a rank given another rank's part of the graph; a model that runs whole given parts only
+    assert (
+        "ValueError" in runs[1]["wrong-shard-on-rank-1"]["error"]
+        and "rank 0's of 2" in runs[1]["wrong-shard-on-rank-1"]["error"]
+    )
+    assert "another process was given invalid inputs" in runs[0]["wrong-shard-on-rank-1"]["error"]
+    for r in (0, 1):
+        assert "runs whole on one process" in runs[r]["wnn-given-a-shard"]["error"]
+        # each rank's streamed step checks its max_memory: both fail, naming both ranks
+        err = runs[r]["max-memory-too-small"]["error"]
+        assert "failed on rank(s) [0, 1]" in err and "max_memory=1000 bytes is too small" in err
 
 
 def test_dead_peer_gives_clear_error(tmp_path):
@@ -159,18 +187,20 @@ def test_dead_peer_gives_clear_error(tmp_path):
     assert "CommError" in res[0]["llama"]["error"] and "no parameters were changed" in res[0]["llama"]["error"]
 
 
-def test_shards_cover_graph_and_edge_features_match():
+@pytest.mark.parametrize("method", ["std", "std-param", "min-max-param"])
+def test_graph_shards_cover_graph_and_their_features_match(method):
     g = load("convnet")
     graph = build_graph(g["named"], lpe=0)
-    scaled = torch.randn(graph.num_params, 5)
-    full = graph.to_edges(scaled)
+    states = torch.randn(graph.num_params, 5)
+    cpu = torch.device("cpu")
+    whole = stream.History(graph, states, method, cpu)
+    features = whole.features(0, graph.num_edges)  # scaled history on every edge slot, constants included
     F = graph.max_feat_size
     for world in (1, 2, 3, 7):
         bounds = shard_bounds(graph, world)
         assert bounds[0][0] == 0 and bounds[-1][1] == graph.num_nodes and bounds[-1][3] == graph.num_edges
         owned = torch.zeros(graph.num_params, dtype=torch.int64)
-        for rank, ((_n0, n1, e0, e1), nxt) in enumerate(zip(bounds, bounds[1:] + [None], strict=True)):
-            assert torch.equal(edge_features(graph, scaled, e0, e1), full[e0:e1])
+        for rank, ((n0, n1, e0, e1), nxt) in enumerate(zip(bounds, bounds[1:] + [None], strict=True)):
             if nxt:
                 assert (n1, e1) == (nxt[0], nxt[2])
             sh = param_shard(graph, rank, world)
@@ -178,6 +208,25 @@ def test_shards_cover_graph_and_edge_features_match():
             owned[ids] += 1
             assert torch.equal(graph.param_pos[ids], sh.pos.long() + e0 * F)
             assert sh.seg[0] == 0 and sh.seg[-1] == ids.numel() and list(sh.seg) == sorted(sh.seg)
+            # the part of the graph: all nodes, this shard's rows' edges only, renumbered from 0
+            gs = shard_graph(graph, rank, world)
+            local = gs.local
+            assert (gs.num_nodes, gs.num_edges, gs.num_params) == (graph.num_nodes, graph.num_edges, graph.num_params)
+            assert local.num_nodes == graph.num_nodes and local.num_edges == e1 - e0 and local.num_params == ids.numel()
+            deg = graph.degree()
+            deg[:n0], deg[n1:] = 0, 0
+            assert torch.equal(local.degree(), deg) and int(local.rowptr[n0]) == 0
+            for name in ("src", "dst", "edge_type_u8"):
+                assert torch.equal(getattr(local, name), getattr(graph, name)[e0:e1])
+            assert gs.whole is None and shard_graph(graph, rank, world, copy=False).whole is graph
+            # its features from this shard's rows (with the whole graph's scales), or from the full history
+            rows = torch.tensor(sh.seg[1:])
+            scales = whole.scales if method == "std" else whole.scales[ids]  # per tensor, or per row of states[ids]
+            mine = stream.History(local, states[ids], method, cpu, scales=scales, ends=rows)
+            assert torch.equal(mine.features(0, e1 - e0), features[e0:e1])
+            full = stream.History(local, states, method, cpu, rows=ids, scales=whole.scales)
+            assert torch.equal(full.features(0, e1 - e0), features[e0:e1])
+            assert torch.equal(full.used_edges(0, e1 - e0), whole.used_edges(e0, e1))
         assert torch.equal(owned, torch.ones_like(owned))  # every parameter on exactly one process
 
 
