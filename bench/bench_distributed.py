@@ -11,7 +11,7 @@ Every run is a fresh process. Per model: first ``single`` (``NiNoModel.nowcast``
 Each worker builds the neural graph from the model's named shapes (computed here with ``transformers.LlamaConfig``
 on the meta device and passed as JSON, so the workers never import transformers; the LPE comes from the on-disk
 cache that the single run fills), loads the checkpoint, makes the same random history and runs the step once; a
-rank keeps only its part of the graph (``shard_graph``; the whole graph is freed before the step). It
+rank builds only its part of the graph (``build_graph_shard``: never the whole graph). It
 reports
 
 - ``baseline_rss``: its RSS after the imports (torch, nino_fast) and, for ranks, the process group's set-up: the
@@ -45,7 +45,7 @@ import torch
 
 from .common import LLAMA, current_rss, llama_shapes, peak_rss, run_isolated, write_results
 
-MODELS = {k: LLAMA[k] for k in ("llama2m", "llama8m", "llama251k")}  # the 2M point, and 8M / 251K
+MODELS = {k: LLAMA[k] for k in ("llama2m", "llama8m", "llama251k", "llama111m")}  # the 2M point, 8M, 251K, 111M
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints" / "nino_no_posw.pt"
 
 
@@ -90,7 +90,7 @@ def worker(args):
     if args.worker == "rank":
         import torch.distributed as dist
 
-        from nino_fast.distributed import nowcast_sharded, shard_graph
+        from nino_fast.distributed import build_graph_shard, nowcast_sharded
 
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -98,14 +98,14 @@ def worker(args):
     t0 = time.perf_counter()
     spec = json.loads(Path(args.shapes).read_text())
     named = [(n, tuple(s)) for n, s in spec["named"]]
-    graph = build_graph(
-        named, arch="llama", num_heads=spec["num_heads"], num_key_value_heads=spec["num_key_value_heads"], lpe=8
-    )
-    nino = NiNoModel.from_checkpoint(args.ckpt)
+    kwargs = dict(arch="llama", num_heads=spec["num_heads"], num_key_value_heads=spec["num_key_value_heads"], lpe=8)
     shard = None
-    if rank is not None:  # keep only this rank's part of the graph
-        graph = shard_graph(graph, rank, world)
+    if rank is None:
+        graph = build_graph(named, **kwargs)
+    else:  # only this rank's part of the graph, never the whole
+        graph = build_graph_shard(named, rank, world, **kwargs)
         shard = graph.shard
+    nino = NiNoModel.from_checkpoint(args.ckpt)
     states = history(graph.num_params, rows=shard.ids if args.states == "local" and shard is not None else None)
     setup_s = time.perf_counter() - t0
     before = peak_rss()

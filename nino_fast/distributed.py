@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,11 @@ import torch.distributed as dist
 from . import plan
 from ._extension import release_cpu_buffers
 from .graph import NeuralGraph
+from .graph.build import build_graph_part
+from .graph.neural_graph import row_ranges
 from .model import graph_to
 from .scaling import scale_stats
-from .stream import NonFinitePrediction, Part, nowcast_streamed
+from .stream import NonFinitePrediction, Part, default_budget, nowcast_streamed
 
 CHUNK = 1 << 16  # history rows per chunk while checking / scaling: bounds those temporaries (~3 MB)
 _EXC, _NAN = 1.0, 2.0  # failure codes carried in the result's last slots
@@ -57,12 +60,7 @@ class CommError(RuntimeError):
 
 def shard_bounds(graph: NeuralGraph, world: int) -> list[tuple[int, int, int, int]]:
     """``world`` contiguous (node_lo, node_hi, edge_lo, edge_hi) ranges with about E / world edges each."""
-    rowptr = graph.rowptr.cpu()
-    targets = torch.tensor([round(graph.num_edges * i / world) for i in range(world + 1)], dtype=torch.int64)
-    nodes = torch.searchsorted(rowptr, targets).clamp(max=graph.num_nodes)
-    nodes[0], nodes[-1] = 0, graph.num_nodes
-    nodes = torch.cummax(nodes, 0).values
-    return [(int(nodes[i]), int(nodes[i + 1]), int(rowptr[nodes[i]]), int(rowptr[nodes[i + 1]])) for i in range(world)]
+    return row_ranges(graph.rowptr, world)
 
 
 @dataclass(frozen=True)
@@ -92,20 +90,28 @@ class ParamShard:
 
 def param_shard(graph: NeuralGraph, rank: int, world: int) -> ParamShard:
     """The shard of process ``rank`` among ``world`` (see :class:`ParamShard`); the same on every process."""
-    if not 0 <= rank < world:
-        raise ValueError(f"param_shard: rank must be in 0..{world - 1}, got {rank}")
+    _check_rank(rank, world, "param_shard")
     n0, n1, e0, e1 = shard_bounds(graph, world)[rank]
     F = graph.max_feat_size
     pos = graph.param_pos
     ids = ((pos >= e0 * F) & (pos < e1 * F)).nonzero().flatten()
-    local = pos[ids] - e0 * F
-    idx = torch.int32 if max(graph.num_params, graph.num_edges * F) < 2**31 else torch.int64  # 4 bytes each
-    ids, local = ids.to(idx), local.to(idx)
+    return _param_shard(rank, world, (n0, n1, e0, e1), ids, pos[ids] - e0 * F, graph.param_shapes, graph.num_edges * F)
+
+
+def _check_rank(rank, world, where: str) -> None:
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"{where}: rank must be in 0..world-1 with world >= 1, got rank {rank} of {world}")
+
+
+def _param_shard(rank, world, bounds, ids, pos, param_shapes, n_slots: int) -> ParamShard:
+    """The ParamShard of parameters ``ids`` (sorted) at slots ``pos`` (relative to the shard's first edge)."""
     offsets = [0]
-    for _, shape in graph.param_shapes:
+    for _, shape in param_shapes:
         offsets.append(offsets[-1] + math.prod(shape))
+    idx = torch.int32 if max(offsets[-1], n_slots) < 2**31 else torch.int64  # 4 bytes each
+    ids, pos = ids.to(idx), pos.to(idx)
     seg = torch.searchsorted(ids, torch.tensor(offsets, dtype=idx, device=ids.device)).tolist()
-    return ParamShard(rank, world, n0, n1, e0, e1, ids, local, tuple(seg))
+    return ParamShard(rank, world, *bounds, ids, pos, tuple(seg))
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ def shard_graph(graph: NeuralGraph, rank: int, world: int, copy: bool = True) ->
     (the default) its edge arrays are copies, so that the caller may free ``graph``: a process then holds about
     1/world of the graph's edge arrays; ``copy=False`` gives views (no new memory while ``graph`` is kept) and
     keeps ``graph`` as ``whole`` (for predictors that run whole: WNN+, non-official GNNs)."""
-    sh = param_shard(graph, rank, world)
+    sh = param_shard(graph, rank, world)  # (checks rank and world)
     e0, e1 = sh.edge_lo, sh.edge_hi
     part = (lambda t: t[e0:e1].clone()) if copy else (lambda t: t[e0:e1])  # noqa: E731
     local = dataclasses.replace(
@@ -151,6 +157,22 @@ def shard_graph(graph: NeuralGraph, rank: int, world: int, copy: bool = True) ->
         blocks=[],  # the layout describes the whole graph (its perm / LPE), not this part
     )
     return GraphShard(sh, local, graph.num_nodes, graph.num_edges, graph.num_params, None if copy else graph)
+
+
+def build_graph_shard(model, rank: int, world: int, **kwargs) -> GraphShard:
+    """``shard_graph(build_graph(model, **kwargs), rank, world)`` without ever building the whole graph: the
+    process's rows are assembled straight from the block layout (:func:`nino_fast.graph.build.build_graph_part`),
+    so its peak memory is that of its part (plus O(N) per-node arrays), not the whole graph's. ``kwargs``: those
+    of :func:`~nino_fast.graph.build_graph` (``arch``, ``num_heads``, ``num_key_value_heads``, ``lpe``,
+    ``lpe_cache``). The same on every process; equal to ``shard_graph`` of the whole graph (tested)."""
+    _check_rank(rank, world, "build_graph_shard")
+    part, ids, bounds = build_graph_part(model, rank, world, **kwargs)
+    F, n_edges = part.max_feat_size, part.meta["whole_num_edges"]
+    sh = _param_shard(rank, world, bounds, ids, part.param_pos, part.param_shapes, n_edges * F)
+    part.param_pos = sh.pos
+    part.meta["shard"] = (rank, world)
+    n_params = sum(math.prod(s) for _, s in part.param_shapes)
+    return GraphShard(sh, part, part.num_nodes, n_edges, n_params)
 
 
 # ---- communication and agreement --------------------------------------------------------------------------------
@@ -364,7 +386,9 @@ def nowcast_sharded(
     Call it on every process with the same ``k``, the same graph -- whole, or each process its own part
     ``shard_graph(graph, rank, world)`` (then it needs to keep only that) -- and either the same full history
     ``states`` (n_params, ctx) or each process its own rows ``states[shard.ids]``. ``max_memory`` and
-    ``progress`` are those of ``NiNoModel.nowcast``, for this process's part (the bar on rank 0 only).
+    ``progress`` are those of ``NiNoModel.nowcast``, for this process's part (the bar on rank 0 only); on the CPU
+    the default ``max_memory`` is one process's default divided by the processes on this machine (torchrun's
+    ``LOCAL_WORLD_SIZE``, else the group's size), which share its free memory.
     ``stats``, if given, receives the bytes this process sent to all-reduces (``allreduce_bytes``, per collective
     in ``allreduce_log``) and its shard's size.
     """
@@ -385,17 +409,24 @@ def nowcast_sharded(
     _agree_on_inputs(comm, model, graph, states, k, full, error)
 
     P, shard = gs.num_params, gs.shard
-    result = torch.zeros(P + world, dtype=torch.float32, device=device)
     failure: Exception | None = None
     if not plan.supports(model):  # WNN+ (per-parameter, cheap) or a non-official GNN: rank 0 runs it whole
+        result = torch.zeros(P + world, dtype=torch.float32, device=device)
         if rank == 0:
             try:
                 result[:P] = model.nowcast(graph_to(gs.whole, device), states, k, backend=backend).to(device)
             except Exception as exc:
                 failure = exc
     else:
+        if max_memory is None and device.type == "cpu":  # the processes on this machine share its free memory
+            max_memory = max(1, default_budget(device) // _local_processes(world))
         opts = dict(backend=backend, max_memory=max_memory, progress=progress if rank == 0 else False)
-        failure = _sharded_step(comm, model, gs, states, k, full, result, opts)
+        failure, out = _sharded_step(comm, model, gs, states, k, full, opts)
+        # the (P + world,) result only now, after the step's peak: the step held this process's rows only
+        result = torch.zeros(P + world, dtype=torch.float32, device=device)
+        if out is not None:
+            result[shard.ids] = out.to(device=device, dtype=result.dtype)
+        del out
     if failure is not None:
         result[:P].zero_()
         result[P + rank] = _NAN if isinstance(failure, NonFinitePrediction) else _EXC
@@ -423,10 +454,18 @@ def nowcast_sharded(
     return result[:P].to(device=states.device, dtype=states.dtype)
 
 
-def _sharded_step(comm, model, gs: GraphShard, states, k, full, result, opts) -> Exception | None:
-    """This process's part of the step (the streamed step on its rows), written into ``result[shard.ids]``;
-    returns its local exception (the process has then joined every remaining collective with zeros, see
-    :class:`_Guard`)."""
+def _local_processes(world: int) -> int:
+    """Processes of the job on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else the group's size."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    except ValueError:
+        return max(1, world)
+
+
+def _sharded_step(comm, model, gs: GraphShard, states, k, full, opts) -> tuple[Exception | None, torch.Tensor | None]:
+    """This process's part of the step (the streamed step on its rows): ``(failure, out)``, ``out`` the
+    predictions of the shard's parameters (``shard.ids`` order), or ``(exception, None)`` after a local failure
+    (the process has then joined every remaining collective with zeros, see :class:`_Guard`)."""
     guard, shard, dev = _Guard(), gs.shard, model.device
     passes = len(model.gnn.edge_update)  # message passes whose aggregation the prediction uses: one all-reduce each
     done = [0]
@@ -445,9 +484,9 @@ def _sharded_step(comm, model, gs: GraphShard, states, k, full, result, opts) ->
         part = Part(shard.node_lo, shard.node_hi, combine, shard.ids if full else None, scales, ends)
         where = f"nowcast_sharded: rank {shard.rank}/{shard.world}"
         out = nowcast_streamed(model, gs.local, states, k, part=part, where=where, **opts)
-        result[shard.ids] = (out[shard.ids] if full else out).to(device=dev, dtype=result.dtype)
+        return out[shard.ids] if full else out
 
-    guard(run, lambda: None)
+    out = guard(run, lambda: None)
     while done[0] < passes:  # the message passes this process did not reach
         combine(torch.zeros(gs.num_nodes, model.hid, device=dev))
-    return guard.failure
+    return guard.failure, out

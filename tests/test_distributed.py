@@ -14,10 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nino_fast import NiNoModel, build_graph, plan, stream
-from nino_fast.distributed import nowcast_sharded, param_shard, shard_bounds, shard_graph
+from nino_fast.distributed import build_graph_shard, nowcast_sharded, param_shard, shard_bounds, shard_graph
+from nino_fast.graph import assemble
 
 sys.path.insert(0, str(Path(__file__).parent))
-from golden import load  # noqa: E402
+from golden import CASES, load  # noqa: E402
 
 WORLD = 2
 # (name, golden case, states: full history or each rank's own rows ("-shard": each rank given only its part of
@@ -230,8 +231,52 @@ def test_graph_shards_cover_graph_and_their_features_match(method):
         assert torch.equal(owned, torch.ones_like(owned))  # every parameter on exactly one process
 
 
+def _same_shard(a, b) -> None:
+    for name in ("rowptr", "src", "dst", "edge_type_u8", "param_pos", "pos_w"):
+        assert torch.equal(getattr(a.local, name), getattr(b.local, name)), name
+    assert (a.local.lpe is None) == (b.local.lpe is None)
+    assert a.local.lpe is None or torch.equal(a.local.lpe, b.local.lpe)
+    assert torch.equal(a.shard.ids, b.shard.ids) and torch.equal(a.shard.pos, b.shard.pos)
+    assert a.shard.seg == b.shard.seg
+    assert (a.shard.node_lo, a.shard.node_hi, a.shard.edge_lo, a.shard.edge_hi) == (
+        b.shard.node_lo,
+        b.shard.node_hi,
+        b.shard.edge_lo,
+        b.shard.edge_hi,
+    )
+    assert (a.num_nodes, a.num_edges, a.num_params) == (b.num_nodes, b.num_edges, b.num_params)
+    assert a.local.max_feat_size == b.local.max_feat_size and a.local.param_shapes == b.local.param_shapes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_build_graph_shard_equals_shard_of_whole_graph(case, monkeypatch):
+    """Each process's part assembled straight from the layout equals the whole graph's part, for every golden
+    architecture, 1..7 processes, and with tiny assembly chunks (chunk edges inside restricted row ranges)."""
+    g = load(case)
+    kwargs = dict(arch=g["arch"], lpe=g["lpe_t"], **g["kwargs"])
+    graph = build_graph(g["named"], **kwargs)
+    for chunk in (assemble.CHUNK, 7):
+        monkeypatch.setattr(assemble, "CHUNK", chunk)
+        for world in (1, 2, 3, 7):
+            for rank in range(world):
+                _same_shard(build_graph_shard(g["named"], rank, world, **kwargs), shard_graph(graph, rank, world))
+    with pytest.raises(ValueError, match="rank must be in"):
+        build_graph_shard(g["named"], 2, 2, **kwargs)
+
+
 def test_requires_initialised_group():
     g = load("mlp")
     graph = build_graph(g["named"], lpe=8)
     with pytest.raises(RuntimeError, match="not initialised"):
         nowcast_sharded(NiNoModel(wte_pos_enc=False), graph, torch.zeros(graph.num_params, 5), 1)
+
+
+def test_default_memory_is_shared_by_the_processes_of_a_machine(monkeypatch):
+    from nino_fast.distributed import _local_processes
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes on this machine
+    assert _local_processes(8) == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert _local_processes(3) == 3  # not under torchrun: all of the group's processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    assert _local_processes(2) == 2

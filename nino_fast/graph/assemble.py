@@ -41,31 +41,39 @@ def in_degrees(blocks: list[Block], n_nodes: int) -> torch.Tensor:
     return torch.cumsum(diff[:-1], 0) + 1
 
 
-def walk(blocks: list[Block], rowptr: torch.Tensor) -> Iterator[tuple[Block, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def walk(
+    blocks: list[Block], rowptr: torch.Tensor, node_lo: int = 0, node_hi: int | None = None
+) -> Iterator[tuple[Block, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(block, I, J, pos)`` chunk by chunk: ``pos`` a contiguous 2-D int64 array of CSR positions,
     ``I`` and ``J`` the block's row and column numbers broadcastable to it (edge ``(I, J)`` sits at ``pos``;
     for a diagonal ``J`` is ``I``). Untransposed dense chunks are laid out (columns, rows) so that memory runs
     over consecutive slots of one destination segment: scattering in that order is several times faster than
     jumping between segments. The self-loop slots (the cursor left after all blocks) come last with
-    ``block=None``.
+    ``block=None``. Only the edges into destination nodes ``[node_lo, node_hi)`` are yielded (default: all);
+    the cursors of all nodes are still advanced (O(N) per block), so positions are those of the whole graph.
     """
+    node_hi = rowptr.numel() - 1 if node_hi is None else node_hi
     cursor = rowptr[:-1].clone()
     for b in blocks:
         lo, hi = b.dst_range()
         base = cursor[lo:hi].clone()
+        cursor[lo:hi] += 1 if b.diag else (b.n_cols if b.transposed else b.n_rows)
+        a, z = max(lo, node_lo) - lo, min(hi, node_hi) - lo  # the block's destinations lo + [a, z)
+        if z <= a:
+            continue
         if b.diag:
-            cursor[lo:hi] += 1
-            for i0 in range(0, b.n_rows, CHUNK):
-                i = torch.arange(i0, min(b.n_rows, i0 + CHUNK)).unsqueeze(1)
+            for i0 in range(a, z, CHUNK):
+                i = torch.arange(i0, min(z, i0 + CHUNK)).unsqueeze(1)
                 yield b, i, i, base[i0 : i0 + i.shape[0]].unsqueeze(1)
             continue
-        cursor[lo:hi] += b.n_cols if b.transposed else b.n_rows
-        cj = min(b.n_cols, CHUNK)
+        # destinations are the block's rows when transposed, else its columns
+        (r0, r1), (c0, c1) = ((a, z), (0, b.n_cols)) if b.transposed else ((0, b.n_rows), (a, z))
+        cj = min(c1 - c0, CHUNK)
         ci = max(1, CHUNK // cj)
-        for j0 in range(0, b.n_cols, cj):
-            j = torch.arange(j0, min(b.n_cols, j0 + cj))
-            for i0 in range(0, b.n_rows, ci):
-                i = torch.arange(i0, min(b.n_rows, i0 + ci))
+        for j0 in range(c0, c1, cj):
+            j = torch.arange(j0, min(c1, j0 + cj))
+            for i0 in range(r0, r1, ci):
+                i = torch.arange(i0, min(r1, i0 + ci))
                 if b.transposed:  # destination r0 + i, slots base[i] + j: (rows, columns)
                     ii, jj = i.unsqueeze(1), j.unsqueeze(0)
                     pos = base[i0 : i0 + i.numel()].unsqueeze(1) + jj
@@ -73,7 +81,7 @@ def walk(blocks: list[Block], rowptr: torch.Tensor) -> Iterator[tuple[Block, tor
                     ii, jj = i.unsqueeze(0), j.unsqueeze(1)
                     pos = base[j0 : j0 + j.numel()].unsqueeze(1) + ii
                 yield b, ii, jj, pos
-    yield None, torch.arange(cursor.numel()).unsqueeze(1), None, cursor.unsqueeze(1)
+    yield None, torch.arange(node_lo, node_hi).unsqueeze(1), None, cursor[node_lo:node_hi].unsqueeze(1)
 
 
 def edge_numbers(b: Block, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -132,18 +140,39 @@ def _param_ids(b: Block, i: torch.Tensor, j: torch.Tensor, off: int, nb: int, sa
     return ids if b.transposed else ids.t()  # see walk: untransposed chunks are laid out (columns, rows)
 
 
-def fill(blocks: list[Block], entries: list[Entry], rowptr: torch.Tensor, n_params: int, feat: int, fdo: bool):
-    """(src int32, edge type uint8, param_pos int64) in CSR order; see the module docstring."""
-    n_edges = int(rowptr[-1])
+def fill(
+    blocks: list[Block],
+    entries: list[Entry],
+    rowptr: torch.Tensor,
+    n_params: int,
+    feat: int,
+    fdo: bool,
+    node_lo: int = 0,
+    node_hi: int | None = None,
+):
+    """(src int32, edge type uint8, param_pos int64) in CSR order; see the module docstring.
+
+    Given ``node_hi``, for the destination rows ``[node_lo, node_hi)`` only: the CSR slots of those rows,
+    ``rowptr[node_lo]:rowptr[node_hi]``, numbered from 0, and instead of ``param_pos`` the pair ``(ids, pos)``
+    (sorted by ``ids``; int32 where the values fit, else int64): the parameters on those edges and their slots
+    ``e * F + f`` in that numbering.
+    """
+    whole = node_hi is None
+    e0 = int(rowptr[node_lo])
+    n_edges = int(rowptr[-1] if node_hi is None else rowptr[node_hi]) - e0
     src = torch.empty(n_edges, dtype=torch.int32)
     etype = torch.empty(n_edges, dtype=torch.uint8)
-    param_pos = torch.full((n_params,), -1, dtype=torch.int64)
+    param_pos = torch.full((n_params if whole else 0,), -1, dtype=torch.int64)
+    part_ids: list[torch.Tensor] = []
+    part_pos: list[torch.Tensor] = []
+    id_type = torch.int32 if n_params < 2**31 else torch.int64
+    pos_type = torch.int32 if n_edges * feat < 2**31 else torch.int64
     # numpy views: fancy assignment broadcasts the (row or column) values without materialising them and is
     # ~2x faster than torch's index_put_ on CPU
     src_np, etype_np, param_pos_np = src.numpy(), etype.numpy(), param_pos.numpy()
     layouts: dict[int, tuple] = {}
-    for b, i, j, pos in walk(blocks, rowptr):
-        at = pos.numpy()
+    for b, i, j, pos in walk(blocks, rowptr, node_lo, node_hi):
+        at = pos.numpy() if e0 == 0 else pos.sub(e0).numpy()
         if b is None:  # self-loops
             src_np[at] = i.to(torch.int32).numpy()
             etype_np[at] = SELF_LOOP_TYPE
@@ -156,17 +185,29 @@ def fill(blocks: list[Block], entries: list[Entry], rowptr: torch.Tensor, n_para
         if b.entry not in layouts:
             layouts[b.entry] = _param_layout(e, fdo)
         off, nb, sa, sb, sf, nf = layouts[b.entry]
-        ids = _param_ids(b, i, j, off, nb, sa, sb).expand_as(pos).numpy()
+        ids = _param_ids(b, i, j, off, nb, sa, sb).expand_as(pos)
         for f in range(nf):
-            param_pos_np[ids + f * sf if f else ids] = at * feat + f if feat > 1 else at
+            slots = at * feat + f if feat > 1 else at
+            if whole:
+                param_pos_np[ids.numpy() + f * sf if f else ids.numpy()] = slots
+            else:  # 4 bytes each while collecting where they fit
+                part_ids.append((ids + f * sf).reshape(-1).to(id_type))
+                part_pos.append(torch.from_numpy(slots).reshape(-1).to(pos_type))
+    if not whole:
+        ids = torch.cat([torch.zeros(0, dtype=id_type), *part_ids])
+        pos = torch.cat([torch.zeros(0, dtype=pos_type), *part_pos])
+        del part_ids, part_pos
+        order = torch.argsort(ids)
+        return src, etype, (ids[order], pos[order])
     if n_params and int(param_pos.min()) < 0:
         missing = int((param_pos < 0).sum())
         raise AssertionError(f"build_graph: {missing} parameters are not on any edge")
     return src, etype, param_pos
 
 
-def fill_dst(rowptr: torch.Tensor) -> torch.Tensor:
-    """(E,) int32 destination of each CSR slot, written a chunk of nodes at a time."""
+def fill_dst(rowptr: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """(E,) int32 destination of each CSR slot, written a chunk of nodes at a time; ``rowptr`` may be that of
+    the rows ``first, first + 1, ...`` of a larger graph (then the destinations start at ``first``)."""
     n = rowptr.numel() - 1
     n_edges = int(rowptr[-1])
     dst = torch.empty(n_edges, dtype=torch.int32)
@@ -177,7 +218,7 @@ def fill_dst(rowptr: torch.Tensor) -> torch.Tensor:
     for a, z in zip(bounds[:-1], bounds[1:], strict=True):
         if z > a:
             dst[int(rowptr[a]) : int(rowptr[z])] = torch.repeat_interleave(
-                torch.arange(a, z, dtype=torch.int32), deg[a:z], output_size=int(rowptr[z] - rowptr[a])
+                torch.arange(first + a, first + z, dtype=torch.int32), deg[a:z], output_size=int(rowptr[z] - rowptr[a])
             )
     return dst
 

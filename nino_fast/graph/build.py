@@ -11,7 +11,7 @@ import torch
 from .entries import ARCHS, NAMES, TRANSFORMERS, expand
 from .layout import Layout
 from .lpe import block_lpe
-from .neural_graph import NeuralGraph, assemble
+from .neural_graph import NeuralGraph, assemble, assemble_rows, csr_rowptr, row_ranges
 
 NamedShapes = Iterable[tuple[str, "torch.Size | tuple[int, ...] | torch.Tensor"]]
 
@@ -133,18 +133,50 @@ def build_graph(
     arch = layout.arch
     graph = assemble(entries, layout, named, arch, pos_w_enabled=arch != "generic")
     graph.meta.update(num_heads=layout.num_heads, num_key_value_heads=layout.num_kv_heads)
-    graph.lpe = _lpe(graph, lpe, lpe_cache)
+    graph.lpe = _lpe(layout.blocks, graph.num_nodes, lpe, lpe_cache)
     return graph
 
 
-def _lpe(graph: NeuralGraph, lpe, cache: bool | None) -> torch.Tensor | None:
+def build_graph_part(
+    model: torch.nn.Module | NamedShapes,
+    part: int,
+    parts: int,
+    arch: str | None = None,
+    num_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    lpe: int | torch.Tensor | np.ndarray | None = 8,
+    lpe_cache: bool | None = None,
+) -> tuple[NeuralGraph, torch.Tensor, tuple[int, int, int, int]]:
+    """Part ``part`` of ``parts`` of :func:`build_graph`'s graph, built without the rest: ``(graph, ids,
+    (node_lo, node_hi, edge_lo, edge_hi))``. The parts are :func:`row_ranges` (contiguous destination rows with
+    ~E / parts edges each, as :func:`nino_fast.distributed.shard_bounds`). ``graph`` has all N nodes (node
+    inputs: ``rowptr`` (N+1,), ``pos_w``, ``lpe``) but only the part's edges, numbered from 0 (other rows are
+    empty; ``graph.meta["whole_num_edges"]``: E); ``graph.param_pos`` holds the slots of the parameters ``ids``
+    (sorted; int32 where the values fit) on them. Memory: the
+    part's edge arrays and O(N) per-node arrays; the LPE is computed matrix-free from the layout (or read from
+    its cache) as for the whole graph."""
+    named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
+    if not (isinstance(parts, int) and parts >= 1 and isinstance(part, int) and 0 <= part < parts):
+        raise ValueError(f"build_graph_part: part must be in 0..parts-1 with parts >= 1, got {part} of {parts}")
+    arch = layout.arch
+    rowptr = csr_rowptr(layout.blocks)
+    bounds = row_ranges(rowptr, parts)[part]
+    graph, ids = assemble_rows(entries, layout, named, arch, arch != "generic", rowptr, bounds[0], bounds[1])
+    graph.meta.update(
+        num_heads=layout.num_heads, num_key_value_heads=layout.num_kv_heads, whole_num_edges=int(rowptr[-1])
+    )
+    graph.lpe = _lpe(layout.blocks, graph.num_nodes, lpe, lpe_cache)
+    return graph, ids, bounds
+
+
+def _lpe(blocks, n_nodes: int, lpe, cache: bool | None) -> torch.Tensor | None:
     if lpe is None or lpe is False or (isinstance(lpe, int) and lpe == 0):
         return None
     if isinstance(lpe, (np.ndarray, torch.Tensor)):
         t = torch.as_tensor(lpe, dtype=torch.float32)
-        if t.dim() != 2 or t.shape[0] != graph.num_nodes:
-            raise ValueError(f"build_graph: lpe must be (num_nodes={graph.num_nodes}, k), got {tuple(t.shape)}")
+        if t.dim() != 2 or t.shape[0] != n_nodes:
+            raise ValueError(f"build_graph: lpe must be (num_nodes={n_nodes}, k), got {tuple(t.shape)}")
         return t.contiguous()
     if not isinstance(lpe, int) or lpe < 0:
         raise ValueError(f"build_graph: lpe must be an int >= 0, a (num_nodes, k) tensor or None, got {lpe!r}")
-    return block_lpe(graph.blocks, graph.num_nodes, lpe, cache=cache)
+    return block_lpe(blocks, n_nodes, lpe, cache=cache)

@@ -133,31 +133,78 @@ class NeuralGraph:
         )
 
 
-def assemble(entries, layout, param_shapes, arch: str, pos_w_enabled: bool) -> NeuralGraph:
-    """CSR graph from the layout's blocks (see :mod:`.assemble`), self-loops included, and word positions."""
-    blocks = layout.blocks
+def csr_rowptr(blocks) -> torch.Tensor:
+    """(N+1,) int64 CSR row pointers of the graph described by ``blocks`` (self-loops included), O(blocks + N)."""
     n_nodes = num_nodes(blocks)
     rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
     torch.cumsum(in_degrees(blocks, n_nodes), 0, out=rowptr[1:])
-    n_params = sum(math.prod(s) for _, s in param_shapes)
-    src, etype, param_pos = fill(blocks, entries, rowptr, n_params, layout.max_feat, layout.fdo)
+    return rowptr
 
+
+def row_ranges(rowptr: torch.Tensor, parts: int) -> list[tuple[int, int, int, int]]:
+    """``parts`` contiguous (node_lo, node_hi, edge_lo, edge_hi) destination-row ranges with about E / parts
+    edges each (a row is never split), from the (N+1,) CSR row pointers."""
+    rowptr = rowptr.cpu()
+    n_nodes, n_edges = rowptr.numel() - 1, int(rowptr[-1])
+    targets = torch.tensor([round(n_edges * i / parts) for i in range(parts + 1)], dtype=torch.int64)
+    nodes = torch.searchsorted(rowptr, targets).clamp(max=n_nodes)
+    nodes[0], nodes[-1] = 0, n_nodes
+    nodes = torch.cummax(nodes, 0).values
+    return [(int(nodes[i]), int(nodes[i + 1]), int(rowptr[nodes[i]]), int(rowptr[nodes[i + 1]])) for i in range(parts)]
+
+
+def _pos_w(entries, arch: str, n_nodes: int, enabled: bool) -> torch.Tensor:
     pos_w = torch.zeros(n_nodes, dtype=torch.int64)
-    if pos_w_enabled:
+    if enabled:
         nm = NAMES[arch]
         for e in entries:
             if e.name.endswith(tuple(nm[k] for k in ("cls", "cls_w") if k in nm)):
                 pos_w[: e.shape[0]] = torch.arange(1, min(e.shape[0], n_nodes) + 1)
                 break
+    return pos_w
+
+
+def assemble(entries, layout, param_shapes, arch: str, pos_w_enabled: bool) -> NeuralGraph:
+    """CSR graph from the layout's blocks (see :mod:`.assemble`), self-loops included, and word positions."""
+    blocks = layout.blocks
+    rowptr = csr_rowptr(blocks)
+    n_params = sum(math.prod(s) for _, s in param_shapes)
+    src, etype, param_pos = fill(blocks, entries, rowptr, n_params, layout.max_feat, layout.fdo)
     return NeuralGraph(
         rowptr=rowptr,
         src=src,
         dst=fill_dst(rowptr),
         edge_type_u8=etype,
         param_pos=param_pos,
-        pos_w=pos_w,
+        pos_w=_pos_w(entries, arch, rowptr.numel() - 1, pos_w_enabled),
         max_feat_size=layout.max_feat,
         param_shapes=list(param_shapes),
         arch=arch,
         blocks=blocks,
     )
+
+
+def assemble_rows(
+    entries, layout, param_shapes, arch: str, pos_w_enabled: bool, rowptr: torch.Tensor, node_lo: int, node_hi: int
+) -> tuple[NeuralGraph, torch.Tensor]:
+    """The destination rows ``[node_lo, node_hi)`` of :func:`assemble`'s graph, built without the rest:
+    ``(part, ids)``. ``part`` has all N nodes (``rowptr`` (N+1,), ``pos_w``; rows outside the range are empty)
+    and only those rows' edges, numbered from ``rowptr[node_lo]`` = 0; ``part.param_pos`` holds the slots
+    (in that numbering) of the parameters ``ids`` (sorted) on those edges (int32 where the values fit).
+    ``rowptr``: :func:`csr_rowptr`. ``blocks`` is left empty: the layout describes the whole graph."""
+    e0, e1 = int(rowptr[node_lo]), int(rowptr[node_hi])
+    n_params = sum(math.prod(s) for _, s in param_shapes)
+    feat = layout.max_feat
+    src, etype, (ids, pos) = fill(layout.blocks, entries, rowptr, n_params, feat, layout.fdo, node_lo, node_hi)
+    part = NeuralGraph(
+        rowptr=(rowptr - e0).clamp_(0, e1 - e0),
+        src=src,
+        dst=fill_dst(rowptr[node_lo : node_hi + 1] - e0, first=node_lo),
+        edge_type_u8=etype,
+        param_pos=pos,
+        pos_w=_pos_w(entries, arch, rowptr.numel() - 1, pos_w_enabled),
+        max_feat_size=feat,
+        param_shapes=list(param_shapes),
+        arch=arch,
+    )
+    return part, ids
