@@ -303,7 +303,8 @@ def main(argv=None):
     p.add_argument("--shapes", help=argparse.SUPPRESS)  # (worker) JSON file with the named shapes and heads
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--tag", default="", help=argparse.SUPPRESS)
-    p.add_argument("--no-write", action="store_true", help="do not write bench/results/distributed_cpu.json")
+    p.add_argument("--no-write", action="store_true", help="do not write the results file")
+    p.add_argument("--results", default="distributed_cpu", help="results file: bench/results/<name>.json")
     p.add_argument("--max-memory", help="max_memory of each rank's step (default: the library's)")
     p.add_argument("--single-max-memory", help="max_memory of the single process's step (default: the library's)")
     args = p.parse_args(argv)
@@ -321,7 +322,7 @@ def main(argv=None):
             loadavg=os.getloadavg(),
             models=results,
         )
-        print(f"# wrote {write_results('distributed_cpu', payload)}")
+        print(f"# wrote {write_results(args.results, payload)}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from .graph.build import build_graph_part
 from .graph.neural_graph import row_ranges
 from .model import graph_to
 from .scaling import scale_stats
-from .stream import NonFinitePrediction, Part, default_budget, nowcast_streamed
+from .stream import NonFinitePrediction, Part, nowcast_streamed
 
 CHUNK = 1 << 16  # history rows per chunk while checking / scaling: bounds those temporaries (~3 MB)
 _EXC, _NAN = 1.0, 2.0  # failure codes carried in the result's last slots
@@ -388,7 +388,8 @@ def nowcast_sharded(
     ``states`` (n_params, ctx) or each process its own rows ``states[shard.ids]``. ``max_memory`` and
     ``progress`` are those of ``NiNoModel.nowcast``, for this process's part (the bar on rank 0 only); on the CPU
     the default ``max_memory`` is one process's default divided by the processes on this machine (torchrun's
-    ``LOCAL_WORLD_SIZE``, else the group's size), which share its free memory.
+    ``LOCAL_WORLD_SIZE``, else the group's size), which share its free memory -- or what the part needs at least
+    if that is more.
     ``stats``, if given, receives the bytes this process sent to all-reduces (``allreduce_bytes``, per collective
     in ``allreduce_log``) and its shard's size.
     """
@@ -418,8 +419,6 @@ def nowcast_sharded(
             except Exception as exc:
                 failure = exc
     else:
-        if max_memory is None and device.type == "cpu":  # the processes on this machine share its free memory
-            max_memory = max(1, default_budget(device) // _local_processes(world))
         opts = dict(backend=backend, max_memory=max_memory, progress=progress if rank == 0 else False)
         failure, out = _sharded_step(comm, model, gs, states, k, full, opts)
         # the (P + world,) result only now, after the step's peak: the step held this process's rows only
@@ -481,7 +480,8 @@ def _sharded_step(comm, model, gs: GraphShard, states, k, full, opts) -> tuple[E
 
     def run():
         ends = None if full else torch.tensor(shard.seg[1:], dtype=torch.int64)  # tensor t ends at row seg[t+1]
-        part = Part(shard.node_lo, shard.node_hi, combine, shard.ids if full else None, scales, ends)
+        share = _local_processes(shard.world) if dev.type == "cpu" else 1  # (one GPU per process)
+        part = Part(shard.node_lo, shard.node_hi, combine, shard.ids if full else None, scales, ends, share)
         where = f"nowcast_sharded: rank {shard.rank}/{shard.world}"
         out = nowcast_streamed(model, gs.local, states, k, part=part, where=where, **opts)
         return out[shard.ids] if full else out

@@ -99,14 +99,17 @@ def row_tiles(graph, max_edges: int, node_lo: int = 0, node_hi: int | None = Non
 class Budget:
     """How a step fits in ``budget`` bytes: tile size and whether the raw features of all edges are kept.
 
-    Accounting (bytes): the slot -> parameter map (4 per edge slot) and one head chunk's temporaries always;
-    ``NODE_PASS`` (N, D) node terms during an edge pass, ``NODE_PEAK`` during a node update (no tile alive then);
-    per tile edge ``per_edge`` (its raw features and the index/scaling temporaries of building them or of writing
-    back the prediction). The raw features of all edges (4 * E * F * C) are kept when that still leaves tiles of at
-    least ~1M edges, else rebuilt from the history in each pass.
+    ``budget`` None: the default, ``default`` bytes (:func:`default_budget`) or the least the step needs when
+    that is more (what fits). Accounting (bytes): the slot -> parameter map (4 per edge slot) and one head
+    chunk's temporaries always; ``NODE_PASS`` (N, D) node terms during an edge pass, ``NODE_PEAK`` during a node
+    update (no tile alive then); per tile edge ``per_edge`` (its raw features and the index/scaling temporaries
+    of building them or of writing back the prediction). The raw features of all edges (4 * E * F * C) are kept
+    when that still leaves tiles of at least ~1M edges, else rebuilt from the history in each pass.
     """
 
-    def __init__(self, graph, width, hid, device: torch.device, budget: int, reference: bool, where: str, sample=False):
+    def __init__(
+        self, graph, width, hid, device, budget: int | None, reference: bool, where: str, sample=False, default=None
+    ):
         E, N, F = graph.num_edges, graph.num_nodes, graph.max_feat_size
         self.per_edge = 8 * width + 48 * F + 32 + (EDGE_BYTES_REFERENCE * hid // 128 if reference else 0)
         self.per_edge += 4 * width + 32 if sample else 0  # the sampled edges' copies and the draw
@@ -115,6 +118,8 @@ class Budget:
         self.fixed = 4 * E * F + min(chunk, E) * (4 * hid + 4 * width + 64)  # + one head chunk's temporaries
         longest = int(graph.degree().max()) if N else 0
         need = max(self.fixed + NODE_PEAK * node, self.fixed + NODE_PASS * node + self.per_edge * longest)
+        if budget is None:  # the default: ``default`` bytes, or what the step needs at least if that is more
+            budget = max(default if default is not None else default_budget(device), need)
         if budget < need:
             raise ValueError(
                 f"{where}: max_memory={budget} bytes is too small for this graph: the step needs at least {need} "
@@ -233,8 +238,8 @@ class NonFinitePrediction(ValueError):
 class Part:
     """One process's part of a sharded step (:mod:`nino_fast.distributed`): the destination rows
     ``[node_lo, node_hi)`` whose edges it runs (the graph's other rows are empty: other processes' edges), the
-    :class:`History` arguments ``rows`` / ``scales`` / ``ends``, and ``combine``, which turns the (N, D)
-    aggregation of its rows (zero elsewhere) into that of all nodes."""
+    :class:`History` arguments ``rows`` / ``scales`` / ``ends``, ``combine``, which turns the (N, D)
+    aggregation of its rows (zero elsewhere) into that of all nodes, and ``share``."""
 
     node_lo: int
     node_hi: int
@@ -242,6 +247,7 @@ class Part:
     rows: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     ends: torch.Tensor | None = None
+    share: int = 1  # processes sharing this machine's memory: the default max_memory is divided among them
 
 
 def _progress_bar(enabled, total_edges: int, device: torch.device):
@@ -287,10 +293,12 @@ def nowcast_streamed(
     """
     device = model.device
     F, C = graph.max_feat_size, states.shape[1]
-    budget = default_budget(device) if max_memory is None else parse_memory(max_memory, f"{where}: max_memory")
+    budget = None if max_memory is None else parse_memory(max_memory, f"{where}: max_memory")
     reference = dispatch.resolve(device, backend) == "reference"
     sample = 0.0 < edge_sample_ratio < 1.0
-    fit = Budget(graph, F * C, model.hid, device, budget, reference, where, sample)
+    default = default_budget(device) // (part.share if part else 1)
+    fit = Budget(graph, F * C, model.hid, device, budget, reference, where, sample, default)
+    budget = fit.budget
     rows = (part.node_lo, part.node_hi) if part else ()
     tiles = row_tiles(graph, tile_edges or fit.tile_edges, *rows)
     hist = History(graph, states, model.scale_method, device, *((part.rows, part.scales, part.ends) if part else ()))

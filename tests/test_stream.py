@@ -92,6 +92,23 @@ def test_max_memory_rebuilds_features(llama, expected, caplog):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+def test_default_memory_is_at_least_what_fits(llama, expected, caplog, monkeypatch):
+    """Without max_memory the step takes the default budget, or the least it needs when that is more (a machine
+    with little free memory, a huge graph): it never fails for want of a budget it was not given."""
+    graph, nino, states = llama
+    monkeypatch.setattr(stream, "default_budget", lambda device: 1)
+    with caplog.at_level("DEBUG", logger="nino_fast.stream"):
+        got = nino.nowcast(graph, states, 10)
+    plan = [r.nino_stats for r in caplog.records if hasattr(r, "nino_stats")][-1]
+    assert 1 < plan["budget"] < 100_000_000 and plan["tiles"] > 1  # the minimum: tiles of the longest row
+    with pytest.raises(ValueError, match="too small for this graph"):  # a budget one byte below it is refused
+        nino.nowcast(graph, states, 10, max_memory=plan["budget"] - 1)
+    if dispatch.resolve("cpu") == "cpu":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize(
     "value, bytes_",
     [(1000, 1000), ("6GB", 6 * 10**9), ("6GiB", 6 * 2**30), ("512 MB", 512 * 10**6), ("1.5g", 1_500_000_000)],
