@@ -41,13 +41,16 @@ processes then agree on the step's success with one all-reduce before any parame
 seconds) skips the step on every process alike; with ``'raise'`` every process raises. A failed collective leaves
 the wrapper's process group out of step: later NiNo steps then fail at once (skipped or raised), never hang.
 
-Memory. Snapshots live on the CPU in one preallocated ``(ctx, n_params)`` buffer, i.e. ``ctx x`` the trainable
+Memory. With ``distributed=True`` and a NiNo GNN of the official architecture, each process builds only its
+part of the neural graph (:func:`nino_fast.distributed.build_graph_shard`, kept as ``self.graph``: about 1/P of
+the edges). Snapshots live on the CPU in one preallocated ``(ctx, n_params)`` buffer, i.e. ``ctx x`` the trainable
 parameters (5 x 4 bytes per parameter in float32, half with ``snapshot_dtype=torch.bfloat16``), whatever the
 device of the model. Row-major per snapshot so that recording one is a contiguous copy per parameter tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -58,8 +61,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import plan
 from .baselines import Linefit, make_baseline
-from .distributed import CommError, nowcast_sharded, shard_graph
+from .distributed import CommError, GraphShard, build_graph_shard, nowcast_sharded, shard_graph
 from .graph import build_graph, detect_arch
 from .model import NiNoModel, graph_to
 
@@ -122,7 +126,8 @@ class NiNo:
             untouched, logs a warning, drops the snapshots, and training goes on; ``'raise'``: re-raise it,
             with the wrapper's state as before the call.
         arch, num_heads, num_key_value_heads: override the architecture detection of :func:`build_graph`.
-        graph: a prebuilt neural graph of the trainable parameters (skips building one).
+        graph: a prebuilt neural graph of the trainable parameters (skips building one), or with
+            ``distributed=True`` this process's part of it (``nino_fast.distributed.build_graph_shard``).
         nino_device: where the prediction runs; default the device of the first trainable parameter.
         backend: kernel backend for :meth:`NiNoModel.nowcast` (None: automatic).
         distributed: split each NiNo step over the processes of ``torch.distributed`` (DDP training: every process
@@ -235,16 +240,20 @@ class NiNo:
             args["num_heads"] = args["num_heads"] or heads
             args["num_key_value_heads"] = args["num_key_value_heads"] or kv
             t0 = time.perf_counter()
-            graph = build_graph(
-                [(n, tuple(p.shape)) for n, p in zip(self._names, self._params, strict=True)],
-                lpe=int(self.predictor.lpe),
-                **args,
-            )
+            named = [(n, tuple(p.shape)) for n, p in zip(self._names, self._params, strict=True)]
+            if self._sharded():  # this process's part only: the whole graph is never built here
+                rank, world = dist.get_rank(self._group), dist.get_world_size(self._group)
+                graph = build_graph_shard(named, rank, world, lpe=int(self.predictor.lpe), **args)
+            else:
+                graph = build_graph(named, lpe=int(self.predictor.lpe), **args)
             logger.info(
-                "NiNo: neural graph (%s) of %d parameters built in %.2fs",
-                graph.arch,
+                "NiNo: neural graph (%s) of %d parameters built in %.2fs%s",
+                args["arch"] or "generic",
                 graph.num_params,
                 time.perf_counter() - t0,
+                f" (this process's part: {graph.local.num_edges} of {graph.num_edges} edges)"
+                if isinstance(graph, GraphShard)
+                else "",
             )
         if graph is not None:
             if graph.num_params != self.num_params:
@@ -252,7 +261,12 @@ class NiNo:
                     f"NiNo: the graph has {graph.num_params} parameters, the model has {self.num_params} trainable ones"
                 )
             dev = self._predictor_device()
-            graph = graph_to(graph, dev) if dev is not None else graph  # moved once, not at every NiNo step
+            if dev is not None:  # moved once, not at every NiNo step
+                graph = (
+                    dataclasses.replace(graph, local=graph_to(graph.local, dev))
+                    if isinstance(graph, GraphShard)
+                    else graph_to(graph, dev)
+                )
         self.graph = graph
         self._snapshots = torch.empty(self.ctx, self.num_params, dtype=self.snapshot_dtype)
         self.num_snapshots = 0
@@ -270,7 +284,15 @@ class NiNo:
         self._shard = None
         if isinstance(self.predictor, NiNoModel) and self.graph is not None:
             rank, world = dist.get_rank(self._group), dist.get_world_size(self._group)
-            self._shard = shard_graph(self.graph, rank, world, copy=False)  # views of self.graph
+            if isinstance(self.graph, GraphShard):  # built here (or given) as this process's part
+                self._shard = self.graph
+            else:
+                self._shard = shard_graph(self.graph, rank, world, copy=False)  # views of self.graph
+
+    def _sharded(self) -> bool:
+        """Whether NiNo steps run sharded over the processes (distributed, with a NiNo GNN of the official
+        architecture): then each process needs only its part of the graph."""
+        return self.distributed and isinstance(self.predictor, NiNoModel) and plan.supports(self.predictor)
 
     def _predictor_device(self):
         if not isinstance(self.predictor, torch.nn.Module):

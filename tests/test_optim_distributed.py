@@ -73,6 +73,7 @@ def _worker(rank, world, init_file, out_dir, scenario, ckpt_path):
             base, ddp, ckpt=str(ckpt_path), period=PERIOD, max_train_steps=100, distributed=True, dist_timeout=TIMEOUT
         )
         _to_nino(opt, ddp, x, y)
+        out["graph"] = (type(opt.graph).__name__, opt.graph.local.num_edges, opt.graph.num_edges)
         if scenario == "train":
             # 1. a NiNo step; what one process needs to redo it
             out["before"], out["state"] = flat(model), copy.deepcopy(opt.state_dict())
@@ -166,6 +167,9 @@ def test_ddp_nino_steps_agree_and_match_one_process(tmp_path):
     assert set(res) == {0, 1}
     r0, r1 = res[0], res[1]
     assert "crash" not in r0 and "crash" not in r1, (r0.get("crash"), r1.get("crash"))
+    # 0. each rank built only its part of the neural graph
+    assert r0["graph"][0] == r1["graph"][0] == "GraphShard"
+    assert r0["graph"][1] + r1["graph"][1] == r0["graph"][2] and 0 < r0["graph"][1] < r0["graph"][2]
     # 1. the step changed the parameters, identically on both ranks, as one process's NiNo step does
     assert r0["error1"] is None and r1["error1"] is None
     assert torch.equal(r0["before"], r1["before"]) and torch.equal(r0["after1"], r1["after1"])
