@@ -483,8 +483,7 @@ def _sharded_step(comm, model, gs: GraphShard, states, k, full, opts) -> tuple[E
         share = _local_processes(shard.world) if dev.type == "cpu" else 1  # (one GPU per process)
         part = Part(shard.node_lo, shard.node_hi, combine, shard.ids if full else None, scales, ends, share)
         where = f"nowcast_sharded: rank {shard.rank}/{shard.world}"
-        out = nowcast_streamed(model, gs.local, states, k, part=part, where=where, **opts)
-        return out[shard.ids] if full else out
+        return nowcast_streamed(model, gs.local, states, k, part=part, where=where, **opts)  # (shard.ids order)
 
     out = guard(run, lambda: None)
     while done[0] < passes:  # the message passes this process did not reach

@@ -140,10 +140,11 @@ class History:
 
     By default the rows are the graph's parameters (R = P, row p = parameter p) with their own scales. One process
     of a sharded step (:mod:`nino_fast.distributed`) gives instead its part of the graph (``graph.param_pos``: the
-    slots of the parameters on its edges), ``rows``: the row of ``states`` holding each of them (default: the
-    same index), ``scales``: the statistics all processes agreed on ((T, 2) per tensor, or one (shift, scale) per
-    row of ``states``; None: computed from ``states``) and ``ends``: (T,) the row index at which each parameter
-    tensor's rows end (default: the cumulative sizes of ``graph.param_shapes``).
+    slots of the parameters on its edges), ``rows``: the row of ``states`` holding each of them (default: the same
+    index; a process given the full history passes its parameters' ids), ``scales``: the statistics all processes
+    agreed on ((T, 2) per tensor, or one (shift, scale) per row of ``states``; None: computed from ``states``) and
+    ``ends``: (T,) the row index at which each parameter tensor's rows end (default: the cumulative sizes of
+    ``graph.param_shapes``).
     """
 
     def __init__(
@@ -151,12 +152,12 @@ class History:
     ):
         self.graph, self.states, self.device, self.F = graph, states, device, graph.max_feat_size
         P, E = graph.num_params, graph.num_edges
-        idx = torch.int32 if states.shape[0] < 2**31 else torch.int64
-        self.inv = torch.full((E * self.F,), -1, dtype=idx, device=device)  # edge slot -> row of states
+        idx = torch.int32 if P < 2**31 else torch.int64
+        self.inv = torch.full((E * self.F,), -1, dtype=idx, device=device)  # edge slot -> parameter p of the graph
         for a in range(0, P, 1 << 22):
             b = min(P, a + (1 << 22))
-            ids = torch.arange(a, b, dtype=idx, device=device) if rows is None else rows[a:b].to(device, idx)
-            self.inv[graph.param_pos[a:b]] = ids
+            self.inv[graph.param_pos[a:b]] = torch.arange(a, b, dtype=idx, device=device)
+        self.rows = None if rows is None else rows.to(device)  # parameter p of the graph -> its row of states
         self.per_tensor = per_tensor(method)
         if scales is None:
             scales = scale_stats(states, graph.param_shapes, method, torch.float32)
@@ -166,14 +167,18 @@ class History:
             ends = sizes.cumsum(0)
         self.ends = ends.to(device)  # parameter tensor t holds rows [ends[t-1], ends[t])
 
-    def _shift_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n,) shift and scale of the rows ``params`` of ``states`` (int64, on the device)."""
-        rows = torch.searchsorted(self.ends, params, right=True) if self.per_tensor else params
-        sc = torch.index_select(self.scales, 0, rows)
+    def state_rows(self, params: torch.Tensor) -> torch.Tensor:
+        """The rows of ``states`` (int64) holding the graph's parameters ``params`` (int64, on the device)."""
+        return params if self.rows is None else self.rows.index_select(0, params).long()
+
+    def _shift_scale(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n,) shift and scale of the rows ``rows`` of ``states`` (int64, on the device)."""
+        at = torch.searchsorted(self.ends, rows, right=True) if self.per_tensor else rows
+        sc = torch.index_select(self.scales, 0, at)
         return sc[:, 0], sc[:, 1]
 
-    def _rows(self, params: torch.Tensor, cols: slice) -> torch.Tensor:
-        x = torch.index_select(self.states[:, cols], 0, params.to(self.states.device))
+    def _rows(self, rows: torch.Tensor, cols: slice) -> torch.Tensor:
+        x = torch.index_select(self.states[:, cols], 0, rows.to(self.states.device))
         return x.to(device=self.device, dtype=torch.float32)
 
     def features(self, e0: int, e1: int) -> torch.Tensor:
@@ -186,11 +191,11 @@ class History:
             b = min(e1, a + chunk)
             slots = self.inv[a * F : b * F]
             where = (slots >= 0).nonzero().squeeze(1)
-            params = slots[where].long()
-            shift, scale = self._shift_scale(params)
-            x = scale_rows_(self._rows(params, slice(None)), shift.unsqueeze(1), scale.unsqueeze(1))
+            rows = self.state_rows(slots[where].long())
+            shift, scale = self._shift_scale(rows)
+            x = scale_rows_(self._rows(rows, slice(None)), shift.unsqueeze(1), scale.unsqueeze(1))
             out[(a - e0) * F : (b - e0) * F].index_copy_(0, where, x)
-            del slots, where, params, shift, scale, x
+            del slots, where, rows, shift, scale, x
         # slot-0 constants of the structural edges (NeuralGraph.edge_constants): 2 on self-loops, 1 on
         # residual/head edges; they are few (about one per node), so index them
         t = self.graph.edge_type_u8[e0:e1]
@@ -206,8 +211,9 @@ class History:
 
     def finish(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
         """Residual, unscaling and write-back of the parameters on edges ``e0 + used`` with scaled deltas ``pred``
-        (len(used), F), the float32 operations of ``NiNoModel._finish``, into ``result`` at their rows of
-        ``states``; returns the count of non-finite values. Runs in chunks of ``CHUNK`` edges (small temporaries)."""
+        (len(used), F), the float32 operations of ``NiNoModel._finish``, into ``result`` (one value per parameter of
+        the graph, in ``param_pos`` order); returns the count of non-finite values. Runs in chunks of ``CHUNK``
+        edges (small temporaries)."""
         F, bad = self.F, 0
         cols = torch.arange(F, device=self.device)
         chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
@@ -219,9 +225,10 @@ class History:
                 slots = self.inv[((ids + e0) * F).unsqueeze(1) + cols]
                 mine = slots >= 0
                 params, out = slots[mine].long(), pred[a : a + chunk][mine]
-            shift, scale = self._shift_scale(params)
+            rows = self.state_rows(params)
+            shift, scale = self._shift_scale(rows)
             if model.residual:
-                out = scale_rows(self._rows(params, slice(-1, None)).squeeze(1), shift, scale) + out * model.upd_scale
+                out = scale_rows(self._rows(rows, slice(-1, None)).squeeze(1), shift, scale) + out * model.upd_scale
             if not torch.isfinite(out.sum()):  # one cheap pass; count exactly only when something is off
                 bad += int((~torch.isfinite(out)).sum())
             result[params.to(result.device)] = unscale_rows(out, shift, scale).to(
@@ -288,8 +295,7 @@ def nowcast_streamed(
     prediction (``where`` names the caller in the messages).
 
     ``part``: run one process's part of a sharded step instead (:class:`Part`): its rows only, the aggregations
-    combined after each message pass; the result then has a row per row of ``states``, written only at the rows
-    of the parameters on this process's edges.
+    combined after each message pass; the result holds the predictions of ``graph``'s parameters (the part's).
     """
     device = model.device
     F, C = graph.max_feat_size, states.shape[1]
@@ -353,7 +359,7 @@ def nowcast_streamed(
         l1 = l1._replace(nd=None, ns=None)  # layer 1's message terms: not needed by the node update
         hd = plan.after_layer1(model, graph, l1, agg, k)
         del l1, agg
-        result = torch.empty(states.shape[0], dtype=states.dtype, device=states.device)
+        result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
         bad = 0
         for i, sh in enumerate(tiles):
             raw = features(i, sh)
