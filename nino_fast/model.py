@@ -148,6 +148,7 @@ class NiNoModel(nn.Module):
         self.vocab_size = vocab_size
         self.lpe = 0 if self.is_mlp else lpe
         self.final_edge_update = final_edge_update
+        self.train_info: dict | None = None  # set by from_checkpoint for checkpoints trained by nino-fast train
         n_in = 2 if input_layer != "linear" else 1
         if edge_types > 0:
             self.layer_embed = nn.Embedding(edge_types, hid)
@@ -170,7 +171,9 @@ class NiNoModel(nn.Module):
     # ---- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path_or_dict, map_location="cpu") -> NiNoModel:
-        """Load an official-format checkpoint: ``{'state_dict': ..., 'model_args': {...}}`` or a bare state_dict."""
+        """Load an official-format checkpoint: ``{'state_dict': ..., 'model_args': {...}}`` or a bare state_dict.
+        The checkpoint's ``train_info`` (``nino-fast train``'s record of how it was trained), if any, is kept as
+        ``model.train_info`` (else None)."""
         where = (
             f"NiNoModel.from_checkpoint({path_or_dict!r})"
             if isinstance(path_or_dict, (str, os.PathLike))
@@ -205,6 +208,8 @@ class NiNoModel(nn.Module):
         if extra:
             raise ValueError(f"{where}: unexpected key {extra[0]!r} for model_args={args}")
         model.load_state_dict(state)
+        info = ckpt.get("train_info")  # how a checkpoint of ours was trained (nino-fast train); None otherwise
+        model.train_info = info if isinstance(info, dict) else None
         return model.eval()
 
     # ---- validation ---------------------------------------------------------------------------------------------

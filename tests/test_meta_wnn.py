@@ -163,6 +163,7 @@ def test_init_from_checkpoint(store, tmp_path):
         child = torch.load(tmp_path / f"{arch}0.pt", weights_only=True)["train_info"]
         assert child["init_from"] == dict(path=str(tmp_path / f"{arch}.pt"), train_info=parent)
         assert "init_from" not in parent
+        assert NiNoModel.from_checkpoint(tmp_path / f"{arch}.pt").train_info == parent  # kept on loading
     with pytest.raises(ValueError, match="not a checkpoint of this architecture"):
         train(cfg(store, tmp_path / "x.pt", arch="nino", init_from=str(tmp_path / "wnn.pt")), log=quiet)
     with pytest.raises(ValueError, match="not a checkpoint of this architecture"):

@@ -67,6 +67,7 @@ def test_checkpoint_args_honoured():
     assert m.wte_pos_enc and m.vocab_size == 64 and m.lpe == 8
     m = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
     assert not m.wte_pos_enc and len(m.gnn.convs) == 3 and len(m.gnn.edge_update) == 2
+    assert m.train_info is None  # official checkpoints carry no nino-fast training record
 
 
 def test_checkpoint_errors(tmp_path):

@@ -178,8 +178,7 @@ class _Trainer:
             )
         self.model.load_state_dict(theirs)
         # provenance: the starting checkpoint's own training record travels with the fine-tuned one
-        info = torch.load(path, map_location="cpu", weights_only=True).get("train_info")
-        self.parent_info = dict(path=str(path), train_info=info)
+        self.parent_info = dict(path=str(path), train_info=src.train_info)
 
     # ---- state --------------------------------------------------------------------------------------------
     def _state(self) -> dict:
