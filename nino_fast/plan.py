@@ -121,8 +121,15 @@ def split_raw_weights(fw: Folded) -> Folded:
     return replace(fw, W0=torch.cat((fw.W0, fw.W0), 1), Wa=torch.cat((fw.Wa, fw.Wa), 1))
 
 
-def _node_update(conv, x, agg):
-    return F.silu(conv.lin(conv.post_nns[0][0](torch.cat((x, agg), 1))))
+def _node_update(conv, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``silu(lin(post([x, agg])))`` of ``inputs = [x, agg]``. The list is emptied as soon as they are
+    concatenated, so that a caller holding no other reference to ``x`` and ``agg`` frees them before the update's
+    own (N, D) results are made; each intermediate is freed as soon as the next one exists."""
+    h = torch.cat(inputs, 1)
+    inputs.clear()
+    h = conv.post_nns[0][0](h)
+    h = conv.lin(h)
+    return F.silu(h)
 
 
 def _split_pre(conv, x):
@@ -207,9 +214,11 @@ def film_rows(graph, raw, sh: Shard, nd, ns, fw: Folded, backend=None, keep=None
     return dispatch.film_mean(raw, rowptr, src, nd[n0:n1], ns, fw.W0, fw.b0, types, fw.T0, backend=backend)
 
 
-def after_layer0(model, x0, agg0) -> Layer1:
+def after_layer0(model, inputs: list[torch.Tensor]) -> Layer1:
+    """Layer 0's node update and the node terms of edge update 0 and layer 1; ``inputs = [x0, agg0]`` (emptied: see
+    :func:`_node_update`)."""
     convs, eu = model.gnn.convs, model.gnn.edge_update[0]
-    x1 = _node_update(convs[0], x0, agg0)
+    x1 = _node_update(convs[0], inputs)
     nd, ns = _split_pre(convs[1], x1)
     return Layer1(x1, F.linear(x1, eu.lin_s.weight), F.linear(x1, eu.lin_t.weight), nd, ns)
 
@@ -239,9 +248,11 @@ def edge_film_rows(graph, raw, sh: Shard, l1: Layer1, fw: Folded, backend=None, 
     )
 
 
-def after_layer1(model, graph, l1: Layer1, agg1, k: int) -> Head:
+def after_layer1(model, graph, l1: Layer1, inputs: list[torch.Tensor], k: int) -> Head:
+    """Layer 1's node update and the head's node terms; ``inputs = [x1, agg1]`` (emptied: see
+    :func:`_node_update`), ``l1`` gives edge update 0's terms ``s0`` / ``t0``."""
     eu = model.gnn.edge_update[1]
-    x2 = _node_update(model.gnn.convs[1], l1.x1, agg1)
+    x2 = _node_update(model.gnn.convs[1], inputs)
     n_feat = graph.max_feat_size
     last = model.edge_out.fc[-1]
     wk = last.weight.view(model.max_feat_size, model.seq_len, -1)[:n_feat, k - 1].contiguous()
@@ -315,7 +326,7 @@ def predict_deltas(
     combine = sh.combine or (lambda rows: rows)
     x0, nd, ns = layer0_nodes(model, graph)
     agg0 = combine(film_rows(graph, raw, sh, nd, ns, fw, backend))
-    l1 = after_layer0(model, x0, agg0)
+    l1 = after_layer0(model, [x0, agg0])
     agg1 = combine(edge_film_rows(graph, raw, sh, l1, fw, backend))
-    hd = after_layer1(model, graph, l1, agg1, k)
+    hd = after_layer1(model, graph, l1, [l1.x1, agg1], k)
     return head_rows(graph, raw, sh, used, hd, fw, backend)

@@ -3,7 +3,8 @@
 Beyond its inputs (the graph, the (P, C) history, the model) and its (P,) output, the step holds
 
 - a slot -> parameter map, (E * F,) int32 (4 bytes per edge slot; the inverse of ``graph.param_pos``),
-- 6 (during an edge pass) to 9 (during a node update) node terms of (N, D) float32,
+- at most 6 node terms of (N, D) float32 (pass 1: x0, agg and layer 0's two projections; pass 2: x1, agg and four
+  projections; a node update hands its inputs over and frees them once concatenated: 6 at its peak),
 - per tile of destination rows: the tile's raw edge features (E_t, F * C), scaled on the fly from ``states``,
   the kernels' small per-thread scratch and a few per-edge index/scale temporaries,
 - optionally (when ``max_memory`` allows) the raw features of all edges, (E, F * C) float32.
@@ -41,7 +42,9 @@ from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats, unscale_r
 
 log = logging.getLogger(__name__)
 DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 GiB (larger tiles gain nothing)
-NODE_PASS, NODE_PEAK = 6, 9  # (N, D) float32 node terms alive during an edge pass / during a node update
+# (N, D) float32 node terms alive during an edge pass / during a node update: pass 2 holds x1, s0, t0, nd, ns and
+# agg; layer 1's update holds s0, t0, [x1, agg] and their (N, 2D) concatenation, then s0, t0 and the new terms
+NODE_PASS, NODE_PEAK = 6, 6
 EDGE_BYTES_REFERENCE = 8 * 128 * 4  # the pure-PyTorch ops materialise a few (E_t, D) tensors per pass (D = 128)
 PASSES = ("layer 0", "layer 1", "head")
 CHUNK = 1 << 18  # edges per chunk while building raw features / writing back predictions (bounds temporaries)
@@ -346,19 +349,21 @@ def nowcast_streamed(
         release_cpu_buffers()  # the kernels' cached output buffers: reused within a pass, freed after it
         times.append(time.perf_counter())
         del nd, ns
-        l1 = plan.after_layer0(model, x0, agg)
-        del x0
-        if part:
-            agg.zero_()
+        inputs = [x0, agg]
+        del x0, agg  # handed over: freed inside the node update as soon as they are concatenated
+        l1 = plan.after_layer0(model, inputs)
+        agg = new(graph.num_nodes, model.hid, dtype=torch.float32, device=device)
         for i, sh in enumerate(tiles):
             agg[sh.node_lo : sh.node_hi] = plan.edge_film_rows(graph, features(i, sh), sh, l1, fw, backend, keep(sh))
             advance(PASSES[1], sh)
         agg = part.combine(agg) if part else agg
         release_cpu_buffers()
         times.append(time.perf_counter())
-        l1 = l1._replace(nd=None, ns=None)  # layer 1's message terms: not needed by the node update
-        hd = plan.after_layer1(model, graph, l1, agg, k)
-        del l1, agg
+        inputs = [l1.x1, agg]
+        l1 = l1._replace(x1=None, nd=None, ns=None)  # layer 1's message terms: not needed by the node update
+        del agg
+        hd = plan.after_layer1(model, graph, l1, inputs, k)
+        del l1
         result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
         bad = 0
         for i, sh in enumerate(tiles):
