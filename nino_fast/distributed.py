@@ -280,9 +280,10 @@ def _checksums(states: torch.Tensor) -> tuple[float, float]:
     return s, a
 
 
-def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error) -> None:
-    """All processes check that they step the same graph with the same k (and, given full histories, the same
-    history); a process whose inputs were invalid makes all of them raise ValueError."""
+def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error, given_scales: bool = False) -> None:
+    """All processes check that they step the same graph with the same k, all with or all without given scales
+    (and, given full histories, the same history); a process whose inputs were invalid makes all of them raise
+    ValueError."""
     sums = _checksums(states) if error is None and full else (0.0, 0.0)
     sig = torch.tensor(
         [
@@ -291,6 +292,7 @@ def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error) -> None:
             *(float(getattr(graph, a, -1)) for a in ("num_edges", "num_params", "num_nodes", "max_feat_size")),
             float(model.ctx),
             float(full),
+            float(given_scales),
             *sums,
         ],
         dtype=torch.float64,
@@ -380,6 +382,7 @@ def nowcast_sharded(
     stats: dict | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``model.nowcast`` split over the processes of ``group``; every process gets the full (n_params,) result.
 
@@ -390,6 +393,10 @@ def nowcast_sharded(
     the default ``max_memory`` is one process's default divided by the processes on this machine (torchrun's
     ``LOCAL_WORLD_SIZE``, else the group's size), which share its free memory -- or what the part needs at least
     if that is more.
+    ``scales``: the scaling statistics of the full history, when the caller has it but passes its own rows only
+    (a DDP process whose snapshot buffer is stored transposed: :func:`nino_fast.scaling.scale_stats_of_columns`):
+    (T, 2) for per-tensor methods, (1, 2) for ``min-max-param``, None for ``std-param``; they replace the
+    all-reduced statistics, so that the result is bitwise that of one process.
     ``stats``, if given, receives the bytes this process sent to all-reduces (``allreduce_bytes``, per collective
     in ``allreduce_log``) and its shard's size.
     """
@@ -405,9 +412,10 @@ def nowcast_sharded(
         gs = _graph_shard(graph, rank, world)
         gs = dataclasses.replace(gs, local=graph_to(gs.local, device))
         full = _validate(model, gs, states, k)
+        _check_scales(model, gs, scales)
     except Exception as exc:  # agreed below: every process raises, none waits for the others in a collective
         error = exc
-    _agree_on_inputs(comm, model, graph, states, k, full, error)
+    _agree_on_inputs(comm, model, graph, states, k, full, error, scales is not None)
 
     P, shard = gs.num_params, gs.shard
     failure: Exception | None = None
@@ -420,7 +428,7 @@ def nowcast_sharded(
                 failure = exc
     else:
         opts = dict(backend=backend, max_memory=max_memory, progress=progress if rank == 0 else False)
-        failure, out = _sharded_step(comm, model, gs, states, k, full, opts)
+        failure, out = _sharded_step(comm, model, gs, states, k, full, opts, scales)
         # the (P + world,) result only now, after the step's peak: the step held this process's rows only
         result = torch.zeros(P + world, dtype=torch.float32, device=device)
         if out is not None:
@@ -461,7 +469,22 @@ def _local_processes(world: int) -> int:
         return max(1, world)
 
 
-def _sharded_step(comm, model, gs: GraphShard, states, k, full, opts) -> tuple[Exception | None, torch.Tensor | None]:
+def _check_scales(model, gs: GraphShard, scales) -> None:
+    """Given statistics must have the shape the model's scale method uses."""
+    if scales is None:
+        return
+    method = model.scale_method
+    want = {"std-param": None, "min-max-param": (1, 2)}.get(method, (len(gs.param_shapes), 2))
+    if want is None or not isinstance(scales, torch.Tensor) or tuple(scales.shape) != want:
+        got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise ValueError(
+            f"nowcast_sharded: scales for scale_method={method!r} must be {'None' if want is None else want}, got {got}"
+        )
+
+
+def _sharded_step(
+    comm, model, gs: GraphShard, states, k, full, opts, given_scales=None
+) -> tuple[Exception | None, torch.Tensor | None]:
     """This process's part of the step (the streamed step on its rows): ``(failure, out)``, ``out`` the
     predictions of the shard's parameters (``shard.ids`` order), or ``(exception, None)`` after a local failure
     (the process has then joined every remaining collective with zeros, see :class:`_Guard`)."""
@@ -474,7 +497,10 @@ def _sharded_step(comm, model, gs: GraphShard, states, k, full, opts) -> tuple[E
         return comm(agg, f"message pass {done[0]}")
 
     rows = _Rows(states, shard, full, dev)
-    scales = _scales(comm, rows, gs, model.scale_method, guard)
+    if given_scales is not None:
+        scales = given_scales.to(device=dev, dtype=torch.float32)
+    else:
+        scales = _scales(comm, rows, gs, model.scale_method, guard)
     if scales is not None and model.scale_method == "min-max-param":  # one (shift, scale) for every row
         scales = scales.expand(states.shape[0], 2)
 

@@ -34,6 +34,30 @@ def _sizes(param_shapes) -> list[int]:
     return [math.prod(s) for _, s in param_shapes]
 
 
+def scale_stats_of_columns(
+    columns: torch.Tensor, param_shapes, method: str = "std", dtype: torch.dtype = torch.float32
+) -> torch.Tensor | None:
+    """:func:`scale_stats` of a history stored transposed, ``columns`` (C, P) (a snapshot buffer: one row per
+    snapshot), without making the (P, C) copy: each parameter tensor's rows are copied contiguous in ``dtype`` one
+    tensor at a time, so the statistics are bitwise those of ``scale_stats(h, param_shapes, method, torch.float32)``
+    with ``h = torch.empty(P, C, dtype=dtype).copy_(columns.t())``. Returns (T, 2) for per-tensor methods, (1, 2)
+    for ``min-max-param`` (the first parameter's range: the scales of all) and None for ``std-param`` (each
+    parameter's own, from its row)."""
+    _check(method)
+    C = columns.shape[0]
+    if method == "std-param":
+        return None
+    if method == "min-max-param":
+        first = torch.empty(1, C, dtype=dtype).copy_(columns[:, :1].t())
+        return scale_stats(first, None, method, torch.float32)[:1]
+    out, off = [], 0
+    for shape, n in zip(param_shapes, _sizes(param_shapes), strict=True):
+        rows = torch.empty(n, C, dtype=dtype, device=columns.device).copy_(columns[:, off : off + n].t())
+        out.append(scale_stats(rows, [shape], method, torch.float32))
+        off += n
+    return torch.cat(out) if out else torch.empty(0, 2)
+
+
 def per_tensor(method: str) -> bool:
     """Whether ``method``'s scales are one (shift, scale) per parameter tensor (else one per parameter)."""
     _check(method)

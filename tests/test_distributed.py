@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from nino_fast import NiNoModel, build_graph, plan, stream
 from nino_fast.distributed import build_graph_shard, nowcast_sharded, param_shard, shard_bounds, shard_graph
 from nino_fast.graph import assemble
+from nino_fast.scaling import scale_stats_of_columns
 
 sys.path.insert(0, str(Path(__file__).parent))
 from golden import CASES, load  # noqa: E402
@@ -44,6 +45,9 @@ JOBS = [
     ("wrong-shard-on-rank-1", "llama", "local-shard", None, "wrong-shard"),
     ("wnn-given-a-shard", "mlp_wnn", "full-shard", None, None),
     ("max-memory-too-small", "llama", "local-shard", None, "1KB"),
+    # own rows with the full history's statistics given (a DDP process's case): bitwise one process
+    *[(f"llama-local-scales-{m}", "llama", "local-shard", m, "scales") for m in ("std", "min-max", "min-max-param")],
+    ("scales-on-rank-1-only", "llama", "local", None, "scales-1"),
     ("after-the-failure", "convnet", "full", None, None),  # the group is still in step
 ]
 
@@ -65,6 +69,9 @@ def _worker(rank, world, init_file, out_dir, jobs, die_rank):
     for name, case, mode, method, fault in jobs:
         graph, model, states, k = _inputs(case, method)
         shard = param_shard(graph, rank, world)
+        given = None
+        if fault in ("scales", "scales-1") and (fault == "scales" or rank == 1):
+            given = scale_stats_of_columns(states.t(), graph.param_shapes, model.scale_method)
         if mode.startswith("local"):
             states = states[shard.ids.long()]
         if mode.endswith("-shard"):  # this rank's part of the graph only: the whole is freed
@@ -89,7 +96,7 @@ def _worker(rank, world, init_file, out_dir, jobs, die_rank):
         stats = {}
         try:
             memory = fault if fault and fault.endswith("KB") else None
-            out = nowcast_sharded(model, graph, states, k, stats=stats, max_memory=memory)
+            out = nowcast_sharded(model, graph, states, k, stats=stats, max_memory=memory, scales=given)
             results[name] = {"out": out, "stats": stats}
         except Exception as exc:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -128,19 +135,19 @@ def _single(name):
     return graph, model.nowcast(graph, states, k)
 
 
-@pytest.mark.parametrize("name", [j[0] for j in JOBS if j[4] in (None, "tiles") and j[0] != "wnn-given-a-shard"])
+@pytest.mark.parametrize(
+    "name", [j[0] for j in JOBS if j[4] in (None, "tiles", "scales") and j[0] != "wnn-given-a-shard"]
+)
 def test_two_processes_identical_to_one(runs, name):
     graph, single = _single(name)
-    _, _, mode, method, _ = next(j for j in JOBS if j[0] == name)
+    _, _, mode, method, fault = next(j for j in JOBS if j[0] == name)
     for r in (0, 1):
         assert "error" not in runs[r][name], runs[r][name]
         out = runs[r][name]["out"]
         assert (out - single).abs().max() <= 1e-6 * single.abs().max()
-        if mode.startswith("full") or method not in (
-            None,
-            "std",
-        ):  # all-reduced float64 means / stds may round differently
-            assert torch.equal(out, single)  # bit for bit
+        # bit for bit, except with own rows and statistics all-reduced in float64 (std: may round differently)
+        if mode.startswith("full") or method not in (None, "std") or fault == "scales":
+            assert torch.equal(out, single)
     assert torch.equal(runs[0][name]["out"], runs[1][name]["out"])  # every rank ends with the same parameters
 
 
@@ -151,11 +158,11 @@ def test_shards_and_communication(runs, name):
     assert s0["shard_edges"] + s1["shard_edges"] == graph.num_edges
     assert s0["shard_params"] + s1["shard_params"] == graph.num_params
     # one (N, D) aggregation per message pass, the (P + world,) prediction, and small ones: the input check
-    # (2 x 10 float64) and, with each rank's own rows, the per-tensor scaling sums (2 x T float64)
+    # (2 x 11 float64) and, with each rank's own rows, the per-tensor scaling sums (2 x T float64)
     log = dict(s0["allreduce_log"])
     assert log["message pass 1"] == log["message pass 2"] == graph.num_nodes * 128 * 4
     assert log["the prediction"] == (graph.num_params + WORLD) * 4
-    small = 2 * 10 * 8 + (2 * len(graph.param_shapes) * 8 if "local" in name else 0)
+    small = 2 * 11 * 8 + (2 * len(graph.param_shapes) * 8 if "local" in name else 0)
     assert s0["allreduce_bytes"] == 2 * graph.num_nodes * 128 * 4 + (graph.num_params + WORLD) * 4 + small
 
 
@@ -180,6 +187,8 @@ def test_failures_are_agreed(runs):
         # each rank's streamed step checks its max_memory: both fail, naming both ranks
         err = runs[r]["max-memory-too-small"]["error"]
         assert "failed on rank(s) [0, 1]" in err and "max_memory=1000 bytes is too small" in err
+        # statistics given on one rank only: its collectives would not match the other's; agreed, no hang
+        assert "different states, k or graphs" in runs[r]["scales-on-rank-1-only"]["error"]
 
 
 def test_dead_peer_gives_clear_error(tmp_path):
