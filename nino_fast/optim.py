@@ -46,6 +46,9 @@ part of the neural graph (:func:`nino_fast.distributed.build_graph_shard`, kept 
 the edges). Snapshots live on the CPU in one preallocated ``(ctx, n_params)`` buffer, i.e. ``ctx x`` the trainable
 parameters (5 x 4 bytes per parameter in float32, half with ``snapshot_dtype=torch.bfloat16``), whatever the
 device of the model. Row-major per snapshot so that recording one is a contiguous copy per parameter tensor.
+A NiNo step copies the history to (n_params, ctx) rows once; sharded (``distributed=True``), each process copies
+only the rows of its part's parameters and computes the scaling statistics from the snapshots one parameter tensor
+at a time (:func:`nino_fast.scaling.scale_stats_of_columns`), so the step stays bitwise one process's.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from .baselines import Linefit, make_baseline
 from .distributed import CommError, GraphShard, build_graph_shard, nowcast_sharded, shard_graph
 from .graph import build_graph, detect_arch
 from .model import NiNoModel, graph_to
+from .scaling import scale_stats_of_columns
 
 logger = logging.getLogger(__name__)
 
@@ -407,12 +411,15 @@ class NiNo:
         try:
             # (P, ctx) history, oldest first; bf16 snapshots are widened so that the prediction is float32
             work = torch.float64 if self.snapshot_dtype == torch.float64 else torch.float32
-            # (one contiguous copy: a strided view would give nowcast a different summation order)
-            states = torch.empty(self.num_params, self.ctx, dtype=work).copy_(self._snapshots.t())
-            if self.distributed:
-                pred = self._predict_distributed(states, k)
+            if self._sharded():  # this process's rows only, with the full history's statistics
+                pred = self._predict_sharded(work, k)
             else:
-                pred = self.predictor.nowcast(self.graph, states, k, backend=self.backend)
+                # (one contiguous copy: a strided view would give nowcast a different summation order)
+                states = torch.empty(self.num_params, self.ctx, dtype=work).copy_(self._snapshots.t())
+                if self.distributed:
+                    pred = self._predict_distributed(states, k)
+                else:
+                    pred = self.predictor.nowcast(self.graph, states, k, backend=self.backend)
             if pred.shape != (self.num_params,):
                 raise ValueError(f"the prediction has shape {tuple(pred.shape)}, expected ({self.num_params},)")
             bad = (~torch.isfinite(pred)).sum().item()
@@ -454,14 +461,36 @@ class NiNo:
         return True
 
     # ---- distributed -------------------------------------------------------------------------------------------
+    def _predict_sharded(self, work: torch.dtype, k: int) -> torch.Tensor:
+        """The NiNo GNN's step split over the processes, from this process's rows of the snapshots (a (n_own, ctx)
+        copy, not the (n_params, ctx) one) and the full snapshots' scaling statistics (computed one parameter
+        tensor at a time): bitwise the step of one process."""
+        ids = self._shard.shard.ids.long()
+        states = torch.empty(ids.numel(), self.ctx, dtype=work).copy_(self._snapshots.t().index_select(0, ids))
+        scales = scale_stats_of_columns(
+            self._snapshots, self._shard.param_shapes, self.predictor.scale_method, dtype=work
+        )
+        return self._collective(
+            lambda: nowcast_sharded(
+                self.predictor, self._shard, states, k, group=self._group, backend=self.backend, scales=scales
+            )
+        )
+
     def _predict_distributed(self, states: torch.Tensor, k: int) -> torch.Tensor:
+        """A predictor that runs whole: a NiNo model outside the folded plan (WNN+) on rank 0, its result sent to
+        all; the baselines (per-parameter and cheap) on every process, on the same snapshots."""
+        if isinstance(self.predictor, NiNoModel):
+            return self._collective(
+                lambda: nowcast_sharded(self.predictor, self._shard, states, k, group=self._group, backend=self.backend)
+            )
+        return self._collective(lambda: self.predictor.nowcast(self.graph, states, k, backend=self.backend))
+
+    def _collective(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``run()`` unless the group failed before; a failed collective marks it broken."""
         if self._dist_broken is not None:
             raise RuntimeError(f"NiNo: the process group failed in an earlier NiNo step ({self._dist_broken})")
         try:
-            if isinstance(self.predictor, NiNoModel):
-                return nowcast_sharded(self.predictor, self._shard, states, k, group=self._group, backend=self.backend)
-            # the baselines are per-parameter and cheap: every process runs them whole, on the same snapshots
-            return self.predictor.nowcast(self.graph, states, k, backend=self.backend)
+            return run()
         except CommError as exc:
             self._dist_broken = f"{type(exc).__name__}: {exc}"
             raise
