@@ -14,8 +14,9 @@ living on those edges (:func:`param_shard`); it only ever touches its own parame
 3. residual and unscaling of its parameters, then one all-reduce of a ``(n_params + P,)`` vector: every parameter is
    written by exactly one process, and the last P slots carry each process's failure code.
 
-A process needs only its part of the neural graph: :func:`shard_graph` keeps all nodes but only the process's
-edges (about 1/P of the CSR arrays); pass it instead of the whole graph, which the caller may then free.
+A process needs only its part of the neural graph (all nodes, only its edges: about 1/P of the CSR arrays):
+:func:`build_graph_shard` assembles it from the block layout without ever building the whole graph,
+:func:`shard_graph` cuts it from a built one; pass it instead of the whole graph.
 
 Every process gets the same result; with full histories it is bitwise that of ``NiNoModel.nowcast`` on one process
 (the CPU kernels reduce each destination row in its own edge order whatever the rows around it).

@@ -152,12 +152,11 @@ def build_graph_part(
     ~E / parts edges each, as :func:`nino_fast.distributed.shard_bounds`). ``graph`` has all N nodes (node
     inputs: ``rowptr`` (N+1,), ``pos_w``, ``lpe``) but only the part's edges, numbered from 0 (other rows are
     empty; ``graph.meta["whole_num_edges"]``: E); ``graph.param_pos`` holds the slots of the parameters ``ids``
-    (sorted; int32 where the values fit) on them. Memory: the
-    part's edge arrays and O(N) per-node arrays; the LPE is computed matrix-free from the layout (or read from
-    its cache) as for the whole graph."""
-    named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
+    (sorted; int32 where the values fit) on them. Memory: the part's edge arrays and O(N) per-node arrays; the LPE
+    is computed matrix-free from the layout (or read from its cache) as for the whole graph."""
     if not (isinstance(parts, int) and parts >= 1 and isinstance(part, int) and 0 <= part < parts):
         raise ValueError(f"build_graph_part: part must be in 0..parts-1 with parts >= 1, got {part} of {parts}")
+    named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
     arch = layout.arch
     rowptr = csr_rowptr(layout.blocks)
     bounds = row_ranges(rowptr, parts)[part]
