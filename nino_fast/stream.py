@@ -102,7 +102,7 @@ def row_tiles(graph, max_edges: int, node_lo: int = 0, node_hi: int | None = Non
 class Budget:
     """How a step fits in ``budget`` bytes: tile size and whether the raw features of all edges are kept.
 
-    ``budget`` None: the default, ``default`` bytes (:func:`default_budget`) or the least the step needs when
+    ``budget`` None: the default, ``default`` bytes (e.g. :func:`default_budget`) or the least the step needs when
     that is more (what fits). Accounting (bytes): the slot -> parameter map (4 per edge slot) and one head
     chunk's temporaries always; ``NODE_PASS`` (N, D) node terms during an edge pass, ``NODE_PEAK`` during a node
     update (no tile alive then); per tile edge ``per_edge`` (its raw features and the index/scaling temporaries
@@ -111,7 +111,7 @@ class Budget:
     """
 
     def __init__(
-        self, graph, width, hid, device, budget: int | None, reference: bool, where: str, sample=False, default=None
+        self, graph, width, hid, device, budget: int | None, reference: bool, where: str, sample: bool, default: int
     ):
         E, N, F = graph.num_edges, graph.num_nodes, graph.max_feat_size
         self.per_edge = 8 * width + 48 * F + 32 + (EDGE_BYTES_REFERENCE * hid // 128 if reference else 0)
@@ -122,7 +122,7 @@ class Budget:
         longest = int(graph.degree().max()) if N else 0
         need = max(self.fixed + NODE_PEAK * node, self.fixed + NODE_PASS * node + self.per_edge * longest)
         if budget is None:  # the default: ``default`` bytes, or what the step needs at least if that is more
-            budget = max(default if default is not None else default_budget(device), need)
+            budget = max(default, need)
         if budget < need:
             raise ValueError(
                 f"{where}: max_memory={budget} bytes is too small for this graph: the step needs at least {need} "
