@@ -31,7 +31,6 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   NINO_CHECK(wb.size(1) == dh, op, ": weight_b must be (D_out, ", dh, "), got ",
              shape_str(weight_b));
   const int64_t dout = wb.size(0);
-  PackedB second(wb.data_ptr<float>(), dout, dh);
   auto bb = f32(op, "bias_b", bias_b, 1);
   NINO_CHECK(bb.numel() == dout, op, ": bias_b must have ", dout, " entries, got ", bb.numel());
   NINO_CHECK(node_src.has_value() == node_dst.has_value() &&
@@ -77,6 +76,8 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   for (int64_t j = 0; dot_out && j < dout; ++j)
     std::copy(wb.data_ptr<float>() + j * dh, wb.data_ptr<float>() + (j + 1) * dh,
               wbrows.begin() + j * nph);
+  const PackedB second =
+      dot_out ? PackedB() : PackedB(wb.data_ptr<float>(), dout, dh);  // GEMM path only
 
   run_dynamic(n_tiles, [&](auto claim) {
     const int64_t npo = padded(dout);
