@@ -60,10 +60,35 @@ TORCH_LIBRARY(nino_fast, m) {
       "edge_mlp(Tensor feat, Tensor src, Tensor dst, Tensor weight_a, Tensor bias_a, "
       "Tensor weight_b, Tensor bias_b, Tensor? etype, Tensor? type_table, Tensor? node_src, "
       "Tensor? node_dst, Tensor? node_src2, Tensor? node_dst2, bool act_out) -> Tensor");
+  // Gradients of edge_mlp's inputs for output gradient grad_out (nino_fast/ops/autograd.py):
+  // [feat, weight_a, bias_a, weight_b, bias_b, type_table, node_src, node_dst, node_src2,
+  // node_dst2]; an empty tensor for each absent optional input, and for feat unless need_feat.
+  m.def(
+      "edge_mlp_backward(Tensor grad_out, Tensor feat, Tensor src, Tensor dst, Tensor weight_a, "
+      "Tensor bias_a, Tensor weight_b, Tensor bias_b, Tensor? etype, Tensor? type_table, "
+      "Tensor? node_src, Tensor? node_dst, Tensor? node_src2, Tensor? node_dst2, bool act_out, "
+      "bool need_feat) -> Tensor[]");
   // Edge update fused with the next layer's FiLM message + mean (see reference.edge_film_mean).
   m.def(
       "edge_film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor weight_a, Tensor bias_a, "
       "Tensor? etype, Tensor? type_table, Tensor node_src, Tensor node_dst, Tensor msg_dst, "
       "Tensor msg_src, Tensor weight_scale, Tensor bias_scale, Tensor weight_shift, "
       "Tensor bias_shift) -> Tensor");
+  // Gradients of edge_film_mean's inputs for output gradient grad_out (nino_fast/ops/autograd.py):
+  // [feat, weight_a, bias_a, type_table, node_src, node_dst, msg_dst, msg_src, weight_scale,
+  // bias_scale, weight_shift, bias_shift]; an empty tensor for an absent table, and for feat unless
+  // need_feat.
+  m.def(
+      "edge_film_mean_backward(Tensor grad_out, Tensor feat, Tensor rowptr, Tensor src, "
+      "Tensor weight_a, Tensor bias_a, Tensor? etype, Tensor? type_table, Tensor node_src, "
+      "Tensor node_dst, Tensor msg_dst, Tensor msg_src, Tensor weight_scale, Tensor bias_scale, "
+      "Tensor weight_shift, Tensor bias_shift, bool need_feat) -> Tensor[]");
+  // Gradients of film_mean's inputs for output gradient grad_out (nino_fast/ops/autograd.py):
+  // [feat, node_dst, node_src, weight, bias, type_table]; an empty tensor for an absent table, and
+  // for feat unless need_feat.
+  m.def(
+      "film_mean_backward(Tensor grad_out, Tensor feat, Tensor rowptr, Tensor src, Tensor "
+      "node_dst, "
+      "Tensor node_src, Tensor weight, Tensor bias, Tensor? etype, Tensor? type_table, "
+      "bool need_feat) -> Tensor[]");
 }

@@ -1,6 +1,6 @@
-"""Boolean environment switches (``NINO_FAST_DISABLE_EXT``, ``NINO_FAST_LPE_CACHE``, ``NINO_FAST_KEEP_FREED``), read
-one way everywhere: unset or empty means the default; ``0``, ``false``, ``no``, ``off`` (any case, surrounding
-spaces ignored) mean off; any other value means on."""
+"""Boolean environment switches (``NINO_FAST_DISABLE_EXT``, ``NINO_FAST_LPE_CACHE``, ``NINO_FAST_KEEP_FREED``,
+``NINO_FAST_FUSED_BACKWARD``), read one way everywhere: unset or empty means the default; ``0``, ``false``, ``no``,
+``off`` (any case, surrounding spaces ignored) mean off; any other value means on."""
 
 from __future__ import annotations
 

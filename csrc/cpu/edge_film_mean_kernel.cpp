@@ -5,7 +5,7 @@
 // b_sh. h never leaves L1/L2.
 #include <torch/library.h>
 
-#include "cpu/fused_common.h"
+#include "cpu/edge_film_mean_common.h"
 
 namespace nino_fast::cpu {
 namespace {
@@ -19,49 +19,23 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
                               const at::Tensor& weight_scale, const at::Tensor& bias_scale,
                               const at::Tensor& weight_shift, const at::Tensor& bias_shift) {
   constexpr const char* op = "nino_fast::edge_film_mean";
-  auto feat = f32(op, "feat", feat_in, 2);
-  const int64_t e_total = feat.size(0), c = feat.size(1);
-  auto rowptr = rowptr_in.contiguous();
-  check_rowptr(op, rowptr, e_total);
-  const int64_t n = rowptr.numel() - 1;
-  auto src = idx32(op, "src", src_in, e_total);
-  AffineStage stage(op, "weight_a", weight_a, bias_a, etype, type_table, c, e_total);
-  const int64_t dh = stage.d;
-  auto ns = f32(op, "node_src", node_src_in, 2);
-  NINO_CHECK(ns.size(1) == dh, op, ": node_src must have ", dh, " columns, got ",
-             shape_str(node_src_in));
-  auto nd = node_table(op, "node_dst", node_dst_in, n, dh);
-  auto wsc = f32(op, "weight_scale", weight_scale, 2);
-  NINO_CHECK(wsc.size(1) == dh, op, ": weight_scale must be (D, ", dh, "), got ",
-             shape_str(weight_scale));
-  const int64_t d = wsc.size(0);
-  PackedB scale(wsc.data_ptr<float>(), d, dh);
-  auto bsc = f32(op, "bias_scale", bias_scale, 1);
-  auto wsh = f32(op, "weight_shift", weight_shift, 2);
-  auto bsh = f32(op, "bias_shift", bias_shift, 1);
-  NINO_CHECK(bsc.numel() == d && bsh.numel() == d, op,
-             ": bias_scale and bias_shift must have D=", d, " entries");
-  NINO_CHECK(wsh.size(0) == d && wsh.size(1) == dh, op, ": weight_shift must be (", d, ", ", dh,
-             "), got ", shape_str(weight_shift));
-  auto md = node_table(op, "msg_dst", msg_dst_in, n, d);
-  auto ms = f32(op, "msg_src", msg_src_in, 2);
-  NINO_CHECK(ms.size(1) == d && ns.size(0) == ms.size(0), op, ": msg_src must be (", ns.size(0),
-             ", ", d, "), got ", shape_str(msg_src_in));
-  if (e_total > 0) {
-    const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
-    NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
-               " rows, got [", lo, ", ", hi, "]");
-  }
+  const EdgeFilmMeanInputs in(op, feat_in, rowptr_in, src_in, weight_a, bias_a, etype, type_table,
+                              node_src_in, node_dst_in, msg_dst_in, msg_src_in, weight_scale,
+                              bias_scale, weight_shift, bias_shift);
+  const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src;
+  const AffineStage& stage = in.stage;
+  const int64_t c = in.c, n = in.n, dh = in.dh, d = in.d;
+  const PackedB scale(in.wsc.data_ptr<float>(), d, dh);
   auto out = pooled_empty({n, d}, feat.options());
   if (n == 0 || d == 0) return out;
 
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const float* x = feat.data_ptr<float>();
   const int32_t* s = src.data_ptr<int32_t>();
-  const float *pns = ns.data_ptr<float>(), *pnd = nd.data_ptr<float>();
-  const float *pmd = md.data_ptr<float>(), *pms = ms.data_ptr<float>();
-  const std::vector<float> bscp = padded_copy(bsc), bshp = padded_copy(bsh);
-  const PackedB shift_w(wsh.data_ptr<float>(), d, dh);
+  const float *pns = in.ns.data_ptr<float>(), *pnd = in.nd.data_ptr<float>();
+  const float *pmd = in.md.data_ptr<float>(), *pms = in.ms.data_ptr<float>();
+  const std::vector<float> bscp = padded_copy(in.bsc), bshp = padded_copy(in.bsh);
+  const PackedB shift_w(in.wsh.data_ptr<float>(), d, dh);
   float* y = out.data_ptr<float>();
   const auto tasks = row_tasks(rp, n);
   const int64_t nph = padded(dh), np = padded(d);

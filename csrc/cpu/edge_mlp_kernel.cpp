@@ -4,7 +4,7 @@
 // the hidden tile stays in L1 between the two GEMMs.
 #include <torch/library.h>
 
-#include "cpu/fused_common.h"
+#include "cpu/edge_mlp_common.h"
 
 namespace nino_fast::cpu {
 namespace {
@@ -21,50 +21,19 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
                         const std::optional<at::Tensor>& node_src2,
                         const std::optional<at::Tensor>& node_dst2, bool act_out) {
   constexpr const char* op = "nino_fast::edge_mlp";
-  auto feat = f32(op, "feat", feat_in, 2);
-  const int64_t e_total = feat.size(0), c = feat.size(1);
-  auto src = idx32(op, "src", src_in, e_total);
-  auto dst = idx32(op, "dst", dst_in, e_total);
-  AffineStage stage(op, "weight_a", weight_a, bias_a, etype, type_table, c, e_total);
-  const int64_t dh = stage.d;
-  auto wb = f32(op, "weight_b", weight_b, 2);
-  NINO_CHECK(wb.size(1) == dh, op, ": weight_b must be (D_out, ", dh, "), got ",
-             shape_str(weight_b));
-  const int64_t dout = wb.size(0);
-  auto bb = f32(op, "bias_b", bias_b, 1);
-  NINO_CHECK(bb.numel() == dout, op, ": bias_b must have ", dout, " entries, got ", bb.numel());
-  NINO_CHECK(node_src.has_value() == node_dst.has_value() &&
-                 node_src2.has_value() == node_dst2.has_value(),
-             op, ": node_src/node_dst (and node_src2/node_dst2) go together");
-  at::Tensor ns, nd, ns2, nd2;
-  int64_t rows = -1;  // gather tables' row count (all must agree)
-  auto table = [&](const char* arg, const std::optional<at::Tensor>& t, int64_t width) {
-    auto v = f32(op, arg, *t, 2);
-    NINO_CHECK(v.size(1) == width, op, ": ", arg, " must have ", width, " columns, got ",
-               shape_str(*t));
-    NINO_CHECK(rows < 0 || v.size(0) == rows, op, ": ", arg, " must have ", rows, " rows, got ",
-               v.size(0));
-    rows = v.size(0);
-    return v;
-  };
-  if (node_src) ns = table("node_src", node_src, dh), nd = table("node_dst", node_dst, dh);
-  if (node_src2)
-    ns2 = table("node_src2", node_src2, dout), nd2 = table("node_dst2", node_dst2, dout);
-  if (rows >= 0 && e_total > 0) {
-    const int64_t lo = std::min(src.min().item<int32_t>(), dst.min().item<int32_t>());
-    const int64_t hi = std::max(src.max().item<int32_t>(), dst.max().item<int32_t>());
-    NINO_CHECK(lo >= 0 && hi < rows, op, ": src/dst values must index the node tables' ", rows,
-               " rows, got [", lo, ", ", hi, "]");
-  }
+  const EdgeMlpInputs in(op, feat_in, src_in, dst_in, weight_a, bias_a, weight_b, bias_b, etype,
+                         type_table, node_src, node_dst, node_src2, node_dst2);
+  const auto& feat = in.feat;
+  const auto &src = in.src, &dst = in.dst, &wb = in.wb, &bb = in.bb;
+  const AffineStage& stage = in.stage;
+  const int64_t e_total = in.e_total, c = in.c, dh = in.dh, dout = in.dout;
   auto out = pooled_empty({e_total, dout}, feat.options());
   if (e_total == 0 || dout == 0) return out;
 
   const float* x = feat.data_ptr<float>();
   const int32_t *s = src.data_ptr<int32_t>(), *t = dst.data_ptr<int32_t>();
-  const float* pns = ns.defined() ? ns.data_ptr<float>() : nullptr;
-  const float* pnd = nd.defined() ? nd.data_ptr<float>() : nullptr;
-  const float* pns2 = ns2.defined() ? ns2.data_ptr<float>() : nullptr;
-  const float* pnd2 = nd2.defined() ? nd2.data_ptr<float>() : nullptr;
+  const float *pns = in.ptr(in.ns), *pnd = in.ptr(in.nd);
+  const float *pns2 = in.ptr(in.ns2), *pnd2 = in.ptr(in.nd2);
   const std::vector<float> bbp = padded_copy(bb);
   float* y = out.data_ptr<float>();
   const int64_t nph = padded(dh);

@@ -8,7 +8,7 @@
 // + sum_e table_sh[t_e], one GEMV per row.
 #include <torch/library.h>
 
-#include "cpu/fused_common.h"
+#include "cpu/film_mean_common.h"
 
 namespace nino_fast::cpu {
 namespace {
@@ -19,42 +19,13 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
                          const at::Tensor& bias_in, const std::optional<at::Tensor>& etype,
                          const std::optional<at::Tensor>& type_table) {
   constexpr const char* op = "nino_fast::film_mean";
-  auto feat = f32(op, "feat", feat_in, 2);
-  const int64_t e_total = feat.size(0), c = feat.size(1);
-  auto rowptr = rowptr_in.contiguous();
-  check_rowptr(op, rowptr, e_total);
-  const int64_t n = rowptr.numel() - 1;
-  auto src = idx32(op, "src", src_in, e_total);
-  auto w = f32(op, "weight", weight, 2);
-  NINO_CHECK(w.size(0) % 2 == 0 && w.size(1) == c, op, ": weight must be (2*D, C) with C=", c,
-             ", got ", shape_str(weight));
-  const int64_t d = w.size(0) / 2;
-  auto bias = f32(op, "bias", bias_in, 1);
-  NINO_CHECK(bias.numel() == 2 * d, op, ": bias must have 2*D=", 2 * d, " entries, got ",
-             bias.numel());
-  auto nd = node_table(op, "node_dst", node_dst_in, n, d);
-  NINO_CHECK(nd.size(0) == n, op, ": node_dst must have N=", n, " rows, got ", nd.size(0));
-  auto ns = f32(op, "node_src", node_src_in, 2);
-  NINO_CHECK(ns.size(1) == d, op, ": node_src must have D=", d, " columns, got ",
-             shape_str(node_src_in));
-  // the scale half as an affine stage (with its half of the type table); the shift half per row
-  std::optional<at::Tensor> tab_sc, tab_sh;
-  if (type_table.has_value()) {
-    auto t = f32(op, "type_table", *type_table, 2);
-    NINO_CHECK(t.size(1) == 2 * d, op, ": type_table must be (T, 2*D=", 2 * d, "), got ",
-               shape_str(*type_table));
-    tab_sc = t.narrow(1, 0, d).contiguous();
-    tab_sh = t.narrow(1, d, d).contiguous();
-  }
-  AffineStage scale(op, "weight", w.narrow(0, 0, d).contiguous(), bias.narrow(0, 0, d).contiguous(),
-                    etype, tab_sc, c, e_total);
-  auto w_sh = w.narrow(0, d, d).contiguous();
-  auto b_sh = bias.narrow(0, d, d).contiguous();
-  if (e_total > 0) {
-    const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
-    NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
-               " rows, got [", lo, ", ", hi, "]");
-  }
+  const FilmMeanInputs in(op, feat_in, rowptr_in, src_in, node_dst_in, node_src_in, weight, bias_in,
+                          etype, type_table);
+  const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src, &nd = in.nd, &ns = in.ns;
+  const auto &w_sh = in.w_sh, &b_sh = in.b_sh;
+  const auto& tab_sh = in.tab_sh;
+  const AffineStage& scale = in.scale;
+  const int64_t c = in.c, n = in.n, d = in.d;
   auto out = pooled_empty({n, d}, feat.options());
   if (n == 0 || d == 0) return out;
 

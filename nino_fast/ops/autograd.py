@@ -1,4 +1,5 @@
-"""Autograd for the fused NiNo ops: forward on any kernel backend, analytic backward in PyTorch ops.
+"""Autograd for the fused NiNo ops: forward on any kernel backend, analytic backward (fused CPU kernels, or
+PyTorch ops).
 
 ``film_mean``, ``edge_mlp`` and ``edge_film_mean`` here take the same arguments as :mod:`nino_fast.ops.dispatch`
 and return the same values; they are differentiable with respect to every floating-point input. Without
@@ -9,6 +10,14 @@ intermediates. Backward: closed-form gradients (below), written with index_selec
 recompute the per-edge pre-activations from the saved *inputs* (one GEMM each) instead of storing E x D
 activations in the forward, so training memory stays that of the inputs. Not recomputation through the
 reference ops: no autograd graph is built in the backward. No double backward (``once_differentiable``).
+
+On float32 CPU tensors with the extension loaded, each backward is one fused kernel instead
+(``csrc/cpu/{film_mean,edge_mlp,edge_film_mean}_backward_kernel.cpp``): the same formulas per tile of edges in
+L1 (recompute, SiLU derivatives, the weight gradients as register-blocked outer products), only the per-edge
+rows that a node or type gradient needs written out and scattered by a column-parallel pass; deterministic
+(row tasks / fixed chunks summed in order, no atomics) and independent of the thread count. Everywhere else
+(CUDA, Triton, float64: gradcheck) the PyTorch formulas below run; ``with fused_backward(False)`` forces them
+(tests/test_fused_backward.py checks the kernels against them and against float64).
 
 Notation as in :mod:`nino_fast.ops.reference`; ``gm_e = gout[dst_e] / deg[dst_e]`` is the gradient reaching edge
 e's message through the mean, ``s'(a) = sigmoid(a) (1 + a (1 - sigmoid(a)))`` is SiLU's derivative.
@@ -38,11 +47,51 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import _extension
+from .._env import env_flag
 from . import dispatch
 from .reference import csr_dst
 from .segment import segment_mean_csr
 
-__all__ = ["edge_film_mean", "edge_mlp", "film_mean"]
+__all__ = ["edge_film_mean", "edge_mlp", "film_mean", "fused_backward"]
+
+_FUSED_BACKWARD = env_flag("NINO_FAST_FUSED_BACKWARD", default=True)
+
+
+class fused_backward:  # noqa: N801 (a context manager used like a function, as torch.no_grad)
+    """Whether the backward passes may use the fused CPU kernels (``csrc/cpu/*_backward_kernel.cpp``) where
+    they apply (float32 CPU tensors, the extension loaded); otherwise, and always for other devices and
+    dtypes, the PyTorch formulas below. ``with fused_backward(False): ...`` turns them off for the block (the
+    benchmark and the tests compare the two); ``NINO_FAST_FUSED_BACKWARD=0`` in the environment, for the
+    process."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.prev = bool(enabled), None
+
+    def __enter__(self):
+        global _FUSED_BACKWARD
+        self.prev, _FUSED_BACKWARD = _FUSED_BACKWARD, self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        global _FUSED_BACKWARD
+        _FUSED_BACKWARD = self.prev
+        return False
+
+
+def _fused_cpu(op: str, tensors, indices) -> bool:
+    """Whether the fused CPU backward kernel ``op`` applies: enabled, the extension has it, every floating
+    tensor is float32 on the CPU and the edge indices are int32."""
+    if not _FUSED_BACKWARD or not _extension.has_ext():
+        return False
+    if not all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors):
+        return False
+    if not all(i.device.type == "cpu" and i.dtype == torch.int32 for i in indices):
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"nino_fast::{op}", "CPU")
+    except RuntimeError:  # an older build without the op's schema
+        return False
 
 
 def _silu_back(grad: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -92,6 +141,15 @@ def _grads_affine(need, grad, feat, weight, etype, table):
     return d_feat, d_w, d_b, d_t
 
 
+def _pick(need, n_inputs: int, positions, grads) -> tuple:
+    """A backward's return value from a fused kernel's gradients: ``grads[k]`` is the gradient of input
+    ``positions[k]``; None where it is not needed (or not an input with a gradient)."""
+    out = [None] * n_inputs
+    for i, g in zip(positions, grads, strict=True):
+        out[i] = g if need[i] else None
+    return tuple(out)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
@@ -107,6 +165,11 @@ class FilmMean(torch.autograd.Function):
     def backward(ctx, gout):
         feat, rowptr, src, node_dst, node_src, weight, bias, etype, table = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if _fused_cpu("film_mean_backward", (gout, feat, node_dst, node_src, weight, bias, table), (src,)):
+            g = torch.ops.nino_fast.film_mean_backward(
+                gout.contiguous(), feat, rowptr, src, node_dst, node_src, weight, bias, etype, table, need[0]
+            )
+            return _pick(need, 10, (0, 3, 4, 5, 6, 8), g)
         n, d = node_dst.shape
         dst, src_l, deg = csr_dst(rowptr), src.long(), _deg(rowptr, feat.dtype)
         gn = gout.to(feat.dtype) / deg.clamp_min(1)  # (N, D): the mean's gradient, per edge of row n
@@ -125,7 +188,7 @@ class FilmMean(torch.autograd.Function):
             counts = _type_counts(dst, etype, n, table.shape[0], gn.dtype)
             d_t = torch.cat((_scatter(etype, dsc, table.shape[0]), counts.t() @ gn), 1)
         d_nd = gout * _row_mean(scale, rowptr) if need[3] else None
-        d_ns = _scatter(src_l, gm.mul_(scale), n) if need[4] else None
+        d_ns = _scatter(src_l, gm.mul_(scale), node_src.shape[0]) if need[4] else None
         return d_feat, None, None, d_nd, d_ns, d_w, d_b, None, d_t, None
 
 
@@ -141,6 +204,11 @@ class EdgeMLP(torch.autograd.Function):
     def backward(ctx, gout):
         feat, src, dst, wa, ba, wb, bb, etype, table, ns, nd, ns2, nd2 = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if _fused_cpu("edge_mlp_backward", (gout, feat, wa, ba, wb, bb, table, ns, nd, ns2, nd2), (src, dst)):
+            g = torch.ops.nino_fast.edge_mlp_backward(
+                gout.contiguous(), feat, src, dst, wa, ba, wb, bb, etype, table, ns, nd, ns2, nd2, ctx.act_out, need[0]
+            )
+            return _pick(need, 15, (0, 3, 4, 5, 6, 8, 9, 10, 11, 12), g)
         src_l, dst_l = src.long(), dst.long()
         a = _pre(feat, wa, ba, etype, table, ns, src_l, nd, dst_l)
         h = F.silu(a)
@@ -171,6 +239,12 @@ class EdgeFilmMean(torch.autograd.Function):
     def backward(ctx, gout):
         feat, rowptr, src, wa, ba, etype, table, ns, nd, md, ms, wsc, bsc, wsh, bsh = ctx.saved_tensors
         need = ctx.needs_input_grad
+        floats = (gout, feat, wa, ba, table, ns, nd, md, ms, wsc, bsc, wsh, bsh)
+        if _fused_cpu("edge_film_mean_backward", floats, (src,)):
+            g = torch.ops.nino_fast.edge_film_mean_backward(
+                gout.contiguous(), feat, rowptr, src, wa, ba, etype, table, ns, nd, md, ms, wsc, bsc, wsh, bsh, need[0]
+            )
+            return _pick(need, 16, (0, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14), g)
         dst, src_l, deg = csr_dst(rowptr), src.long(), _deg(rowptr, feat.dtype)
         gn = gout.to(feat.dtype) / deg.clamp_min(1)
         gm = gn.index_select(0, dst)

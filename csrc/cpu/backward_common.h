@@ -1,0 +1,190 @@
+// Shared pieces of the fused CPU backward kernels (edge_mlp_backward): SiLU's derivative, weight
+// gradients as register-blocked outer products over a tile of edges, deterministic per-chunk
+// partial sums, and a column-parallel scatter of per-edge rows into node / type tables.
+//
+// Determinism: every reduction over edges runs in a fixed order that depends on the edge count
+// only, never on the thread count or on which thread ran what. Weight gradients: each chunk of
+// kChunkTiles tiles sums its tiles in edge order into its own partial, and the partials are added
+// in chunk order at the end. Scatters: each 16-column block is owned by one thread, which visits
+// the edges in order (out[idx[e]] += v[e], e = 0..E-1: the order of a sequential index_add_).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/gemm_tile.h"
+
+namespace nino_fast::cpu {
+
+constexpr int64_t kChunkTiles = 32;  // tiles per deterministic weight-gradient partial
+
+// s'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))), SiLU's derivative (the same exp as vsilu).
+NINO_FAST_INLINE V16 vsilu_grad(V16 x) {
+#if defined(NINO_FAST_AVX512)
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 sg =
+      _mm512_div_ps(one, _mm512_add_ps(one, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  return _mm512_mul_ps(sg, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sg), one));
+#elif defined(NINO_FAST_AVX2)
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  auto half = [&](__m256 v) {
+    const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(zero, v))));
+    return _mm256_mul_ps(sg, _mm256_fmadd_ps(v, _mm256_sub_ps(one, sg), one));
+  };
+  return V16{half(x.lo), half(x.hi)};
+#else
+  alignas(64) float t[kPanel];
+  vst16(t, x);
+  for (float& v : t) {
+    const float sg = 1.f / (1.f + std::exp(-v));
+    v = sg * std::fma(v, 1.f - sg, 1.f);
+  }
+  return vld16(t);
+#endif
+}
+
+// OB outputs o0.. x PB column blocks (from column col0) of outer_acc: OB * PB accumulators in
+// registers (compile-time sizes, no branch in the row loop), started at zero, fed rows in order.
+template <int OB, int PB>
+NINO_FAST_INLINE void outer_block(const float* g, int64_t ldg, const float* x, int64_t ldx,
+                                  int64_t col0, int64_t nin, int64_t m, float* p, int64_t ldp) {
+  V16 acc[OB][PB];
+#pragma GCC unroll 4
+  for (int o = 0; o < OB; ++o)
+#pragma GCC unroll 4
+    for (int q = 0; q < PB; ++q) acc[o][q] = vzero16();
+  const int64_t last_valid = nin - (col0 + (PB - 1) * kPanel);  // the last block may be partial
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx + col0;
+    V16 xv[PB];
+#pragma GCC unroll 4
+    for (int q = 0; q + 1 < PB; ++q) xv[q] = vld16(xi + q * kPanel);
+    xv[PB - 1] = load16(xi + (PB - 1) * kPanel, last_valid);
+    const float* gi = g + i * ldg;
+#pragma GCC unroll 4
+    for (int o = 0; o < OB; ++o) {
+      const V16 gv = vset16(gi[o]);
+#pragma GCC unroll 4
+      for (int q = 0; q < PB; ++q) acc[o][q] = vfma(gv, xv[q], acc[o][q]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < OB; ++o)
+#pragma GCC unroll 4
+    for (int q = 0; q < PB; ++q) {
+      float* po = p + o * ldp + col0 + q * kPanel;
+      vst16(po, vadd(vld16(po), acc[o][q]));
+    }
+}
+
+template <int OB>
+NINO_FAST_INLINE void outer_cols(const float* g, int64_t ldg, const float* x, int64_t ldx,
+                                 int64_t nin, int64_t m, float* p, int64_t ldp) {
+  const int64_t panels = padded(nin) / kPanel;
+  int64_t q0 = 0;
+  for (; q0 + 4 <= panels; q0 += 4) outer_block<OB, 4>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
+  switch (panels - q0) {
+    case 3:
+      return outer_block<OB, 3>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
+    case 2:
+      return outer_block<OB, 2>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
+    case 1:
+      return outer_block<OB, 1>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
+    default:
+      return;
+  }
+}
+
+// P[o][j] += sum_{i < m} G[i][o] X[i][j] for o < nout, j < nin (P: nout x ldp, ldp >= padded(nin);
+// G: m x nout, leading dimension ldg; X: m x nin, leading dimension ldx, columns past nin read as
+// 0). Each (o, 16-column block) is one accumulator started at zero and fed the rows in order by
+// FMA, then added to P once (the same sum for any grouping of outputs into register blocks).
+inline void outer_acc(const float* g, int64_t ldg, int64_t nout, const float* x, int64_t ldx,
+                      int64_t nin, int64_t m, float* p, int64_t ldp) {
+  if (m <= 0) return;
+  int64_t o0 = 0;
+#if defined(NINO_FAST_AVX512)
+  for (; o0 + 4 <= nout; o0 += 4) outer_cols<4>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+#else
+  for (; o0 + 2 <= nout; o0 += 2) outer_cols<2>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+#endif
+  for (; o0 < nout; ++o0) outer_cols<1>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+}
+
+// s[j] += sum_{i < m} g[i][j] for j < n (s: padded(n) floats; g: leading dimension ldg), rows in
+// order into one accumulator per 16-column block, then added to s.
+inline void colsum_acc(const float* g, int64_t ldg, int64_t n, int64_t m, float* s) {
+  for (int64_t col0 = 0; col0 < n; col0 += kPanel) {
+    V16 acc = vzero16();
+    for (int64_t i = 0; i < m; ++i) acc = vadd(acc, load16(g + i * ldg + col0, n - col0));
+    vst16(s + col0, vadd(vld16(s + col0), acc));
+  }
+}
+
+// Per-chunk partial sums of a set of gradients (sizes fixed at construction, each padded to a
+// 16-float boundary), reduced in chunk order.
+struct ChunkPartials {
+  std::vector<int64_t> off;  // offset of each gradient within a chunk's block
+  int64_t block = 0, chunks = 0;
+  std::vector<float> data;
+
+  ChunkPartials(const std::vector<int64_t>& sizes, int64_t n_chunks) : chunks(n_chunks) {
+    for (int64_t s : sizes) off.push_back(block), block += padded(s);
+    data.assign(block * chunks, 0.f);
+  }
+  float* at(int64_t chunk, int64_t which) { return data.data() + chunk * block + off[which]; }
+  // out[0..n) = sum over chunks of gradient `which`, chunk 0 first
+  void reduce(int64_t which, int64_t n, float* out) const {
+    std::fill(out, out + n, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* src = data.data() + c * block + off[which];
+      for (int64_t j = 0; j < n; ++j) out[j] += src[j];
+    }
+  }
+};
+
+// (rows x cols) float32 tensor of gradient `which` (laid out rows x ld in each chunk), chunks
+// summed
+inline at::Tensor reduced(const ChunkPartials& parts, int64_t which, int64_t rows, int64_t cols,
+                          int64_t ld, const at::TensorOptions& opt) {
+  std::vector<float> flat(rows * ld);
+  parts.reduce(which, rows * ld, flat.data());
+  auto out = at::empty({rows, cols}, opt);
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) std::copy(&flat[r * ld], &flat[r * ld] + cols, o + r * cols);
+  return out;
+}
+
+// One target of scatter_rows: out (rows x d) += v[e] at row idx[e].
+struct ScatterTarget {
+  float* out;
+  const int32_t* idx32 = nullptr;  // one of the two index types
+  const int64_t* idx64 = nullptr;
+  int64_t row(int64_t e) const { return idx32 ? int64_t(idx32[e]) : idx64[e]; }
+};
+
+// For every target: out[idx[e]][:] += v[e][:] for e = 0..E-1 in order (v: E x d, leading dimension
+// ldv). Parallel over 16-column blocks, each owned by one thread: deterministic, no atomics.
+inline void scatter_rows(const float* v, int64_t e_total, int64_t d, int64_t ldv,
+                         const std::vector<ScatterTarget>& targets) {
+  if (targets.empty() || e_total == 0) return;
+  const int64_t blocks = padded(d) / kPanel;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t col0 = b * kPanel, valid = d - col0;
+      for (int64_t e = 0; e < e_total; ++e) {
+        const V16 x = load16(v + e * ldv + col0, valid);
+        for (const auto& t : targets) {
+          float* o = t.out + t.row(e) * d + col0;
+          store16(o, valid, vadd(load16(o, valid), x));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace nino_fast::cpu

@@ -1,0 +1,192 @@
+// CPU edge_film_mean_backward: the gradients of edge_film_mean (forward:
+// edge_film_mean_kernel.cpp; formulas: nino_fast/ops/autograd.py, EdgeFilmMean) in one pass over
+// the destination-sorted edges. With gn = grad_out / deg (per row) and gm = gn[dst], per tile:
+//
+//   a = W_a e + b_a + table[t] + s[src] + t[dst],  h = silu(a)           (recomputed, GEMM 1)
+//   sc = W_sc h + b_sc                                                   (GEMM 2; epilogue:)
+//   dsc = gm * (msg_dst[dst] + msg_src[src]),  row sums of h and sc,  gm * sc (for d msg_src)
+//   dW_sc += dsc^T h,  db_sc += sum dsc                                  (outer products)
+//   da = (dsc W_sc + (gn W_sh)[dst]) * silu'(a)                          (GEMM 3)
+//   dW_a += da^T e,  db_a += sum da,  row sums of da,  d feat = da W_a   (outer products, GEMM 4)
+//
+// then, per row: d msg_dst = grad_out * mean sc, dW_sh = gn^T (row sums of h), db_sh = sum gn deg,
+// d node_dst = row sums of da; and the column-parallel scatters of da (table, node_src) and gm * sc
+// (msg_src). Work is split into the forward's row tasks (whole rows, a partition that depends on
+// rowptr only): each row's sums run in edge order inside one task, and the weight gradients are
+// summed per task and the tasks in order, so nothing depends on the thread count.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/backward_common.h"
+#include "cpu/edge_film_mean_common.h"
+
+namespace nino_fast::cpu {
+namespace {
+
+// row[dst] += v over 16 floats (padded widths)
+NINO_FAST_INLINE void row_add(float* row, V16 v) {
+  vst16(row, vadd(vld16(row), v));
+}
+
+std::vector<at::Tensor> edge_film_mean_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
+    const at::Tensor& src_in, const at::Tensor& weight_a, const at::Tensor& bias_a,
+    const std::optional<at::Tensor>& etype, const std::optional<at::Tensor>& type_table,
+    const at::Tensor& node_src_in, const at::Tensor& node_dst_in, const at::Tensor& msg_dst_in,
+    const at::Tensor& msg_src_in, const at::Tensor& weight_scale, const at::Tensor& bias_scale,
+    const at::Tensor& weight_shift, const at::Tensor& bias_shift, bool need_feat) {
+  constexpr const char* op = "nino_fast::edge_film_mean_backward";
+  const EdgeFilmMeanInputs in(op, feat_in, rowptr_in, src_in, weight_a, bias_a, etype, type_table,
+                              node_src_in, node_dst_in, msg_dst_in, msg_src_in, weight_scale,
+                              bias_scale, weight_shift, bias_shift);
+  const AffineStage& stage = in.stage;
+  const int64_t e_total = in.e_total, c = in.c, n = in.n, dh = in.dh, d = in.d;
+  auto gout = f32(op, "grad_out", grad_out, 2);
+  check_shape(op, "grad_out", gout, {n, d});
+  const auto opt = in.feat.options();
+  const int64_t nph = padded(dh), np = padded(d), npc = padded(c);
+  const int64_t n_src = in.ns.size(0);
+  const bool has_tab = stage.table.defined();
+  const int64_t* rp = in.rowptr.data_ptr<int64_t>();
+
+  auto d_feat = need_feat ? at::empty({e_total, c}, opt) : at::empty({0}, opt);
+  auto d_tab = has_tab ? at::zeros({stage.types, dh}, opt) : at::empty({0}, opt);
+  auto d_ns = at::zeros({n_src, dh}, opt), d_ms = at::zeros({n_src, d}, opt);
+  auto d_nd = at::zeros({n, dh}, opt), d_md = at::empty({n, d}, opt);
+  auto d_wsh = at::empty({d, dh}, opt), d_bsh = at::empty({d}, opt);
+
+  // per row: gn = grad_out / deg (0 for an empty row) and G = gn W_sh (the shift half's edge term)
+  std::vector<float> gn(n * np, 0.f), gsh(n * nph, 0.f);
+  const float* go = gout.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t deg = rp[r + 1] - rp[r];
+    if (deg == 0) continue;
+    for (int64_t j = 0; j < d; ++j) gn[r * np + j] = go[r * d + j] / float(deg);
+  }
+  const auto wsh_t = in.wsh.t().contiguous();
+  const PackedB wsh_tp(wsh_t.data_ptr<float>(), dh, d);
+  {
+    auto ep = [&](int64_t i, int64_t col0, V16 v)
+                  NINO_FAST_LAMBDA_INLINE { vst16(gsh.data() + i * nph + col0, v); };
+    gemm_ep(gn.data(), np, n, wsh_tp, ep);
+  }
+  // per-row sums, each row owned by one task
+  std::vector<float> hsum(n * nph, 0.f), scsum(n * np, 0.f), dasum(n * nph, 0.f);
+  const auto tasks = row_tasks(rp, n);
+  const int64_t n_tasks = int64_t(tasks.size()) - 1;
+  enum { kWa, kWsc, kBa, kBsc };
+  ChunkPartials parts({dh * npc, d * nph, dh, d}, std::max<int64_t>(n_tasks, 1));
+  auto da_all = at::empty({e_total, dh}, opt), gsc_all = at::empty({e_total, d}, opt);
+
+  if (e_total > 0) {
+    const float* x = in.feat.data_ptr<float>();
+    const int32_t* s = in.src.data_ptr<int32_t>();
+    const float *pns = in.ns.data_ptr<float>(), *pnd = in.nd.data_ptr<float>();
+    const float *pmd = in.md.data_ptr<float>(), *pms = in.ms.data_ptr<float>();
+    const std::vector<float> bscp = padded_copy(in.bsc);
+    const PackedB wsc_p(in.wsc.data_ptr<float>(), d, dh);
+    const auto wsc_t = in.wsc.t().contiguous();
+    const PackedB wsc_tp(wsc_t.data_ptr<float>(), dh, d);
+    const auto wa_t = need_feat ? weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
+    const PackedB wat_p = need_feat ? PackedB(wa_t.data_ptr<float>(), c, dh) : PackedB();
+    float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
+    float *pda = da_all.data_ptr<float>(), *pgsc = gsc_all.data_ptr<float>();
+
+    run_dynamic(n_tasks, [&](auto claim) {
+      std::vector<float> atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
+      std::vector<float> gh(kTile * nph), gv(kTile * np), dsct(kTile * np), gsct(kTile * np);
+      int64_t dsti[kTile];
+      AffineEp first(stage, false);
+      first.out = atile.data(), first.ldo = nph;
+      int64_t t0 = 0;
+      auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        const int64_t r = dsti[i];
+        v = vadd(v, vld16(bscp.data() + col0));  // sc
+        row_add(scsum.data() + r * np + col0, v);
+        const V16 gm = vld16(gn.data() + r * np + col0);
+        vst16(dsct.data() + i * np + col0, vmul(gm, vld16(gv.data() + i * np + col0)));
+        vst16(gsct.data() + i * np + col0, vmul(gm, v));
+      };
+      auto ep_a = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        const int64_t r = dsti[i];
+        v = vadd(v, vld16(gsh.data() + r * nph + col0));
+        v = vmul(v, vsilu_grad(vld16(atile.data() + i * nph + col0)));
+        vst16(datile.data() + i * nph + col0, v);
+        row_add(dasum.data() + r * nph + col0, v);
+      };
+      auto ep_feat = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        store16(pdf + (t0 + i) * c + col0, c - col0, v);
+      };
+      for (int64_t task; (task = claim()) >= 0;) {
+        float *p_wa = parts.at(task, kWa), *p_wsc = parts.at(task, kWsc);
+        float *p_ba = parts.at(task, kBa), *p_bsc = parts.at(task, kBsc);
+        const int64_t r0 = tasks[task], r1 = tasks[task + 1];
+        int64_t r = r0;
+        for (t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
+          const int64_t m = std::min(t0 + kTile, rp[r1]) - t0;
+          for (int64_t i = 0; i < m; ++i) {
+            while (rp[r + 1] <= t0 + i) ++r;
+            dsti[i] = r;
+          }
+          first.e0 = t0;
+          gather_add(pns, s + t0, pnd, dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
+          gather_add(pmd, dsti, pms, s + t0, m, d, gv.data(), np);
+          gemm_ep(x + t0 * c, c, m, stage.w, first);  // a
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t col0 = 0; col0 < nph; col0 += kPanel) {
+              const V16 h = vsilu(vld16(atile.data() + i * nph + col0));
+              vst16(htile.data() + i * nph + col0, h);
+              row_add(hsum.data() + dsti[i] * nph + col0, h);
+            }
+          gemm_ep(htile.data(), nph, m, wsc_p, ep_sc);
+          outer_acc(dsct.data(), np, d, htile.data(), nph, dh, m, p_wsc, nph);
+          colsum_acc(dsct.data(), np, d, m, p_bsc);
+          for (int64_t i = 0; i < m; ++i)
+            std::copy(&gsct[i * np], &gsct[i * np] + d, pgsc + (t0 + i) * d);
+          gemm_ep(dsct.data(), np, m, wsc_tp, ep_a);  // da
+          outer_acc(datile.data(), nph, dh, x + t0 * c, c, c, m, p_wa, npc);
+          colsum_acc(datile.data(), nph, dh, m, p_ba);
+          for (int64_t i = 0; i < m; ++i)
+            std::copy(&datile[i * nph], &datile[i * nph] + dh, pda + (t0 + i) * dh);
+          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
+        }
+      }
+    });
+    std::vector<ScatterTarget> ta{{d_ns.data_ptr<float>(), s, nullptr}};
+    if (has_tab) ta.push_back({d_tab.data_ptr<float>(), nullptr, stage.et()});
+    scatter_rows(pda, e_total, dh, dh, ta);
+    scatter_rows(pgsc, e_total, d, d, {{d_ms.data_ptr<float>(), s, nullptr}});
+  }
+  // row-level gradients
+  float *pmdg = d_md.data_ptr<float>(), *pndg = d_nd.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t deg = rp[r + 1] - rp[r];
+    for (int64_t j = 0; j < d; ++j)
+      pmdg[r * d + j] = deg ? go[r * d + j] * (scsum[r * np + j] / float(deg)) : 0.f;
+    std::copy(&dasum[r * nph], &dasum[r * nph] + dh, pndg + r * dh);
+  }
+  std::vector<float> wsh_acc(d * nph, 0.f);
+  outer_acc(gn.data(), np, d, hsum.data(), nph, dh, n, wsh_acc.data(), nph);
+  float *pwsh = d_wsh.data_ptr<float>(), *pbsh = d_bsh.data_ptr<float>();
+  for (int64_t j = 0; j < d; ++j)
+    std::copy(&wsh_acc[j * nph], &wsh_acc[j * nph] + dh, pwsh + j * dh);
+  std::fill(pbsh, pbsh + d, 0.f);
+  for (int64_t r = 0; r < n; ++r) {
+    const float deg = float(rp[r + 1] - rp[r]);
+    for (int64_t j = 0; j < d; ++j) pbsh[j] += gn[r * np + j] * deg;
+  }
+  auto d_wa = reduced(parts, kWa, dh, c, npc, opt);
+  auto d_wsc = reduced(parts, kWsc, d, dh, nph, opt);
+  auto d_ba = reduced(parts, kBa, 1, dh, dh, opt).view({dh});
+  auto d_bsc = reduced(parts, kBsc, 1, d, d, opt).view({d});
+  return {d_feat, d_wa, d_ba, d_tab, d_ns, d_nd, d_md, d_ms, d_wsc, d_bsc, d_wsh, d_bsh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
+  m.impl("edge_film_mean_backward", &edge_film_mean_backward_cpu);
+}
+
+}  // namespace nino_fast::cpu

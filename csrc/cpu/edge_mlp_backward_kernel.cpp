@@ -1,0 +1,162 @@
+// CPU edge_mlp_backward: the gradients of edge_mlp (forward: edge_mlp_kernel.cpp; formulas:
+// nino_fast/ops/autograd.py, EdgeMLP) in one pass over tiles of edges. Per tile, in L1:
+//
+//   a  = W_a e + b_a + table[t] + s[src] + t[dst],  h = silu(a)          (recomputed, GEMM 1)
+//   gz = grad_out * silu'(W_b h + b_b + s2[src] + t2[dst])  if act_out   (GEMM 2), else grad_out
+//   dW_b += gz^T h,  db_b += sum gz                                      (outer products)
+//   da = (gz W_b) * silu'(a)                                             (GEMM 3)
+//   dW_a += da^T e,  db_a += sum da,  d feat = da W_a                    (outer products, GEMM 4)
+//
+// No (E, D) intermediate is written except the per-edge rows that the node / type gradients need
+// (da when table or node_src/node_dst are given, gz when node_src2/node_dst2 are), which a second,
+// column-parallel pass scatters (backward_common.h: deterministic, no atomics). Weight gradients
+// are summed per chunk of tiles and the chunks in order, so the results do not depend on the thread
+// count.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/backward_common.h"
+#include "cpu/edge_mlp_common.h"
+
+namespace nino_fast::cpu {
+namespace {
+
+std::vector<at::Tensor> edge_mlp_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& feat_in, const at::Tensor& src_in,
+    const at::Tensor& dst_in, const at::Tensor& weight_a, const at::Tensor& bias_a,
+    const at::Tensor& weight_b, const at::Tensor& bias_b, const std::optional<at::Tensor>& etype,
+    const std::optional<at::Tensor>& type_table, const std::optional<at::Tensor>& node_src,
+    const std::optional<at::Tensor>& node_dst, const std::optional<at::Tensor>& node_src2,
+    const std::optional<at::Tensor>& node_dst2, bool act_out, bool need_feat) {
+  constexpr const char* op = "nino_fast::edge_mlp_backward";
+  const EdgeMlpInputs in(op, feat_in, src_in, dst_in, weight_a, bias_a, weight_b, bias_b, etype,
+                         type_table, node_src, node_dst, node_src2, node_dst2);
+  const AffineStage& stage = in.stage;
+  const int64_t e_total = in.e_total, c = in.c, dh = in.dh, dout = in.dout;
+  auto gout = f32(op, "grad_out", grad_out, 2);
+  check_shape(op, "grad_out", gout, {e_total, dout});
+  const auto opt = in.feat.options();
+  const int64_t nph = padded(dh), npo = padded(dout), npc = padded(c);
+
+  const bool has_tab = stage.table.defined(), has_ns = in.ns.defined(), has_ns2 = in.ns2.defined();
+  const int64_t n_rows = has_ns ? in.ns.size(0) : has_ns2 ? in.ns2.size(0) : 0;
+  auto d_feat = need_feat ? at::empty({e_total, c}, opt) : at::empty({0}, opt);
+  auto d_tab = has_tab ? at::zeros({stage.types, dh}, opt) : at::empty({0}, opt);
+  auto d_ns = has_ns ? at::zeros({n_rows, dh}, opt) : at::empty({0}, opt);
+  auto d_nd = has_ns ? at::zeros({n_rows, dh}, opt) : at::empty({0}, opt);
+  auto d_ns2 = has_ns2 ? at::zeros({n_rows, dout}, opt) : at::empty({0}, opt);
+  auto d_nd2 = has_ns2 ? at::zeros({n_rows, dout}, opt) : at::empty({0}, opt);
+
+  const int64_t n_tiles = (e_total + kTile - 1) / kTile;
+  const int64_t n_chunks = (n_tiles + kChunkTiles - 1) / kChunkTiles;
+  enum { kWa, kWb, kBa, kBb };
+  ChunkPartials parts({dh * npc, dout * nph, dh, dout}, std::max<int64_t>(n_chunks, 1));
+  // per-edge rows kept for the scatter pass
+  const bool keep_da = has_tab || has_ns, keep_gz = has_ns2 && act_out;
+  auto da_all = keep_da ? at::empty({e_total, dh}, opt) : at::Tensor();
+  auto gz_all = keep_gz ? at::empty({e_total, dout}, opt) : at::Tensor();
+
+  if (e_total > 0) {
+    const float* x = in.feat.data_ptr<float>();
+    const float* g = gout.data_ptr<float>();
+    const int32_t *s = in.src.data_ptr<int32_t>(), *t = in.dst.data_ptr<int32_t>();
+    const float *pns = in.ptr(in.ns), *pnd = in.ptr(in.nd);
+    const float *pns2 = in.ptr(in.ns2), *pnd2 = in.ptr(in.nd2);
+    const std::vector<float> bbp = padded_copy(in.bb);
+    const PackedB wb_p = act_out ? PackedB(in.wb.data_ptr<float>(), dout, dh) : PackedB();
+    const auto wbt = in.wb.t().contiguous();
+    const PackedB wbt_p(wbt.data_ptr<float>(), dh, dout);  // gz W_b: W_b^T as the (N x K) operand
+    const auto wa_t = need_feat ? weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
+    const PackedB wat_p = need_feat ? PackedB(wa_t.data_ptr<float>(), c, dh) : PackedB();
+    float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
+    float* pda = keep_da ? da_all.data_ptr<float>() : nullptr;
+    float* pgz = keep_gz ? gz_all.data_ptr<float>() : nullptr;
+
+    run_dynamic(n_chunks, [&](auto claim) {
+      std::vector<float> atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
+      std::vector<float> gtile(has_ns ? kTile * nph : 0), g2tile(has_ns2 ? kTile * npo : 0);
+      std::vector<float> gztile(act_out ? kTile * npo : 0);
+      AffineEp first(stage, false);
+      first.out = atile.data(), first.ldo = nph;
+      int64_t e0 = 0;
+      const float* gz = nullptr;  // this tile's gz rows
+      int64_t ldg = 0;
+      auto ep_z = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        v = vadd(v, vld16(bbp.data() + col0));
+        if (pns2) v = vadd(v, vld16(g2tile.data() + i * npo + col0));
+        const V16 go = load16(g + (e0 + i) * dout + col0, dout - col0);
+        vst16(gztile.data() + i * npo + col0, vmul(go, vsilu_grad(v)));
+      };
+      auto ep_a = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        vst16(datile.data() + i * nph + col0,
+              vmul(v, vsilu_grad(vld16(atile.data() + i * nph + col0))));
+      };
+      auto ep_feat = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        store16(pdf + (e0 + i) * c + col0, c - col0, v);
+      };
+      for (int64_t chunk; (chunk = claim()) >= 0;) {
+        float *p_wa = parts.at(chunk, kWa), *p_wb = parts.at(chunk, kWb);
+        float *p_ba = parts.at(chunk, kBa), *p_bb = parts.at(chunk, kBb);
+        const int64_t t_end = std::min(n_tiles, (chunk + 1) * kChunkTiles);
+        for (int64_t tile = chunk * kChunkTiles; tile < t_end; ++tile) {
+          e0 = tile * kTile;
+          const int64_t m = std::min(kTile, e_total - e0);
+          first.e0 = e0;
+          if (pns)
+            gather_add(pns, s + e0, pnd, t + e0, m, dh, gtile.data(), nph),
+                first.gsum = gtile.data();
+          gemm_ep(x + e0 * c, c, m, stage.w, first);  // a (padding columns 0)
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t col0 = 0; col0 < nph; col0 += kPanel)
+              vst16(htile.data() + i * nph + col0, vsilu(vld16(atile.data() + i * nph + col0)));
+          if (act_out) {
+            if (pns2) gather_add(pns2, s + e0, pnd2, t + e0, m, dout, g2tile.data(), npo);
+            gemm_ep(htile.data(), nph, m, wb_p, ep_z);
+            gz = gztile.data(), ldg = npo;
+            if (pgz)
+              for (int64_t i = 0; i < m; ++i)
+                std::copy(gz + i * npo, gz + i * npo + dout, pgz + (e0 + i) * dout);
+          } else {
+            gz = g + e0 * dout, ldg = dout;
+          }
+          outer_acc(gz, ldg, dout, htile.data(), nph, dh, m, p_wb, nph);
+          colsum_acc(gz, ldg, dout, m, p_bb);
+          gemm_ep(gz, ldg, m, wbt_p, ep_a);  // da
+          outer_acc(datile.data(), nph, dh, x + e0 * c, c, c, m, p_wa, npc);
+          colsum_acc(datile.data(), nph, dh, m, p_ba);
+          if (pda)
+            for (int64_t i = 0; i < m; ++i)
+              std::copy(&datile[i * nph], &datile[i * nph] + dh, pda + (e0 + i) * dh);
+          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
+        }
+      }
+    });
+
+    std::vector<ScatterTarget> ta, tz;
+    if (has_tab) ta.push_back({d_tab.data_ptr<float>(), nullptr, stage.et()});
+    if (has_ns) {
+      ta.push_back({d_ns.data_ptr<float>(), s, nullptr});
+      ta.push_back({d_nd.data_ptr<float>(), t, nullptr});
+    }
+    if (has_ns2) {
+      tz.push_back({d_ns2.data_ptr<float>(), s, nullptr});
+      tz.push_back({d_nd2.data_ptr<float>(), t, nullptr});
+    }
+    if (keep_da) scatter_rows(pda, e_total, dh, dh, ta);
+    if (has_ns2) scatter_rows(keep_gz ? pgz : g, e_total, dout, dout, tz);
+  }
+  auto d_wa = reduced(parts, kWa, dh, c, npc, opt);
+  auto d_wb = reduced(parts, kWb, dout, dh, nph, opt);
+  auto d_ba = reduced(parts, kBa, 1, dh, dh, opt).view({dh});
+  auto d_bb = reduced(parts, kBb, 1, dout, dout, opt).view({dout});
+  return {d_feat, d_wa, d_ba, d_wb, d_bb, d_tab, d_ns, d_nd, d_ns2, d_nd2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
+  m.impl("edge_mlp_backward", &edge_mlp_backward_cpu);
+}
+
+}  // namespace nino_fast::cpu

@@ -1,0 +1,169 @@
+// CPU film_mean_backward: the gradients of film_mean (forward: film_mean_kernel.cpp; formulas:
+// nino_fast/ops/autograd.py, FilmMean) in one pass over the destination-sorted edges. With gn =
+// grad_out / deg (per row) and gm = gn[dst], per tile:
+//
+//   sc  = W_sc e + b_sc + table_sc[t]                     (recomputed, GEMM 1; epilogue:)
+//   dsc = gm * (node_dst[dst] + node_src[src]),  row sums of sc and of e,  gm * sc (d node_src),
+//         the scale half's table gradient: rows of dsc summed per edge type; in-edges per (row,
+//         type)
+//   dW_sc += dsc^T e,  db_sc += sum dsc                   (outer products)
+//   d feat = dsc W_sc + (gn W_sh)[dst]                    (GEMM 2, when needed)
+//
+// then, per row: d node_dst = grad_out * mean sc, dW_sh = gn^T (row sums of e), db_sh = sum gn deg,
+// the shift half's table gradient sum_n count[n, t] gn[n] (a row's gm is the same on all its edges:
+// summing it per edge would add rounding error on rows with thousands of edges);
+// and the column-parallel scatter of gm * sc into d node_src. Row tasks, per-task partials summed
+// in task order: deterministic, independent of the thread count (backward_common.h).
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/backward_common.h"
+#include "cpu/film_mean_common.h"
+
+namespace nino_fast::cpu {
+namespace {
+
+std::vector<at::Tensor> film_mean_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
+    const at::Tensor& src_in, const at::Tensor& node_dst_in, const at::Tensor& node_src_in,
+    const at::Tensor& weight, const at::Tensor& bias_in, const std::optional<at::Tensor>& etype,
+    const std::optional<at::Tensor>& type_table, bool need_feat) {
+  constexpr const char* op = "nino_fast::film_mean_backward";
+  const FilmMeanInputs in(op, feat_in, rowptr_in, src_in, node_dst_in, node_src_in, weight, bias_in,
+                          etype, type_table);
+  const AffineStage& stage = in.scale;
+  const int64_t e_total = in.e_total, c = in.c, n = in.n, d = in.d;
+  auto gout = f32(op, "grad_out", grad_out, 2);
+  check_shape(op, "grad_out", gout, {n, d});
+  const auto opt = in.feat.options();
+  const int64_t np = padded(d), npc = padded(c);
+  const int64_t n_src = in.ns.size(0), types = stage.types;
+  const bool has_tab = stage.table.defined();
+  const int64_t* rp = in.rowptr.data_ptr<int64_t>();
+  const float* go = gout.data_ptr<float>();
+
+  auto d_feat = need_feat ? at::empty({e_total, c}, opt) : at::empty({0}, opt);
+  auto d_ns = at::zeros({n_src, d}, opt), d_nd = at::empty({n, d}, opt);
+
+  std::vector<float> gn(n * np, 0.f);  // grad_out / deg, 0 for an empty row
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t deg = rp[r + 1] - rp[r];
+    if (deg == 0) continue;
+    for (int64_t j = 0; j < d; ++j) gn[r * np + j] = go[r * d + j] / float(deg);
+  }
+  std::vector<float> gsh;  // gn W_sh (n x c, padded): the shift half's part of d feat
+  if (need_feat && n > 0) {
+    gsh.assign(n * npc, 0.f);
+    const auto wsh_t = in.w_sh.t().contiguous();
+    const PackedB wsh_tp(wsh_t.data_ptr<float>(), c, d);
+    auto ep = [&](int64_t i, int64_t col0, V16 v)
+                  NINO_FAST_LAMBDA_INLINE { vst16(gsh.data() + i * npc + col0, v); };
+    gemm_ep(gn.data(), np, n, wsh_tp, ep);
+  }
+  std::vector<float> scsum(n * np, 0.f), fsum(n * npc, 0.f);
+  const auto tasks = row_tasks(rp, n);
+  const int64_t n_tasks = int64_t(tasks.size()) - 1;
+  enum { kWsc, kBsc, kTsc };
+  ChunkPartials parts({d * npc, d, types * np}, std::max<int64_t>(n_tasks, 1));
+  std::vector<int64_t> tcount(has_tab ? n * types : 0, 0);  // in-edges per (row, type)
+  auto gsc_all = at::empty({e_total, d}, opt);
+
+  if (e_total > 0) {
+    const float* x = in.feat.data_ptr<float>();
+    const int32_t* s = in.src.data_ptr<int32_t>();
+    const float *pnd = in.nd.data_ptr<float>(), *pns = in.ns.data_ptr<float>();
+    const int64_t* pet = stage.et();
+    const float* ptab = stage.tab();
+    const auto w_sc = in.w.narrow(0, 0, d);
+    const auto wsc_t = need_feat ? w_sc.t().contiguous() : at::Tensor();
+    const PackedB wsc_tp = need_feat ? PackedB(wsc_t.data_ptr<float>(), c, d) : PackedB();
+    float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
+    float* pgsc = gsc_all.data_ptr<float>();
+
+    run_dynamic(n_tasks, [&](auto claim) {
+      std::vector<float> sct(kTile * np), gv(kTile * np), dsct(kTile * np);
+      int64_t dsti[kTile];
+      int64_t t0 = 0;
+      float* p_tsc = nullptr;
+      auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        const int64_t r = dsti[i], e = t0 + i;
+        v = vadd(v, vld16(stage.bias_p.data() + col0));
+        if (pet) v = vadd(v, load16(ptab + pet[e] * d + col0, d - col0));
+        float* row = scsum.data() + r * np + col0;
+        vst16(row, vadd(vld16(row), v));
+        const V16 gm = vld16(gn.data() + r * np + col0);
+        const V16 dsc = vmul(gm, vld16(gv.data() + i * np + col0));
+        vst16(dsct.data() + i * np + col0, dsc);
+        store16(pgsc + e * d + col0, d - col0, vmul(gm, v));
+        if (pet) {
+          float* ts = p_tsc + pet[e] * np + col0;
+          vst16(ts, vadd(vld16(ts), dsc));
+        }
+      };
+      auto ep_feat = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        v = vadd(v, vld16(gsh.data() + dsti[i] * npc + col0));
+        store16(pdf + (t0 + i) * c + col0, c - col0, v);
+      };
+      for (int64_t task; (task = claim()) >= 0;) {
+        float *p_wsc = parts.at(task, kWsc), *p_bsc = parts.at(task, kBsc);
+        p_tsc = parts.at(task, kTsc);
+        const int64_t r0 = tasks[task], r1 = tasks[task + 1];
+        int64_t r = r0;
+        for (t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
+          const int64_t m = std::min(t0 + kTile, rp[r1]) - t0;
+          for (int64_t i = 0; i < m; ++i) {
+            while (rp[r + 1] <= t0 + i) ++r;
+            dsti[i] = r;
+            if (pet) ++tcount[r * types + pet[t0 + i]];
+            float* fr = fsum.data() + r * npc;
+            for (int64_t col0 = 0; col0 < c; col0 += kPanel)
+              vst16(fr + col0, vadd(vld16(fr + col0), load16(x + (t0 + i) * c + col0, c - col0)));
+          }
+          gather_add(pnd, dsti, pns, s + t0, m, d, gv.data(), np);
+          gemm_ep(x + t0 * c, c, m, stage.w, ep_sc);
+          outer_acc(dsct.data(), np, d, x + t0 * c, c, c, m, p_wsc, npc);
+          colsum_acc(dsct.data(), np, d, m, p_bsc);
+          if (pdf) gemm_ep(dsct.data(), np, m, wsc_tp, ep_feat);
+        }
+      }
+    });
+    scatter_rows(pgsc, e_total, d, d, {{d_ns.data_ptr<float>(), s, nullptr}});
+  }
+  float* pnd_g = d_nd.data_ptr<float>();
+  std::vector<float> wsh_acc(d * npc, 0.f), bsh(d, 0.f);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t deg = rp[r + 1] - rp[r];
+    for (int64_t j = 0; j < d; ++j) {
+      pnd_g[r * d + j] = deg ? go[r * d + j] * (scsum[r * np + j] / float(deg)) : 0.f;
+      bsh[j] += gn[r * np + j] * float(deg);
+    }
+  }
+  outer_acc(gn.data(), np, d, fsum.data(), npc, c, n, wsh_acc.data(), npc);
+  // weight and bias: [scale half; shift half]
+  auto d_w = at::empty({2 * d, c}, opt), d_b = at::empty({2 * d}, opt);
+  d_w.narrow(0, 0, d).copy_(reduced(parts, kWsc, d, c, npc, opt));
+  float* pw = d_w.data_ptr<float>() + d * c;
+  for (int64_t j = 0; j < d; ++j) std::copy(&wsh_acc[j * npc], &wsh_acc[j * npc] + c, pw + j * c);
+  d_b.narrow(0, 0, d).copy_(reduced(parts, kBsc, 1, d, d, opt).view({d}));
+  std::copy(bsh.begin(), bsh.end(), d_b.data_ptr<float>() + d);
+  at::Tensor d_tab = at::empty({0}, opt);
+  if (has_tab) {
+    d_tab = at::zeros({types, 2 * d}, opt);
+    d_tab.narrow(1, 0, d).copy_(reduced(parts, kTsc, types, d, np, opt));
+    float* pt = d_tab.data_ptr<float>();
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t ty = 0; ty < types; ++ty)
+        if (const int64_t k = tcount[r * types + ty])
+          for (int64_t j = 0; j < d; ++j) pt[ty * 2 * d + d + j] += float(k) * gn[r * np + j];
+  }
+  return {d_feat, d_nd, d_ns, d_w, d_b, d_tab};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
+  m.impl("film_mean_backward", &film_mean_backward_cpu);
+}
+
+}  // namespace nino_fast::cpu

@@ -1,0 +1,80 @@
+// Validated inputs of film_mean, shared by its forward (film_mean_kernel.cpp) and backward
+// (film_mean_backward_kernel.cpp) CPU kernels: the scale half as an affine stage (with its half of
+// the type table), the shift half's weight, bias and table half on their own.
+#pragma once
+
+#include <torch/types.h>
+
+#include <optional>
+
+#include "cpu/fused_common.h"
+
+namespace nino_fast::cpu {
+
+struct FilmMeanInputs {
+  at::Tensor feat;
+  int64_t e_total, c;
+  at::Tensor rowptr;
+  int64_t n;
+  at::Tensor src, w, bias;
+  int64_t d;
+  at::Tensor nd, ns;
+  std::optional<at::Tensor> tab_sc, tab_sh;
+  AffineStage scale;
+  at::Tensor w_sh, b_sh;
+
+  static std::optional<at::Tensor> half(const char* op, const std::optional<at::Tensor>& table,
+                                        int64_t d, int64_t which) {
+    if (!table.has_value()) return std::nullopt;
+    auto t = f32(op, "type_table", *table, 2);
+    NINO_CHECK(t.size(1) == 2 * d, op, ": type_table must be (T, 2*D=", 2 * d, "), got ",
+               shape_str(*table));
+    return t.narrow(1, which * d, d).contiguous();
+  }
+
+  static int64_t half_width(const char* op, const at::Tensor& w, int64_t c) {
+    NINO_CHECK(w.size(0) % 2 == 0 && w.size(1) == c, op, ": weight must be (2*D, C) with C=", c,
+               ", got ", shape_str(w));
+    return w.size(0) / 2;
+  }
+
+  static at::Tensor scale_bias(const char* op, const at::Tensor& bias, int64_t d) {
+    NINO_CHECK(bias.numel() == 2 * d, op, ": bias must have 2*D=", 2 * d, " entries, got ",
+               bias.numel());
+    return bias.narrow(0, 0, d).contiguous();
+  }
+
+  FilmMeanInputs(const char* op, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
+                 const at::Tensor& src_in, const at::Tensor& node_dst_in,
+                 const at::Tensor& node_src_in, const at::Tensor& weight, const at::Tensor& bias_in,
+                 const std::optional<at::Tensor>& etype,
+                 const std::optional<at::Tensor>& type_table)
+      : feat(f32(op, "feat", feat_in, 2)),
+        e_total(feat.size(0)),
+        c(feat.size(1)),
+        rowptr(rowptr_in.contiguous()),
+        n((check_rowptr(op, rowptr, e_total), rowptr.numel() - 1)),
+        src(idx32(op, "src", src_in, e_total)),
+        w(f32(op, "weight", weight, 2)),
+        bias(f32(op, "bias", bias_in, 1)),
+        d(half_width(op, w, c)),
+        nd(node_table(op, "node_dst", node_dst_in, n, d)),
+        ns(f32(op, "node_src", node_src_in, 2)),
+        tab_sc(half(op, type_table, d, 0)),
+        tab_sh(half(op, type_table, d, 1)),
+        scale(op, "weight", w.narrow(0, 0, d).contiguous(), scale_bias(op, bias, d), etype, tab_sc,
+              c, e_total),
+        w_sh(w.narrow(0, d, d).contiguous()),
+        b_sh(bias.narrow(0, d, d).contiguous()) {
+    NINO_CHECK(nd.size(0) == n, op, ": node_dst must have N=", n, " rows, got ", nd.size(0));
+    NINO_CHECK(ns.size(1) == d, op, ": node_src must have D=", d, " columns, got ",
+               shape_str(node_src_in));
+    if (e_total > 0) {
+      const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
+      NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
+                 " rows, got [", lo, ", ", hi, "]");
+    }
+  }
+};
+
+}  // namespace nino_fast::cpu

@@ -1,0 +1,159 @@
+"""Fused CPU backward kernels (csrc/cpu/*_backward_kernel.cpp) against the PyTorch backward formulas of
+nino_fast.ops.autograd (themselves gradchecked in float64 and checked against autograd through the reference ops,
+tests/test_autograd.py): random graphs with empty rows, one edge, no edges, a row of thousands of edges, widths
+that are not multiples of 16, enough edges to cross the kernels' task and chunk boundaries; determinism across
+thread counts; which inputs get a gradient; fallbacks and input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_autograd import CASES, call, inputs
+
+from nino_fast.ops import autograd as ag
+
+from conftest import needs_ext
+
+pytestmark = needs_ext
+
+KERNEL = {op: f"{op}_backward" for op in ("film_mean", "edge_mlp", "edge_film_mean")}
+
+# name: (nodes, edges, hub edges into one row, c, d, d_out): hub rows span several of the kernels' row tasks
+# (4096 edges) and weight-gradient chunks (1536 edges)
+GRAPHS = {
+    "no edges": (5, 0, 0, 3, 16, 16),
+    "one edge": (1, 1, 0, 3, 4, 5),
+    "empty rows": (50, 30, 0, 9, 20, 40),
+    "odd widths": (40, 700, 0, 45, 20, 24),
+    "model widths": (300, 5000, 0, 45, 64, 64),
+    "hub row": (60, 1000, 9000, 45, 32, 40),
+    "wide head": (30, 400, 0, 64, 64, 360),
+}
+
+
+def graph(n, e, hub, c, d, d_out, seed=0):
+    """Random float32 tensors for the ops of tests/test_autograd.py (same names), destination-sorted CSR."""
+    gen = torch.Generator().manual_seed(seed)
+    dst = torch.cat((torch.randint(0, n, (e,), generator=gen), torch.full((hub,), n // 2))).sort().values
+    m = dst.numel()
+    rowptr = torch.zeros(n + 1, dtype=torch.int64)
+    rowptr[1:] = torch.bincount(dst, minlength=n).cumsum(0)
+    n_types = 15
+
+    def r(*shape, scale=0.7):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+    return dict(
+        rowptr=rowptr,
+        src=torch.randint(0, n, (m,), generator=gen).to(torch.int32),
+        dst=dst.to(torch.int32),
+        etype=torch.randint(0, n_types, (m,), generator=gen),
+        feat=r(m, c),
+        W2=r(2 * d, c, scale=0.3),
+        b2=r(2 * d),
+        T2=r(n_types, 2 * d),
+        Wa=r(d, c, scale=0.3),
+        ba=r(d),
+        Ta=r(n_types, d),
+        Wb=r(d_out, d, scale=0.3),
+        bb=r(d_out),
+        Wsc=r(d, d, scale=0.3),
+        bsc=r(d),
+        Wsh=r(d, d, scale=0.3),
+        bsh=r(d),
+        nd=r(n, d),
+        ns=r(n, d),
+        nd2=r(n, d_out),
+        ns2=r(n, d_out),
+        md=r(n, d),
+        ms=r(n, d),
+    )
+
+
+def grads(op, opts, x, fused: bool, feat_grad: bool = True, dtype=torch.float32):
+    """Gradients of every differentiable input of ``op`` (float64: forward by the reference ops, backward by
+    the formulas: the ground truth)."""
+    names = [k for k in inputs(op, **opts) if feat_grad or k != "feat"]
+    x = {
+        k: v.detach().to(dtype).requires_grad_(k in names)
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+        else v
+        for k, v in x.items()
+    }
+    backend = "cpu" if dtype == torch.float32 else "reference"
+    with ag.fused_backward(fused):
+        out = call(op, ag, x, backend, **opts)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        return names, torch.autograd.grad(out, [x[k] for k in names], gout)
+
+
+@pytest.mark.parametrize("op, opts", CASES)
+@pytest.mark.parametrize("shape", GRAPHS.values(), ids=GRAPHS.keys())
+def test_matches_formulas(op, opts, shape):
+    """Against the float64 truth, the kernel's float32 gradients are as exact as the float32 formulas' (up to 2x
+    their error, or 1e-6 of the gradient's scale): the two sum in different orders, neither is the reference."""
+    x = graph(*shape)
+    assert ag._fused_cpu(KERNEL[op], [x["feat"]], [x["src"]])
+    names, got = grads(op, opts, x, fused=True)
+    _, want = grads(op, opts, x, fused=False)
+    _, truth = grads(op, opts, x, fused=False, dtype=torch.float64)
+    for name, g, w, t in zip(names, got, want, truth, strict=True):
+        assert g.shape == t.shape and g.dtype == torch.float32, name
+        if not t.numel():
+            continue
+        scale = t.abs().max().item()
+        err, err_formula = (g.double() - t).abs().max().item(), (w.double() - t).abs().max().item()
+        assert err <= max(2 * err_formula, 1e-6 * scale, 1e-9), f"{op} d{name}: {err:.3g} vs formulas {err_formula:.3g}"
+
+
+@pytest.mark.parametrize("op, opts", CASES)
+def test_feat_gradient_only_when_needed(op, opts):
+    """A feature tensor without requires_grad gets no gradient (the kernel skips that GEMM); the others match."""
+    x = graph(*GRAPHS["odd widths"])
+    names, got = grads(op, opts, x, fused=True, feat_grad=False)
+    assert "feat" not in names
+    _, want = grads(op, opts, x, fused=False, feat_grad=False)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5 * max(1.0, w.abs().max().item()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("op, opts", CASES)
+def test_deterministic_across_threads(op, opts):
+    """Bitwise the same gradients with 1 and 2 threads and on a repeated call (no atomics, fixed reduction
+    order)."""
+    x = graph(*GRAPHS["hub row"])
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = grads(op, opts, x, fused=True)
+        torch.set_num_threads(2)
+        _, two = grads(op, opts, x, fused=True)
+        _, again = grads(op, opts, x, fused=True)
+    finally:
+        torch.set_num_threads(prev)
+    for a, b, c in zip(one, two, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_falls_back_outside_float32_cpu():
+    """float64 tensors, int64 edge indices or the switch turned off: the PyTorch formulas (no kernel)."""
+    x = graph(*GRAPHS["one edge"])
+    assert not ag._fused_cpu("edge_mlp_backward", [x["feat"].double()], [x["src"]])
+    assert not ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"].long()])
+    with ag.fused_backward(False):
+        assert not ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])
+    assert ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])  # restored on exit
+
+
+def test_bad_grad_out_is_a_clear_error():
+    x = graph(*GRAPHS["empty rows"])
+    f = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    with pytest.raises(RuntimeError, match=r"edge_mlp_backward: grad_out must have shape \[30, 40\]"):
+        torch.ops.nino_fast.edge_mlp_backward(
+            torch.zeros(30, 7), f["feat"], f["src"], f["dst"], f["Wa"], f["ba"], f["Wb"], f["bb"],
+            None, None, None, None, None, None, False, True,
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"film_mean_backward: grad_out must have shape \[50, 20\]"):
+        torch.ops.nino_fast.film_mean_backward(
+            torch.zeros(49, 20), f["feat"], f["rowptr"], f["src"], f["nd"], f["ns"], f["W2"], f["b2"], None, None, True
+        )
