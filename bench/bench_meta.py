@@ -2,9 +2,11 @@
 
     python -m bench.bench_meta [--hids 32 64 128] [--batch 4] [--spt 4] [--repeat 5] [--threads 1]
 
-Paths (:mod:`nino_fast.meta.forward`): ``folded`` (fused kernels forward + analytic backward,
-nino_fast.ops.autograd), ``layerwise`` (the same ops, official layer order), ``oracle`` (the reference ops under
-plain autograd: what training the official model costs without our kernels). Batches are those of
+Paths (:mod:`nino_fast.meta.forward`): ``folded`` (fused kernels forward + fused backward kernels,
+nino_fast.ops.autograd), ``folded-formulas`` (the same forward, the backward as the PyTorch formulas of
+nino_fast.ops.autograd instead of the fused CPU backward kernels), ``layerwise`` (the same ops, official layer
+order), ``oracle`` (the reference ops under plain autograd: what training the official model costs without our
+kernels). Batches are those of
 ``nino-fast train``: ``batch`` trajectories x ``spt`` windows of the meta-training plan's architectures (MLPs and
 ConvNets on digits; random-walk parameter values, which do not change the cost). Before timing, every path's loss
 and gradients are checked against the oracle's. Memory: the bytes autograd keeps for the backward pass (tensors
@@ -25,7 +27,8 @@ from nino_fast import NiNoModel
 from nino_fast.meta import tasks
 from nino_fast.meta._malloc import keep_freed_memory
 from nino_fast.meta.data import graph_info, make_batch
-from nino_fast.meta.forward import PATHS, loss_fn, predict_pieces
+from nino_fast.meta.forward import loss_fn, predict_pieces
+from nino_fast.ops.autograd import fused_backward
 from nino_fast.scaling import scale_params
 
 from .common import write_results
@@ -57,10 +60,16 @@ def synthetic_batches(n_batches: int, batch: int, spt: int, ctx: int = 5, K: int
     return out
 
 
+FORMULAS = "-formulas"  # suffix: the path with the backward formulas instead of the fused backward kernels
+BENCH_PATHS = ("folded", "folded" + FORMULAS, "layerwise", "oracle")
+
+
 def step(model, b, path):
-    loss = loss_fn(predict_pieces(model, b, path), b)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
+    base = path.removesuffix(FORMULAS)
+    with fused_backward(not path.endswith(FORMULAS)):
+        loss = loss_fn(predict_pieces(model, b, base), b)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
     return loss
 
 
@@ -74,7 +83,7 @@ def saved_bytes(model, b, path) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(predict_pieces(model, b, path), b)
+        loss_fn(predict_pieces(model, b, path.removesuffix(FORMULAS)), b)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(v for (ptr, _), v in seen.items() if ptr not in params)
 
@@ -82,7 +91,7 @@ def saved_bytes(model, b, path) -> int:
 def check(model, b) -> dict:
     """Max relative error of each path's loss and gradients vs the oracle's."""
     res, ref = {}, None
-    for path in ("oracle", *[p for p in PATHS if p != "oracle"]):
+    for path in ("oracle", *[p for p in BENCH_PATHS if p != "oracle"]):
         loss = step(model, b, path).item()
         grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
         if ref is None:
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     p.add_argument("--repeat", type=int, default=3, help="passes over the batches")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--paths", nargs="+", default=list(PATHS))
+    p.add_argument("--paths", nargs="+", default=list(BENCH_PATHS), choices=BENCH_PATHS)
     p.add_argument(
         "--fresh-pages",
         action="store_true",

@@ -4,7 +4,8 @@ Three paths, the same maths (the official model in training mode, checked agains
 
 - ``folded``: the inference plan of :mod:`nino_fast.plan` (film_mean -> edge_film_mean -> edge_mlp x 2, with the
   linear maps folded, no edge state materialised), its folded weights formed *with autograd* in float32 from the
-  model's parameters, and the ops of :mod:`nino_fast.ops.autograd` (fused kernels forward, analytic backward).
+  model's parameters, and the ops of :mod:`nino_fast.ops.autograd` (fused kernels forward, analytic backward:
+  fused CPU kernels too, or PyTorch formulas on other devices).
 - ``layerwise``: the official layer order (edge_proj, conv 0, edge update 0, conv 1, edge update 1, head) on
   the same autograd ops, unfolded.
 - ``oracle``: ``layerwise`` on the pure-PyTorch reference ops with plain autograd (the baseline the fused path
