@@ -19,7 +19,7 @@ pytestmark = needs_ext
 KERNEL = {op: f"{op}_backward" for op in ("film_mean", "edge_mlp", "edge_film_mean")}
 
 # name: (nodes, edges, hub edges into one row, c, d, d_out): hub rows span several of the kernels' row tasks
-# (4096 edges) and weight-gradient chunks (1536 edges)
+# (4096 edges) and weight-gradient chunks (1536 edges, more when there would be over 256 chunks)
 GRAPHS = {
     "no edges": (5, 0, 0, 3, 16, 16),
     "one edge": (1, 1, 0, 3, 4, 5),
@@ -28,6 +28,7 @@ GRAPHS = {
     "model widths": (300, 5000, 0, 45, 64, 64),
     "hub row": (60, 1000, 9000, 45, 32, 40),
     "wide head": (30, 400, 0, 64, 64, 360),
+    "many chunks": (2000, 400_000, 0, 3, 4, 5),  # edge_mlp: over 256 chunks of 32 tiles, so longer chunks
 }
 
 

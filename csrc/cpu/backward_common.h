@@ -4,9 +4,10 @@
 //
 // Determinism: every reduction over edges runs in a fixed order that depends on the edge count
 // only, never on the thread count or on which thread ran what. Weight gradients: each chunk of
-// kChunkTiles tiles sums its tiles in edge order into its own partial, and the partials are added
-// in chunk order at the end. Scatters: each 16-column block is owned by one thread, which visits
-// the edges in order (out[idx[e]] += v[e], e = 0..E-1: the order of a sequential index_add_).
+// tiles (chunk_tiles) or row task sums its tiles in edge order into its own partial, and the
+// partials are added in chunk order at the end. Scatters: each 16-column block is owned by one
+// thread, which visits the edges in order (out[idx[e]] += v[e], e = 0..E-1: the order of a
+// sequential index_add_).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -20,7 +21,14 @@
 
 namespace nino_fast::cpu {
 
-constexpr int64_t kChunkTiles = 32;  // tiles per deterministic weight-gradient partial
+constexpr int64_t kChunkTiles = 32;  // tiles per deterministic weight-gradient partial, at least
+constexpr int64_t kMaxChunks = 256;  // and at most this many partials (memory: a few MB)
+
+// Tiles per chunk for n_tiles tiles: kChunkTiles, more when there would be over kMaxChunks chunks
+// (a function of the edge count only, so the reduction order still is).
+inline int64_t chunk_tiles(int64_t n_tiles) {
+  return std::max(kChunkTiles, (n_tiles + kMaxChunks - 1) / kMaxChunks);
+}
 
 // s'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))), SiLU's derivative (the same exp as vsilu).
 NINO_FAST_INLINE V16 vsilu_grad(V16 x) {

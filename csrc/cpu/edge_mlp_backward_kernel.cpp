@@ -49,7 +49,8 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(
   auto d_nd2 = has_ns2 ? at::zeros({n_rows, dout}, opt) : at::empty({0}, opt);
 
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
-  const int64_t n_chunks = (n_tiles + kChunkTiles - 1) / kChunkTiles;
+  const int64_t per_chunk = chunk_tiles(n_tiles);
+  const int64_t n_chunks = (n_tiles + per_chunk - 1) / per_chunk;
   enum { kWa, kWb, kBa, kBb };
   ChunkPartials parts({dh * npc, dout * nph, dh, dout}, std::max<int64_t>(n_chunks, 1));
   // per-edge rows kept for the scatter pass
@@ -98,8 +99,8 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(
       for (int64_t chunk; (chunk = claim()) >= 0;) {
         float *p_wa = parts.at(chunk, kWa), *p_wb = parts.at(chunk, kWb);
         float *p_ba = parts.at(chunk, kBa), *p_bb = parts.at(chunk, kBb);
-        const int64_t t_end = std::min(n_tiles, (chunk + 1) * kChunkTiles);
-        for (int64_t tile = chunk * kChunkTiles; tile < t_end; ++tile) {
+        const int64_t t_end = std::min(n_tiles, (chunk + 1) * per_chunk);
+        for (int64_t tile = chunk * per_chunk; tile < t_end; ++tile) {
           e0 = tile * kTile;
           const int64_t m = std::min(kTile, e_total - e0);
           first.e0 = e0;
