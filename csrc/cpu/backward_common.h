@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/fused_common.h"
 #include "cpu/gemm_tile.h"
 
 namespace nino_fast::cpu {
@@ -165,6 +166,21 @@ inline at::Tensor reduced(const ChunkPartials& parts, int64_t which, int64_t row
   float* o = out.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) std::copy(&flat[r * ld], &flat[r * ld] + cols, o + r * cols);
   return out;
+}
+
+// The tiles of kTile edges over rows [r0, r1) of a destination-sorted graph (rowptr rp), in order:
+// fn(t0, m) for edges t0..t0+m-1, with dsti[i] the row of edge t0 + i.
+template <class Fn>
+inline void for_each_row_tile(const int64_t* rp, int64_t r0, int64_t r1, int64_t* dsti, Fn&& fn) {
+  int64_t r = r0;
+  for (int64_t t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
+    const int64_t m = std::min(t0 + kTile, rp[r1]) - t0;
+    for (int64_t i = 0; i < m; ++i) {
+      while (rp[r + 1] <= t0 + i) ++r;
+      dsti[i] = r;
+    }
+    fn(t0, m);
+  }
 }
 
 // One target of scatter_rows: out (rows x d) += v[e] at row idx[e].

@@ -121,14 +121,8 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(
       for (int64_t task; (task = claim()) >= 0;) {
         float *p_wa = parts.at(task, kWa), *p_wsc = parts.at(task, kWsc);
         float *p_ba = parts.at(task, kBa), *p_bsc = parts.at(task, kBsc);
-        const int64_t r0 = tasks[task], r1 = tasks[task + 1];
-        int64_t r = r0;
-        for (t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
-          const int64_t m = std::min(t0 + kTile, rp[r1]) - t0;
-          for (int64_t i = 0; i < m; ++i) {
-            while (rp[r + 1] <= t0 + i) ++r;
-            dsti[i] = r;
-          }
+        for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
+          t0 = t;
           first.e0 = t0;
           gather_add(pns, s + t0, pnd, dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
           gather_add(pmd, dsti, pms, s + t0, m, d, gv.data(), np);
@@ -150,7 +144,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(
           for (int64_t i = 0; i < m; ++i)
             std::copy(&datile[i * nph], &datile[i * nph] + dh, pda + (t0 + i) * dh);
           if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
-        }
+        });
       }
     });
     std::vector<ScatterTarget> ta{{d_ns.data_ptr<float>(), s, nullptr}};

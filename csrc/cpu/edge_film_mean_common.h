@@ -10,12 +10,7 @@
 
 namespace nino_fast::cpu {
 
-struct EdgeFilmMeanInputs {
-  at::Tensor feat;
-  int64_t e_total, c;
-  at::Tensor rowptr;
-  int64_t n;
-  at::Tensor src;
+struct EdgeFilmMeanInputs : CsrInputs {
   AffineStage stage;  // weight_a, bias_a, etype, type_table
   int64_t dh;
   at::Tensor ns, nd, wsc, bsc, wsh, bsh, md, ms;
@@ -29,12 +24,7 @@ struct EdgeFilmMeanInputs {
                      const at::Tensor& msg_src_in, const at::Tensor& weight_scale,
                      const at::Tensor& bias_scale, const at::Tensor& weight_shift,
                      const at::Tensor& bias_shift)
-      : feat(f32(op, "feat", feat_in, 2)),
-        e_total(feat.size(0)),
-        c(feat.size(1)),
-        rowptr(rowptr_in.contiguous()),
-        n((check_rowptr(op, rowptr, e_total), rowptr.numel() - 1)),
-        src(idx32(op, "src", src_in, e_total)),
+      : CsrInputs(op, feat_in, rowptr_in, src_in),
         stage(op, "weight_a", weight_a, bias_a, etype, type_table, c, e_total),
         dh(stage.d) {
     ns = f32(op, "node_src", node_src_in, 2);
@@ -56,11 +46,7 @@ struct EdgeFilmMeanInputs {
     ms = f32(op, "msg_src", msg_src_in, 2);
     NINO_CHECK(ms.size(1) == d && ns.size(0) == ms.size(0), op, ": msg_src must be (", ns.size(0),
                ", ", d, "), got ", shape_str(msg_src_in));
-    if (e_total > 0) {
-      const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
-      NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
-                 " rows, got [", lo, ", ", hi, "]");
-    }
+    check_src(op, ns.size(0));
   }
 };
 

@@ -108,13 +108,10 @@ std::vector<at::Tensor> film_mean_backward_cpu(
       for (int64_t task; (task = claim()) >= 0;) {
         float *p_wsc = parts.at(task, kWsc), *p_bsc = parts.at(task, kBsc);
         p_tsc = parts.at(task, kTsc);
-        const int64_t r0 = tasks[task], r1 = tasks[task + 1];
-        int64_t r = r0;
-        for (t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
-          const int64_t m = std::min(t0 + kTile, rp[r1]) - t0;
+        for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
+          t0 = t;
           for (int64_t i = 0; i < m; ++i) {
-            while (rp[r + 1] <= t0 + i) ++r;
-            dsti[i] = r;
+            const int64_t r = dsti[i];
             if (pet) ++tcount[r * types + pet[t0 + i]];
             float* fr = fsum.data() + r * npc;
             for (int64_t col0 = 0; col0 < c; col0 += kPanel)
@@ -125,7 +122,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(
           outer_acc(dsct.data(), np, d, x + t0 * c, c, c, m, p_wsc, npc);
           colsum_acc(dsct.data(), np, d, m, p_bsc);
           if (pdf) gemm_ep(dsct.data(), np, m, wsc_tp, ep_feat);
-        }
+        });
       }
     });
     scatter_rows(pgsc, e_total, d, d, {{d_ns.data_ptr<float>(), s, nullptr}});

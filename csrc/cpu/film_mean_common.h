@@ -11,12 +11,8 @@
 
 namespace nino_fast::cpu {
 
-struct FilmMeanInputs {
-  at::Tensor feat;
-  int64_t e_total, c;
-  at::Tensor rowptr;
-  int64_t n;
-  at::Tensor src, w, bias;
+struct FilmMeanInputs : CsrInputs {
+  at::Tensor w, bias;
   int64_t d;
   at::Tensor nd, ns;
   std::optional<at::Tensor> tab_sc, tab_sh;
@@ -49,12 +45,7 @@ struct FilmMeanInputs {
                  const at::Tensor& node_src_in, const at::Tensor& weight, const at::Tensor& bias_in,
                  const std::optional<at::Tensor>& etype,
                  const std::optional<at::Tensor>& type_table)
-      : feat(f32(op, "feat", feat_in, 2)),
-        e_total(feat.size(0)),
-        c(feat.size(1)),
-        rowptr(rowptr_in.contiguous()),
-        n((check_rowptr(op, rowptr, e_total), rowptr.numel() - 1)),
-        src(idx32(op, "src", src_in, e_total)),
+      : CsrInputs(op, feat_in, rowptr_in, src_in),
         w(f32(op, "weight", weight, 2)),
         bias(f32(op, "bias", bias_in, 1)),
         d(half_width(op, w, c)),
@@ -69,11 +60,7 @@ struct FilmMeanInputs {
     NINO_CHECK(nd.size(0) == n, op, ": node_dst must have N=", n, " rows, got ", nd.size(0));
     NINO_CHECK(ns.size(1) == d, op, ": node_src must have D=", d, " columns, got ",
                shape_str(node_src_in));
-    if (e_total > 0) {
-      const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
-      NINO_CHECK(lo >= 0 && hi < ns.size(0), op, ": src values must index node_src's ", ns.size(0),
-                 " rows, got [", lo, ", ", hi, "]");
-    }
+    check_src(op, ns.size(0));
   }
 };
 

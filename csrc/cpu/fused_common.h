@@ -89,6 +89,33 @@ inline at::Tensor node_table(const char* op, const char* arg, const at::Tensor& 
   return out;
 }
 
+// The first inputs of film_mean and edge_film_mean, validated: feat (E, C) as float32, a
+// destination-sorted CSR rowptr (N + 1) and src (E,) int32.
+struct CsrInputs {
+  at::Tensor feat;
+  int64_t e_total, c;
+  at::Tensor rowptr;
+  int64_t n;
+  at::Tensor src;
+
+  CsrInputs(const char* op, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
+            const at::Tensor& src_in)
+      : feat(f32(op, "feat", feat_in, 2)),
+        e_total(feat.size(0)),
+        c(feat.size(1)),
+        rowptr(rowptr_in.contiguous()),
+        n((check_rowptr(op, rowptr, e_total), rowptr.numel() - 1)),
+        src(idx32(op, "src", src_in, e_total)) {}
+
+  // src values must index the rows of node_src (`rows` of them)
+  void check_src(const char* op, int64_t rows) const {
+    if (e_total == 0) return;
+    const int64_t hi = src.max().item<int32_t>(), lo = src.min().item<int32_t>();
+    NINO_CHECK(lo >= 0 && hi < rows, op, ": src values must index node_src's ", rows,
+               " rows, got [", lo, ", ", hi, "]");
+  }
+};
+
 // The input stage: y = A W^T + bias (+ table[etype]) (+ node_src[src] + node_dst[dst]), optionally
 // SiLU. Weights and optional tables are validated and packed once per call; ep() gives the epilogue
 // that applies it to the GEMM accumulators of one tile.
