@@ -6,6 +6,10 @@ thread counts; which inputs get a gradient; fallbacks and input errors."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_autograd import CASES, call, inputs
@@ -144,6 +148,14 @@ def test_falls_back_outside_float32_cpu():
     with ag.fused_backward(False):
         assert not ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])
     assert ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])  # restored on exit
+
+
+def test_environment_switch():
+    """NINO_FAST_FUSED_BACKWARD=0 turns the kernels off for the process (read at import)."""
+    code = "from nino_fast.ops import autograd as ag; print(ag._FUSED_BACKWARD)"
+    env = {**os.environ, "NINO_FAST_FUSED_BACKWARD": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_bad_grad_out_is_a_clear_error():
