@@ -183,6 +183,57 @@ inline void for_each_row_tile(const int64_t* rp, int64_t r0, int64_t r1, int64_t
   }
 }
 
+// The row-level terms of the FiLM ops' backward for output gradient go (n x d) over CSR rows rp:
+// gn = go / deg per row (0 for an empty row; rows padded to np floats), the gradient that reaches
+// each edge of the row through the mean, and the products the shift half W_sh (d x k) needs.
+struct MeanGrad {
+  const int64_t* rp;
+  const float* go;
+  int64_t n, d, np;
+  std::vector<float> gn;
+
+  MeanGrad(const int64_t* rp_, const float* go_, int64_t n_, int64_t d_)
+      : rp(rp_), go(go_), n(n_), d(d_), np(padded(d_)), gn(n_ * padded(d_), 0.f) {
+    for (int64_t r = 0; r < n; ++r)
+      if (const int64_t deg = rp[r + 1] - rp[r])
+        for (int64_t j = 0; j < d; ++j) gn[r * np + j] = go[r * d + j] / float(deg);
+  }
+  int64_t deg(int64_t r) const { return rp[r + 1] - rp[r]; }
+  const float* row(int64_t r) const { return gn.data() + r * np; }
+
+  // gn W_sh, (n x padded(k)): the shift half's term of each edge's input gradient (by its row)
+  std::vector<float> times(const at::Tensor& w_sh) const {
+    const int64_t k = w_sh.size(1), npk = padded(k);
+    std::vector<float> out(n * npk, 0.f);
+    const auto w_t = w_sh.t().contiguous();
+    const PackedB packed(w_t.data_ptr<float>(), k, d);
+    auto ep = [&](int64_t i, int64_t col0, V16 v)
+                  NINO_FAST_LAMBDA_INLINE { vst16(out.data() + i * npk + col0, v); };
+    gemm_ep(gn.data(), np, n, packed, ep);
+    return out;
+  }
+  // dW_sh (d x k) = gn^T sums, sums: the rows' sums of the shift half's input (n x padded(k))
+  void weight_grad(const float* sums, int64_t k, float* out) const {
+    const int64_t npk = padded(k);
+    std::vector<float> acc(d * npk, 0.f);
+    outer_acc(gn.data(), np, d, sums, npk, k, n, acc.data(), npk);
+    for (int64_t j = 0; j < d; ++j) std::copy(&acc[j * npk], &acc[j * npk] + k, out + j * k);
+  }
+  // db_sh (d) = sum over rows of gn deg
+  void bias_grad(float* out) const {
+    std::fill(out, out + d, 0.f);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < d; ++j) out[j] += gn[r * np + j] * float(deg(r));
+  }
+  // (n x d) go * (row sums of the scale half sc) / deg (0 for an empty row): the gradient of the
+  // per-row factor that multiplies sc (node_dst, msg_dst); scsum: n x np
+  void times_scale_mean(const float* scsum, float* out) const {
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < d; ++j)
+        out[r * d + j] = deg(r) ? go[r * d + j] * (scsum[r * np + j] / float(deg(r))) : 0.f;
+  }
+};
+
 // One target of scatter_rows: out (rows x d) += v[e] at row idx[e].
 struct ScatterTarget {
   float* out;

@@ -56,21 +56,9 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(
   auto d_nd = at::zeros({n, dh}, opt), d_md = at::empty({n, d}, opt);
   auto d_wsh = at::empty({d, dh}, opt), d_bsh = at::empty({d}, opt);
 
-  // per row: gn = grad_out / deg (0 for an empty row) and G = gn W_sh (the shift half's edge term)
-  std::vector<float> gn(n * np, 0.f), gsh(n * nph, 0.f);
-  const float* go = gout.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t deg = rp[r + 1] - rp[r];
-    if (deg == 0) continue;
-    for (int64_t j = 0; j < d; ++j) gn[r * np + j] = go[r * d + j] / float(deg);
-  }
-  const auto wsh_t = in.wsh.t().contiguous();
-  const PackedB wsh_tp(wsh_t.data_ptr<float>(), dh, d);
-  {
-    auto ep = [&](int64_t i, int64_t col0, V16 v)
-                  NINO_FAST_LAMBDA_INLINE { vst16(gsh.data() + i * nph + col0, v); };
-    gemm_ep(gn.data(), np, n, wsh_tp, ep);
-  }
+  // per row: gn = grad_out / deg and G = gn W_sh (the shift half's edge term)
+  const MeanGrad mg(rp, gout.data_ptr<float>(), n, d);
+  const std::vector<float> gsh = mg.times(in.wsh);
   // per-row sums, each row owned by one task
   std::vector<float> hsum(n * nph, 0.f), scsum(n * np, 0.f), dasum(n * nph, 0.f);
   const auto tasks = row_tasks(rp, n);
@@ -104,7 +92,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(
         const int64_t r = dsti[i];
         v = vadd(v, vld16(bscp.data() + col0));  // sc
         row_add(scsum.data() + r * np + col0, v);
-        const V16 gm = vld16(gn.data() + r * np + col0);
+        const V16 gm = vld16(mg.row(r) + col0);
         vst16(dsct.data() + i * np + col0, vmul(gm, vld16(gv.data() + i * np + col0)));
         vst16(gsct.data() + i * np + col0, vmul(gm, v));
       };
@@ -153,23 +141,11 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(
     scatter_rows(pgsc, e_total, d, d, {{d_ms.data_ptr<float>(), s, nullptr}});
   }
   // row-level gradients
-  float *pmdg = d_md.data_ptr<float>(), *pndg = d_nd.data_ptr<float>();
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t deg = rp[r + 1] - rp[r];
-    for (int64_t j = 0; j < d; ++j)
-      pmdg[r * d + j] = deg ? go[r * d + j] * (scsum[r * np + j] / float(deg)) : 0.f;
-    std::copy(&dasum[r * nph], &dasum[r * nph] + dh, pndg + r * dh);
-  }
-  std::vector<float> wsh_acc(d * nph, 0.f);
-  outer_acc(gn.data(), np, d, hsum.data(), nph, dh, n, wsh_acc.data(), nph);
-  float *pwsh = d_wsh.data_ptr<float>(), *pbsh = d_bsh.data_ptr<float>();
-  for (int64_t j = 0; j < d; ++j)
-    std::copy(&wsh_acc[j * nph], &wsh_acc[j * nph] + dh, pwsh + j * dh);
-  std::fill(pbsh, pbsh + d, 0.f);
-  for (int64_t r = 0; r < n; ++r) {
-    const float deg = float(rp[r + 1] - rp[r]);
-    for (int64_t j = 0; j < d; ++j) pbsh[j] += gn[r * np + j] * deg;
-  }
+  mg.times_scale_mean(scsum.data(), d_md.data_ptr<float>());
+  float* pndg = d_nd.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) std::copy(&dasum[r * nph], &dasum[r * nph] + dh, pndg + r * dh);
+  mg.weight_grad(hsum.data(), dh, d_wsh.data_ptr<float>());
+  mg.bias_grad(d_bsh.data_ptr<float>());
   auto d_wa = reduced(parts, kWa, dh, c, npc, opt);
   auto d_wsc = reduced(parts, kWsc, d, dh, nph, opt);
   auto d_ba = reduced(parts, kBa, 1, dh, dh, opt).view({dh});

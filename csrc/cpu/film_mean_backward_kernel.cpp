@@ -46,21 +46,9 @@ std::vector<at::Tensor> film_mean_backward_cpu(
   auto d_feat = need_feat ? at::empty({e_total, c}, opt) : at::empty({0}, opt);
   auto d_ns = at::zeros({n_src, d}, opt), d_nd = at::empty({n, d}, opt);
 
-  std::vector<float> gn(n * np, 0.f);  // grad_out / deg, 0 for an empty row
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t deg = rp[r + 1] - rp[r];
-    if (deg == 0) continue;
-    for (int64_t j = 0; j < d; ++j) gn[r * np + j] = go[r * d + j] / float(deg);
-  }
-  std::vector<float> gsh;  // gn W_sh (n x c, padded): the shift half's part of d feat
-  if (need_feat && n > 0) {
-    gsh.assign(n * npc, 0.f);
-    const auto wsh_t = in.w_sh.t().contiguous();
-    const PackedB wsh_tp(wsh_t.data_ptr<float>(), c, d);
-    auto ep = [&](int64_t i, int64_t col0, V16 v)
-                  NINO_FAST_LAMBDA_INLINE { vst16(gsh.data() + i * npc + col0, v); };
-    gemm_ep(gn.data(), np, n, wsh_tp, ep);
-  }
+  const MeanGrad mg(rp, go, n, d);  // gn = grad_out / deg per row
+  // gn W_sh (n x c, padded): the shift half's part of d feat
+  const std::vector<float> gsh = need_feat ? mg.times(in.w_sh) : std::vector<float>();
   std::vector<float> scsum(n * np, 0.f), fsum(n * npc, 0.f);
   const auto tasks = row_tasks(rp, n);
   const int64_t n_tasks = int64_t(tasks.size()) - 1;
@@ -92,7 +80,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(
         if (pet) v = vadd(v, load16(ptab + pet[e] * d + col0, d - col0));
         float* row = scsum.data() + r * np + col0;
         vst16(row, vadd(vld16(row), v));
-        const V16 gm = vld16(gn.data() + r * np + col0);
+        const V16 gm = vld16(mg.row(r) + col0);
         const V16 dsc = vmul(gm, vld16(gv.data() + i * np + col0));
         vst16(dsct.data() + i * np + col0, dsc);
         store16(pgsc + e * d + col0, d - col0, vmul(gm, v));
@@ -127,23 +115,13 @@ std::vector<at::Tensor> film_mean_backward_cpu(
     });
     scatter_rows(pgsc, e_total, d, d, {{d_ns.data_ptr<float>(), s, nullptr}});
   }
-  float* pnd_g = d_nd.data_ptr<float>();
-  std::vector<float> wsh_acc(d * npc, 0.f), bsh(d, 0.f);
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t deg = rp[r + 1] - rp[r];
-    for (int64_t j = 0; j < d; ++j) {
-      pnd_g[r * d + j] = deg ? go[r * d + j] * (scsum[r * np + j] / float(deg)) : 0.f;
-      bsh[j] += gn[r * np + j] * float(deg);
-    }
-  }
-  outer_acc(gn.data(), np, d, fsum.data(), npc, c, n, wsh_acc.data(), npc);
+  mg.times_scale_mean(scsum.data(), d_nd.data_ptr<float>());
   // weight and bias: [scale half; shift half]
   auto d_w = at::empty({2 * d, c}, opt), d_b = at::empty({2 * d}, opt);
   d_w.narrow(0, 0, d).copy_(reduced(parts, kWsc, d, c, npc, opt));
-  float* pw = d_w.data_ptr<float>() + d * c;
-  for (int64_t j = 0; j < d; ++j) std::copy(&wsh_acc[j * npc], &wsh_acc[j * npc] + c, pw + j * c);
+  mg.weight_grad(fsum.data(), c, d_w.data_ptr<float>() + d * c);
   d_b.narrow(0, 0, d).copy_(reduced(parts, kBsc, 1, d, d, opt).view({d}));
-  std::copy(bsh.begin(), bsh.end(), d_b.data_ptr<float>() + d);
+  mg.bias_grad(d_b.data_ptr<float>() + d);
   at::Tensor d_tab = at::empty({0}, opt);
   if (has_tab) {
     d_tab = at::zeros({types, 2 * d}, opt);
@@ -152,7 +130,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(
     for (int64_t r = 0; r < n; ++r)
       for (int64_t ty = 0; ty < types; ++ty)
         if (const int64_t k = tcount[r * types + ty])
-          for (int64_t j = 0; j < d; ++j) pt[ty * 2 * d + d + j] += float(k) * gn[r * np + j];
+          for (int64_t j = 0; j < d; ++j) pt[ty * 2 * d + d + j] += float(k) * mg.row(r)[j];
   }
   return {d_feat, d_nd, d_ns, d_w, d_b, d_tab};
 }
