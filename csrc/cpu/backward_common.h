@@ -1,6 +1,8 @@
-// Shared pieces of the fused CPU backward kernels (edge_mlp_backward): SiLU's derivative, weight
-// gradients as register-blocked outer products over a tile of edges, deterministic per-chunk
-// partial sums, and a column-parallel scatter of per-edge rows into node / type tables.
+// Shared pieces of the fused CPU backward kernels (film_mean_backward, edge_mlp_backward,
+// edge_film_mean_backward): SiLU's derivative, weight gradients as register-blocked outer products
+// over a tile of edges, deterministic per-chunk partial sums, the row-task tile loop and the FiLM
+// ops' row-level terms (MeanGrad), and a column-parallel scatter of per-edge rows into node / type
+// tables.
 //
 // Determinism: every reduction over edges runs in a fixed order that depends on the edge count
 // only, never on the thread count or on which thread ran what. Weight gradients: each chunk of
