@@ -48,14 +48,14 @@ def scale_stats_of_columns(
     if method == "std-param":
         return None
     if method == "min-max-param":
-        first = torch.empty(1, C, dtype=dtype).copy_(columns[:, :1].t())
+        first = torch.empty(1, C, dtype=dtype, device=columns.device).copy_(columns[:, :1].t())
         return scale_stats(first, None, method, torch.float32)[:1]
     out, off = [], 0
     for shape, n in zip(param_shapes, _sizes(param_shapes), strict=True):
         rows = torch.empty(n, C, dtype=dtype, device=columns.device).copy_(columns[:, off : off + n].t())
         out.append(scale_stats(rows, [shape], method, torch.float32))
         off += n
-    return torch.cat(out) if out else torch.empty(0, 2)
+    return torch.cat(out) if out else torch.empty(0, 2, device=columns.device)
 
 
 def per_tensor(method: str) -> bool:

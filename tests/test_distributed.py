@@ -4,6 +4,7 @@ failures and communication agreed by all processes."""
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 from pathlib import Path
@@ -289,3 +290,12 @@ def test_default_memory_is_shared_by_the_processes_of_a_machine(monkeypatch):
     assert _local_processes(3) == 3  # not under torchrun: all of the group's processes
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
     assert _local_processes(2) == 2
+
+
+@pytest.mark.parametrize("method", ["std", "min-max", "min-max-param"])
+@pytest.mark.parametrize("shapes", [[("w", (5, 6)), ("b", (5,))], []])
+def test_scale_stats_of_columns_stay_on_the_columns_device(method, shapes):
+    # the "meta" device stands in for a GPU: every branch, the no-parameter one included, allocates beside columns
+    P = sum(math.prod(s) for _, s in shapes) or 1
+    out = scale_stats_of_columns(torch.empty(5, P, device="meta"), shapes, method)
+    assert out.device.type == "meta"
