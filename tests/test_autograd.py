@@ -16,33 +16,38 @@ F64_BACKENDS = ["reference"]
 GRAPHS = [(3, 0), (1, 1), (4, 1), (6, 15), (9, 30)]  # (nodes, edges): no edges, one edge, empty rows
 
 
-def make(n_nodes, n_edges, c=3, d=4, d_out=5, n_types=3, seed=0, dtype=torch.float64):
+def make(n_nodes, n_edges, c=3, d=4, d_out=5, n_types=3, seed=0, dtype=torch.float64, hub=0, weight_scale=0.7):
+    """Random inputs of the ops of ``call`` on a destination-sorted CSR graph of ``n_edges`` random edges plus
+    ``hub`` edges into row ``n_nodes // 2``; weight matrices drawn with std ``weight_scale``, the rest with 0.7."""
     gen = torch.Generator().manual_seed(seed)
-    dst = torch.randint(0, n_nodes, (n_edges,), generator=gen).sort().values
-    src = torch.randint(0, n_nodes, (n_edges,), generator=gen).to(torch.int32)
+    dst = torch.cat((torch.randint(0, n_nodes, (n_edges,), generator=gen), torch.full((hub,), n_nodes // 2)))
+    dst = dst.sort().values
+    m = dst.numel()
+    src = torch.randint(0, n_nodes, (m,), generator=gen).to(torch.int32)
     rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
     rowptr[1:] = torch.bincount(dst, minlength=n_nodes).cumsum(0)
 
-    def r(*shape):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.7).to(dtype).requires_grad_()
+    def r(*shape, scale=0.7):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
+    w = weight_scale
     return dict(
         rowptr=rowptr,
         src=src,
         dst=dst.to(torch.int32),
-        etype=torch.randint(0, n_types, (n_edges,), generator=gen),
-        feat=r(n_edges, c),
-        W2=r(2 * d, c),
+        etype=torch.randint(0, n_types, (m,), generator=gen),
+        feat=r(m, c),
+        W2=r(2 * d, c, scale=w),
         b2=r(2 * d),
         T2=r(n_types, 2 * d),
-        Wa=r(d, c),
+        Wa=r(d, c, scale=w),
         ba=r(d),
         Ta=r(n_types, d),
-        Wb=r(d_out, d),
+        Wb=r(d_out, d, scale=w),
         bb=r(d_out),
-        Wsc=r(d, d),
+        Wsc=r(d, d, scale=w),
         bsc=r(d),
-        Wsh=r(d, d),
+        Wsh=r(d, d, scale=w),
         bsh=r(d),
         nd=r(n_nodes, d),
         ns=r(n_nodes, d),

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from test_autograd import CASES, call, inputs
+from test_autograd import CASES, call, inputs, make
 
 from nino_fast.ops import autograd as ag
 
@@ -37,42 +37,8 @@ GRAPHS = {
 
 
 def graph(n, e, hub, c, d, d_out, seed=0):
-    """Random float32 tensors for the ops of tests/test_autograd.py (same names), destination-sorted CSR."""
-    gen = torch.Generator().manual_seed(seed)
-    dst = torch.cat((torch.randint(0, n, (e,), generator=gen), torch.full((hub,), n // 2))).sort().values
-    m = dst.numel()
-    rowptr = torch.zeros(n + 1, dtype=torch.int64)
-    rowptr[1:] = torch.bincount(dst, minlength=n).cumsum(0)
-    n_types = 15
-
-    def r(*shape, scale=0.7):
-        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
-
-    return dict(
-        rowptr=rowptr,
-        src=torch.randint(0, n, (m,), generator=gen).to(torch.int32),
-        dst=dst.to(torch.int32),
-        etype=torch.randint(0, n_types, (m,), generator=gen),
-        feat=r(m, c),
-        W2=r(2 * d, c, scale=0.3),
-        b2=r(2 * d),
-        T2=r(n_types, 2 * d),
-        Wa=r(d, c, scale=0.3),
-        ba=r(d),
-        Ta=r(n_types, d),
-        Wb=r(d_out, d, scale=0.3),
-        bb=r(d_out),
-        Wsc=r(d, d, scale=0.3),
-        bsc=r(d),
-        Wsh=r(d, d, scale=0.3),
-        bsh=r(d),
-        nd=r(n, d),
-        ns=r(n, d),
-        nd2=r(n, d_out),
-        ns2=r(n, d_out),
-        md=r(n, d),
-        ms=r(n, d),
-    )
+    """``make`` of tests/test_autograd.py in float32 with 15 edge types and smaller weights (GRAPHS' shapes)."""
+    return make(n, e, c, d, d_out, n_types=15, seed=seed, dtype=torch.float32, hub=hub, weight_scale=0.3)
 
 
 def grads(op, opts, x, fused: bool, feat_grad: bool = True, dtype=torch.float32):
