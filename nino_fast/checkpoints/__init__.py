@@ -1,19 +1,18 @@
 """Checkpoints shipped with nino_fast, trained here by our own code (``nino-fast collect`` + ``nino-fast train``).
 
-``nino_fast_small.pt``: NiNo, the official architecture with hidden width 64 (152K parameters, 0.6 MB, float32),
-no word-position encoding; meta-trained on parameter trajectories of small MLPs and ConvNets on sklearn digits
-(neither the demo's ConvNet nor the held-out MLP of :mod:`nino_fast.meta.tasks`) in four stages, 118 CPU-min of
-one core in all (the stores: ``A`` = 63 runs of the default plan, lr 1e-3..5e-3, ``nino-fast collect --out A
---max-runs 63``; ``W`` = the wide plan's 104 MLPs and ConvNets, lr 1e-4..5e-3, ``nino-fast collect --out W --plan
-wide --families mlp convnet``; ``B`` = ``W``'s runs plus ``A``'s, collected into one store):
+``nino_fast_small.pt``: NiNo, the official architecture at the official hidden width 128 (550K parameters, 2.2 MB,
+float32), no word-position encoding; meta-trained on parameter trajectories of small MLPs and ConvNets on sklearn
+digits (neither the demo's ConvNet nor the held-out MLP of :mod:`nino_fast.meta.tasks`) in two stages, 62 CPU-min
+of one core in all, plus 13 CPU-min of collection (the stores: ``A`` = 63 runs of the default plan, lr
+1e-3..5e-3, ``nino-fast collect --out A --max-runs 63``; ``W`` = the wide plan's 104 MLPs and ConvNets, lr
+1e-4..5e-3, ``nino-fast collect --out W --plan wide --families mlp convnet``):
 
-1. ``nino-fast train --data A --hid 64 --steps 2500 --init torch`` (26.5 CPU-min);
-2. ``nino-fast train --data B --init-from <stage 1> --hid 64 --steps 1000 --lr 1e-3`` (8.4 CPU-min);
-3. ``nino-fast train --data B --init-from <stage 2> --hid 64 --steps 4000 --lr 2e-3 --seed 1`` (36.0 CPU-min);
-4. ``nino-fast train --data W --init-from <stage 3> --hid 64 --steps 4000 --lr 2e-3 --seed 3`` (47.2 CPU-min).
+1. ``nino-fast train --data A --out stage1.pt --hid 128 --steps 2500 --init torch --seed 21`` (26.3 CPU-min);
+2. ``nino-fast train --data W --out nino_fast_small.pt --init-from stage1.pt --hid 128 --steps 1500 --lr 2e-3
+   --seed 23`` (35.5 CPU-min).
 
 Its ``train_info`` entry records the configuration, steps and CPU time of the last stage, and under ``init_from``
-(nested) those of the stages before it.
+(nested) those of stage 1.
 
     from nino_fast import NiNoModel
     from nino_fast.checkpoints import SMALL
