@@ -49,6 +49,18 @@ def test_plan_excludes_held_out_tasks():
         tasks.check_plan([*plan[:2], {**tasks.DEMO_TASK, "seed": 0}])
 
 
+def test_slow_plan_is_small_lr_deep_mlps_without_the_held_out_one():
+    plan = tasks.make_plan("slow")
+    assert plan == tasks.slow_plan() and {s["family"] for s in plan} == {"mlp"}
+    assert not any(tasks.is_held_out(s) for s in plan)
+    assert {s["lr"] for s in plan} == {1e-4, 2e-4, 3e-4, 5e-4, 7e-4, 1e-3}
+    assert min(len(s["widths"]) for s in plan) == 2 and max(len(s["widths"]) for s in plan) == 4
+    assert len({tasks.task_id(s) for s in plan}) == len(plan) == 48
+    # a three-hidden-layer ReLU MLP at the held-out learning rate is there, but never the held-out widths
+    assert any(len(s["widths"]) == 3 and s["lr"] == tasks.HELDOUT_TASK["lr"] and s["act"] == "relu" for s in plan)
+    assert all(s["widths"] != tasks.HELDOUT_TASK["widths"] for s in plan)
+
+
 def test_plan_families_filter_keeps_held_out_check(monkeypatch):
     wide = tasks.make_plan("wide")
     plan = tasks.make_plan("wide", families=["mlp", "convnet"])

@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     """Register ``collect`` and ``train`` on the ``nino-fast`` subparsers object ``sub``."""
-    from .tasks import FAMILIES  # (the nino_fast package has imported torch already: cheap)
+    from .tasks import FAMILIES, PLANS  # (the nino_fast package has imported torch already: cheap)
 
     p = sub.add_parser(
         "collect",
@@ -67,10 +67,10 @@ def add_parsers(sub) -> None:
     )
     p.add_argument(
         "--plan",
-        choices=("default", "wide"),
+        choices=tuple(PLANS),
         default="default",
-        help="default: ConvNets + MLPs, lr 1e-3..5e-3 (the bundled checkpoint's); wide: more MLP depths/widths, "
-        "lr 1e-4..5e-3, and transformers (at steps/2)",
+        help="default: ConvNets + MLPs, lr 1e-3..5e-3; wide: more MLP depths/widths, lr 1e-4..5e-3, and "
+        "transformers (at steps/2); slow: deep and wide MLPs at lr 1e-4..1e-3",
     )
     p.add_argument(
         "--families",

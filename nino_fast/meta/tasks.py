@@ -16,7 +16,8 @@ A task is a JSON-able dict (a *spec*)::
   architectures have them). Their neural graphs are built with ``arch`` = the family (:func:`graph_args`).
 
 Plans: :func:`default_plan` (ConvNets and MLPs, lr 1e-3..5e-3: the recipe of the bundled checkpoint, unchanged)
-and :func:`wide_plan` (more MLP depths and widths, lr 1e-4..5e-3, and the transformers); ``PLANS`` names them.
+and :func:`wide_plan` (more MLP depths and widths, lr 1e-4..5e-3, and the transformers), :func:`slow_plan` (deep
+and wide MLPs at lr 1e-4..1e-3); ``PLANS`` names them.
 
 Held out (never in the training plan, checked by :func:`check_plan`):
 
@@ -434,7 +435,55 @@ def wide_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
     return plan
 
 
-PLANS: dict[str, Callable[..., list[dict]]] = {"default": default_plan, "wide": wide_plan}
+def slow_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
+    """Deep and wide MLPs at small learning rates (1e-4..1e-3), the regime where a NiNo jump must be aimed well:
+    two to four hidden layers of 64-256 units (never the held-out 128-128-128; three-layer ones 96 and 160 wide
+    bracket it), ReLU mostly, AdamW/Adam, 3 rounds of 16 shapes at learning rates cycling through six values."""
+    mlps = [
+        [160, 160, 160],
+        [256, 128],
+        [96, 96, 96, 96],
+        [128, 128],
+        [192, 96, 48],
+        [64, 128, 64],
+        [256, 256],
+        [96, 96, 96],
+        [128, 64, 128],
+        [160, 80],
+        [64, 64, 64, 64],
+        [192, 192],
+        [128, 128, 64],
+        [256, 128, 64],
+        [64, 64, 64],
+        [128, 96, 64, 32],
+    ]
+    lrs = [3e-4, 1e-4, 5e-4, 2e-4, 1e-3, 7e-4]
+    opts = [("adamw", 0.01), ("adam", 0.0), ("adamw", 0.1)]
+    acts = ["relu", "relu", "gelu", "relu", "tanh"]
+    plan, seed = [], 700
+    for r in range(3):
+        for j, widths in enumerate(mlps):
+            seed += 1
+            o, wd = opts[(r + j) % len(opts)]
+            plan.append(
+                dict(
+                    family="mlp",
+                    widths=widths,
+                    act=acts[(r + 2 * j) % len(acts)],
+                    opt=o,
+                    wd=wd,
+                    seed=seed,
+                    lr=lrs[(2 * r + j) % len(lrs)],
+                    steps=steps,
+                    batch=64,
+                    save_every=save_every,
+                )
+            )
+    check_plan(plan)
+    return plan
+
+
+PLANS: dict[str, Callable[..., list[dict]]] = {"default": default_plan, "wide": wide_plan, "slow": slow_plan}
 
 
 def make_plan(
