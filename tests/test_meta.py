@@ -221,16 +221,21 @@ def test_cli_registers_meta_commands(tmp_path):
 
 
 def test_bundled_checkpoint_is_finished_and_continues_a_trend():
-    """The shipped model: both training stages ran to the end without skipped steps or restores, and on the demo's
-    ConvNet it extrapolates a straight-line history along the line, further for larger horizons (an untrained or
-    collapsed zero predictor fails: it barely moves the parameters)."""
+    """The shipped model: its three training stages ran to the end without skipped steps or restores, and on the
+    demo's ConvNet it extrapolates a straight-line history along the line, further for larger horizons (an
+    untrained or collapsed zero predictor fails: it barely moves the parameters)."""
     from torch.nn.utils import parameters_to_vector
 
     from nino_fast import demo
     from nino_fast.checkpoints import SMALL
 
     ck = torch.load(SMALL, map_location="cpu", weights_only=False)
-    for info in (ck["train_info"], ck["train_info"]["init_from"]["train_info"]):
+    stages, info = [], ck["train_info"]
+    while info is not None:
+        stages.append(info)
+        info = (info.get("init_from") or {}).get("train_info")
+    assert len(stages) == 3 and stages[-1]["config"]["init"] == "torch"  # stage 1 (last here) is from scratch
+    for info in stages:
         assert info["steps_done"] == info["steps_planned"] > 0
         assert info["skipped_steps"] == 0 and info["restores"] == 0
     nino = NiNoModel.from_checkpoint(ck)
