@@ -365,6 +365,19 @@ def transformer_specs(steps: int = 1200, save_every: int = 20, seed: int = 500) 
     return plan
 
 
+def _mlp_round(shapes, r, lrs, lr_shift, acts, opts, seed) -> tuple[list[dict], int]:
+    """Round ``r`` of a plan's MLPs: one spec per shape, seeds ``seed + 1, ...``; optimizer, activation and
+    learning rate cycle with the round and the shape (lr index ``lr_shift * r + j``). Returns them and the last
+    seed used."""
+    specs = []
+    for j, widths in enumerate(shapes):
+        seed += 1
+        o, wd = opts[(r + j) % len(opts)]
+        act, lr = acts[(r + 2 * j) % len(acts)], lrs[(lr_shift * r + j) % len(lrs)]
+        specs.append(dict(family="mlp", widths=widths, act=act, opt=o, wd=wd, seed=seed, lr=lr))
+    return specs, seed
+
+
 def wide_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
     """A wider plan: MLPs of 1-4 hidden layers and widths 32-256 (never the held-out 128-128-128), ConvNets,
     and :func:`transformer_specs` (at ``steps // 2``), with learning rates 1e-4..5e-3, interleaved as MLP,
@@ -394,20 +407,8 @@ def wide_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
     acts = ["relu", "relu", "gelu", "tanh", "silu"]
     mlp_specs, conv_specs, seed = [], [], 300
     for r in range(4):
-        for j, widths in enumerate(mlps):
-            seed += 1
-            o, wd = opts[(r + j) % len(opts)]
-            mlp_specs.append(
-                dict(
-                    family="mlp",
-                    widths=widths,
-                    act=acts[(r + 2 * j) % len(acts)],
-                    opt=o,
-                    wd=wd,
-                    seed=seed,
-                    lr=lrs[(3 * r + j) % len(lrs)],
-                )
-            )
+        specs, seed = _mlp_round(mlps, r, lrs, 3, acts, opts, seed)
+        mlp_specs += specs
         for j, (w, d) in enumerate(convs):
             seed += 1
             o, wd = opts[(r + j + 1) % len(opts)]
@@ -462,23 +463,10 @@ def slow_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
     acts = ["relu", "relu", "gelu", "relu", "tanh"]
     plan, seed = [], 700
     for r in range(3):
-        for j, widths in enumerate(mlps):
-            seed += 1
-            o, wd = opts[(r + j) % len(opts)]
-            plan.append(
-                dict(
-                    family="mlp",
-                    widths=widths,
-                    act=acts[(r + 2 * j) % len(acts)],
-                    opt=o,
-                    wd=wd,
-                    seed=seed,
-                    lr=lrs[(2 * r + j) % len(lrs)],
-                    steps=steps,
-                    batch=64,
-                    save_every=save_every,
-                )
-            )
+        specs, seed = _mlp_round(mlps, r, lrs, 2, acts, opts, seed)
+        plan += specs
+    for spec in plan:
+        spec.update(steps=steps, batch=64, save_every=save_every)
     check_plan(plan)
     return plan
 
