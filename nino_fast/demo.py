@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._env import torch_threads
 from .optim import NiNo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +204,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="demo_out", help="directory for demo_loss.png and demo_results.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):  # the caller's thread count is restored after
+        return _run(args)
+
+
+def _run(args) -> int:
     ckpt, label = pick_predictor(args.ckpt)
     print(f"predictor: {label} [{ckpt}]")
     print(

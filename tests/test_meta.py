@@ -99,9 +99,14 @@ def test_collect_store_and_resume(store, capsys):
     torch.manual_seed(PLAN[0]["seed"])
     init = torch.cat([p.detach().reshape(-1) for p in tasks.build_model(PLAN[0]).parameters()])
     torch.testing.assert_close(st.states(tasks.task_id(PLAN[0]), [0])[0], init, atol=1e-3, rtol=1e-3)
-    # rerun: nothing left to do, the disk budget is stated up front
-    lines = []
-    summary = collect(store, PLAN, log=lines.append)
+    # rerun: nothing left to do, the disk budget is stated up front; the caller's thread count is left as it was
+    lines, prev = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = collect(store, PLAN, log=lines.append, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
     assert summary["new_runs"] == 0 and "disk for all of them" in lines[0]
 
 
@@ -163,7 +168,13 @@ def test_forward_paths_agree_and_match_nowcast(store):
 
 
 def test_train_loss_finite_and_checkpoint_loads(store, tmp_path):
-    res = train(cfg(store, tmp_path / "n.pt", steps=8), log=lambda *_: None)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = train(cfg(store, tmp_path / "n.pt", steps=8, threads=1), log=lambda *_: None)
+        assert torch.get_num_threads() == 2  # train() runs on cfg.threads and restores the caller's count
+    finally:
+        torch.set_num_threads(prev)
     assert res["step"] == 8 and len(res["losses"]) == 8 and all(math.isfinite(v) for v in res["losses"])
     assert res["skipped"] == 0 and res["restores"] == 0
     model = NiNoModel.from_checkpoint(tmp_path / "n.pt")

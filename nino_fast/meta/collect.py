@@ -16,8 +16,7 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
+from .._env import torch_threads
 from . import tasks
 from .store import TrajectoryStore
 
@@ -35,8 +34,13 @@ def collect(
     threads: int = 1,
     log=print,
 ) -> dict:
-    """Collect ``plan`` (default: the default plan) into the store at ``out``; returns a summary dict."""
-    torch.set_num_threads(threads)
+    """Collect ``plan`` (default: the default plan) into the store at ``out`` with ``threads`` torch threads (the
+    caller's count is restored after); returns a summary dict."""
+    with torch_threads(threads):
+        return _collect(out, plan, budget_min, max_runs, dtype, log)
+
+
+def _collect(out, plan, budget_min, max_runs, dtype, log) -> dict:
     plan = tasks.default_plan() if plan is None else plan
     tasks.check_plan(plan)
     if max_runs is not None:

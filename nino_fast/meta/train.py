@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .._env import torch_threads
 from ..model import NiNoModel
 from .data import WindowSampler
 from .forward import PATHS, check_trainable, loss_fn, predict_pieces, predict_wnn, wnn_loss
@@ -322,14 +323,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, hook=None) -> di
 
     ``hook(stage, trainer, batch)`` (stage 'batch', 'grad' or 'update') lets tests inject faults.
     """
-    torch.set_num_threads(cfg.threads)
     if not math.isfinite(cfg.lr) or cfg.steps < 1:
         raise ValueError(f"train: need a finite lr and steps >= 1, got lr={cfg.lr}, steps={cfg.steps}")
-    trainer = _Trainer(cfg, log)
-    name = f"WNN+ MLP(hid={cfg.hid})" if cfg.arch == "wnn" else f"NiNoModel(hid={cfg.hid}), path {cfg.path}"
-    log(
-        f"train: {name} {sum(p.numel() for p in trainer.model.parameters())} parameters, "
-        f"{len(trainer.sampler.runs)} runs in {cfg.data}, {cfg.steps} steps of "
-        f"{cfg.batch}x{cfg.samples_per_traj} graphs"
-    )
-    return trainer.run(hook)
+    with torch_threads(cfg.threads):  # the caller's thread count is restored after
+        trainer = _Trainer(cfg, log)
+        name = f"WNN+ MLP(hid={cfg.hid})" if cfg.arch == "wnn" else f"NiNoModel(hid={cfg.hid}), path {cfg.path}"
+        log(
+            f"train: {name} {sum(p.numel() for p in trainer.model.parameters())} parameters, "
+            f"{len(trainer.sampler.runs)} runs in {cfg.data}, {cfg.steps} steps of "
+            f"{cfg.batch}x{cfg.samples_per_traj} graphs"
+        )
+        return trainer.run(hook)
