@@ -19,7 +19,8 @@ A process needs only its part of the neural graph (all nodes, only its edges: ab
 :func:`shard_graph` cuts it from a built one; pass it instead of the whole graph.
 
 Every process gets the same result; with full histories it is bitwise that of ``NiNoModel.nowcast`` on one process
-(the CPU kernels reduce each destination row in its own edge order whatever the rows around it).
+(the CPU kernels reduce each destination row in its own edge order whatever the rows around it) at the same thread
+count (WNN+ runs torch's GEMMs, whose results can depend on it: MKL on an Intel Xeon).
 
 Failures are agreed, never half-way: invalid inputs on any process (or inputs that differ between processes) raise
 ``ValueError`` on all of them before any work; an exception or a non-finite prediction on one process is carried
