@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nino_fast import NiNoModel, build_graph
+from nino_fast._env import torch_threads
 from nino_fast.cli import build_parser
 from nino_fast.meta import tasks
 from nino_fast.meta.collect import collect
@@ -100,13 +101,10 @@ def test_collect_store_and_resume(store, capsys):
     init = torch.cat([p.detach().reshape(-1) for p in tasks.build_model(PLAN[0]).parameters()])
     torch.testing.assert_close(st.states(tasks.task_id(PLAN[0]), [0])[0], init, atol=1e-3, rtol=1e-3)
     # rerun: nothing left to do, the disk budget is stated up front; the caller's thread count is left as it was
-    lines, prev = [], torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    lines = []
+    with torch_threads(2):
         summary = collect(store, PLAN, log=lines.append, threads=1)
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(prev)
     assert summary["new_runs"] == 0 and "disk for all of them" in lines[0]
 
 
@@ -168,13 +166,9 @@ def test_forward_paths_agree_and_match_nowcast(store):
 
 
 def test_train_loss_finite_and_checkpoint_loads(store, tmp_path):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         res = train(cfg(store, tmp_path / "n.pt", steps=8, threads=1), log=lambda *_: None)
         assert torch.get_num_threads() == 2  # train() runs on cfg.threads and restores the caller's count
-    finally:
-        torch.set_num_threads(prev)
     assert res["step"] == 8 and len(res["losses"]) == 8 and all(math.isfinite(v) for v in res["losses"])
     assert res["skipped"] == 0 and res["restores"] == 0
     model = NiNoModel.from_checkpoint(tmp_path / "n.pt")

@@ -48,6 +48,7 @@ _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 FAMILIES = ("convnet", "mlp", "gpt2", "llama")
 TRANSFORMERS = ("gpt2", "llama")
 
+_OPTS = (("adamw", 0.01), ("adam", 0.0), ("adamw", 0.1))  # (optimizer, weight decay) the plans cycle through
 DEMO_TASK = dict(family="convnet", width=16, depth=3, act="relu", opt="adamw", lr=3e-3, wd=0.01)
 HELDOUT_TASK = dict(family="mlp", widths=[128, 128, 128], act="relu", opt="adamw", lr=3e-4, wd=0.01)
 
@@ -299,13 +300,12 @@ def default_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
     convs = [(8, 3), (12, 3), (8, 2), (24, 3), (12, 4), (20, 2), (6, 3), (32, 2), (10, 4), (24, 2)]
     mlps = [[32], [64], [32, 32], [64, 64], [96, 48], [48, 48], [128], [64, 32]]
     lrs = [3e-3, 1e-3, 5e-3, 2e-3]
-    opts = [("adamw", 0.01), ("adam", 0.0), ("adamw", 0.1)]
     acts = ["relu", "relu", "gelu", "tanh"]
     plan, seed = [], 100
     for r in range(12):
         for j, (w, d) in enumerate(convs):
             seed += 1
-            o, wd = opts[(r + j) % len(opts)]
+            o, wd = _OPTS[(r + j) % len(_OPTS)]
             spec = dict(
                 family="convnet",
                 width=w,
@@ -319,7 +319,7 @@ def default_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
             plan.append(spec)
             if j < len(mlps):
                 seed += 1
-                o, wd = opts[(r + j + 1) % len(opts)]
+                o, wd = _OPTS[(r + j + 1) % len(_OPTS)]
                 spec = dict(
                     family="mlp",
                     widths=mlps[(r + j) % len(mlps)],
@@ -351,12 +351,11 @@ def transformer_specs(steps: int = 1200, save_every: int = 20, seed: int = 500) 
         ("gpt2", 64, 1, 2, None),
     ]
     lrs = [1e-3, 3e-4, 3e-3, 6e-4, 2e-3]
-    opts = [("adamw", 0.01), ("adam", 0.0), ("adamw", 0.1)]
     plan = []
     for r in range(3):
         for j, (family, w, d, h, kv) in enumerate(shapes):
             seed += 1
-            o, wd = opts[(r + j) % len(opts)]
+            o, wd = _OPTS[(r + j) % len(_OPTS)]
             spec = dict(family=family, width=w, depth=d, heads=h, opt=o, lr=lrs[(r * 3 + j) % len(lrs)], wd=wd)
             if kv:
                 spec["kv_heads"] = kv
@@ -365,14 +364,14 @@ def transformer_specs(steps: int = 1200, save_every: int = 20, seed: int = 500) 
     return plan
 
 
-def _mlp_round(shapes, r, lrs, lr_shift, acts, opts, seed) -> tuple[list[dict], int]:
+def _mlp_round(shapes, r, lrs, lr_shift, acts, seed) -> tuple[list[dict], int]:
     """Round ``r`` of a plan's MLPs: one spec per shape, seeds ``seed + 1, ...``; optimizer, activation and
     learning rate cycle with the round and the shape (lr index ``lr_shift * r + j``). Returns them and the last
     seed used."""
     specs = []
     for j, widths in enumerate(shapes):
         seed += 1
-        o, wd = opts[(r + j) % len(opts)]
+        o, wd = _OPTS[(r + j) % len(_OPTS)]
         act, lr = acts[(r + 2 * j) % len(acts)], lrs[(lr_shift * r + j) % len(lrs)]
         specs.append(dict(family="mlp", widths=widths, act=act, opt=o, wd=wd, seed=seed, lr=lr))
     return specs, seed
@@ -403,15 +402,14 @@ def wide_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
     convs = [(8, 3), (12, 3), (8, 2), (24, 3), (12, 4), (20, 2), (6, 3), (32, 2), (10, 4), (24, 2)]
     lrs = [1e-4, 1e-3, 2e-4, 3e-3, 5e-4, 2e-3, 7e-4, 5e-3]
     conv_lrs = [1e-3, 5e-4, 3e-3, 2e-3, 5e-3]
-    opts = [("adamw", 0.01), ("adam", 0.0), ("adamw", 0.1)]
     acts = ["relu", "relu", "gelu", "tanh", "silu"]
     mlp_specs, conv_specs, seed = [], [], 300
     for r in range(4):
-        specs, seed = _mlp_round(mlps, r, lrs, 3, acts, opts, seed)
+        specs, seed = _mlp_round(mlps, r, lrs, 3, acts, seed)
         mlp_specs += specs
         for j, (w, d) in enumerate(convs):
             seed += 1
-            o, wd = opts[(r + j + 1) % len(opts)]
+            o, wd = _OPTS[(r + j + 1) % len(_OPTS)]
             conv_specs.append(
                 dict(
                     family="convnet",
@@ -459,11 +457,10 @@ def slow_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
         [128, 96, 64, 32],
     ]
     lrs = [3e-4, 1e-4, 5e-4, 2e-4, 1e-3, 7e-4]
-    opts = [("adamw", 0.01), ("adam", 0.0), ("adamw", 0.1)]
     acts = ["relu", "relu", "gelu", "relu", "tanh"]
     plan, seed = [], 700
     for r in range(3):
-        specs, seed = _mlp_round(mlps, r, lrs, 2, acts, opts, seed)
+        specs, seed = _mlp_round(mlps, r, lrs, 2, acts, seed)
         plan += specs
     for spec in plan:
         spec.update(steps=steps, batch=64, save_every=save_every)
