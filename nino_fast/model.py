@@ -8,7 +8,10 @@ pass whose output is unused (the last layer's), and the output head only for hor
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +20,103 @@ from torch import nn
 from . import plan as folded_plan
 from . import stream
 from .graph import NeuralGraph
+from .graph.checks import InputTypeError, check_int, check_not_meta, describe, is_int
 from .ops import dispatch
 from .scaling import METHODS, scale_params, unscale_params
 
 _ACTS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-# model_args the official checkpoints may carry that only steer devices/memory there (no effect on results here)
-_IGNORED_ARGS = ("chunk_size", "message_passing_device", "edge_sample_ratio", "towers")
+
+
+# ---- model_args checks ------------------------------------------------------------------------------------------
+# (expected, type check, value check) per model_args key. The bounds are what the official architecture
+# supports with room to spare (its checkpoints use ctx 5, seq_len 40, hid 32-128, 3 layers, lpe 8, 15 edge
+# types, 9 feature slots); they exist so that a corrupt or hostile checkpoint fails by name before anything
+# is allocated, not after a multi-GB allocation or, worse, by loading and predicting garbage (hid=0).
+_Rule = tuple[str, Callable[[object], bool], Callable[[object], bool]]
+
+
+def _ints(lo: int, hi: int, none: bool = False) -> _Rule:
+    return (
+        f"an int in {lo}..{hi}" + (" or None" if none else ""),
+        lambda v: (none and v is None) or is_int(v),
+        lambda v: v is None or lo <= v <= hi,
+    )
+
+
+def _real(lo: float, hi: float, lo_open: bool) -> _Rule:
+    return (
+        f"a finite number in {'(' if lo_open else '['}{lo}, {hi}]",
+        lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+        lambda v: math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi,
+    )
+
+
+def _flag(expected: str = "a bool") -> _Rule:
+    return (expected, lambda v: isinstance(v, bool) or (is_int(v) and v in (0, 1)), lambda v: True)
+
+
+def _choice(options) -> _Rule:
+    return (f"one of {list(options)}", lambda v: isinstance(v, str), lambda v: v in options)
+
+
+_ARG_RULES: dict[str, _Rule] = {
+    "ctx": _ints(1, 64),
+    "hid": _ints(1, 4096),
+    "layers": _ints(1, 64),
+    "seq_len": _ints(1, 1000),  # the horizons the head predicts (k in 1..seq_len)
+    "lpe": _ints(0, 64),
+    "max_feat_size": _ints(0, 1024, none=True),  # 0 / None: 1 slot; 9 for 3x3 convs, 256 for 16x16 patches
+    "vocab_size": _ints(1, 1 << 21),
+    "edge_types": ("0 or an int in 14..1024", is_int, lambda v: v == 0 or 14 <= v <= 1024),  # types reach 13
+    "gnn": (
+        "a bool, None or 'none'",
+        lambda v: v is None or isinstance(v, (bool, str)) or (is_int(v) and v in (0, 1)),
+        lambda v: not isinstance(v, str) or v in ("None", "none"),
+    ),
+    "dms": _flag(),
+    "improved_graph": _flag(),
+    "residual": _flag(),
+    "wte_pos_enc": _flag(),
+    "final_edge_update": _flag(),
+    "input_layer": ("a non-empty str ('linear': one layer, else two)", lambda v: isinstance(v, str), bool),
+    "act_name": _choice(_ACTS),
+    "scale_method": _choice(METHODS),
+    "upd_scale": _real(0.0, 1000.0, lo_open=True),
+    # official model_args that only steer devices/memory there (no effect here; towers other than 1 would show
+    # up as unexpected weight keys)
+    "chunk_size": _ints(1, 1 << 40, none=True),
+    "message_passing_device": (
+        "None, a str or a torch.device",
+        lambda v: v is None or isinstance(v, (str, torch.device)),
+        lambda v: True,
+    ),
+    "edge_sample_ratio": _real(0.0, 1.0, lo_open=False),
+    "towers": _ints(1, 4096),
+}
+
+
+def check_model_args(args: dict, who: str = "NiNoModel") -> None:
+    """Check every ``model_args`` entry by name (unknown keys, types, ranges; ``towers`` must divide ``hid``)
+    before a model is built: InputTypeError for a wrong type, ValueError for a value out of range."""
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise InputTypeError(f"{who}: model_args must be a dict with str keys, got {describe(args)}")
+    unknown = sorted(set(args) - set(_ARG_RULES))
+    if unknown:
+        raise ValueError(f"{who}: unknown model_args {unknown}")
+    for key, value in args.items():
+        expected, type_ok, value_ok = _ARG_RULES[key]
+        if not type_ok(value):
+            raise InputTypeError(f"{who}: model_args[{key!r}] must be {expected}, got {describe(value)}")
+        if not value_ok(value):
+            raise ValueError(f"{who}: model_args[{key!r}] must be {expected}, got {value!r}")
+    hid, towers = args.get("hid", 128), args.get("towers", 1)
+    if hid % towers:
+        raise ValueError(f"{who}: model_args['towers']={towers} must divide model_args['hid']={hid}")
 
 
 def graph_to(graph: NeuralGraph, device: torch.device) -> NeuralGraph:
-    """A shallow copy of ``graph`` with its tensors on ``device`` (the graph itself if already there)."""
+    """A shallow copy of ``graph`` with its tensors on ``device`` (the graph itself if already there); the rest
+    (``fingerprint``, ``param_shapes``, ``meta``, ...) is kept, so the copy still knows which model it is for."""
     if graph.rowptr.device == torch.device(device):
         return graph
     moved = copy.copy(graph)
@@ -34,6 +124,25 @@ def graph_to(graph: NeuralGraph, device: torch.device) -> NeuralGraph:
         if isinstance(value, torch.Tensor):
             setattr(moved, name, value.to(device))
     return moved
+
+
+def _check_state(where: str, own: dict, state: dict, args: dict) -> None:
+    """The checkpoint's weights against the (meta) model built from ``args``: same keys, same shapes, real
+    floating tensors -- so that loading never silently casts integers or copies from a meta tensor."""
+    for key, want in own.items():
+        if key not in state:
+            raise ValueError(f"{where}: not a NiNo checkpoint for model_args={args}: missing key {key!r}")
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(
+                f"{where}: key {key!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)} for model_args={args}"
+            )
+        check_not_meta(got, where, f"weight {key!r}")
+        if not got.is_floating_point():
+            raise ValueError(f"{where}: weight {key!r} must be a floating tensor, got {got.dtype}")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise ValueError(f"{where}: unexpected key {extra[0]!r} for model_args={args}")
 
 
 def _count_nonfinite(t: torch.Tensor, rows: int = 1 << 20) -> int:
@@ -133,9 +242,8 @@ class NiNoModel(nn.Module):
         **ignored,
     ):
         super().__init__()
-        unknown = sorted(set(ignored) - set(_IGNORED_ARGS))
-        if unknown:
-            raise ValueError(f"NiNoModel: unknown model_args {unknown}")
+        given = {k: v for k, v in locals().items() if k not in ("self", "ignored", "__class__")}
+        check_model_args({**given, **ignored}, "NiNoModel")
         if not dms or not improved_graph:
             raise ValueError("NiNoModel: only dms=True and improved_graph=True are supported (as officially)")
         if act_name not in _ACTS or scale_method not in METHODS:
@@ -173,7 +281,10 @@ class NiNoModel(nn.Module):
     def from_checkpoint(cls, path_or_dict, map_location="cpu") -> NiNoModel:
         """Load an official-format checkpoint: ``{'state_dict': ..., 'model_args': {...}}`` or a bare state_dict.
         The checkpoint's ``train_info`` (``nino-fast train``'s record of how it was trained), if any, is kept as
-        ``model.train_info`` (else None)."""
+        ``model.train_info`` (else None).
+
+        Every ``model_args`` entry is checked by name (:func:`check_model_args`) and every weight's shape against
+        them before any memory is allocated for the model; weights must be real (not meta) floating tensors."""
         where = (
             f"NiNoModel.from_checkpoint({path_or_dict!r})"
             if isinstance(path_or_dict, (str, os.PathLike))
@@ -191,47 +302,59 @@ class NiNoModel(nn.Module):
         if not isinstance(ckpt, dict):
             raise ValueError(f"{where}: expected a dict checkpoint, got {type(ckpt).__name__}")
         state = ckpt.get("state_dict", ckpt)
-        args = dict(ckpt.get("model_args") or {})
+        args = ckpt.get("model_args")
+        args = {} if args is None else args
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{where}: 'state_dict' must map names to tensors")
-        model = cls(**args)
-        own = model.state_dict()
-        for key in own:
-            if key not in state:
-                raise ValueError(f"{where}: not a NiNo checkpoint for model_args={args}: missing key {key!r}")
-            if tuple(state[key].shape) != tuple(own[key].shape):
-                raise ValueError(
-                    f"{where}: key {key!r} has shape {tuple(state[key].shape)}, "
-                    f"expected {tuple(own[key].shape)} for model_args={args}"
-                )
-        extra = [k for k in state if k not in own]
-        if extra:
-            raise ValueError(f"{where}: unexpected key {extra[0]!r} for model_args={args}")
+        check_model_args(args, where)  # before anything is allocated
+        with torch.device("meta"):  # shapes only: checked against the weights before any memory is spent
+            model = cls(**args)
+        _check_state(where, model.state_dict(), state, args)
+        model.to_empty(device="cpu")
         model.load_state_dict(state)
         info = ckpt.get("train_info")  # how a checkpoint of ours was trained (nino-fast train); None otherwise
         model.train_info = info if isinstance(info, dict) else None
         return model.eval()
 
     # ---- validation ---------------------------------------------------------------------------------------------
-    def _check_inputs(self, graph: NeuralGraph, states: torch.Tensor, k: int | None) -> None:
-        if not isinstance(states, torch.Tensor) or states.dim() != 2:
-            shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
-            raise ValueError(f"NiNoModel: states must be a (n_params, ctx) tensor, got {shape}")
+    def _check_inputs(self, graph, states, k, who: str = "NiNoModel.nowcast", named_shapes=None) -> int | None:
+        """Every check of a step's inputs, before any work (bad input fails here, by name, not deep in a
+        kernel): the model and inputs hold real values, the graph is the model's (``named_shapes``, if given)
+        and fits the checkpoint, ``states`` is a finite (n_params, ctx) float tensor, ``k`` an int in
+        1..seq_len. Returns ``k`` as a Python int (None stays None)."""
+        check_not_meta(next(self.parameters()), who, "the model")
+        if not isinstance(graph, NeuralGraph):
+            raise InputTypeError(f"{who}: graph must be a NeuralGraph (from build_graph), got {describe(graph)}")
+        if named_shapes is not None:
+            graph.check_matches(named_shapes, who)
+        self._check_states(graph, states, who)
+        k = None if k is None else check_int(k, who, "k", 1, self.seq_len)
+        self._check_graph(graph, who)
+        return k
+
+    def _check_states(self, graph: NeuralGraph, states, who: str) -> None:
+        if not isinstance(states, torch.Tensor):
+            raise InputTypeError(f"{who}: states must be a (n_params, ctx) tensor, got {describe(states)}")
+        check_not_meta(states, who, "states")
+        if states.dim() != 2:
+            raise ValueError(f"{who}: states must be a (n_params, ctx) tensor, got shape {tuple(states.shape)}")
         if states.shape != (graph.num_params, self.ctx):
             raise ValueError(
-                f"NiNoModel: states has shape {tuple(states.shape)}, expected "
-                f"(n_params={graph.num_params}, ctx={self.ctx})"
+                f"{who}: states has shape {tuple(states.shape)}, expected (n_params={graph.num_params}, ctx={self.ctx})"
             )
         if not states.is_floating_point():
-            raise ValueError(f"NiNoModel: states must be floating point, got {states.dtype}")
+            raise InputTypeError(f"{who}: states must be floating point, got {states.dtype}")
         bad = _count_nonfinite(states)
         if bad:
-            raise ValueError(f"NiNoModel: states contain {bad} NaN/Inf values")
-        if k is not None and not (isinstance(k, int) and 1 <= k <= self.seq_len):
-            raise ValueError(f"NiNoModel: k must be an int in 1..{self.seq_len}, got {k!r}")
+            raise ValueError(f"{who}: states contain {bad} NaN/Inf values")
+
+    def _check_graph(self, graph: NeuralGraph, who: str) -> None:
+        """The graph's tensors hold values and its features fit the checkpoint (slots, LPE width, vocabulary)."""
+        for name in ("rowptr", "src", "dst", "edge_type_u8", "param_pos", "pos_w", "lpe"):
+            check_not_meta(getattr(graph, name), who, f"graph.{name}")
         if graph.max_feat_size > self.max_feat_size:
             raise ValueError(
-                f"NiNoModel: the graph has {graph.max_feat_size} features per edge (conv kernel size),"
+                f"{who}: the graph has {graph.max_feat_size} features per edge (conv kernel size),"
                 f" the model supports at most {self.max_feat_size}"
             )
         if self.is_mlp:
@@ -239,12 +362,12 @@ class NiNoModel(nn.Module):
         if self.lpe and (graph.lpe is None or graph.lpe.shape != (graph.num_nodes, self.lpe)):
             got = None if graph.lpe is None else tuple(graph.lpe.shape)
             raise ValueError(
-                f"NiNoModel: the model needs graph.lpe of shape ({graph.num_nodes}, {self.lpe}), "
+                f"{who}: the model needs graph.lpe of shape ({graph.num_nodes}, {self.lpe}), "
                 f"got {got}; build the graph with lpe={self.lpe}"
             )
         if self.wte_pos_enc and graph.num_nodes and int(graph.pos_w.max()) > self.vocab_size:
             raise ValueError(
-                f"NiNoModel: the graph's word positions reach {int(graph.pos_w.max())}, the model's "
+                f"{who}: the graph's word positions reach {int(graph.pos_w.max())}, the model's "
                 f"vocab_size is {self.vocab_size}"
             )
 
@@ -320,6 +443,7 @@ class NiNoModel(nn.Module):
         edge_sample_ratio: float = 0.0,
         subgraph: bool = False,
         edge_dtype: torch.dtype = torch.float32,
+        named_shapes: list[tuple[str, tuple[int, ...]]] | None = None,
     ) -> torch.Tensor:
         """The NiNo step: raw history (n_params, ctx), oldest first -> predicted parameters (n_params,) at k.
 
@@ -339,8 +463,12 @@ class NiNoModel(nn.Module):
         ``edge_dtype=torch.bfloat16`` (GPU backends ``cuda`` / ``triton`` only): the per-edge features the kernels
         read (raw history, the head's edge states) are bfloat16; weights, node terms and accumulation stay float32.
         About 2x faster GEMMs on tensor cores, at bfloat16 accuracy (not the exact step).
+
+        ``named_shapes``: the model's ``(name, shape)`` list; if given, a graph built for another model (even one
+        with as many parameters) is refused (:meth:`NeuralGraph.check_matches`). ``k``: an int (NumPy integers
+        too) in 1..seq_len. The model, ``states`` and the graph must not be on the meta device.
         """
-        self._check_inputs(graph, states, k)
+        k = self._check_inputs(graph, states, k, "NiNoModel.nowcast", named_shapes)
         ratio = edge_sample_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"NiNoModel.nowcast: edge_sample_ratio must be a number in [0, 1], got {ratio!r}")
@@ -435,14 +563,22 @@ class NiNoModel(nn.Module):
         return F.linear(h, fc[-1].weight[k - 1 : k], fc[-1].bias[k - 1 : k]).squeeze(1)
 
     @torch.no_grad()
-    def embed(self, graph: NeuralGraph, states: torch.Tensor, pooled: bool = False, backend: str | None = None):
+    def embed(
+        self,
+        graph: NeuralGraph,
+        states: torch.Tensor,
+        pooled: bool = False,
+        backend: str | None = None,
+        named_shapes: list[tuple[str, tuple[int, ...]]] | None = None,
+    ):
         """Node (N, hid) and edge (E, hid) embeddings after the GNN, edges in CSR order.
 
         ``pooled=True`` returns their means over nodes / edges, i.e. the official ``return_embeddings`` output.
+        Inputs are checked as for :meth:`nowcast` (``named_shapes`` too).
         """
         if self.is_mlp:
             raise ValueError("NiNoModel.embed: WNN+ checkpoints (gnn=False) have no graph embeddings")
-        self._check_inputs(graph, states, None)
+        self._check_inputs(graph, states, None, "NiNoModel.embed", named_shapes)
         graph = graph_to(graph, self.device)
         scaled, _ = scale_params(
             states.to(device=self.device, dtype=torch.float32), graph.param_shapes, self.scale_method

@@ -2,16 +2,19 @@
 
 from .blocks import Block
 from .build import build_graph, detect_arch
+from .checks import InputTypeError, fingerprint
 from .lpe import block_lpe, compute_lpe, laplacian_eigs, normalized_laplacian
 from .neural_graph import NeuralGraph
 
 __all__ = [
     "Block",
+    "InputTypeError",
     "NeuralGraph",
     "block_lpe",
     "build_graph",
     "compute_lpe",
     "detect_arch",
+    "fingerprint",
     "laplacian_eigs",
     "normalized_laplacian",
 ]

@@ -8,7 +8,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from .checks import InputTypeError, check_named_shapes, check_not_meta, describe, is_int
 from .entries import ARCHS, NAMES, TRANSFORMERS, expand
+from .heads import check_heads
 from .layout import Layout
 from .lpe import block_lpe
 from .neural_graph import NeuralGraph, assemble, assemble_rows, csr_rowptr, row_ranges
@@ -18,7 +20,8 @@ NamedShapes = Iterable[tuple[str, "torch.Size | tuple[int, ...] | torch.Tensor"]
 
 def detect_arch(module: torch.nn.Module) -> tuple[str, int | None, int | None]:
     """(arch, num_heads, num_key_value_heads) of a known transformer module; ('generic', None, None)
-    otherwise."""
+    otherwise. The counts are reported as the config has them; :func:`build_graph` checks them (positive ints
+    dividing the widths they split). Reads only configs and shapes, so a module on the meta device is fine."""
     cls_module = type(module).__module__
     if cls_module.startswith("transformers"):
         import transformers as tf
@@ -44,21 +47,10 @@ def detect_arch(module: torch.nn.Module) -> tuple[str, int | None, int | None]:
     return "generic", None, None
 
 
-def _named_shapes(model) -> list[tuple[str, tuple[int, ...]]]:
-    if isinstance(model, torch.nn.Module):
-        model = model.named_parameters()
-    elif isinstance(model, dict):
-        model = model.items()
-    out = []
-    for name, p in model:
-        shape = tuple(p.shape) if isinstance(p, torch.Tensor) else tuple(int(d) for d in p)
-        out.append((str(name), shape))
-    return out
-
-
-def _validate(named: list[tuple[str, tuple[int, ...]]], arch: str, num_heads, num_kv_heads) -> None:
+def _validate(named: list[tuple[str, tuple[int, ...]]], arch: str) -> None:
+    """Shapes and names the layout can place (types and duplicates are checked by ``check_named_shapes``)."""
     where = f"build_graph(arch={arch!r})"
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"{where}: unknown arch; expected one of {list(ARCHS)}")
     if not named:
         raise ValueError(f"{where}: the model has no parameters")
@@ -68,23 +60,27 @@ def _validate(named: list[tuple[str, tuple[int, ...]]], arch: str, num_heads, nu
             f"{where}: unsupported parameter shapes (neural graphs take 1-D to 4-D, non-empty "
             f"tensors, e.g. no scalars or 3-D convs): {bad}"
         )
-    names = [n for n, _ in named]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{where}: duplicate parameter names")
     if arch not in TRANSFORMERS:
         return
-    if not num_heads or num_heads < 1:
-        raise ValueError(f"{where}: num_heads is required for transformers (got {num_heads})")
     nm = NAMES[arch]
-    attn = [n for n in names if n.endswith(nm.get("attn", nm["attn_q"]))]
-    if not attn:
+    if not any(n.endswith(nm.get("attn", nm["attn_q"])) for n, _ in named):
         raise ValueError(
             f"{where}: no attention parameters found (expected names ending with "
-            f"{nm.get('attn', nm['attn_q'])!r}); parameter names: {names[:8]}..."
+            f"{nm.get('attn', nm['attn_q'])!r}); parameter names: {[n for n, _ in named[:8]]}..."
         )
-    kv = num_kv_heads or num_heads
-    if num_heads % kv:
-        raise ValueError(f"{where}: num_heads={num_heads} is not a multiple of num_key_value_heads={kv}")
+
+
+def _arch_and_heads(model, arch, num_heads, num_key_value_heads) -> tuple[str, int | None, int | None, dict]:
+    """The architecture and head counts to build with: the arguments, completed from the module's config when
+    ``arch`` is not given (explicit counts win); ``origin`` says where each count came from."""
+    origin = {"num_heads": "passed", "num_key_value_heads": "passed"}
+    if isinstance(model, torch.nn.Module) and arch is None:
+        arch, heads, kv = detect_arch(model)
+        if num_heads is None:
+            num_heads, origin["num_heads"] = heads, "detected from the model config"
+        if num_key_value_heads is None:
+            num_key_value_heads, origin["num_key_value_heads"] = kv, "detected from the model config"
+    return arch or "generic", num_heads, num_key_value_heads, origin
 
 
 def build_layout(
@@ -92,17 +88,13 @@ def build_layout(
 ) -> tuple[list, list, Layout]:
     """``(named shapes, entries, layout)`` of ``model`` (arguments as for :func:`build_graph`): the graph's
     block descriptors (``layout.blocks``) without any per-edge array, e.g. for :func:`~.lpe.block_lpe`
-    alone."""
-    if isinstance(model, torch.nn.Module) and arch is None:
-        arch, heads, kv = detect_arch(model)
-        num_heads = num_heads or heads
-        num_key_value_heads = num_key_value_heads or kv
-    arch = arch or "generic"
-    named = _named_shapes(model)
-    _validate(named, arch, num_heads, num_key_value_heads)
-    kv = num_key_value_heads or num_heads
-    entries = expand(named, arch, num_heads, kv)
-    return named, entries, Layout(entries, arch, num_heads, kv).run()
+    alone. All input checks happen here, before any layout work."""
+    arch, num_heads, num_key_value_heads, origin = _arch_and_heads(model, arch, num_heads, num_key_value_heads)
+    named = check_named_shapes(model, f"build_graph(arch={arch!r})")
+    _validate(named, arch)
+    heads, kv = check_heads(named, arch, num_heads, num_key_value_heads, origin)
+    entries = expand(named, arch, heads, kv)
+    return named, entries, Layout(entries, arch, heads, kv).run()
 
 
 def build_graph(
@@ -127,7 +119,13 @@ def build_graph(
         lpe_cache: use the on-disk LPE cache for large graphs (None: on unless ``NINO_FAST_LPE_CACHE=0``).
 
     Returns:
-        NeuralGraph in destination-sorted CSR form (see :class:`NeuralGraph`).
+        NeuralGraph in destination-sorted CSR form (see :class:`NeuralGraph`), with the
+        :func:`~.checks.fingerprint` of ``model``'s ``(name, shape)`` list (``graph.fingerprint``).
+
+    Raises:
+        ValueError / TypeError: bad names or shapes (dimensions must be positive ints, names unique non-empty
+        strings), head counts that are not positive ints or do not divide the widths they split, a bad ``lpe``.
+        A model on the meta device is fine: only its shapes are read.
     """
     named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
     arch = layout.arch
@@ -154,7 +152,7 @@ def build_graph_part(
     empty; ``graph.meta["whole_num_edges"]``: E); ``graph.param_pos`` holds the slots of the parameters ``ids``
     (sorted; int32 where the values fit) on them. Memory: the part's edge arrays and O(N) per-node arrays; the LPE
     is computed matrix-free from the layout (or read from its cache) as for the whole graph."""
-    if not (isinstance(parts, int) and parts >= 1 and isinstance(part, int) and 0 <= part < parts):
+    if not (is_int(parts) and parts >= 1 and is_int(part) and 0 <= part < parts):
         raise ValueError(f"build_graph_part: part must be in 0..parts-1 with parts >= 1, got {part} of {parts}")
     named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
     arch = layout.arch
@@ -169,13 +167,16 @@ def build_graph_part(
 
 
 def _lpe(blocks, n_nodes: int, lpe, cache: bool | None) -> torch.Tensor | None:
-    if lpe is None or lpe is False or (isinstance(lpe, int) and lpe == 0):
+    """The graph's LPE: None, a given (num_nodes, k) array, or k eigenvectors computed from the layout."""
+    if lpe is None or lpe is False or (is_int(lpe) and lpe == 0):
         return None
     if isinstance(lpe, (np.ndarray, torch.Tensor)):
+        check_not_meta(lpe, "build_graph", "lpe")  # a graph's LPE is a model input: it needs values
         t = torch.as_tensor(lpe, dtype=torch.float32)
         if t.dim() != 2 or t.shape[0] != n_nodes:
             raise ValueError(f"build_graph: lpe must be (num_nodes={n_nodes}, k), got {tuple(t.shape)}")
         return t.contiguous()
-    if not isinstance(lpe, int) or lpe < 0:
-        raise ValueError(f"build_graph: lpe must be an int >= 0, a (num_nodes, k) tensor or None, got {lpe!r}")
-    return block_lpe(blocks, n_nodes, lpe, cache=cache)
+    if not is_int(lpe) or lpe < 0:
+        err = ValueError if is_int(lpe) else InputTypeError
+        raise err(f"build_graph: lpe must be an int >= 0, a (num_nodes, k) tensor or None, got {describe(lpe)}")
+    return block_lpe(blocks, n_nodes, int(lpe), cache=cache)

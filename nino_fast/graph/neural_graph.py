@@ -16,6 +16,8 @@ Shapes (E edges incl. self-loops, N nodes, F = feature slots per edge: 1, or 9 f
 - ``lpe``     (N, k) float32 Laplacian positional encoding, or None
 - ``blocks``  list[Block]    the layout (one rectangle/diagonal per entry, official order): the graph's
                               structure, used for the matrix-free LPE, its cache key and ``perm``
+- ``fingerprint`` str        :func:`~.checks.fingerprint` of ``param_shapes``: which model the graph is for
+                              (``check_matches`` refuses another model's ``(name, shape)`` list)
 
 The edge order inside a destination segment is the blocks' order, self-loop last (deterministic); the official
 construction order differs, which is harmless: only the multiset of (src, dst, type) and the parameter mapping
@@ -34,6 +36,8 @@ import torch
 
 from .assemble import construction_order, fill, fill_dst, in_degrees
 from .blocks import Block, num_nodes
+from .checks import check_named_shapes, first_difference
+from .checks import fingerprint as fingerprint_of
 from .entries import NAMES
 from .layout import HEAD, RESIDUAL, SELF_LOOP
 
@@ -52,6 +56,24 @@ class NeuralGraph:
     lpe: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
     blocks: list[Block] = field(default_factory=list)
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        # graphs made by hand get the fingerprint build_graph gives; copies (copy.copy, dataclasses.replace,
+        # graph_to) pass theirs on
+        if not self.fingerprint:
+            self.fingerprint = fingerprint_of(self.param_shapes)
+
+    def check_matches(self, named_shapes: list[tuple[str, tuple[int, ...]]], who: str = "nowcast") -> None:
+        """Raise ValueError unless ``named_shapes`` (``[(name, shape), ...]``, ``named_parameters()`` order) is
+        the list this graph was built for. The parameter count alone would let a graph of another model with
+        as many parameters through, and its predictions would land on the wrong parameters."""
+        named = check_named_shapes(named_shapes, who)
+        if fingerprint_of(named) != self.fingerprint:
+            raise ValueError(
+                f"{who}: the neural graph was built for another model: "
+                f"{first_difference(self.param_shapes, named)}; rebuild it with build_graph for this model"
+            )
 
     @property
     def edge_type(self) -> torch.Tensor:
@@ -181,6 +203,7 @@ def assemble(entries, layout, param_shapes, arch: str, pos_w_enabled: bool) -> N
         param_shapes=list(param_shapes),
         arch=arch,
         blocks=blocks,
+        fingerprint=fingerprint_of(param_shapes),
     )
 
 
@@ -206,5 +229,6 @@ def assemble_rows(
         max_feat_size=feat,
         param_shapes=list(param_shapes),
         arch=arch,
+        fingerprint=fingerprint_of(param_shapes),
     )
     return part, ids
