@@ -51,6 +51,7 @@ def step(args: argparse.Namespace) -> int:
     from .offline import StepError, nowcast_checkpoints
 
     logging.basicConfig(level=logging.WARNING, format="nino-fast step: %(levelname)s: %(message)s")
+    logging.getLogger("nino_fast.offline").setLevel(logging.INFO)  # e.g. "snapshots reordered by step number"
     try:
         summary = nowcast_checkpoints(
             args.ckpts,
@@ -66,8 +67,10 @@ def step(args: argparse.Namespace) -> int:
             num_key_value_heads=args.num_kv_heads,
             exclude=args.exclude,
             device=args.device,
+            config=args.config,
+            order_from=args.order_from,
         )
-    except (StepError, ValueError, FileNotFoundError) as exc:
+    except (StepError, ValueError, OSError) as exc:  # user errors: a message, never a traceback
         print(f"nino-fast step: error: {exc}", file=sys.stderr)
         return 2
     print(
@@ -81,13 +84,28 @@ def _add_step_parser(sub) -> None:
     p = sub.add_parser(
         "step",
         help="apply one NiNo step to saved checkpoints (oldest first) and write the prediction",
-        description="Apply one NiNo step to ctx saved checkpoints of one training run, oldest first (torch "
-        "state dicts, .safetensors files or Hugging Face model directories), and write the predicted "
-        "checkpoint in the same format.",
+        description="Apply one NiNo step to ctx saved checkpoints of one training run (torch state dicts, "
+        ".safetensors files, Hugging Face model directories, sharded ones included, or sharded .index.json "
+        "files), and write the predicted checkpoint in the same format and shard layout. Snapshots whose "
+        "names all carry a step number (step_1000.pt, checkpoint-1000) are sorted by it, so a shell glob is "
+        "fine; otherwise they are taken oldest first as given. The output is written atomically (an existing "
+        "--out is replaced only once the new one is complete) and may not be one of the inputs. Errors exit "
+        "with status 2.",
     )
-    p.add_argument("ckpts", nargs="+", metavar="CKPT", help="the snapshots, oldest first (5 for NiNo checkpoints)")
+    p.add_argument(
+        "ckpts",
+        nargs="+",
+        metavar="CKPT",
+        help="the snapshots (5 for NiNo checkpoints): sorted by the step numbers in their names when all have "
+        "one, else oldest first as given",
+    )
     p.add_argument("--nino", required=True, help="NiNo checkpoint (.pt), or 'linefit' / 'linefit+'")
-    p.add_argument("--out", required=True, help="output file (or directory, for Hugging Face directories)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file, or directory for Hugging Face directories and sharded index files (its parent must "
+        "exist; an existing --out is replaced atomically)",
+    )
     p.add_argument("--k", type=int, help="horizon in snapshot spacings (1..40 for NiNo)")
     p.add_argument("--period", type=int, help="steps between NiNo steps (k from the schedule, with --max-train-steps)")
     p.add_argument("--max-train-steps", type=int, help="planned training steps, for the k schedule")
@@ -106,7 +124,20 @@ def _add_step_parser(sub) -> None:
     p.add_argument("--num-heads", type=int, help="attention heads (transformer state dicts)")
     p.add_argument("--num-kv-heads", type=int, help="key/value heads (grouped-query attention)")
     p.add_argument("--exclude", help="regex of tensor names to leave unchanged (plain state dicts)")
-    p.add_argument("--device", default="cpu", help="device for the NiNo model (default cpu)")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="Hugging Face config.json (or its directory) of the model, built on the meta device for the "
+        "parameter order, architecture, attention heads and tied weights; needed for plain .safetensors files "
+        "and shard indexes of models other than a numeric nn.Sequential (default: the HF directory's own)",
+    )
+    p.add_argument(
+        "--order-from",
+        metavar="PATH",
+        help="parameter order for plain .safetensors files / shard indexes: a torch state dict of the same "
+        "model (its tied tensors are kept tied) or a text file with one parameter name per line",
+    )
+    p.add_argument("--device", default="cpu", help="device for the NiNo model (default cpu; e.g. cuda, cuda:1)")
     p.set_defaults(func=step)
 
 

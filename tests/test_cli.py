@@ -160,8 +160,9 @@ def test_errors(tmp_path, nino_path, capsys):
 
     assert "ctx=5 snapshots, got 4" in error([*paths[:4], "--nino", nino_path, "--k", "1"])
     assert "no such file" in error([*paths[:4], str(tmp_path / "step_600.pt"), "--nino", nino_path, "--k", "1"])
-    shuffled = [paths[0], paths[2], paths[1], paths[3], paths[4]]
-    assert "not in training order" in error([*shuffled, "--nino", nino_path, "--k", "1"])
+    torch.save(sds[1], tmp_path / "iter100.pt")  # shuffled snapshots are sorted; equal step numbers are refused
+    dup = [paths[0], str(tmp_path / "iter100.pt"), *paths[2:]]
+    assert "the same step number 100" in error([*dup, "--nino", nino_path, "--k", "1"])
     bad = dict(sds[3])
     bad["2.weight"] = torch.zeros(3, 9)
     torch.save(bad, tmp_path / "step_400.pt")
