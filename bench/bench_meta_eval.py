@@ -42,7 +42,7 @@ SHARED = ROOT.parent / "shared" / "checkpoints"
 DEFAULT_CKPT = ROOT / "nino_fast" / "checkpoints" / "nino_fast_small.pt"
 
 
-def train_model(data, model_fn, seed, steps, lr, ckpt=None, period=200, eval_every=20, batch_size=64) -> dict:
+def train_model(data, model_fn, seed, steps, lr, ckpt="none", period=200, eval_every=20, batch_size=64) -> dict:
     """``demo.train`` with the model built by ``model_fn`` (same seeding, batches, evaluation and NiNo wrapper)."""
     x_tr, y_tr, x_va, y_va = data
     torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def run(task: str, data, seed: int, steps: int, lr: float, ckpt) -> dict:
 
 def check_copy_matches_demo(data) -> None:
     """The copied loop is the demo's loop: same validation curve on the demo's ConvNet (AdamW and Linefit+)."""
-    for ckpt in (None, "linefit+"):
+    for ckpt in ("none", "linefit+"):
         want = demo.train(data, 0, 400, 3e-3, ckpt=ckpt, period=200)
         got = train_model(data, demo.convnet, 0, 400, 3e-3, ckpt=ckpt, period=200)
         assert got["val_loss"] == want["val_loss"], "bench_meta_eval: the copied training loop differs from the demo"
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     rows, summary = [], {}
     for task in args.tasks:
         for seed in range(args.seeds):
-            base = run(task, data, seed, args.steps, args.lr, None)
+            base = run(task, data, seed, args.steps, args.lr, "none")
             target = float(np.mean(base["val_loss"][-5:]))
             sb = demo.steps_to(base, target)
             row = dict(task=task, seed=seed, target=target, steps_adamw=sb, final_loss_adamw=base["val_loss"][-1])

@@ -93,11 +93,11 @@ def train(
     lr: float,
     batch_size: int = 64,
     eval_every: int = 20,
-    ckpt=None,
+    ckpt="none",
     period: int = 200,
     schedule: str = "constant",
 ) -> dict:
-    """One run (``ckpt=None``: AdamW alone). Returns evaluated steps, validation losses/accuracies, times."""
+    """One run (``ckpt="none"``: AdamW alone). Returns evaluated steps, validation losses/accuracies, times."""
     x_tr, y_tr, x_va, y_va = data
     torch.manual_seed(seed)
     model = convnet()

@@ -133,7 +133,7 @@ def test_k_override_and_closure():
 def test_plain_wrapper_is_the_base_optimizer():
     x, y = data()
     a, b = mlp(), mlp()
-    opt_a = NiNo(torch.optim.Adam(a.parameters(), lr=0.01), model=a, ckpt=None)
+    opt_a = NiNo(torch.optim.Adam(a.parameters(), lr=0.01), model=a, ckpt="none")
     opt_b = torch.optim.Adam(b.parameters(), lr=0.01)
     for _ in range(7):
         assert opt_a.need_grads
