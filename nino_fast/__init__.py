@@ -30,3 +30,15 @@ __all__ = [
     "scale_params",
     "unscale_params",
 ]
+
+# Integrations with optional dependencies, imported on first use (``nino_fast.hf.NiNoCallback`` after
+# ``import nino_fast``): importing nino_fast must not import transformers or lightning.
+_LAZY_SUBMODULES = ("hf", "lightning")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")  # also sets the attribute: called once per name
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
