@@ -18,9 +18,22 @@ A process needs only its part of the neural graph (all nodes, only its edges: ab
 :func:`build_graph_shard` assembles it from the block layout without ever building the whole graph,
 :func:`shard_graph` cuts it from a built one; pass it instead of the whole graph.
 
-Every process gets the same result; with full histories it is bitwise that of ``NiNoModel.nowcast`` on one process
-(the CPU kernels reduce each destination row in its own edge order whatever the rows around it) at the same thread
-count (WNN+ runs torch's GEMMs, whose results can depend on it: MKL on an Intel Xeon).
+Every process gets the same result. With full histories, or own rows and the full history's statistics given as
+``scales=``, it is bitwise that of ``NiNoModel.nowcast`` on one process at the same thread count given the same
+graph, LPE included (the CPU kernels reduce each destination row in its own edge order whatever the rows around it;
+the node updates and WNN+ run torch's GEMMs, whose results can depend on the thread count: MKL on an Intel Xeon).
+With own rows and no ``scales``, the per-tensor statistics are combined from the parts in float64 instead of torch's
+float32 reductions over the whole tensor, whose order no split can reproduce: ``std`` may then round differently
+(~1e-7 relative; the other methods stay bitwise).
+
+The LPE is the one node input each process computes for itself (:func:`build_graph_shard` solves the eigenproblem on
+every process), and it is not a function of the graph alone: eigenvectors of repeated eigenvalues (symmetric
+attention heads, identical neurons: GPT-2, Llama, ...) come out of LAPACK / ARPACK in a basis that depends on the
+BLAS thread count (torchrun sets ``OMP_NUM_THREADS=1``), up to O(1) per entry: 1e-5 to 4e-5 of the largest
+parameter in the prediction of a small GPT-2 or Llama. The processes compare a hash of their LPEs with the input
+check and, if they differ, all use rank 0's (one (N, k) broadcast), so the result is always one process's step on
+one graph: the process with rank 0's LPE. A one-process reference is bitwise equal when it has that LPE too: the
+same ``lpe=`` tensor, or one computed with the same BLAS thread count.
 
 Failures are agreed, never half-way: invalid inputs on any process (or inputs that differ between processes) raise
 ``ValueError`` on all of them before any work; an exception or a non-finite prediction on one process is carried
@@ -35,6 +48,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -54,6 +69,7 @@ from .stream import NonFinitePrediction, Part, nowcast_streamed
 CHUNK = 1 << 16  # history rows per chunk while checking / scaling: bounds those temporaries (~3 MB)
 _EXC, _NAN = 1.0, 2.0  # failure codes carried in the result's last slots
 MAX = dist.ReduceOp.MAX
+log = logging.getLogger(__name__)
 
 
 class CommError(RuntimeError):
@@ -186,11 +202,19 @@ class _Comm:
         self.log: list[tuple[str, int]] = []
 
     def __call__(self, t: torch.Tensor, what: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        return self._run(lambda: dist.all_reduce(t, op=op, group=self.group), t, f"the all-reduce of {what}", what)
+
+    def broadcast(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t`` replaced by rank 0's, bit for bit (an all-reduce of zeros would turn -0.0 into +0.0)."""
+        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        return self._run(lambda: dist.broadcast(t, src=src, group=self.group), t, f"the broadcast of {what}", what)
+
+    def _run(self, collective, t: torch.Tensor, name: str, what: str) -> torch.Tensor:
         try:
-            dist.all_reduce(t, op=op, group=self.group)
+            collective()
         except Exception as exc:  # a dead or hanging peer: gloo/NCCL raise after the group's timeout
             raise CommError(
-                f"nowcast_sharded: rank {self.rank}/{self.world}: the all-reduce of {what} failed"
+                f"nowcast_sharded: rank {self.rank}/{self.world}: {name} failed"
                 f" ({type(exc).__name__}: {exc}); no parameters were changed"
             ) from exc
         self.log.append((what, t.numel() * t.element_size()))
@@ -282,10 +306,25 @@ def _checksums(states: torch.Tensor) -> tuple[float, float]:
     return s, a
 
 
-def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error, given_scales: bool = False) -> None:
+def _lpe_digest(model, gs: GraphShard) -> tuple[float, float]:
+    """A 64-bit hash of the LPE bytes this process's step reads, as two float64-exact 32-bit halves (0, 0 when the
+    step reads none). Each process solves for its LPE itself and the solution can differ between processes (see
+    the module docstring), so that the processes learn whether they have the same one before they use it."""
+    lpe = gs.local.lpe if getattr(model, "lpe", 0) and plan.supports(model) else None
+    if lpe is None:
+        return 0.0, 0.0
+    raw = lpe.detach().to("cpu", copy=False).contiguous().view(torch.uint8)  # its bytes, whatever its dtype
+    h = hashlib.blake2b(raw.numpy(), digest_size=8).digest()
+    return float(int.from_bytes(h[:4], "little")), float(int.from_bytes(h[4:], "little"))
+
+
+def _agree_on_inputs(
+    comm: _Comm, model, graph, states, k, full, error, given_scales: bool = False, digest=(0.0, 0.0)
+) -> bool:
     """All processes check that they step the same graph with the same k, all with or all without given scales
     (and, given full histories, the same history); a process whose inputs were invalid makes all of them raise
-    ValueError."""
+    ValueError. Returns whether the processes' LPE digests (:func:`_lpe_digest`) differ: they then use rank 0's
+    LPE (:func:`_rank0_lpe`)."""
     sums = _checksums(states) if error is None and full else (0.0, 0.0)
     sig = torch.tensor(
         [
@@ -296,6 +335,7 @@ def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error, given_sc
             float(full),
             float(given_scales),
             *sums,
+            *(digest if error is None else (0.0, 0.0)),  # last: the only entries that may differ
         ],
         dtype=torch.float64,
         device=model.device,
@@ -306,11 +346,25 @@ def _agree_on_inputs(comm: _Comm, model, graph, states, k, full, error, given_sc
         raise ValueError(f"nowcast_sharded: rank {comm.rank}/{comm.world}: {error}") from error
     if hi[0] > 0:
         raise ValueError(f"nowcast_sharded: rank {comm.rank}/{comm.world}: another process was given invalid inputs")
-    if not torch.equal(lo, hi):
+    if not torch.equal(lo[:-2], hi[:-2]):
         raise ValueError(
             f"nowcast_sharded: rank {comm.rank}/{comm.world}: the processes were given different states, k or "
-            f"graphs (checksums min {lo[1:].tolist()} vs max {hi[1:].tolist()})"
+            f"graphs (checksums min {lo[1:-2].tolist()} vs max {hi[1:-2].tolist()})"
         )
+    return not torch.equal(lo[-2:], hi[-2:])
+
+
+def _rank0_lpe(comm: _Comm, gs: GraphShard) -> GraphShard:
+    """``gs`` with rank 0's LPE (a new tensor: the caller's graph is left as it was). The LPEs differ when the
+    processes solved the eigenproblem with different BLAS thread counts or libraries: each process's node states
+    would then start from its own, and the step would be no single process's."""
+    lpe = comm.broadcast(gs.local.lpe.detach().clone().contiguous(), "the LPE")
+    if comm.rank == 0:
+        log.warning(
+            "nowcast_sharded: the processes computed different LPEs (BLAS thread counts or libraries differ); all "
+            "use rank 0's"
+        )
+    return dataclasses.replace(gs, local=dataclasses.replace(gs.local, lpe=lpe))
 
 
 # ---- scaling ------------------------------------------------------------------------------------------------------
@@ -399,8 +453,10 @@ def nowcast_sharded(
     (a DDP process whose snapshot buffer is stored transposed: :func:`nino_fast.scaling.scale_stats_of_columns`):
     (T, 2) for per-tensor methods, (1, 2) for ``min-max-param``, None for ``std-param``; they replace the
     all-reduced statistics, so that the result is bitwise that of one process.
-    ``stats``, if given, receives the bytes this process sent to all-reduces (``allreduce_bytes``, per collective
-    in ``allreduce_log``) and its shard's size.
+    The graphs' LPEs may differ (each process may have solved for its own): all processes then use rank 0's, and the
+    result is bitwise one process's step with that LPE (see the module docstring).
+    ``stats``, if given, receives the bytes this process sent to collectives (``allreduce_bytes``, per collective
+    in ``allreduce_log``, rank 0's LPE among them when it was broadcast) and its shard's size.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -409,15 +465,17 @@ def nowcast_sharded(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     comm = _Comm(group, rank, world)
     device = model.device
-    error, full, gs = None, True, None
+    error, full, gs, digest = None, True, None, (0.0, 0.0)
     try:
         gs = _graph_shard(graph, rank, world)
         gs = dataclasses.replace(gs, local=graph_to(gs.local, device))
         full = _validate(model, gs, states, k)
         _check_scales(model, gs, scales)
+        digest = _lpe_digest(model, gs)
     except Exception as exc:  # agreed below: every process raises, none waits for the others in a collective
         error = exc
-    _agree_on_inputs(comm, model, graph, states, k, full, error, scales is not None)
+    if _agree_on_inputs(comm, model, graph, states, k, full, error, scales is not None, digest):
+        gs = _rank0_lpe(comm, gs)
 
     P, shard = gs.num_params, gs.shard
     failure: Exception | None = None

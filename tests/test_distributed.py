@@ -1,9 +1,12 @@
-"""Sharded inference over torch.distributed (gloo, 2 processes on this machine): identical to one process; inputs,
-failures and communication agreed by all processes."""
+"""Sharded inference over torch.distributed (gloo, 2 processes on this machine): identical to one process for every
+golden architecture and for tiny transformers GPT-2 / Llama models stepped the way the NiNo wrapper steps them;
+inputs (the LPE included), failures and communication agreed by all processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import math
 import os
 import sys
@@ -21,10 +24,13 @@ from nino_fast.graph import assemble
 from nino_fast.scaling import scale_stats_of_columns
 
 sys.path.insert(0, str(Path(__file__).parent))
-from golden import CASES, load  # noqa: E402
+from golden import CASES, ckpt, load  # noqa: E402
 
 WORLD = 2
 THREADS = 1  # torch threads of each worker and of the one-process reference
+BLAS_THREADS = 1  # and BLAS threads (torchrun sets OMP_NUM_THREADS=1): a computed LPE depends on them
+GOLDEN_ARCHS = ("mlp", "gpt2", "gpt2_posw", "qwen3", "bert", "vit", "nanogpt")  # (llama, convnet: below)
+HF = ("hf-gpt2", "hf-llama")  # tiny transformers models, their graphs built by each process with a computed LPE
 # (name, golden case, states: full history or each rank's own rows ("-shard": each rank given only its part of
 # the graph, shard_graph, and not the whole), scale method override, fault injected)
 JOBS = [
@@ -51,6 +57,13 @@ JOBS = [
     # own rows with the full history's statistics given (a DDP process's case): bitwise one process
     *[(f"llama-local-scales-{m}", "llama", "local-shard", m, "scales") for m in ("std", "min-max", "min-max-param")],
     ("scales-on-rank-1-only", "llama", "local", None, "scales-1"),
+    # every other golden architecture: full history, and own rows with the full history's statistics
+    *[(case, case, "full", None, None) for case in GOLDEN_ARCHS],
+    *[(f"{case}-local-scales", case, "local-shard", None, "scales") for case in GOLDEN_ARCHS],
+    # the NiNo wrapper's path (build_graph_shard with a computed LPE; own rows and statistics from a (ctx, n_params)
+    # snapshot buffer), the full history, and rank 1's LPE in another eigenvector basis (rank 0's is used)
+    *[(f"{case}-{mode}", case, mode, None, None) for case in HF for mode in ("wrapper", "wrapper-full")],
+    *[(f"{case}-lpe-differs", case, "wrapper", None, "lpe") for case in HF],
     ("after-the-failure", "convnet", "full", None, None),  # the group is still in step
 ]
 
@@ -64,22 +77,86 @@ def _inputs(case: str, method: str | None):
     return graph, model, torch.from_numpy(g["states"]), int(g["k"])
 
 
+@functools.cache
+def _hf(case: str):
+    """(named shapes, graph kwargs, (ctx, n_params) snapshot buffer, k) of a tiny transformers model: its parameters
+    plus a random walk, stored the way the wrapper stores snapshots (row-major per snapshot)."""
+    import transformers as tf
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if case == "hf-gpt2":
+            cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+            model, kwargs = tf.GPT2LMHeadModel(cfg), dict(arch="gpt2", num_heads=4)
+        else:
+            cfg = tf.LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=50,
+            )
+            model, kwargs = tf.LlamaForCausalLM(cfg), dict(arch="llama", num_heads=4, num_key_value_heads=2)
+        named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        walk = (1e-3 * torch.randn(5, flat.numel())).cumsum(0)
+    return named, kwargs, (flat + walk).contiguous(), 10
+
+
+def _blas(threads: int):
+    """A context limiting the BLAS threads (LAPACK's eigensolver gives the LPE)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(threads)
+
+
+def _wrapper_inputs(hf, mode, fault, rank, world):
+    """What ``NiNo(distributed=True)`` gives ``nowcast_sharded`` on this rank from the model ``hf`` (:func:`_hf`):
+    the part built with ``build_graph_shard`` (the LPE solved here), and its own rows copied from the snapshot
+    buffer with the full snapshots' statistics (``wrapper``) -- or the full history (``wrapper-full``)."""
+    named, kwargs, snapshots, k = hf
+    model = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    with _blas(BLAS_THREADS):
+        graph = build_graph_shard(named, rank, world, lpe=int(model.lpe), **kwargs)
+    if fault == "lpe" and rank == 1:  # another basis of the same eigenvectors: a column's sign flipped
+        lpe = graph.local.lpe.clone()
+        lpe[:, 0].neg_()
+        graph = dataclasses.replace(graph, local=dataclasses.replace(graph.local, lpe=lpe))
+    C = snapshots.shape[0]
+    if mode == "wrapper-full":
+        return graph, model, torch.empty(graph.num_params, C).copy_(snapshots.t()), k, None
+    ids = graph.shard.ids.long()
+    own = torch.empty(ids.numel(), C).copy_(snapshots.t().index_select(0, ids))
+    scales = scale_stats_of_columns(snapshots, graph.param_shapes, model.scale_method, dtype=torch.float32)
+    return graph, model, own, k, scales
+
+
+def _golden_inputs(case, mode, method, fault, rank, world):
+    graph, model, states, k = _inputs(case, method)
+    shard = param_shard(graph, rank, world)
+    given = None
+    if fault in ("scales", "scales-1") and (fault == "scales" or rank == 1):
+        given = scale_stats_of_columns(states.t(), graph.param_shapes, model.scale_method)
+    if mode.startswith("local"):
+        states = states[shard.ids.long()]
+    if mode.endswith("-shard"):  # this rank's part of the graph only: the whole is freed
+        graph = shard_graph(graph, 0 if fault == "wrong-shard" and rank == 1 else rank, world)
+    return graph, model, states, k, given
+
+
 def _worker(rank, world, init_file, out_dir, jobs, die_rank):
     torch.set_num_threads(THREADS)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20)
     )
     results = {}
+    hf = torch.load(Path(out_dir) / "hf.pt") if any(job[1] in HF for job in jobs) else {}  # (see runs)
     for name, case, mode, method, fault in jobs:
-        graph, model, states, k = _inputs(case, method)
-        shard = param_shard(graph, rank, world)
-        given = None
-        if fault in ("scales", "scales-1") and (fault == "scales" or rank == 1):
-            given = scale_stats_of_columns(states.t(), graph.param_shapes, model.scale_method)
-        if mode.startswith("local"):
-            states = states[shard.ids.long()]
-        if mode.endswith("-shard"):  # this rank's part of the graph only: the whole is freed
-            graph = shard_graph(graph, 0 if fault == "wrong-shard" and rank == 1 else rank, world)
+        if case in HF:
+            graph, model, states, k, given = _wrapper_inputs(hf[case], mode, fault, rank, world)
+        else:
+            graph, model, states, k, given = _golden_inputs(case, mode, method, fault, rank, world)
         if rank == 1 and fault == "nan":
             states = states.clone()
             states[-1, 0] = float("nan")
@@ -127,8 +204,11 @@ def _spawn(tmp_path, jobs, die_rank=-1):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """All jobs, one after the other in the same two processes (one start-up for the whole module)."""
-    res = _spawn(tmp_path_factory.mktemp("dist"), JOBS)
+    """All jobs, one after the other in the same two processes (one start-up for the whole module). The
+    transformers models are made here and saved for the workers (which then need not import transformers)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    torch.save({case: _hf(case) for case in HF}, tmp / "hf.pt")
+    res = _spawn(tmp, JOBS)
     assert set(res) == {0, 1}
     return res
 
@@ -137,9 +217,23 @@ def _single(name):
     """One process's result, with the workers' thread count: WNN+ runs torch's GEMMs, whose results may depend on
     it on some CPUs (MKL on an Intel Xeon: 2e-8 between 1 and 2 threads); our kernels' do not."""
     _, case, _, method, _ = next(j for j in JOBS if j[0] == name)
-    graph, model, states, k = _inputs(case, method)
+    if case in HF:  # the wrapper's one-process step: the whole graph, its LPE solved with the workers' BLAS threads
+        named, kwargs, snapshots, k = _hf(case)
+        model = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+        with _blas(BLAS_THREADS):
+            graph = build_graph(named, lpe=int(model.lpe), **kwargs)
+        states = torch.empty(graph.num_params, snapshots.shape[0]).copy_(snapshots.t())
+    else:
+        graph, model, states, k = _inputs(case, method)
     with torch_threads(THREADS):
         return graph, model.nowcast(graph, states, k)
+
+
+def _exact(mode, method, fault) -> bool:
+    """Whether two processes must give one process's result bit for bit: always, except given own rows and no
+    statistics with ``std`` (mean and std then come from float64 sums of the parts, not from torch's float32
+    reductions over each whole tensor: they may round differently, ~1e-7 relative)."""
+    return not (mode.startswith("local") and fault != "scales" and method in (None, "std"))
 
 
 @pytest.mark.parametrize(
@@ -151,11 +245,34 @@ def test_two_processes_identical_to_one(runs, name):
     for r in (0, 1):
         assert "error" not in runs[r][name], runs[r][name]
         out = runs[r][name]["out"]
-        assert (out - single).abs().max() <= 1e-6 * single.abs().max()
-        # bit for bit, except with own rows and statistics all-reduced in float64 (std: may round differently)
-        if mode.startswith("full") or method not in (None, "std") or fault == "scales":
-            assert torch.equal(out, single)
+        if _exact(mode, method, fault):
+            assert torch.equal(out, single), (out - single).abs().max()
+        else:
+            assert (out - single).abs().max() <= 1e-6 * single.abs().max()
     assert torch.equal(runs[0][name]["out"], runs[1][name]["out"])  # every rank ends with the same parameters
+
+
+@pytest.mark.parametrize("case", HF)
+def test_processes_with_different_lpes_use_rank_0s(runs, case):
+    """Each process solves for its LPE, whose basis in repeated eigenvalues depends on the BLAS threads: given
+    different LPEs (rank 1's with a column's sign flipped), both use rank 0's (one broadcast) and give one process's
+    step with it, bit for bit -- not a mix of two steps."""
+    name = f"{case}-lpe-differs"
+    graph, single = _single(name)
+    for r in (0, 1):
+        assert "error" not in runs[r][name], runs[r][name]
+        assert torch.equal(runs[r][name]["out"], single)
+        log = dict(runs[r][name]["stats"]["allreduce_log"])
+        assert log["the LPE"] == graph.lpe.numel() * 4
+        assert "the LPE" not in dict(runs[r][f"{case}-wrapper"]["stats"]["allreduce_log"])  # equal LPEs: none
+    flipped = graph.lpe.clone()
+    flipped[:, 0].neg_()
+    model = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+    _, _, snapshots, k = _hf(case)
+    states = torch.empty(graph.num_params, snapshots.shape[0]).copy_(snapshots.t())
+    with torch_threads(THREADS):
+        other = model.nowcast(dataclasses.replace(graph, lpe=flipped), states, k)
+    assert not torch.equal(other, single)  # (the LPE matters: a mix of both would be neither)
 
 
 @pytest.mark.parametrize("name", ["llama", "convnet", "llama-local", "llama-local-shard"])
@@ -165,11 +282,12 @@ def test_shards_and_communication(runs, name):
     assert s0["shard_edges"] + s1["shard_edges"] == graph.num_edges
     assert s0["shard_params"] + s1["shard_params"] == graph.num_params
     # one (N, D) aggregation per message pass, the (P + world,) prediction, and small ones: the input check
-    # (2 x 11 float64) and, with each rank's own rows, the per-tensor scaling sums (2 x T float64)
+    # (2 x 13 float64: 11 values and the LPE's 64-bit hash) and, with each rank's own rows, the per-tensor scaling
+    # sums (2 x T float64); no LPE broadcast (the ranks' LPEs are the same)
     log = dict(s0["allreduce_log"])
     assert log["message pass 1"] == log["message pass 2"] == graph.num_nodes * 128 * 4
     assert log["the prediction"] == (graph.num_params + WORLD) * 4
-    small = 2 * 11 * 8 + (2 * len(graph.param_shapes) * 8 if "local" in name else 0)
+    small = 2 * 13 * 8 + (2 * len(graph.param_shapes) * 8 if "local" in name else 0)
     assert s0["allreduce_bytes"] == 2 * graph.num_nodes * 128 * 4 + (graph.num_params + WORLD) * 4 + small
 
 

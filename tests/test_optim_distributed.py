@@ -209,3 +209,98 @@ def test_dead_rank_fails_the_step_on_the_others_without_hanging(tmp_path):
     res = _spawn(tmp_path, "die")
     assert set(res) == {0} and "crash" not in res[0], res
     _check_skipped(res[0]["dead"])
+
+
+# ---- transformers models: GPT-2 and Llama ------------------------------------------------------------------------
+def _transformer(arch: str) -> nn.Module:
+    """A tiny GPT-2 or Llama (grouped-query attention), the same on every rank."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16))
+    cfg = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+    )
+    return tf.LlamaForCausalLM(cfg)
+
+
+def _lm_steps(opt, ddp, tokens) -> None:
+    """Base steps until the next call is a NiNo step."""
+    while not opt.next_step_nino:
+        opt.zero_grad()
+        ddp(tokens, labels=tokens).loss.backward()
+        opt.step()
+
+
+def _transformer_worker(rank, world, init_file, out_dir, ckpt_path):
+    """As torchrun runs it (OMP_NUM_THREADS=1: one torch and one BLAS thread): a NiNo step of each model."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    out = {}
+    for arch in ("gpt2", "llama"):
+        try:
+            model = _transformer(arch)
+            ddp = nn.parallel.DistributedDataParallel(model)
+            tokens = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(100 + rank))
+            base = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+            opt = NiNo(base, ddp, ckpt=str(ckpt_path), period=PERIOD, max_train_steps=100, distributed=True)
+            _lm_steps(opt, ddp, tokens)
+            out[arch] = {"state": copy.deepcopy(opt.state_dict()), "model": copy.deepcopy(model.state_dict())}
+            out[arch]["error"] = _nino(opt)
+            out[arch]["after"] = flat(model)
+        except Exception as exc:
+            out[arch] = {"crash": f"{type(exc).__name__}: {exc}"}
+    torch.save(out, Path(out_dir) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_transformer_nino_steps_are_one_process_steps(tmp_path):
+    """GPT-2 and Llama (attention heads, positional embeddings, grouped-query attention, LPEs with repeated
+    eigenvalues): the sharded NiNo step of the wrapper is one process's step bit for bit, at the same torch and BLAS
+    thread counts (one each, as under torchrun)."""
+    from threadpoolctl import threadpool_limits
+
+    from nino_fast._env import torch_threads
+
+    ctx = mp.get_context("spawn")
+    args = (2, tmp_path / "init", tmp_path, ckpt("nino_no_posw.pt"))
+    procs = [ctx.Process(target=_transformer_worker, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        if p.is_alive():
+            for q in procs:
+                q.kill()
+            pytest.fail("a process hung")
+    res = {r: torch.load(tmp_path / f"{r}.pt") for r in range(2)}
+    for arch in ("gpt2", "llama"):
+        r0, r1 = res[0][arch], res[1][arch]
+        assert "crash" not in r0 and "crash" not in r1, (r0.get("crash"), r1.get("crash"))
+        assert r0["error"] is None and r1["error"] is None
+        assert torch.equal(r0["after"], r1["after"])
+        model = _transformer(arch)
+        model.load_state_dict(r0["model"])
+        with torch_threads(1), threadpool_limits(1):  # the LPE is solved in NiNo(): with the workers' BLAS threads
+            opt = NiNo(
+                torch.optim.AdamW(model.parameters(), lr=1e-2),
+                model,
+                ckpt=str(ckpt("nino_no_posw.pt")),
+                period=PERIOD,
+                max_train_steps=100,
+            )
+            opt.load_state_dict(r0["state"])
+            assert opt.next_step_nino
+            opt.step()
+        assert torch.equal(flat(model), r0["after"]), (flat(model) - r0["after"]).abs().max()
