@@ -65,7 +65,8 @@ calls ``step()``; the NiNo step ignores gradients.
 Distributed data parallel training (``distributed=True``). Every process holds the same model and parameters
 (DDP) and runs the same wrapper: each keeps its own snapshots (identical across processes), and the NiNo step is
 split over the processes with :func:`nino_fast.distributed.nowcast_sharded` (each predicts the parameters on its
-share of the graph's edges; the result is the same on every process). The processes then agree on the step's
+share of the graph's edges; the result is the same on every process and bitwise that of one process at the same
+torch thread count). The processes then agree on the step's
 success with one all-reduce before any parameter is written: with ``on_error='skip'`` a failure anywhere (an
 exception, a NaN, a dead or silent process after ``dist_timeout`` seconds) skips the step on every process alike;
 with ``'raise'`` every process raises. A failed collective leaves the wrapper's process group out of step: later
@@ -78,7 +79,7 @@ parameters (5 x 4 bytes per parameter in float32, half with ``snapshot_dtype=tor
 device of the model. Row-major per snapshot so that recording one is a contiguous copy per parameter tensor.
 A NiNo step copies the history to (n_params, ctx) rows once; sharded (``distributed=True``), each process copies
 only the rows of its part's parameters and computes the scaling statistics from the snapshots one parameter tensor
-at a time (:func:`nino_fast.scaling.scale_stats_of_columns`), so the step stays that of one process.
+at a time (:func:`nino_fast.scaling.scale_stats_of_columns`), so the step stays bitwise that of one process.
 """
 
 from __future__ import annotations

@@ -63,3 +63,18 @@ def test_tiny_and_disabled():
     assert build_graph([("w.weight", (2, 2))], lpe=0).lpe is None
     given = torch.randn(4, 3)
     assert torch.equal(build_graph([("w.weight", (2, 2))], lpe=given).lpe, given)
+
+
+def test_lpe_does_not_depend_on_the_blas_thread_count():
+    """GPT-2 graphs have repeated eigenvalues: the basis LAPACK returns for them moved with OpenBLAS's thread
+    count (by up to 0.65), and the prediction with it; the solvers now run on one BLAS thread."""
+    transformers = pytest.importorskip("transformers")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    lpes = []
+    for threads in (1, 2):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            lpes.append(build_graph(model, lpe=8).lpe)
+    assert torch.equal(lpes[0], lpes[1])

@@ -10,7 +10,9 @@ graph's block descriptors (``block_lpe``, :class:`~.adjacency.BlockAdjacency`: O
 O(E) memory). Both solve the same problem the same way: LAPACK's dense ``eigh`` for small graphs, otherwise
 ARPACK with a fixed start vector on ``2I - L`` (its largest eigenpairs are L's smallest, which ARPACK finds
 far faster). Every eigenvector's sign is fixed so that its largest-magnitude entry (the first such) is
-positive; the same graph gives a bit-identical LPE on the same machine.
+positive; the same graph gives a bit-identical LPE on the same machine, whatever the number of threads: the
+solvers run on one BLAS thread, because the basis LAPACK / ARPACK return for a repeated eigenvalue (GPT-2 and
+Llama graphs have them) depends on the BLAS thread count, and with it the prediction (by 1e-5 to 4e-5).
 
 ``block_lpe`` caches results on disk (``$NINO_FAST_CACHE/lpe`` or ``~/.cache/nino_fast/lpe``) keyed by a
 hash of the block structure, the node count, ``k`` and the solver settings, for graphs of
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # scipy is imported where it is used (see adjacency.py)
 DENSE_MAX_NODES = 3000
 CACHE_MIN_NODES = 50_000
 TOL = 1e-10
-SOLVER_VERSION = "arpack-la-shift2-v1"
+SOLVER_VERSION = "arpack-la-shift2-v2-blas1"
 
 
 def normalized_laplacian(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> sp.csr_matrix:
@@ -76,18 +78,26 @@ def _solve(dense_lap, shifted, num_nodes: int, k: int) -> tuple[np.ndarray, np.n
     """The ``k + 1`` smallest eigenpairs of L, ascending, signs fixed; ``dense_lap()`` gives L as an array
     (small graphs), ``shifted()`` the operator ``2I - L`` (large graphs)."""
     m = min(k + 1, num_nodes)
-    if _uses_dense(num_nodes, m):
-        vals, vecs = np.linalg.eigh(dense_lap())
-        vals, vecs = vals[:m], vecs[:, :m]
-    else:
-        from scipy.sparse.linalg import eigsh
+    with _one_blas_thread():
+        if _uses_dense(num_nodes, m):
+            vals, vecs = np.linalg.eigh(dense_lap())
+            vals, vecs = vals[:m], vecs[:, :m]
+        else:
+            from scipy.sparse.linalg import eigsh
 
-        v0 = np.random.default_rng(0).standard_normal(num_nodes)
-        vals, vecs = eigsh(shifted(), k=m, which="LA", v0=v0, tol=TOL)
-        vals = 2.0 - vals
-        order = np.argsort(vals, kind="stable")
-        vals, vecs = vals[order], vecs[:, order]
+            v0 = np.random.default_rng(0).standard_normal(num_nodes)
+            vals, vecs = eigsh(shifted(), k=m, which="LA", v0=v0, tol=TOL)
+            vals = 2.0 - vals
+            order = np.argsort(vals, kind="stable")
+            vals, vecs = vals[order], vecs[:, order]
     return vals, _fix_signs(vecs)
+
+
+def _one_blas_thread():
+    """numpy's / scipy's BLAS and LAPACK limited to one thread for the block (see the module docstring)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def laplacian_eigs(src, dst, num_nodes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
