@@ -452,9 +452,9 @@ def test_load_state_dict_older_layout():
 
 # ---- defaults and arguments --------------------------------------------------------------------------------
 def test_no_ckpt_uses_the_bundled_checkpoint(caplog, monkeypatch):
-    import nino_fast.optim as optim
+    from nino_fast.optim import predictors
 
-    monkeypatch.setattr(optim, "_BUNDLED_SAID", False)
+    monkeypatch.setattr(predictors, "_bundled_said", False)
     model = mlp()
     with caplog.at_level(logging.INFO, logger="nino_fast.optim"):
         opt = NiNo(torch.optim.SGD(model.parameters(), lr=0.1), model=model, period=10)
