@@ -153,16 +153,10 @@ class _TrainerLink(_Base):
 
     def _log_nino_step(self, nino: NiNo, state) -> None:
         """Send the wrapper's last NiNo step attempt to ``Trainer.log`` if it happened at this optimizer step."""
-        info = getattr(nino, "last_nino_step", None)
-        if info is None or info is self._logged or info.get("step") != state.global_step:
+        logs = nino.step_metrics(state.global_step)
+        if logs is None or nino.last_nino_step is self._logged:
             return
-        self._logged = info
-        logs = {
-            "nino/k": float(info["k"]),
-            "nino/seconds": float(info["seconds"]),
-            "nino/update_norm": float(info["update_norm"]),
-            "nino/ok": float(bool(info["ok"])),
-        }
+        self._logged = nino.last_nino_step
         trainer = self.trainer
         if trainer is not None:
             trainer.log(logs)

@@ -64,14 +64,8 @@ class NiNoLogCallback(_Base):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         nino = find_nino(trainer)
-        info = None if nino is None else getattr(nino, "last_nino_step", None)
-        if info is None or info is self._logged or info.get("step") != trainer.global_step:
+        logs = None if nino is None else nino.step_metrics(trainer.global_step)
+        if logs is None or nino.last_nino_step is self._logged:
             return
-        self._logged = info
-        logs = {
-            "nino/k": float(info["k"]),
-            "nino/seconds": float(info["seconds"]),
-            "nino/update_norm": float(info["update_norm"]),
-            "nino/ok": float(bool(info["ok"])),
-        }
+        self._logged = nino.last_nino_step
         pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)

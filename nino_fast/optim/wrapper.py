@@ -430,6 +430,19 @@ class NiNo(torch.optim.Optimizer):
         return next(self.predictor.parameters()).device
 
     # ---- schedule ------------------------------------------------------------------------------------------
+    def step_metrics(self, step: int) -> dict[str, float] | None:
+        """``nino/k``, ``nino/seconds``, ``nino/update_norm`` and ``nino/ok`` of the NiNo step attempted at counted
+        call ``step`` (1-based), for loggers; None when the last attempt was at another step (or there was none)."""
+        info = self.last_nino_step
+        if info is None or info["step"] != step:
+            return None
+        return {
+            "nino/k": float(info["k"]),
+            "nino/seconds": float(info["seconds"]),
+            "nino/update_norm": float(info["update_norm"]),
+            "nino/ok": float(bool(info["ok"])),
+        }
+
     def get_k(self, step: int | None = None) -> int:
         """The schedule's horizon for 0-based call index ``step`` (default: the current one)."""
         if not self._k_schedule:
