@@ -3,8 +3,8 @@
     python -m bench.bench_meta [--hids 32 64 128] [--batch 4] [--spt 4] [--repeat 5] [--threads 1]
 
 Paths (:mod:`nino_fast.meta.forward`): ``folded`` (fused kernels forward + fused backward kernels,
-nino_fast.ops.autograd), ``folded-formulas`` (the same forward, the backward as the PyTorch formulas of
-nino_fast.ops.autograd instead of the fused CPU backward kernels), ``layerwise`` (the same ops, official layer
+nino_fast.ops.backward), ``folded-formulas`` (the same forward, the backward as the PyTorch formulas of
+nino_fast.ops.backward instead of the fused CPU backward kernels), ``layerwise`` (the same ops, official layer
 order), ``oracle`` (the reference ops under plain autograd: what training the official model costs without our
 kernels). Batches are those of
 ``nino-fast train``: ``batch`` trajectories x ``spt`` windows of the meta-training plan's architectures (MLPs and
@@ -28,7 +28,7 @@ from nino_fast.meta import tasks
 from nino_fast.meta._malloc import keep_freed_memory
 from nino_fast.meta.data import graph_info, make_batch
 from nino_fast.meta.forward import loss_fn, predict_pieces
-from nino_fast.ops.autograd import fused_backward
+from nino_fast.ops.backward import fused_backward
 from nino_fast.scaling import scale_params
 
 from .common import write_results

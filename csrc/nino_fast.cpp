@@ -1,11 +1,13 @@
 // The nino_fast operator library: every op's schema, in one place. Kernels register per backend
 // (csrc/cpu/*_kernel.cpp: CPU, csrc/cuda/*_kernel.cu: CUDA); the pure-PyTorch specification of each
-// op is nino_fast/ops/reference.py.
+// op is nino_fast/ops/reference.py, whose signatures equal these schemas (tests/test_opcheck.py).
+// nino_fast/ops/library.py adds, under the same names, the fake (shape) functions, the autograd
+// formulas and the backend switch (reference / compiled kernel / Triton) in front of these kernels.
 //
-// Adding an op: its schema here; a TORCH_LIBRARY_IMPL(nino_fast, CPU, m) in
-// csrc/cpu/<op>_kernel.cpp (and CUDA in csrc/cuda/<op>_kernel.cu); a fake (meta) impl + Python
-// front end in nino_fast/ops/; a test against the reference. setup.py and CMakeLists.txt pick new
-// files up by glob.
+// Adding an op: its schema here and its specification in reference.py; a
+// TORCH_LIBRARY_IMPL(nino_fast, CPU, m) in csrc/cpu/<op>_kernel.cpp (and CUDA in
+// csrc/cuda/<op>_kernel.cu); its fake and backward in nino_fast/ops/library.py; a test against the
+// reference. setup.py and CMakeLists.txt pick new files up by glob.
 #include <torch/library.h>
 
 #include <string>
@@ -54,13 +56,15 @@ TORCH_LIBRARY(nino_fast, m) {
   // FiLM message + mean aggregation over destination-sorted CSR (see reference.film_mean).
   m.def(
       "film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor node_dst, Tensor node_src, "
-      "Tensor weight, Tensor bias, Tensor? etype, Tensor? type_table) -> Tensor");
+      "Tensor weight, Tensor bias, Tensor? etype=None, Tensor? type_table=None) -> Tensor");
   // Two-GEMM edge MLP with gathers and SiLU (see reference.edge_mlp).
   m.def(
       "edge_mlp(Tensor feat, Tensor src, Tensor dst, Tensor weight_a, Tensor bias_a, "
-      "Tensor weight_b, Tensor bias_b, Tensor? etype, Tensor? type_table, Tensor? node_src, "
-      "Tensor? node_dst, Tensor? node_src2, Tensor? node_dst2, bool act_out) -> Tensor");
-  // Gradients of edge_mlp's inputs for output gradient grad_out (nino_fast/ops/autograd.py):
+      "Tensor weight_b, Tensor bias_b, Tensor? etype=None, Tensor? type_table=None, "
+      "Tensor? node_src=None, Tensor? node_dst=None, Tensor? node_src2=None, "
+      "Tensor? node_dst2=None, bool act_out=False) -> Tensor");
+  // Gradients of edge_mlp's inputs for output gradient grad_out, in this
+  // order (nino_fast/ops/backward.py, FUSED_OUTPUTS):
   // [feat, weight_a, bias_a, weight_b, bias_b, type_table, node_src, node_dst, node_src2,
   // node_dst2]; an empty tensor for each absent optional input, and for feat unless need_feat.
   m.def(
@@ -74,7 +78,8 @@ TORCH_LIBRARY(nino_fast, m) {
       "Tensor? etype, Tensor? type_table, Tensor node_src, Tensor node_dst, Tensor msg_dst, "
       "Tensor msg_src, Tensor weight_scale, Tensor bias_scale, Tensor weight_shift, "
       "Tensor bias_shift) -> Tensor");
-  // Gradients of edge_film_mean's inputs for output gradient grad_out (nino_fast/ops/autograd.py):
+  // Gradients of edge_film_mean's inputs for output gradient grad_out, in this
+  // order (nino_fast/ops/backward.py, FUSED_OUTPUTS):
   // [feat, weight_a, bias_a, type_table, node_src, node_dst, msg_dst, msg_src, weight_scale,
   // bias_scale, weight_shift, bias_shift]; an empty tensor for an absent table, and for feat unless
   // need_feat.
@@ -83,7 +88,8 @@ TORCH_LIBRARY(nino_fast, m) {
       "Tensor weight_a, Tensor bias_a, Tensor? etype, Tensor? type_table, Tensor node_src, "
       "Tensor node_dst, Tensor msg_dst, Tensor msg_src, Tensor weight_scale, Tensor bias_scale, "
       "Tensor weight_shift, Tensor bias_shift, bool need_feat) -> Tensor[]");
-  // Gradients of film_mean's inputs for output gradient grad_out (nino_fast/ops/autograd.py):
+  // Gradients of film_mean's inputs for output gradient grad_out, in this
+  // order (nino_fast/ops/backward.py, FUSED_OUTPUTS):
   // [feat, node_dst, node_src, weight, bias, type_table]; an empty tensor for an absent table, and
   // for feat unless need_feat.
   m.def(

@@ -66,8 +66,11 @@ def test_fullgraph_compile(backend):
         )
         return agg0, agg1, out
 
-    eager = step(inp)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(inp)
+    # backend= names the implementation in effect (use_backend around the calls): inside a compiled region a
+    # per-call choice must agree with it, since the switch is read when the graph runs
+    with dispatch.use_backend(backend):
+        eager = step(inp)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(inp)
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
 

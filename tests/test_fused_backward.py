@@ -1,5 +1,5 @@
 """Fused CPU backward kernels (csrc/cpu/*_backward_kernel.cpp) against the PyTorch backward formulas of
-nino_fast.ops.autograd (themselves gradchecked in float64 and checked against autograd through the reference ops,
+nino_fast.ops.backward (themselves gradchecked in float64 and checked against autograd through the reference ops,
 tests/test_autograd.py): random graphs with empty rows, one edge, no edges, a row of thousands of edges, widths
 that are not multiples of 16, enough edges to cross the kernels' task and chunk boundaries; determinism across
 thread counts; which inputs get a gradient; fallbacks and input errors."""
@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_autograd import CASES, call, inputs, make
 
-from nino_fast.ops import autograd as ag
+from nino_fast.ops import backward as bw
+from nino_fast.ops import dispatch
 
 from conftest import needs_ext
 
@@ -52,8 +53,8 @@ def grads(op, opts, x, fused: bool, feat_grad: bool = True, dtype=torch.float32)
         for k, v in x.items()
     }
     backend = "cpu" if dtype == torch.float32 else "reference"
-    with ag.fused_backward(fused):
-        out = call(op, ag, x, backend, **opts)
+    with bw.fused_backward(fused):
+        out = call(op, dispatch, x, backend, **opts)
         gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
         return names, torch.autograd.grad(out, [x[k] for k in names], gout)
 
@@ -64,7 +65,7 @@ def test_matches_formulas(op, opts, shape):
     """Against the float64 truth, the kernel's float32 gradients are as exact as the float32 formulas' (up to 2x
     their error, or 1e-6 of the gradient's scale): the two sum in different orders, neither is the reference."""
     x = graph(*shape)
-    assert ag._fused_cpu(KERNEL[op], [x["feat"]], [x["src"]])
+    assert bw.fused_cpu(KERNEL[op], [x["feat"]], [x["src"]])
     names, got = grads(op, opts, x, fused=True)
     _, want = grads(op, opts, x, fused=False)
     _, truth = grads(op, opts, x, fused=False, dtype=torch.float64)
@@ -109,16 +110,16 @@ def test_deterministic_across_threads(op, opts):
 def test_falls_back_outside_float32_cpu():
     """float64 tensors, int64 edge indices or the switch turned off: the PyTorch formulas (no kernel)."""
     x = graph(*GRAPHS["one edge"])
-    assert not ag._fused_cpu("edge_mlp_backward", [x["feat"].double()], [x["src"]])
-    assert not ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"].long()])
-    with ag.fused_backward(False):
-        assert not ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])
-    assert ag._fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])  # restored on exit
+    assert not bw.fused_cpu("edge_mlp_backward", [x["feat"].double()], [x["src"]])
+    assert not bw.fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"].long()])
+    with bw.fused_backward(False):
+        assert not bw.fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])
+    assert bw.fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])  # restored on exit
 
 
 def test_environment_switch():
     """NINO_FAST_FUSED_BACKWARD=0 turns the kernels off for the process (read at import)."""
-    code = "from nino_fast.ops import autograd as ag; print(ag._FUSED_BACKWARD)"
+    code = "from nino_fast.ops import backward; print(backward.fused_enabled())"
     env = {**os.environ, "NINO_FAST_FUSED_BACKWARD": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

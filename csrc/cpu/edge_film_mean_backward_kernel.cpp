@@ -1,5 +1,5 @@
 // CPU edge_film_mean_backward: the gradients of edge_film_mean (forward:
-// edge_film_mean_kernel.cpp; formulas: nino_fast/ops/autograd.py, EdgeFilmMean) in one pass over
+// edge_film_mean_kernel.cpp; formulas: nino_fast/ops/backward.py, edge_film_mean) in one pass over
 // the destination-sorted edges. With gn = grad_out / deg (per row) and gm = gn[dst], per tile:
 //
 //   a = W_a e + b_a + table[t] + s[src] + t[dst],  h = silu(a)           (recomputed, GEMM 1)

@@ -1,5 +1,5 @@
 // CPU edge_mlp_backward: the gradients of edge_mlp (forward: edge_mlp_kernel.cpp; formulas:
-// nino_fast/ops/autograd.py, EdgeMLP) in one pass over tiles of edges. Per tile, in L1:
+// nino_fast/ops/backward.py, edge_mlp) in one pass over tiles of edges. Per tile, in L1:
 //
 //   a  = W_a e + b_a + table[t] + s[src] + t[dst],  h = silu(a)          (recomputed, GEMM 1)
 //   gz = grad_out * silu'(W_b h + b_b + s2[src] + t2[dst])  if act_out   (GEMM 2), else grad_out

@@ -1,5 +1,5 @@
 // CPU film_mean_backward: the gradients of film_mean (forward: film_mean_kernel.cpp; formulas:
-// nino_fast/ops/autograd.py, FilmMean) in one pass over the destination-sorted edges. With gn =
+// nino_fast/ops/backward.py, film_mean) in one pass over the destination-sorted edges. With gn =
 // grad_out / deg (per row) and gm = gn[dst], per tile:
 //
 //   sc  = W_sc e + b_sc + table_sc[t]                     (recomputed, GEMM 1; epilogue:)

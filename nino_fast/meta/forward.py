@@ -4,7 +4,7 @@ Three paths, the same maths (the official model in training mode, checked agains
 
 - ``folded``: the inference plan of :mod:`nino_fast.plan` (film_mean -> edge_film_mean -> edge_mlp x 2, with the
   linear maps folded, no edge state materialised), its folded weights formed *with autograd* in float32 from the
-  model's parameters, and the ops of :mod:`nino_fast.ops.autograd` (fused kernels forward, analytic backward:
+  model's parameters, and the ops of :mod:`nino_fast.ops.dispatch` (fused kernels forward, analytic backward:
   fused CPU kernels too, or PyTorch formulas on other devices).
 - ``layerwise``: the official layer order (edge_proj, conv 0, edge update 0, conv 1, edge update 1, head) on
   the same autograd ops, unfolded.
@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import autograd as ag
-from ..ops import reference
+from ..ops import dispatch, reference
 from .data import Batch, ParamBatch
 
 PATHS = ("folded", "layerwise", "oracle")
@@ -100,17 +99,19 @@ def _folded(model, b: Batch, backend):
     raw, rowptr, src, dst, et = b.raw, b.rowptr, b.src, b.dst, b.edge_type
     x0 = _node_input(model, b)
     nd, ns = _split_pre(convs[0], x0)
-    x1 = _node_update(convs[0], x0, ag.film_mean(raw, rowptr, src, nd, ns, W0, b0, et, T0, backend=backend))
+    x1 = _node_update(convs[0], x0, dispatch.film_mean(raw, rowptr, src, nd, ns, W0, b0, et, T0, backend=backend))
     s0, t0 = F.linear(x1, e0.lin_s.weight), F.linear(x1, e0.lin_t.weight)
     nd, ns = _split_pre(convs[1], x1)
-    agg1 = ag.edge_film_mean(raw, rowptr, src, Wa, ba, et, Ta, s0, t0, nd, ns, Wsc, bsc, Wsh, bsh, backend=backend)
+    rest = (s0, t0, nd, ns, Wsc, bsc, Wsh, bsh)
+    agg1 = dispatch.edge_film_mean(raw, rowptr, src, Wa, ba, et, Ta, *rest, backend=backend)
     x2 = _node_update(convs[1], x1, agg1)
     s1, t1 = F.linear(x2, e1.lin_s.weight), F.linear(x2, e1.lin_t.weight)
 
     def head(ids, w, bias):
         s_, d_ = src[ids], dst[ids]
-        h1 = ag.edge_mlp(raw[ids], s_, d_, Wa, ba, Wb1, bb1, et[ids], Ta, s0, t0, s1, t1, act_out=True, backend=backend)
-        return ag.edge_mlp(h1, s_, d_, Wh, bh, w, bias, backend=backend)
+        terms = (s0, t0, s1, t1)
+        h1 = dispatch.edge_mlp(raw[ids], s_, d_, Wa, ba, Wb1, bb1, et[ids], Ta, *terms, act_out=True, backend=backend)
+        return dispatch.edge_mlp(h1, s_, d_, Wh, bh, w, bias, backend=backend)
 
     return _pieces(model, b, head)
 
@@ -144,7 +145,7 @@ def predict_pieces(model, b: Batch, path: str = "folded", backend: str | None = 
     if path == "folded":
         return _folded(model, b, backend)
     if path == "layerwise":
-        return _layerwise(model, b, ag, backend)
+        return _layerwise(model, b, dispatch, backend)
     if path == "oracle":
         return _layerwise(model, b, reference, None)
     raise ValueError(f"meta.forward.predict: path must be one of {PATHS}, got {path!r}")

@@ -11,7 +11,7 @@ The official recipe (``train_nino.py`` of SamsungSAILMontreal/nino), on our data
   multi-step forecasting: one forward pass predicts all K horizons);
 - AdamW (lr 3e-3, weight decay 1e-2), cosine decay to 1e-6 over ``steps``, gradient norm clipped at 5;
 - the forward of :mod:`nino_fast.meta.forward` (``folded`` by default: fused kernels forward, analytic backward,
-  itself fused kernels on float32 CPU tensors: :mod:`nino_fast.ops.autograd`).
+  itself fused kernels on float32 CPU tensors: :mod:`nino_fast.ops.backward`).
 
 ``arch='wnn'`` fits the WNN+ MLP (``NiNoModel(gnn=False)``, the official ``nino_mlp.pt`` architecture: each
 parameter's own scaled history and edge type through a 4-layer MLP) on the same windows, loss, optimizer,

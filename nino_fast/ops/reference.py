@@ -26,12 +26,17 @@ the kernel (its output map ``W_1`` is folded into the next encoder's scale and s
     out_n = mean_e( (W_sc h_e + b_sc) * (msg_dst[n] + msg_src[src_e]) + W_sh h_e + b_sh )
 
   The shift half is linear in h, so kernels may sum h over the row first: ``sum_e shift = W_sh sum_e h + deg b_sh``.
+
+The signatures below are the ops' schemas (``torch.library.infer_schema`` of each function equals the schema
+registered in csrc/nino_fast.cpp; tests/test_opcheck.py checks it). Every implementation of an op returns
+``promote_types(feat.dtype, float32)``: float32 for 16-bit and float32 features, float64 for float64.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def csr_dst(rowptr: torch.Tensor) -> torch.Tensor:
@@ -41,7 +46,7 @@ def csr_dst(rowptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(n, device=rowptr.device), deg)
 
 
-def segment_mean(values: torch.Tensor, rowptr: torch.Tensor) -> torch.Tensor:
+def segment_mean(values: Tensor, rowptr: Tensor) -> Tensor:
     """(N, D) mean of ``values`` (E, D) over each CSR row; zero rows for empty segments."""
     n = rowptr.numel() - 1
     out = torch.zeros(n, values.shape[1], dtype=values.dtype, device=values.device)
@@ -62,7 +67,17 @@ def _affine(feat, weight, bias, etype, table):
     return out
 
 
-def film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, type_table=None) -> torch.Tensor:
+def film_mean(
+    feat: Tensor,
+    rowptr: Tensor,
+    src: Tensor,
+    node_dst: Tensor,
+    node_src: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    etype: Tensor | None = None,
+    type_table: Tensor | None = None,
+) -> Tensor:
     """(N, D) mean over in-edges of ``scale * (node_dst[dst] + node_src[src]) + shift``; see module docstring."""
     d = node_dst.shape[1]
     enc = _affine(feat, weight, bias, etype, type_table)
@@ -72,21 +87,21 @@ def film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, t
 
 
 def edge_mlp(
-    feat,
-    src,
-    dst,
-    weight_a,
-    bias_a,
-    weight_b,
-    bias_b,
-    etype=None,
-    type_table=None,
-    node_src=None,
-    node_dst=None,
-    node_src2=None,
-    node_dst2=None,
+    feat: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    weight_a: Tensor,
+    bias_a: Tensor,
+    weight_b: Tensor,
+    bias_b: Tensor,
+    etype: Tensor | None = None,
+    type_table: Tensor | None = None,
+    node_src: Tensor | None = None,
+    node_dst: Tensor | None = None,
+    node_src2: Tensor | None = None,
+    node_dst2: Tensor | None = None,
     act_out: bool = False,
-) -> torch.Tensor:
+) -> Tensor:
     """(E, D') ``W_b act(W_a e + b_a + gathers) + b_b (+ gathers)``; see module docstring."""
     h = _affine(feat, weight_a, bias_a, etype, type_table)
     if node_src is not None:
@@ -98,22 +113,22 @@ def edge_mlp(
 
 
 def edge_film_mean(
-    feat,
-    rowptr,
-    src,
-    weight_a,
-    bias_a,
-    etype,
-    type_table,
-    node_src,
-    node_dst,
-    msg_dst,
-    msg_src,
-    weight_scale,
-    bias_scale,
-    weight_shift,
-    bias_shift,
-) -> torch.Tensor:
+    feat: Tensor,
+    rowptr: Tensor,
+    src: Tensor,
+    weight_a: Tensor,
+    bias_a: Tensor,
+    etype: Tensor | None,
+    type_table: Tensor | None,
+    node_src: Tensor,
+    node_dst: Tensor,
+    msg_dst: Tensor,
+    msg_src: Tensor,
+    weight_scale: Tensor,
+    bias_scale: Tensor,
+    weight_shift: Tensor,
+    bias_shift: Tensor,
+) -> Tensor:
     """(N, D) fused edge update + next layer's FiLM mean; see module docstring."""
     dst = csr_dst(rowptr)
     h = F.silu(_affine(feat, weight_a, bias_a, etype, type_table) + gather(node_src, src) + gather(node_dst, dst))

@@ -4,7 +4,8 @@
 
 src: (E, D) floating point; rowptr: (N+1,) int64, nondecreasing, rowptr[0] = 0, rowptr[N] = E; out: (N, D),
 src's dtype. The compiled kernels sum each row sequentially in CSR order (fp32 accumulation for half/bf16):
-deterministic, thread-count independent, and the CPU and CUDA kernels agree bitwise.
+deterministic, thread-count independent, and the CPU and CUDA kernels agree bitwise. Differentiable: its fake
+and autograd are registered in nino_fast/ops/library.py.
 """
 
 from __future__ import annotations
@@ -15,16 +16,6 @@ from .._extension import has_cuda_ext, has_ext
 from .reference import segment_mean as segment_mean_csr_reference
 
 __all__ = ["segment_mean_csr", "segment_mean_csr_reference"]
-
-if has_ext():
-    # Shapes only, no kernel: lets torch.compile / torch.export trace through the op without a graph break.
-    @torch.library.register_fake("nino_fast::segment_mean_csr")
-    def _(src: torch.Tensor, rowptr: torch.Tensor) -> torch.Tensor:
-        op = "nino_fast::segment_mean_csr"
-        torch._check(src.dim() == 2, lambda: f"{op}: src must be 2-D, got {src.dim()}-D")
-        torch._check(rowptr.dim() == 1, lambda: f"{op}: rowptr must be 1-D, got {rowptr.dim()}-D")
-        return src.new_empty(rowptr.shape[0] - 1, src.shape[1])
-
 
 # Decided once at import (not per call): a dispatcher query inside a compiled region would be a graph break.
 _DEVICES = (("cpu", "cuda") if has_cuda_ext() else ("cpu",)) if has_ext() else ()

@@ -1,10 +1,10 @@
-"""Triton backend of the NiNo ops: ``torch.ops.nino_fast.triton_{film_mean,edge_mlp,edge_film_mean}``.
+"""Triton implementation of the NiNo ops: one of the implementations of ``torch.ops.nino_fast.<op>``.
 
 Layers (as in Liger-Kernel): ``@triton.jit`` kernels and their host launchers (checks, block sizes, grid) live
-in the ``nino_fast.triton_kernels`` package (top-level ``triton_kernels/`` in a checkout); this module wraps
-each launcher as a ``torch.library.custom_op`` with a fake implementation, so torch.compile(fullgraph=True)
-traces callers without graph breaks, and exposes functions with the signatures of
-:mod:`nino_fast.ops.reference`.
+in the ``nino_fast.triton_kernels`` package (top-level ``triton_kernels/`` in a checkout); this module loads them
+and gives :data:`LAUNCHERS`, one function per op with the op's arguments, which :mod:`nino_fast.ops.library`
+registers as the op's ``triton`` implementation (selected by :mod:`nino_fast.ops.dispatch`). The op's fake and
+autograd are the same for every implementation.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``: tests). Float
 inputs may be float32 (IEEE dots: matches the reference to ~1e-6), bfloat16 or float16 (tensor cores, fp32
@@ -59,222 +59,23 @@ def available() -> bool:
     return _KERNELS is not None and (torch.cuda.is_available() or INTERPRET)
 
 
-def _launch_scope(op: str, feat: torch.Tensor):
-    """Triton launches on the current CUDA device: make it feat's (multi-GPU processes)."""
-    if _KERNELS is None:
-        raise RuntimeError(f"nino_fast::triton_{op}: triton is not installed (pip install triton)")
-    return torch.cuda.device(feat.device) if feat.is_cuda else contextlib.nullcontext()
+def _on_feat_device(launch):
+    """``launch`` on feat's CUDA device: Triton launches on the current device (multi-GPU processes)."""
+
+    def run(feat, *args):
+        with torch.cuda.device(feat.device) if feat.is_cuda else contextlib.nullcontext():
+            return launch(feat, *args)
+
+    return run
 
 
-@torch.library.custom_op("nino_fast::triton_film_mean", mutates_args=())
-def _film_mean_op(
-    feat: torch.Tensor,
-    rowptr: torch.Tensor,
-    src: torch.Tensor,
-    node_dst: torch.Tensor,
-    node_src: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    etype: torch.Tensor | None = None,
-    type_table: torch.Tensor | None = None,
-) -> torch.Tensor:
-    with _launch_scope("film_mean", feat):
-        return _film_mean.film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype, type_table)
-
-
-@_film_mean_op.register_fake
-def _(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, type_table=None):
-    return feat.new_empty(rowptr.shape[0] - 1, node_dst.shape[1], dtype=torch.float32)
-
-
-@torch.library.custom_op("nino_fast::triton_edge_mlp", mutates_args=())
-def _edge_mlp_op(
-    feat: torch.Tensor,
-    src: torch.Tensor,
-    dst: torch.Tensor,
-    weight_a: torch.Tensor,
-    bias_a: torch.Tensor,
-    weight_b: torch.Tensor,
-    bias_b: torch.Tensor,
-    etype: torch.Tensor | None = None,
-    type_table: torch.Tensor | None = None,
-    node_src: torch.Tensor | None = None,
-    node_dst: torch.Tensor | None = None,
-    node_src2: torch.Tensor | None = None,
-    node_dst2: torch.Tensor | None = None,
-    act_out: bool = False,
-) -> torch.Tensor:
-    with _launch_scope("edge_mlp", feat):
-        return _edge_mlp.edge_mlp(
-            feat,
-            src,
-            dst,
-            weight_a,
-            bias_a,
-            weight_b,
-            bias_b,
-            etype,
-            type_table,
-            node_src,
-            node_dst,
-            node_src2,
-            node_dst2,
-            act_out,
-        )
-
-
-@_edge_mlp_op.register_fake
-def _(
-    feat,
-    src,
-    dst,
-    weight_a,
-    bias_a,
-    weight_b,
-    bias_b,
-    etype=None,
-    type_table=None,
-    node_src=None,
-    node_dst=None,
-    node_src2=None,
-    node_dst2=None,
-    act_out=False,
-):
-    return feat.new_empty(feat.shape[0], weight_b.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("nino_fast::triton_edge_film_mean", mutates_args=())
-def _edge_film_mean_op(
-    feat: torch.Tensor,
-    rowptr: torch.Tensor,
-    src: torch.Tensor,
-    weight_a: torch.Tensor,
-    bias_a: torch.Tensor,
-    etype: torch.Tensor | None,
-    type_table: torch.Tensor | None,
-    node_src: torch.Tensor,
-    node_dst: torch.Tensor,
-    msg_dst: torch.Tensor,
-    msg_src: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias_scale: torch.Tensor,
-    weight_shift: torch.Tensor,
-    bias_shift: torch.Tensor,
-) -> torch.Tensor:
-    with _launch_scope("edge_film_mean", feat):
-        return _edge_film_mean.edge_film_mean(
-            feat,
-            rowptr,
-            src,
-            weight_a,
-            bias_a,
-            etype,
-            type_table,
-            node_src,
-            node_dst,
-            msg_dst,
-            msg_src,
-            weight_scale,
-            bias_scale,
-            weight_shift,
-            bias_shift,
-        )
-
-
-@_edge_film_mean_op.register_fake
-def _(
-    feat,
-    rowptr,
-    src,
-    weight_a,
-    bias_a,
-    etype,
-    type_table,
-    node_src,
-    node_dst,
-    msg_dst,
-    msg_src,
-    weight_scale,
-    bias_scale,
-    weight_shift,
-    bias_shift,
-):
-    return feat.new_empty(rowptr.shape[0] - 1, weight_scale.shape[0], dtype=torch.float32)
-
-
-# ------------------------------------------------------------ functional API (signatures of ops.reference)
-def film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, type_table=None) -> torch.Tensor:
-    """(N, D) float32; spec: :func:`nino_fast.ops.reference.film_mean`."""
-    return torch.ops.nino_fast.triton_film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype, type_table)
-
-
-def edge_mlp(
-    feat,
-    src,
-    dst,
-    weight_a,
-    bias_a,
-    weight_b,
-    bias_b,
-    etype=None,
-    type_table=None,
-    node_src=None,
-    node_dst=None,
-    node_src2=None,
-    node_dst2=None,
-    act_out: bool = False,
-) -> torch.Tensor:
-    """(E, D') float32; spec: :func:`nino_fast.ops.reference.edge_mlp`."""
-    return torch.ops.nino_fast.triton_edge_mlp(
-        feat,
-        src,
-        dst,
-        weight_a,
-        bias_a,
-        weight_b,
-        bias_b,
-        etype,
-        type_table,
-        node_src,
-        node_dst,
-        node_src2,
-        node_dst2,
-        act_out,
-    )
-
-
-def edge_film_mean(
-    feat,
-    rowptr,
-    src,
-    weight_a,
-    bias_a,
-    etype,
-    type_table,
-    node_src,
-    node_dst,
-    msg_dst,
-    msg_src,
-    weight_scale,
-    bias_scale,
-    weight_shift,
-    bias_shift,
-) -> torch.Tensor:
-    """(N, D) float32; spec: :func:`nino_fast.ops.reference.edge_film_mean`."""
-    return torch.ops.nino_fast.triton_edge_film_mean(
-        feat,
-        rowptr,
-        src,
-        weight_a,
-        bias_a,
-        etype,
-        type_table,
-        node_src,
-        node_dst,
-        msg_dst,
-        msg_src,
-        weight_scale,
-        bias_scale,
-        weight_shift,
-        bias_shift,
-    )
+# op name -> its Triton launcher (the op's arguments, positionally, in schema order)
+LAUNCHERS = (
+    {
+        "film_mean": _on_feat_device(_film_mean.film_mean),
+        "edge_mlp": _on_feat_device(_edge_mlp.edge_mlp),
+        "edge_film_mean": _on_feat_device(_edge_film_mean.edge_film_mean),
+    }
+    if _KERNELS is not None
+    else {}
+)

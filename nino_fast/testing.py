@@ -1,0 +1,146 @@
+"""Shared test helpers of nino_fast (as ``torch_scatter.testing`` / ``pyg_lib.testing``): random CSR graphs, random
+inputs of the fused ops, argument lists in schema order, and per-dtype tolerances.
+
+Used by tests/ (and usable by anyone checking an implementation of the ops against :mod:`nino_fast.ops.reference`).
+Graphs are destination-sorted CSR as the ops expect: the edges into node n are ``rowptr[n]:rowptr[n+1]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = [
+    "INTERPRET",
+    "OPS",
+    "assert_close_scaled",
+    "device_of",
+    "grad_names",
+    "op_args",
+    "random_csr",
+    "random_inputs",
+    "tolerance",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+OPS = ("film_mean", "edge_mlp", "edge_film_mean")
+
+# (atol, rtol) of a result against the float64 reference, scaled by max(1, |reference|): float32 kernels sum in
+# other orders than the reference; 16-bit inputs are rounded before any arithmetic.
+_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for inputs of ``dtype`` compared with the float64 reference."""
+    return _TOL[dtype]
+
+
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype = torch.float32, msg=None):
+    """``got`` equals ``want`` to :func:`tolerance` ``(dtype)``, the absolute part scaled by max(1, |want|)."""
+    atol, rtol = tolerance(dtype)
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.to(want.dtype), want, atol=atol * scale, rtol=rtol, msg=msg)
+
+
+def device_of(backend: str) -> str:
+    """The device a backend's tests run on: Triton under its interpreter runs on CPU tensors."""
+    if backend == "triton" and INTERPRET:
+        return "cpu"
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
+
+
+def random_csr(n_nodes: int, n_edges: int, hub: int = 0, gen: torch.Generator | None = None):
+    """Random destination-sorted CSR: ``n_edges`` edges between random nodes plus ``hub`` edges into node
+    ``n_nodes // 2`` (a huge-degree row); some rows stay empty. Returns ``(rowptr int64 (N+1,), src int32 (E,),
+    dst int32 (E,))``."""
+    if n_nodes == 0:
+        empty = torch.zeros(0, dtype=torch.int32)
+        return torch.zeros(1, dtype=torch.int64), empty, empty
+    dst = torch.cat((torch.randint(0, n_nodes, (n_edges,), generator=gen), torch.full((hub,), n_nodes // 2)))
+    dst = dst.sort().values
+    src = torch.randint(0, n_nodes, (dst.numel(),), generator=gen).to(torch.int32)
+    rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
+    rowptr[1:] = torch.bincount(dst, minlength=n_nodes).cumsum(0)
+    return rowptr, src, dst.to(torch.int32)
+
+
+def random_inputs(
+    n_nodes: int,
+    n_edges: int,
+    c: int = 3,
+    d: int = 4,
+    d_out: int | None = None,
+    n_types: int = 3,
+    hub: int = 0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    scale: float = 0.5,
+    requires_grad: bool = False,
+) -> dict:
+    """Random tensors for every fused op on one :func:`random_csr` graph, under short names: ``feat`` (E, C),
+    ``etype`` (E,), film_mean's ``W2`` (2D, C), ``b2``, ``T2`` (T, 2D); the edge MLP's ``Wa`` (D, C), ``ba``, ``Ta``
+    (T, D), ``Wb`` (D', D), ``bb``; node terms ``nd``, ``ns`` (N, D), ``nd2``, ``ns2`` (N, D'), ``md``, ``ms`` (N, D);
+    edge_film_mean's ``Wsc``, ``Wsh`` (D, D), ``bsc``, ``bsh``. Floats are N(0, scale^2) in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    rowptr, src, dst = random_csr(n_nodes, n_edges, hub, gen)
+    e, d_out = src.numel(), d_out or d
+
+    def r(*shape):
+        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        return t.requires_grad_(requires_grad)
+
+    return dict(
+        rowptr=rowptr,
+        src=src,
+        dst=dst,
+        etype=torch.randint(0, n_types, (e,), generator=gen),
+        feat=r(e, c),
+        W2=r(2 * d, c),
+        b2=r(2 * d),
+        T2=r(n_types, 2 * d),
+        Wa=r(d, c),
+        ba=r(d),
+        Ta=r(n_types, d),
+        Wb=r(d_out, d),
+        bb=r(d_out),
+        Wsc=r(d, d),
+        bsc=r(d),
+        Wsh=r(d, d),
+        bsh=r(d),
+        nd=r(n_nodes, d),
+        ns=r(n_nodes, d),
+        nd2=r(n_nodes, d_out),
+        ns2=r(n_nodes, d_out),
+        md=r(n_nodes, d),
+        ms=r(n_nodes, d),
+    )
+
+
+# Each op's schema arguments -> the short names of random_inputs (None: an optional input left out).
+_NAMES = {
+    "film_mean": tuple("feat rowptr src nd ns W2 b2 etype T2".split()),
+    "edge_mlp": tuple("feat src dst Wa ba Wb bb etype Ta ns nd ns2 nd2".split()),
+    "edge_film_mean": tuple("feat rowptr src Wa ba etype Ta ns nd md ms Wsc bsc Wsh bsh".split()),
+}
+_TABLE = {"etype", "T2", "Ta"}
+_GATHERS = {"ns", "nd", "ns2", "nd2"}
+
+
+def op_args(op: str, x: dict, table: bool = True, gathers: bool = True, act_out: bool = True) -> tuple:
+    """The positional arguments of ``torch.ops.nino_fast.<op>`` from :func:`random_inputs` ``x``, in schema order;
+    without the per-type ``table`` (and etype), without edge_mlp's node ``gathers``; edge_mlp's ``act_out``."""
+    drop = (set() if table else _TABLE) | (_GATHERS if op == "edge_mlp" and not gathers else set())
+    args = tuple(None if k in drop else x[k] for k in _NAMES[op])
+    return (*args, act_out) if op == "edge_mlp" else args
+
+
+def grad_names(op: str, table: bool = True, gathers: bool = True) -> list[str]:
+    """The short names of ``op``'s differentiable inputs (floating point, present) under these options."""
+    drop = (set() if table else _TABLE) | (_GATHERS if op == "edge_mlp" and not gathers else set())
+    return [k for k in _NAMES[op] if k not in drop and k not in ("rowptr", "src", "dst", "etype")]
