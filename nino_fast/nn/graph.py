@@ -1,0 +1,104 @@
+"""Graph input of the nino_fast.nn layers: any ``edge_index`` (2, E) [src; dst], turned into the destination-sorted
+CSR the fused ops need, once per static graph.
+
+``CSRGraph.from_edge_index`` sorts the edges by destination (stable: edges into one node keep their order) and keeps
+the permutation, so edge features in the caller's order are gathered into CSR order and per-edge outputs go back.
+The layers call :func:`csr_of`, which caches the result keyed on the edge_index tensor itself (its identity and
+version counter: an in-place change rebuilds) so a model of several layers on a static graph sorts once.
+Inside torch.compile the CSR is built in the graph instead (no cache, no Python-side checks); pass a
+:class:`CSRGraph` built outside to keep it out of the compiled region.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["CSRGraph", "csr_of"]
+
+
+@dataclass(frozen=True)
+class CSRGraph:
+    """A graph of N nodes and E edges in destination-sorted CSR.
+
+    rowptr: (N+1,) int64, the in-edges of node n are positions ``rowptr[n]:rowptr[n+1]``;
+    src, dst: (E,) int32, source and destination of each position; perm: (E,) int64, the caller's edge at each
+    position (``edge_attr[perm]`` is edge_attr in CSR order); inv_perm: (E,) int64, its inverse.
+    """
+
+    rowptr: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.rowptr.numel() - 1
+
+    @property
+    def num_edges(self) -> int:
+        return self.src.numel()
+
+    @staticmethod
+    def from_edge_index(edge_index: torch.Tensor, num_nodes: int, op: str = "CSRGraph") -> CSRGraph:
+        """The CSR of ``edge_index`` (2, E) integer [src; dst] in any order (duplicates and self loops kept)."""
+        check_edge_index(edge_index, num_nodes, op)
+        src, dst = edge_index[0], edge_index[1]
+        perm = torch.argsort(dst, stable=True)
+        dst_sorted = dst.index_select(0, perm)
+        bounds = torch.arange(num_nodes + 1, device=dst.device, dtype=dst_sorted.dtype)
+        rowptr = torch.searchsorted(dst_sorted, bounds).to(torch.int64)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+        return CSRGraph(
+            rowptr=rowptr,
+            src=src.index_select(0, perm).to(torch.int32),
+            dst=dst_sorted.to(torch.int32),
+            perm=perm,
+            inv_perm=inv_perm,
+        )
+
+
+def check_edge_index(edge_index: torch.Tensor, num_nodes: int, op: str) -> None:
+    """Shape, dtype and range of an edge_index, with errors that name the layer, the argument and what was got."""
+    if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        shape = tuple(edge_index.shape) if isinstance(edge_index, torch.Tensor) else type(edge_index).__name__
+        raise ValueError(f"{op}: edge_index must have shape (2, E) [src; dst], got {shape}")
+    if edge_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: edge_index must be int64 or int32, got {edge_index.dtype}")
+    if torch.compiler.is_compiling():
+        # no data-dependent Python branch in a traced graph: the check runs as an op when the graph runs
+        ok = (edge_index.numel() == 0) | ((edge_index.min() >= 0) & (edge_index.max() < num_nodes))
+        torch._assert_async(ok, f"{op}: edge_index has entries outside [0, num_nodes)")
+        return
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+        lo, hi = int(edge_index.min()), int(edge_index.max())
+        raise IndexError(f"{op}: edge_index entries must lie in [0, {num_nodes}) (num_nodes), got [{lo}, {hi}]")
+
+
+_CACHE: dict[tuple, tuple] = {}  # (id, version, N, device) -> (weakref to the edge_index, CSRGraph)
+_CACHE_SIZE = 16
+
+
+def csr_of(edge_index: torch.Tensor | CSRGraph, num_nodes: int, op: str) -> CSRGraph:
+    """The :class:`CSRGraph` of ``edge_index`` (a CSRGraph passes through), cached per edge_index tensor."""
+    if isinstance(edge_index, CSRGraph):
+        if edge_index.num_nodes != num_nodes:
+            raise ValueError(f"{op}: the CSRGraph has {edge_index.num_nodes} nodes but x has {num_nodes} rows")
+        return edge_index
+    if torch.compiler.is_compiling():
+        return CSRGraph.from_edge_index(edge_index, num_nodes, op)
+    if not isinstance(edge_index, torch.Tensor):
+        raise TypeError(f"{op}: edge_index must be a (2, E) tensor or a CSRGraph, got {type(edge_index).__name__}")
+    key = (id(edge_index), edge_index._version, num_nodes, edge_index.device)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is edge_index:
+        return hit[1]
+    graph = CSRGraph.from_edge_index(edge_index, num_nodes, op)
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))  # the oldest entry
+    _CACHE[key] = (weakref.ref(edge_index), graph)
+    return graph
