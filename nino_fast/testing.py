@@ -11,9 +11,17 @@ import os
 
 import torch
 
+from .ops import dispatch
+
 __all__ = [
+    "CASES",
     "INTERPRET",
+    "call_op",
     "OPS",
+    "check",
+    "make_inputs",
+    "random_graph",
+    "run_op",
     "assert_close_scaled",
     "device_of",
     "grad_names",
@@ -82,18 +90,22 @@ def random_inputs(
     dtype: torch.dtype = torch.float64,
     scale: float = 0.5,
     requires_grad: bool = False,
+    weight_scale: float | None = None,
 ) -> dict:
     """Random tensors for every fused op on one :func:`random_csr` graph, under short names: ``feat`` (E, C),
     ``etype`` (E,), film_mean's ``W2`` (2D, C), ``b2``, ``T2`` (T, 2D); the edge MLP's ``Wa`` (D, C), ``ba``, ``Ta``
     (T, D), ``Wb`` (D', D), ``bb``; node terms ``nd``, ``ns`` (N, D), ``nd2``, ``ns2`` (N, D'), ``md``, ``ms`` (N, D);
-    edge_film_mean's ``Wsc``, ``Wsh`` (D, D), ``bsc``, ``bsh``. Floats are N(0, scale^2) in ``dtype``."""
+    edge_film_mean's ``Wsc``, ``Wsh`` (D, D), ``bsc``, ``bsh``. Floats are N(0, scale^2) in ``dtype`` (the weight
+    matrices N(0, weight_scale^2) if given)."""
     gen = torch.Generator().manual_seed(seed)
     rowptr, src, dst = random_csr(n_nodes, n_edges, hub, gen)
     e, d_out = src.numel(), d_out or d
 
-    def r(*shape):
-        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    def r(*shape, std=scale):
+        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
         return t.requires_grad_(requires_grad)
+
+    w = scale if weight_scale is None else weight_scale
 
     return dict(
         rowptr=rowptr,
@@ -101,17 +113,17 @@ def random_inputs(
         dst=dst,
         etype=torch.randint(0, n_types, (e,), generator=gen),
         feat=r(e, c),
-        W2=r(2 * d, c),
+        W2=r(2 * d, c, std=w),
         b2=r(2 * d),
         T2=r(n_types, 2 * d),
-        Wa=r(d, c),
+        Wa=r(d, c, std=w),
         ba=r(d),
         Ta=r(n_types, d),
-        Wb=r(d_out, d),
+        Wb=r(d_out, d, std=w),
         bb=r(d_out),
-        Wsc=r(d, d),
+        Wsc=r(d, d, std=w),
         bsc=r(d),
-        Wsh=r(d, d),
+        Wsh=r(d, d, std=w),
         bsh=r(d),
         nd=r(n_nodes, d),
         ns=r(n_nodes, d),
@@ -140,7 +152,160 @@ def op_args(op: str, x: dict, table: bool = True, gathers: bool = True, act_out:
     return (*args, act_out) if op == "edge_mlp" else args
 
 
-def grad_names(op: str, table: bool = True, gathers: bool = True) -> list[str]:
-    """The short names of ``op``'s differentiable inputs (floating point, present) under these options."""
+def grad_names(op: str, table: bool = True, gathers: bool = True, act_out: bool = True) -> list[str]:
+    """The short names of ``op``'s differentiable inputs (floating point, present) under the options of
+    :func:`op_args` (``act_out`` does not change them)."""
     drop = (set() if table else _TABLE) | (_GATHERS if op == "edge_mlp" and not gathers else set())
     return [k for k in _NAMES[op] if k not in drop and k not in ("rowptr", "src", "dst", "etype")]
+
+
+def call_op(op: str, impl, x: dict, backend: str | None = None, table=True, gathers=True, act_out=True):
+    """``op`` through ``impl`` (:mod:`nino_fast.ops.dispatch` or :mod:`~nino_fast.ops.reference`) on ``x``."""
+    kw = {} if impl.__name__.endswith("reference") else {"backend": backend}
+    return getattr(impl, op)(*op_args(op, x, table, gathers, act_out), **kw)
+
+
+# (op, options of op_args) covering each op with and without its optional inputs
+CASES = [
+    ("film_mean", dict(table=True)),
+    ("film_mean", dict(table=False)),
+    ("edge_mlp", dict(table=True, gathers=True, act_out=True)),
+    ("edge_mlp", dict(table=False, gathers=False, act_out=False)),
+    ("edge_mlp", dict(table=True, gathers=True, act_out=False)),
+    ("edge_film_mean", dict(table=True)),
+    ("edge_film_mean", dict(table=False)),
+]
+
+
+# ---------------------------------------------------------------- the kernel suites' inputs and runner
+def random_graph(n_nodes, n_edges, heavy_degree=0, gen=None):
+    """Random destination-sorted CSR; node 0 gets ``heavy_degree`` extra in-edges; some nodes have none."""
+    dst = torch.randint(0, max(n_nodes, 1), (n_edges,), generator=gen)
+    if heavy_degree:
+        dst = torch.cat((dst, torch.zeros(heavy_degree, dtype=torch.long)))
+    dst = dst.sort().values if n_nodes else dst[:0]
+    e = dst.numel()
+    src = torch.randint(0, max(n_nodes, 1), (e,), generator=gen).to(torch.int32)
+    rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
+    if n_nodes:
+        rowptr[1:] = torch.bincount(dst, minlength=n_nodes).cumsum(0)
+    return rowptr, src, dst.to(torch.int32)
+
+
+def make_inputs(n_nodes, n_edges, c, d, d_out=None, n_types=15, heavy=0, seed=0, dtype=torch.float32, noncontig=False):
+    gen = torch.Generator().manual_seed(seed)
+    rowptr, src, dst = random_graph(n_nodes, n_edges, heavy, gen)
+    e = rowptr[-1].item()
+
+    def r(*shape):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.5
+        if noncontig and len(shape) == 2:
+            t = torch.randn(shape[1], shape[0], generator=gen, dtype=torch.float64).t() * 0.5
+        return t.to(dtype)
+
+    """The kernel suites' inputs (tests/test_kernels.py and the per-device suites): like :func:`random_inputs`
+    under the keys ``table2`` / ``table`` for the type tables, node 0 the hub of ``heavy`` extra in-edges."""
+    return dict(
+        rowptr=rowptr,
+        src=src,
+        dst=dst,
+        feat=r(e, c),
+        etype=torch.randint(0, n_types, (e,), generator=gen),
+        table2=r(n_types, 2 * d),
+        table=r(n_types, d),
+        nd=r(n_nodes, d),
+        ns=r(n_nodes, d),
+        nd2=r(n_nodes, d_out or d),
+        ns2=r(n_nodes, d_out or d),
+        W2=r(2 * d, c),
+        b2=r(2 * d),
+        Wa=r(d, c),
+        ba=r(d),
+        Wb=r(d_out or d, d),
+        bb=r(d_out or d),
+        Wsc=r(d, d),
+        bsc=r(d),
+        Wsh=r(d, d),
+        bsh=r(d),
+        md=r(n_nodes, d),
+        ms=r(n_nodes, d),
+    )
+
+
+def _to(x, device, dtype=None):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.to(device=device, dtype=dtype or x.dtype)
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def run_op(op, inp, backend, dtype=None, use_table=True):
+    dev = "cpu" if backend == "reference" else device_of(backend)
+    a = {k: _to(v, dev, dtype) for k, v in inp.items()}
+    table2, table = (a["table2"], a["table"]) if use_table else (None, None)
+    etype = a["etype"] if use_table else None
+    if op == "film_mean":
+        out = dispatch.film_mean(
+            a["feat"],
+            a["rowptr"],
+            a["src"],
+            a["nd"],
+            a["ns"],
+            a["W2"],
+            a["b2"],
+            etype,
+            table2,
+            backend=backend,
+        )
+    elif op == "edge_mlp":
+        out = dispatch.edge_mlp(
+            a["feat"],
+            a["src"],
+            a["dst"],
+            a["Wa"],
+            a["ba"],
+            a["Wb"],
+            a["bb"],
+            etype,
+            table,
+            a["ns"],
+            a["nd"],
+            a["ns2"],
+            a["nd2"],
+            act_out=True,
+            backend=backend,
+        )
+    elif op == "edge_mlp_plain":
+        out = dispatch.edge_mlp(a["feat"], a["src"], a["dst"], a["Wa"], a["ba"], a["Wb"], a["bb"], backend=backend)
+    else:
+        out = dispatch.edge_film_mean(
+            a["feat"],
+            a["rowptr"],
+            a["src"],
+            a["Wa"],
+            a["ba"],
+            etype,
+            table,
+            a["ns"],
+            a["nd"],
+            a["md"],
+            a["ms"],
+            a["Wsc"],
+            a["bsc"],
+            a["Wsh"],
+            a["bsh"],
+            backend=backend,
+        )
+    return out.double().cpu()
+
+
+def check(op, inp, backend, use_table=True, atol=1e-5):
+    want = run_op(
+        op,
+        {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()},
+        "reference",
+        use_table=use_table,
+    )
+    got = run_op(op, inp, backend, use_table=use_table)
+    assert got.shape == want.shape
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, atol=atol * scale, rtol=1e-5)

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from nino_fast.ops import dispatch, reference
+from nino_fast.testing import CASES, random_inputs
+from nino_fast.testing import call_op as call
+from nino_fast.testing import grad_names as inputs
 
 # gradcheck needs a float64-exact forward: the reference's. (The kernels accept float64 but accumulate in float32,
 # too coarse for finite differences.) The backward checked is the same code whatever the forward's backend; the
@@ -16,81 +19,22 @@ GRAPHS = [(3, 0), (1, 1), (4, 1), (6, 15), (9, 30)]  # (nodes, edges): no edges,
 
 
 def make(n_nodes, n_edges, c=3, d=4, d_out=5, n_types=3, seed=0, dtype=torch.float64, hub=0, weight_scale=0.7):
-    """Random inputs of the ops of ``call`` on a destination-sorted CSR graph of ``n_edges`` random edges plus
+    """Random inputs (every float requiring grad) on a destination-sorted CSR graph of ``n_edges`` random edges plus
     ``hub`` edges into row ``n_nodes // 2``; weight matrices drawn with std ``weight_scale``, the rest with 0.7."""
-    gen = torch.Generator().manual_seed(seed)
-    dst = torch.cat((torch.randint(0, n_nodes, (n_edges,), generator=gen), torch.full((hub,), n_nodes // 2)))
-    dst = dst.sort().values
-    m = dst.numel()
-    src = torch.randint(0, n_nodes, (m,), generator=gen).to(torch.int32)
-    rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
-    rowptr[1:] = torch.bincount(dst, minlength=n_nodes).cumsum(0)
-
-    def r(*shape, scale=0.7):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_()
-
-    w = weight_scale
-    return dict(
-        rowptr=rowptr,
-        src=src,
-        dst=dst.to(torch.int32),
-        etype=torch.randint(0, n_types, (m,), generator=gen),
-        feat=r(m, c),
-        W2=r(2 * d, c, scale=w),
-        b2=r(2 * d),
-        T2=r(n_types, 2 * d),
-        Wa=r(d, c, scale=w),
-        ba=r(d),
-        Ta=r(n_types, d),
-        Wb=r(d_out, d, scale=w),
-        bb=r(d_out),
-        Wsc=r(d, d, scale=w),
-        bsc=r(d),
-        Wsh=r(d, d, scale=w),
-        bsh=r(d),
-        nd=r(n_nodes, d),
-        ns=r(n_nodes, d),
-        nd2=r(n_nodes, d_out),
-        ns2=r(n_nodes, d_out),
-        md=r(n_nodes, d),
-        ms=r(n_nodes, d),
+    return random_inputs(
+        n_nodes,
+        n_edges,
+        c,
+        d,
+        d_out,
+        n_types,
+        hub,
+        seed,
+        dtype,
+        scale=0.7,
+        requires_grad=True,
+        weight_scale=weight_scale,
     )
-
-
-def inputs(op, table=True, gathers=True, act_out=True) -> list[str]:
-    """Names of the differentiable inputs ``call`` uses."""
-    if op == "film_mean":
-        return ["feat", "nd", "ns", "W2", "b2"] + (["T2"] if table else [])
-    if op == "edge_mlp":
-        return ["feat", "Wa", "ba", "Wb", "bb"] + (["Ta"] if table else []) + (["ns", "nd", "ns2", "nd2"] * gathers)
-    return ["feat", "Wa", "ba"] + (["Ta"] if table else []) + ["ns", "nd", "md", "ms", "Wsc", "bsc", "Wsh", "bsh"]
-
-
-def call(op, impl, x, backend=None, table=True, gathers=True, act_out=True):
-    """``op`` through ``impl`` (nino_fast.ops.dispatch or reference) on the tensors of ``x``."""
-    kw = {} if impl is reference else {"backend": backend}
-    et = x["etype"] if table else None
-    if op == "film_mean":
-        t = x["T2"] if table else None
-        return impl.film_mean(x["feat"], x["rowptr"], x["src"], x["nd"], x["ns"], x["W2"], x["b2"], et, t, **kw)
-    t = x["Ta"] if table else None
-    if op == "edge_mlp":
-        g = (x["ns"], x["nd"], x["ns2"], x["nd2"]) if gathers else (None,) * 4
-        w = (x["Wa"], x["ba"], x["Wb"], x["bb"])
-        return impl.edge_mlp(x["feat"], x["src"], x["dst"], *w, et, t, *g, act_out=act_out, **kw)
-    rest = (x["ns"], x["nd"], x["md"], x["ms"], x["Wsc"], x["bsc"], x["Wsh"], x["bsh"])
-    return impl.edge_film_mean(x["feat"], x["rowptr"], x["src"], x["Wa"], x["ba"], et, t, *rest, **kw)
-
-
-CASES = [
-    ("film_mean", dict(table=True)),
-    ("film_mean", dict(table=False)),
-    ("edge_mlp", dict(table=True, gathers=True, act_out=True)),
-    ("edge_mlp", dict(table=False, gathers=False, act_out=False)),
-    ("edge_mlp", dict(table=True, gathers=True, act_out=False)),
-    ("edge_film_mean", dict(table=True)),
-    ("edge_film_mean", dict(table=False)),
-]
 
 
 @pytest.mark.parametrize("backend", F64_BACKENDS)

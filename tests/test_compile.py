@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from nino_fast.ops import dispatch
-
-from test_kernels import _device, make_inputs
+from nino_fast.testing import device_of, make_inputs
 
 
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
 def test_fullgraph_compile(backend):
     torch._dynamo.reset()
-    dev = _device(backend) if backend != "reference" else "cpu"
+    dev = device_of(backend) if backend != "reference" else "cpu"
     inp = {k: v.to(dev) for k, v in make_inputs(20, 150, 5, 16, seed=7).items()}
 
     def step(a):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from nino_fast.ops import dispatch
+from nino_fast.testing import check, make_inputs, run_op
 
 from conftest import needs_cuda_ext
-from test_kernels import check, make_inputs, run_op
 
 pytestmark = [
     needs_cuda_ext,

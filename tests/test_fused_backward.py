@@ -12,10 +12,12 @@ import sys
 
 import pytest
 import torch
-from test_autograd import CASES, call, inputs, make
 
 from nino_fast.ops import backward as bw
 from nino_fast.ops import dispatch
+from nino_fast.testing import CASES, random_inputs
+from nino_fast.testing import call_op as call
+from nino_fast.testing import grad_names as inputs
 
 from conftest import needs_ext
 
@@ -38,8 +40,9 @@ GRAPHS = {
 
 
 def graph(n, e, hub, c, d, d_out, seed=0):
-    """``make`` of tests/test_autograd.py in float32 with 15 edge types and smaller weights (GRAPHS' shapes)."""
-    return make(n, e, c, d, d_out, n_types=15, seed=seed, dtype=torch.float32, hub=hub, weight_scale=0.3)
+    """Random float32 inputs (GRAPHS' shapes) with 15 edge types and smaller weights."""
+    opts = dict(scale=0.7, requires_grad=True, weight_scale=0.3)
+    return random_inputs(n, e, c, d, d_out, 15, hub, seed, torch.float32, **opts)
 
 
 def grads(op, opts, x, fused: bool, feat_grad: bool = True, dtype=torch.float32):

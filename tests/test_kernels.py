@@ -6,20 +6,16 @@ other than 'reference' (CPU extension, CUDA extension, Triton) and compares with
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nino_fast.ops import dispatch, reference
+from nino_fast.testing import INTERPRET, check, make_inputs, run_op
 
 KERNEL_BACKENDS = [b for b in dispatch.BACKENDS if b != "reference"]
 pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend is built")
-
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _device(backend):
@@ -28,138 +24,7 @@ def _device(backend):
     return "cuda" if backend in ("cuda", "triton") else "cpu"
 
 
-def random_graph(n_nodes, n_edges, heavy_degree=0, gen=None):
-    """Random destination-sorted CSR; node 0 gets ``heavy_degree`` extra in-edges; some nodes have none."""
-    dst = torch.randint(0, max(n_nodes, 1), (n_edges,), generator=gen)
-    if heavy_degree:
-        dst = torch.cat((dst, torch.zeros(heavy_degree, dtype=torch.long)))
-    dst = dst.sort().values if n_nodes else dst[:0]
-    e = dst.numel()
-    src = torch.randint(0, max(n_nodes, 1), (e,), generator=gen).to(torch.int32)
-    rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
-    if n_nodes:
-        rowptr[1:] = torch.bincount(dst, minlength=n_nodes).cumsum(0)
-    return rowptr, src, dst.to(torch.int32)
-
-
-def make_inputs(n_nodes, n_edges, c, d, d_out=None, n_types=15, heavy=0, seed=0, dtype=torch.float32, noncontig=False):
-    gen = torch.Generator().manual_seed(seed)
-    rowptr, src, dst = random_graph(n_nodes, n_edges, heavy, gen)
-    e = rowptr[-1].item()
-
-    def r(*shape):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.5
-        if noncontig and len(shape) == 2:
-            t = torch.randn(shape[1], shape[0], generator=gen, dtype=torch.float64).t() * 0.5
-        return t.to(dtype)
-
-    return dict(
-        rowptr=rowptr,
-        src=src,
-        dst=dst,
-        feat=r(e, c),
-        etype=torch.randint(0, n_types, (e,), generator=gen),
-        table2=r(n_types, 2 * d),
-        table=r(n_types, d),
-        nd=r(n_nodes, d),
-        ns=r(n_nodes, d),
-        nd2=r(n_nodes, d_out or d),
-        ns2=r(n_nodes, d_out or d),
-        W2=r(2 * d, c),
-        b2=r(2 * d),
-        Wa=r(d, c),
-        ba=r(d),
-        Wb=r(d_out or d, d),
-        bb=r(d_out or d),
-        Wsc=r(d, d),
-        bsc=r(d),
-        Wsh=r(d, d),
-        bsh=r(d),
-        md=r(n_nodes, d),
-        ms=r(n_nodes, d),
-    )
-
-
-def _to(x, device, dtype=None):
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.to(device=device, dtype=dtype or x.dtype)
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def run_op(op, inp, backend, dtype=None, use_table=True):
-    dev = "cpu" if backend == "reference" else _device(backend)
-    a = {k: _to(v, dev, dtype) for k, v in inp.items()}
-    table2, table = (a["table2"], a["table"]) if use_table else (None, None)
-    etype = a["etype"] if use_table else None
-    if op == "film_mean":
-        out = dispatch.film_mean(
-            a["feat"],
-            a["rowptr"],
-            a["src"],
-            a["nd"],
-            a["ns"],
-            a["W2"],
-            a["b2"],
-            etype,
-            table2,
-            backend=backend,
-        )
-    elif op == "edge_mlp":
-        out = dispatch.edge_mlp(
-            a["feat"],
-            a["src"],
-            a["dst"],
-            a["Wa"],
-            a["ba"],
-            a["Wb"],
-            a["bb"],
-            etype,
-            table,
-            a["ns"],
-            a["nd"],
-            a["ns2"],
-            a["nd2"],
-            act_out=True,
-            backend=backend,
-        )
-    elif op == "edge_mlp_plain":
-        out = dispatch.edge_mlp(a["feat"], a["src"], a["dst"], a["Wa"], a["ba"], a["Wb"], a["bb"], backend=backend)
-    else:
-        out = dispatch.edge_film_mean(
-            a["feat"],
-            a["rowptr"],
-            a["src"],
-            a["Wa"],
-            a["ba"],
-            etype,
-            table,
-            a["ns"],
-            a["nd"],
-            a["md"],
-            a["ms"],
-            a["Wsc"],
-            a["bsc"],
-            a["Wsh"],
-            a["bsh"],
-            backend=backend,
-        )
-    return out.double().cpu()
-
-
 OPS = ["film_mean", "edge_mlp", "edge_mlp_plain", "edge_film_mean"]
-
-
-def check(op, inp, backend, use_table=True, atol=1e-5):
-    want = run_op(
-        op,
-        {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()},
-        "reference",
-        use_table=use_table,
-    )
-    got = run_op(op, inp, backend, use_table=use_table)
-    assert got.shape == want.shape
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got, want, atol=atol * scale, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

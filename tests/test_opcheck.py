@@ -11,17 +11,9 @@ import pytest
 import torch
 
 from nino_fast.ops import dispatch, reference
-from nino_fast.testing import assert_close_scaled, grad_names, op_args, random_inputs
+from nino_fast.testing import CASES, assert_close_scaled, grad_names, op_args, random_inputs
 
 OPS = torch.ops.nino_fast
-CASES = [
-    ("film_mean", dict(table=True)),
-    ("film_mean", dict(table=False)),
-    ("edge_mlp", dict(table=True, gathers=True, act_out=True)),
-    ("edge_mlp", dict(table=False, gathers=False, act_out=False)),
-    ("edge_film_mean", dict(table=True)),
-    ("edge_film_mean", dict(table=False)),
-]
 # (nodes, edges, hub edges into one row): no edges, one edge, empty rows, a row of 600 edges
 GRAPHS = {"no edges": (4, 0, 0), "one edge": (1, 1, 0), "empty rows": (12, 6, 0), "hub row": (9, 20, 600)}
 DEVICE_BACKENDS = [("cpu", b) for b in dispatch.available_backends("cpu")]

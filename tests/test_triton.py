@@ -10,8 +10,7 @@ import torch
 
 from nino_fast.ops import dispatch
 from nino_fast.ops import reference as ref
-
-from test_kernels import INTERPRET, make_inputs, run_op
+from nino_fast.testing import INTERPRET, make_inputs, run_op
 
 pytestmark = pytest.mark.skipif(
     "triton" not in dispatch.BACKENDS, reason="needs triton and a GPU (or TRITON_INTERPRET=1)"

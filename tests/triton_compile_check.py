@@ -51,9 +51,8 @@ class _StubDriver:
 def compile_all(arch: int = 90) -> list[dict]:
     """Compile the kernels of every op (fp32 / bf16, C = 5 / 45 / 128, a long row) for sm_<arch>."""
     from nino_fast.ops import triton_backend  # noqa: F401  (makes nino_fast.triton_kernels importable)
+    from nino_fast.testing import make_inputs
     from nino_fast.triton_kernels import edge_film_mean, edge_mlp, film_mean, utils
-
-    from test_kernels import make_inputs
 
     compiled = []
 
