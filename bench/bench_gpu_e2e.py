@@ -51,10 +51,7 @@ def main(argv=None):
             graph.lpe = torch.randn(graph.num_nodes, 8, generator=torch.Generator().manual_seed(0)) * 0.01
         t_graph = time.perf_counter() - t0
         states = trajectory(graph.num_params)
-        g_cuda = graph  # moved once, like a training loop that keeps its graph on the GPU
-        from nino_fast.model import graph_to
-
-        g_cuda = graph_to(graph, "cuda")
+        g_cuda = graph.to("cuda")  # moved once, like a training loop that keeps its graph on the GPU
         s_cuda = states.cuda()
         out = nino.nowcast(g_cuda, s_cuda, args.k, **opts)  # warm-up (compiles the kernels)
         torch.cuda.synchronize()

@@ -62,7 +62,6 @@ from ._extension import release_cpu_buffers
 from .graph import NeuralGraph
 from .graph.build import build_graph_part
 from .graph.neural_graph import row_ranges
-from .model import graph_to
 from .scaling import scale_stats
 from .stream import NonFinitePrediction, Part, nowcast_streamed
 
@@ -468,7 +467,7 @@ def nowcast_sharded(
     error, full, gs, digest = None, True, None, (0.0, 0.0)
     try:
         gs = _graph_shard(graph, rank, world)
-        gs = dataclasses.replace(gs, local=graph_to(gs.local, device))
+        gs = dataclasses.replace(gs, local=gs.local.to(device))
         full = _validate(model, gs, states, k)
         _check_scales(model, gs, scales)
         digest = _lpe_digest(model, gs)
@@ -483,7 +482,7 @@ def nowcast_sharded(
         result = torch.zeros(P + world, dtype=torch.float32, device=device)
         if rank == 0:
             try:
-                result[:P] = model.nowcast(graph_to(gs.whole, device), states, k, backend=backend).to(device)
+                result[:P] = model.nowcast(gs.whole.to(device), states, k, backend=backend).to(device)
             except Exception as exc:
                 failure = exc
     else:

@@ -7,7 +7,6 @@ pass whose output is unused (the last layer's), and the output head only for hor
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import os
@@ -112,18 +111,6 @@ def check_model_args(args: dict, who: str = "NiNoModel") -> None:
     hid, towers = args.get("hid", 128), args.get("towers", 1)
     if hid % towers:
         raise ValueError(f"{who}: model_args['towers']={towers} must divide model_args['hid']={hid}")
-
-
-def graph_to(graph: NeuralGraph, device: torch.device) -> NeuralGraph:
-    """A shallow copy of ``graph`` with its tensors on ``device`` (the graph itself if already there); the rest
-    (``fingerprint``, ``param_shapes``, ``meta``, ...) is kept, so the copy still knows which model it is for."""
-    if graph.rowptr.device == torch.device(device):
-        return graph
-    moved = copy.copy(graph)
-    for name, value in vars(graph).items():
-        if isinstance(value, torch.Tensor):
-            setattr(moved, name, value.to(device))
-    return moved
 
 
 def _check_state(where: str, own: dict, state: dict, args: dict) -> None:
@@ -473,7 +460,7 @@ class NiNoModel(nn.Module):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"NiNoModel.nowcast: edge_sample_ratio must be a number in [0, 1], got {ratio!r}")
         device = self.device
-        graph = graph_to(graph, device)
+        graph = graph.to(device)
         folded = fused and not self.is_mlp and folded_plan.supports(self)
         if edge_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"NiNoModel.nowcast: edge_dtype must be float32, bfloat16 or float16, got {edge_dtype}")
@@ -579,7 +566,7 @@ class NiNoModel(nn.Module):
         if self.is_mlp:
             raise ValueError("NiNoModel.embed: WNN+ checkpoints (gnn=False) have no graph embeddings")
         self._check_inputs(graph, states, None, "NiNoModel.embed", named_shapes)
-        graph = graph_to(graph, self.device)
+        graph = graph.to(self.device)
         scaled, _ = scale_params(
             states.to(device=self.device, dtype=torch.float32), graph.param_shapes, self.scale_method
         )

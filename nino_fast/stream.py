@@ -436,7 +436,6 @@ def nowcast_subgraphs(model, graph, states: torch.Tensor, k: int, **kwargs) -> t
     message crosses blocks, each part has its own LPE). Parts are built one at a time, so the graph memory is one
     block's; each part costs a graph build (and an LPE, cached on disk for large parts) per step."""
     from .graph import build_graph
-    from .model import graph_to
 
     parts = split_blocks(graph.param_shapes, graph.arch)
     if len(parts) == 1:  # no transformer blocks: the whole graph, as officially
@@ -446,7 +445,7 @@ def nowcast_subgraphs(model, graph, states: torch.Tensor, k: int, **kwargs) -> t
     off = 0
     for part in parts:
         heads = dict(num_heads=graph.meta.get("num_heads"), num_key_value_heads=graph.meta.get("num_key_value_heads"))
-        sub = graph_to(build_graph(part, arch=graph.arch, lpe=lpe, **heads), model.device)
+        sub = build_graph(part, arch=graph.arch, lpe=lpe, **heads).to(model.device)
         n = sub.num_params
         result[off : off + n] = nowcast_streamed(model, sub, states[off : off + n], k, **kwargs)
         off += n

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from nino_fast import NiNoModel, build_graph, stream
-from nino_fast.model import graph_to
 from nino_fast.ops import dispatch
 from nino_fast.scaling import scale_params
 
@@ -305,7 +304,7 @@ def test_streamed_on_gpu(llama, expected, backend):
     assert whole.device == states.device
     rel = ((whole - expected).abs().max() / expected.abs().max()).item()
     assert rel <= 1e-5
-    tiled = stream.nowcast_streamed(nino_gpu, graph_to(graph, "cuda"), states, 10, backend, tile_edges=50_000)
+    tiled = stream.nowcast_streamed(nino_gpu, graph.to("cuda"), states, 10, backend, tile_edges=50_000)
     assert ((tiled.cpu() - whole).abs().max() / whole.abs().max()).item() <= 1e-6
     half = nino_gpu.nowcast(graph, states, 10, backend=backend, edge_dtype=torch.bfloat16)
     # the step's output is last state + small delta: compare the deltas, at bf16 resolution (2^-8 relative)

@@ -14,7 +14,6 @@ import torch
 from nino_fast import NiNoModel, build_graph
 from nino_fast.graph import InputTypeError, detect_arch, fingerprint
 from nino_fast.graph.build import build_graph_part
-from nino_fast.model import graph_to
 
 from golden import ckpt, load
 
@@ -216,7 +215,7 @@ def test_graph_carries_its_fingerprint_through_copies():
     fp = fingerprint(g["named"])
     assert graph.fingerprint == fp
     assert copy.copy(graph).fingerprint == fp and dataclasses.replace(graph, meta={}).fingerprint == fp
-    assert graph_to(graph, torch.device("meta")).fingerprint == fp
+    assert graph.to(torch.device("meta")).fingerprint == fp
     part, _, _ = build_graph_part(g["named"], 1, 3, arch="llama", lpe=0, **g["kwargs"])
     assert part.fingerprint == fp
 
@@ -351,6 +350,6 @@ def test_meta_states_and_models_refused(nino, mlp_case):
     with pytest.raises(ValueError, match="NiNoModel.embed: the model is on the meta device"):
         ghost.embed(graph, states)
     with pytest.raises(ValueError, match="NiNoModel.nowcast: graph.rowptr is on the meta device"):
-        nino.nowcast(graph_to(graph, torch.device("meta")), states, 1)
+        nino.nowcast(graph.to(torch.device("meta")), states, 1)
     with pytest.raises(ValueError, match="build_graph: lpe is on the meta device"):
         build_graph(load("mlp")["named"], lpe=torch.empty(47, 8, device="meta"))

@@ -29,6 +29,7 @@ residual/head edges carry 1 and self-loops 2 in slot 0 (constants, not scaled), 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -60,7 +61,7 @@ class NeuralGraph:
 
     def __post_init__(self) -> None:
         # graphs made by hand get the fingerprint build_graph gives; copies (copy.copy, dataclasses.replace,
-        # graph_to) pass theirs on
+        # NeuralGraph.to) pass theirs on
         if not self.fingerprint:
             self.fingerprint = fingerprint_of(self.param_shapes)
 
@@ -74,6 +75,18 @@ class NeuralGraph:
                 f"{who}: the neural graph was built for another model: "
                 f"{first_difference(self.param_shapes, named)}; rebuild it with build_graph for this model"
             )
+
+    def to(self, device: torch.device | str) -> NeuralGraph:
+        """This graph with its tensors on ``device``: the graph itself if already there, else a shallow copy whose
+        other fields (``fingerprint``, ``param_shapes``, ``meta``, ``blocks``, ...) are this graph's, so the copy
+        still knows which model it is for."""
+        if self.rowptr.device == torch.device(device):
+            return self
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(moved, name, value.to(device))
+        return moved
 
     @property
     def edge_type(self) -> torch.Tensor:

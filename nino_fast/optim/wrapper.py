@@ -86,7 +86,7 @@ from .. import plan
 from ..baselines import Linefit
 from ..distributed import GraphShard, build_graph_shard
 from ..graph import build_graph, detect_arch, fingerprint
-from ..model import NiNoModel, graph_to
+from ..model import NiNoModel
 from ..wrapped import unwrap_model
 from .agreement import Agreement, check_distributed
 from .predictors import default_ckpt, load_predictor
@@ -340,9 +340,9 @@ class NiNo(torch.optim.Optimizer):
             dev = self._predictor_device()
             if dev is not None:  # moved once, not at every NiNo step
                 graph = (
-                    dataclasses.replace(graph, local=graph_to(graph.local, dev))
+                    dataclasses.replace(graph, local=graph.local.to(dev))
                     if isinstance(graph, GraphShard)
-                    else graph_to(graph, dev)
+                    else graph.to(dev)
                 )
         self.graph = graph
         self.snapshots = SnapshotBuffer(self.num_params, self.ctx, self.snapshot_dtype)
