@@ -59,11 +59,12 @@ import torch.distributed as dist
 
 from . import plan
 from ._extension import release_cpu_buffers
+from .finish import NonFinitePrediction
 from .graph import NeuralGraph
 from .graph.build import build_graph_part
 from .graph.neural_graph import row_ranges
 from .scaling import scale_stats
-from .stream import NonFinitePrediction, Part, nowcast_streamed
+from .stream import Part, nowcast_streamed
 
 CHUNK = 1 << 16  # history rows per chunk while checking / scaling: bounds those temporaries (~3 MB)
 _EXC, _NAN = 1.0, 2.0  # failure codes carried in the result's last slots

@@ -18,10 +18,11 @@ from torch import nn
 
 from . import plan as folded_plan
 from . import stream
+from .finish import finish_rows, raise_if_bad
 from .graph import NeuralGraph
 from .graph.checks import InputTypeError, check_int, check_not_meta, describe, is_int
 from .ops import dispatch
-from .scaling import METHODS, scale_params, unscale_params
+from .scaling import METHODS, row_scales, scale_params
 
 _ACTS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -531,12 +532,12 @@ class NiNoModel(nn.Module):
         return torch.zeros(graph.num_params, dtype=delta.dtype, device=delta.device).index_copy_(0, mine, delta)
 
     def _finish(self, graph, scaled, delta, scales, dtype) -> torch.Tensor:
-        """Residual on the last state, finiteness check, unscaling."""
-        out = scaled[:, -1] + delta * self.upd_scale if self.residual else delta
-        bad = (~torch.isfinite(out)).sum().item()
-        if bad:
-            raise ValueError(f"NiNoModel.nowcast: the prediction has {bad} NaN/Inf values")
-        return unscale_params(out, graph.param_shapes, scales, self.scale_method).to(dtype)
+        """Residual on the last state, finiteness check, unscaling (:func:`nino_fast.finish.finish_rows`)."""
+        shift, scale = row_scales(scales, graph.param_shapes, self.scale_method)
+        last = scaled[:, -1] if self.residual else None
+        out, bad = finish_rows(delta, shift, scale, last, self.upd_scale)
+        raise_if_bad(bad, "NiNoModel.nowcast")
+        return out.to(dtype)
 
     def _wnn(self, graph: NeuralGraph, scaled: torch.Tensor, k: int) -> torch.Tensor:
         """WNN+: an MLP per parameter on its own history and its edge type."""

@@ -123,11 +123,15 @@ def scale_params(states: torch.Tensor, param_shapes, method: str = "std") -> tup
     return out, scales
 
 
+def row_scales(scales: torch.Tensor, param_shapes, method: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
+    """(P,) shift and (P,) scale of every parameter (row) from :func:`scale_params`' ``scales``."""
+    _check(method)
+    if per_tensor(method):
+        sizes = torch.tensor(_sizes(param_shapes), device=scales.device)
+        scales = torch.repeat_interleave(scales, sizes, dim=0)
+    return scales[:, 0], scales[:, 1]
+
+
 def unscale_params(x: torch.Tensor, param_shapes, scales: torch.Tensor, method: str = "std") -> torch.Tensor:
     """Inverse of :func:`scale_params` for a (P,) prediction: ``x * scale + shift``."""
-    _check(method)
-    if not per_tensor(method):
-        return unscale_rows(x, scales[:, 0], scales[:, 1])
-    sizes = torch.tensor(_sizes(param_shapes), device=x.device)
-    per = torch.repeat_interleave(scales, sizes, dim=0)
-    return unscale_rows(x, per[:, 0], per[:, 1])
+    return unscale_rows(x, *row_scales(scales, param_shapes, method))

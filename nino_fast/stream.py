@@ -36,9 +36,14 @@ import torch
 
 from . import plan
 from ._extension import release_cpu_buffers
+from .finish import (
+    NonFinitePrediction,  # noqa: F401  (re-exported: raised by nowcast_streamed)
+    finish_rows,
+    raise_if_bad,
+)
 from .graph.layout import HEAD, RESIDUAL, SELF_LOOP
 from .ops import dispatch
-from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats, unscale_rows
+from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats
 
 log = logging.getLogger(__name__)
 DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 GiB (larger tiles gain nothing)
@@ -214,9 +219,9 @@ class History:
 
     def finish(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
         """Residual, unscaling and write-back of the parameters on edges ``e0 + used`` with scaled deltas ``pred``
-        (len(used), F), the float32 operations of ``NiNoModel._finish``, into ``result`` (one value per parameter of
-        the graph, in ``param_pos`` order); returns the count of non-finite values. Runs in chunks of ``CHUNK``
-        edges (small temporaries)."""
+        (len(used), F) into ``result`` (one value per parameter of the graph, in ``param_pos`` order), by
+        :func:`nino_fast.finish.finish_rows` as ``NiNoModel._finish`` does; returns the count of non-finite values.
+        Runs in chunks of ``CHUNK`` edges (small temporaries)."""
         F, bad = self.F, 0
         cols = torch.arange(F, device=self.device)
         chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
@@ -230,18 +235,11 @@ class History:
                 params, out = slots[mine].long(), pred[a : a + chunk][mine]
             rows = self.state_rows(params)
             shift, scale = self._shift_scale(rows)
-            if model.residual:
-                out = scale_rows(self._rows(rows, slice(-1, None)).squeeze(1), shift, scale) + out * model.upd_scale
-            if not torch.isfinite(out.sum()):  # one cheap pass; count exactly only when something is off
-                bad += int((~torch.isfinite(out)).sum())
-            result[params.to(result.device)] = unscale_rows(out, shift, scale).to(
-                device=result.device, dtype=result.dtype
-            )
+            last = scale_rows(self._rows(rows, slice(-1, None)).squeeze(1), shift, scale) if model.residual else None
+            values, n_bad = finish_rows(out, shift, scale, last, model.upd_scale)
+            bad += n_bad
+            result[params.to(result.device)] = values.to(device=result.device, dtype=result.dtype)
         return bad
-
-
-class NonFinitePrediction(ValueError):
-    """The step's prediction has NaN/Inf values (nothing was written to the model)."""
 
 
 @dataclass(frozen=True)
@@ -395,8 +393,7 @@ def nowcast_streamed(
         " / ".join(f"{t:.2f}" for t in stats["pass_s"]),
         extra={"nino_stats": stats},
     )
-    if bad:
-        raise NonFinitePrediction(f"{where}: the prediction has {bad} NaN/Inf values")
+    raise_if_bad(bad, where)
     return result
 
 

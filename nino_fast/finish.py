@@ -1,0 +1,43 @@
+"""The end of every NiNo step: residual on the last state, finiteness check, unscaling.
+
+The in-memory step (``NiNoModel.nowcast`` with ``fused=False``, WNN+) finishes all parameters at once and the
+streamed step (:mod:`nino_fast.stream`, also one process's part of a sharded step) finishes each tile's parameters
+as its head pass ends; both call :func:`finish_rows`, so they do the same float32 operations on every value:
+
+    out = last + upd_scale * delta   (residual; ``last`` the scaled last state)   or   out = delta
+    value = out * scale + shift      (:func:`nino_fast.scaling.unscale_rows`)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scaling import unscale_rows
+
+
+class NonFinitePrediction(ValueError):
+    """The step's prediction has NaN/Inf values (nothing was written to the model)."""
+
+
+def finish_rows(
+    delta: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    last: torch.Tensor | None = None,
+    upd_scale: float = 1.0,
+) -> tuple[torch.Tensor, int]:
+    """``(values, bad)``: the unscaled predictions of n parameters and how many are NaN/Inf before unscaling.
+
+    ``delta`` (n,): scaled predicted changes; ``shift`` / ``scale`` (n,) (or scalars): each parameter's scaling;
+    ``last`` (n,): its scaled last state for a residual model, None for a model predicting the state itself."""
+    out = delta if last is None else last + delta * upd_scale
+    bad = 0
+    if not torch.isfinite(out.sum()):  # one cheap pass; count exactly only when something is off
+        bad = int((~torch.isfinite(out)).sum())
+    return unscale_rows(out, shift, scale), bad
+
+
+def raise_if_bad(bad: int, where: str) -> None:
+    """:class:`NonFinitePrediction` naming ``where`` when ``bad`` values of the prediction are NaN/Inf."""
+    if bad:
+        raise NonFinitePrediction(f"{where}: the prediction has {bad} NaN/Inf values")
