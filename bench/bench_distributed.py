@@ -104,7 +104,7 @@ def worker(args):
         graph = build_graph(named, **kwargs)
     else:  # only this rank's part of the graph, never the whole
         graph = build_graph_shard(named, rank, world, **kwargs)
-        shard = graph.shard
+        shard = graph
     nino = NiNoModel.from_checkpoint(args.ckpt)
     states = history(graph.num_params, rows=shard.ids if args.states == "local" and shard is not None else None)
     setup_s = time.perf_counter() - t0

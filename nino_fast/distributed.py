@@ -6,7 +6,7 @@ living on those edges (:func:`param_shard`); it only ever touches its own parame
 1. scaling statistics: from the full history when every process has it (``scale_stats``: bitwise those of one
    process, no communication), else from each process's rows combined by small ``(T,)`` all-reduces (sums, then
    centred sums of squares in float64 for ``std``; max / -min for ``min-max``, exact);
-2. the streamed step of :mod:`nino_fast.stream` on its rows (:class:`~nino_fast.stream.Part`): destination-row
+2. the streamed step of :mod:`nino_fast.stream` on its rows (:class:`~nino_fast.stream.Sharded`): destination-row
    tiles within ``max_memory``, raw edge features scaled on the fly from its history rows, the folded plan's
    stages (:mod:`nino_fast.plan`). Node states (N x D) are replicated: after each of the two message passes the
    processes exchange their rows of the aggregation with one all-reduce of an (N, D) buffer (each row is non-zero
@@ -52,7 +52,6 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -63,8 +62,9 @@ from .finish import NonFinitePrediction
 from .graph import NeuralGraph
 from .graph.build import build_graph_part
 from .graph.neural_graph import row_ranges
+from .graph.pieces import GraphPart, RowRange
 from .scaling import scale_stats
-from .stream import Part, nowcast_streamed
+from .stream import Sharded, nowcast_streamed
 
 CHUNK = 1 << 16  # history rows per chunk while checking / scaling: bounds those temporaries (~3 MB)
 _EXC, _NAN = 1.0, 2.0  # failure codes carried in the result's last slots
@@ -76,44 +76,19 @@ class CommError(RuntimeError):
     """A collective failed (a dead or silent peer, a timeout): the process group is no longer in step."""
 
 
-def shard_bounds(graph: NeuralGraph, world: int) -> list[tuple[int, int, int, int]]:
-    """``world`` contiguous (node_lo, node_hi, edge_lo, edge_hi) ranges with about E / world edges each."""
+def shard_bounds(graph: NeuralGraph, world: int) -> list[RowRange]:
+    """``world`` contiguous destination-row ranges with about E / world edges each."""
     return row_ranges(graph.rowptr, world)
 
 
-@dataclass(frozen=True)
-class ParamShard:
-    """What process ``rank`` of ``world`` owns: destination nodes ``[node_lo, node_hi)``, their CSR edges
-    ``[edge_lo, edge_hi)`` and the parameters on those edges.
-
-    ``ids`` (n,): the parameters (flat indices, sorted); ``pos`` (n,): their feature slots ``e * F + f`` relative
-    to ``edge_lo * F`` (int32 below 2^31 slots, else int64); ``seg`` (T+1,): ``ids[seg[t]:seg[t+1]]`` are in
-    parameter tensor t.
-    """
-
-    rank: int
-    world: int
-    node_lo: int
-    node_hi: int
-    edge_lo: int
-    edge_hi: int
-    ids: torch.Tensor
-    pos: torch.Tensor
-    seg: tuple[int, ...]
-
-    @property
-    def num_params(self) -> int:
-        return self.ids.numel()
+# One process's piece of the graph is a GraphPart; the earlier names stay for code that imports them.
+GraphShard = ParamShard = GraphPart
 
 
-def param_shard(graph: NeuralGraph, rank: int, world: int) -> ParamShard:
-    """The shard of process ``rank`` among ``world`` (see :class:`ParamShard`); the same on every process."""
-    _check_rank(rank, world, "param_shard")
-    n0, n1, e0, e1 = shard_bounds(graph, world)[rank]
-    F = graph.max_feat_size
-    pos = graph.param_pos
-    ids = ((pos >= e0 * F) & (pos < e1 * F)).nonzero().flatten()
-    return _param_shard(rank, world, (n0, n1, e0, e1), ids, pos[ids] - e0 * F, graph.param_shapes, graph.num_edges * F)
+def param_shard(graph: NeuralGraph, rank: int, world: int) -> GraphPart:
+    """The part of process ``rank`` among ``world`` (see :class:`~nino_fast.graph.pieces.GraphPart`), as views of
+    ``graph``; the same on every process."""
+    return shard_graph(graph, rank, world, copy=False)
 
 
 def _check_rank(rank, world, where: str) -> None:
@@ -121,48 +96,30 @@ def _check_rank(rank, world, where: str) -> None:
         raise ValueError(f"{where}: rank must be in 0..world-1 with world >= 1, got rank {rank} of {world}")
 
 
-def _param_shard(rank, world, bounds, ids, pos, param_shapes, n_slots: int) -> ParamShard:
-    """The ParamShard of parameters ``ids`` (sorted) at slots ``pos`` (relative to the shard's first edge)."""
+def _ids_seg(ids, pos, param_shapes, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """``(ids, pos, seg)`` of parameters ``ids`` (sorted) at slots ``pos`` (relative to the part's first edge), in
+    int32 where every index fits; ``seg``: where each parameter tensor's ids start (and the last ends)."""
     offsets = [0]
     for _, shape in param_shapes:
         offsets.append(offsets[-1] + math.prod(shape))
     idx = torch.int32 if max(offsets[-1], n_slots) < 2**31 else torch.int64  # 4 bytes each
     ids, pos = ids.to(idx), pos.to(idx)
     seg = torch.searchsorted(ids, torch.tensor(offsets, dtype=idx, device=ids.device)).tolist()
-    return ParamShard(rank, world, *bounds, ids, pos, tuple(seg))
+    return ids, pos, tuple(seg)
 
 
-@dataclass(frozen=True)
-class GraphShard:
-    """What process ``rank`` keeps of a neural graph: its :class:`ParamShard` and ``local``, the graph restricted
-    to the shard's edges. ``local`` has all N nodes (``rowptr`` (N+1,), ``lpe``, ``pos_w``: node states are
-    replicated) but only the edges ``[edge_lo, edge_hi)``, numbered from 0 (rows outside ``[node_lo, node_hi)`` are
-    empty), and ``param_pos`` holds the slots of the shard's parameters only (``shard.pos``): ``local.num_params``
-    is the shard's count. ``num_nodes`` / ``num_edges`` / ``num_params`` are the whole graph's."""
-
-    shard: ParamShard
-    local: NeuralGraph
-    num_nodes: int
-    num_edges: int
-    num_params: int
-    whole: NeuralGraph | None = None  # (nowcast_sharded given the whole graph: for models that run whole)
-
-    @property
-    def max_feat_size(self) -> int:
-        return self.local.max_feat_size
-
-    @property
-    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return self.local.param_shapes
-
-
-def shard_graph(graph: NeuralGraph, rank: int, world: int, copy: bool = True) -> GraphShard:
-    """Process ``rank``'s part of ``graph`` (see :class:`GraphShard`), the same on every process. With ``copy``
-    (the default) its edge arrays are copies, so that the caller may free ``graph``: a process then holds about
-    1/world of the graph's edge arrays; ``copy=False`` gives views (no new memory while ``graph`` is kept) and
-    keeps ``graph`` as ``whole`` (for predictors that run whole: WNN+, non-official GNNs)."""
-    sh = param_shard(graph, rank, world)  # (checks rank and world)
-    e0, e1 = sh.edge_lo, sh.edge_hi
+def shard_graph(graph: NeuralGraph, rank: int, world: int, copy: bool = True) -> GraphPart:
+    """Process ``rank``'s part of ``graph`` (see :class:`~nino_fast.graph.pieces.GraphPart`), the same on every
+    process. With ``copy`` (the default) its edge arrays are copies, so that the caller may free ``graph``: a
+    process then holds about 1/world of the graph's edge arrays; ``copy=False`` gives views (no new memory while
+    ``graph`` is kept) and keeps ``graph`` as ``whole`` (for predictors that run whole: WNN+, non-official GNNs)."""
+    _check_rank(rank, world, "shard_graph")
+    rows = shard_bounds(graph, world)[rank]
+    n0, n1, e0, e1 = rows
+    F = graph.max_feat_size
+    pos = graph.param_pos
+    mine = ((pos >= e0 * F) & (pos < e1 * F)).nonzero().flatten()
+    ids, pos, seg = _ids_seg(mine, pos[mine] - e0 * F, graph.param_shapes, graph.num_edges * F)
     part = (lambda t: t[e0:e1].clone()) if copy else (lambda t: t[e0:e1])  # noqa: E731
     local = dataclasses.replace(
         graph,
@@ -170,27 +127,27 @@ def shard_graph(graph: NeuralGraph, rank: int, world: int, copy: bool = True) ->
         src=part(graph.src),
         dst=part(graph.dst),
         edge_type_u8=part(graph.edge_type_u8),
-        param_pos=sh.pos,
+        param_pos=pos,
         meta=dict(graph.meta, shard=(rank, world)),
         blocks=[],  # the layout describes the whole graph (its perm / LPE), not this part
     )
-    return GraphShard(sh, local, graph.num_nodes, graph.num_edges, graph.num_params, None if copy else graph)
+    whole = None if copy else graph
+    return GraphPart(rank, world, rows, ids, seg, local, graph.num_nodes, graph.num_edges, graph.num_params, whole)
 
 
-def build_graph_shard(model, rank: int, world: int, **kwargs) -> GraphShard:
+def build_graph_shard(model, rank: int, world: int, **kwargs) -> GraphPart:
     """``shard_graph(build_graph(model, **kwargs), rank, world)`` without ever building the whole graph: the
     process's rows are assembled straight from the block layout (:func:`nino_fast.graph.build.build_graph_part`),
     so its peak memory is that of its part (plus O(N) per-node arrays), not the whole graph's. ``kwargs``: those
     of :func:`~nino_fast.graph.build_graph` (``arch``, ``num_heads``, ``num_key_value_heads``, ``lpe``,
     ``lpe_cache``). The same on every process; equal to ``shard_graph`` of the whole graph (tested)."""
     _check_rank(rank, world, "build_graph_shard")
-    part, ids, bounds = build_graph_part(model, rank, world, **kwargs)
-    F, n_edges = part.max_feat_size, part.meta["whole_num_edges"]
-    sh = _param_shard(rank, world, bounds, ids, part.param_pos, part.param_shapes, n_edges * F)
-    part.param_pos = sh.pos
-    part.meta["shard"] = (rank, world)
-    n_params = sum(math.prod(s) for _, s in part.param_shapes)
-    return GraphShard(sh, part, part.num_nodes, n_edges, n_params)
+    local, ids, rows = build_graph_part(model, rank, world, **kwargs)
+    F, n_edges = local.max_feat_size, local.meta["whole_num_edges"]
+    ids, local.param_pos, seg = _ids_seg(ids, local.param_pos, local.param_shapes, n_edges * F)
+    local.meta["shard"] = (rank, world)
+    n_params = sum(math.prod(s) for _, s in local.param_shapes)
+    return GraphPart(rank, world, rows, ids, seg, local, local.num_nodes, n_edges, n_params)
 
 
 # ---- communication and agreement --------------------------------------------------------------------------------
@@ -243,7 +200,7 @@ class _Guard:
 class _Rows:
     """The shard's history rows, tensor by tensor and in chunks, whether ``states`` is full or the shard's own."""
 
-    def __init__(self, states: torch.Tensor, shard: ParamShard, full: bool, device, cast: bool = True):
+    def __init__(self, states: torch.Tensor, shard: GraphPart, full: bool, device, cast: bool = True):
         self.states, self.shard, self.full, self.device, self.cast = states, shard, full, device, cast
 
     def chunks(self, t: int):
@@ -263,20 +220,20 @@ class _Rows:
         return acc
 
 
-def _validate(model, gs: GraphShard, states, k) -> bool:
+def _validate(model, gs: GraphPart, states, k) -> bool:
     """The checks of ``NiNoModel.nowcast`` on this process's part of the inputs; returns whether ``states`` is
     the full (n_params, ctx) history (else it is the shard's rows ``states[shard.ids]``). Finiteness is checked on
     this process's rows only (each process checks its own; full histories are compared by checksum), so that no
     (n_params, ctx) temporary is made."""
-    shard = gs.shard
+    shard = gs
     if not isinstance(states, torch.Tensor) or states.dim() != 2:
         shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
         raise ValueError(f"nowcast_sharded: states must be a 2-D tensor, got {shape}")
     full = states.shape[0] == gs.num_params
-    if states.shape[1] != model.ctx or not (full or states.shape[0] == shard.num_params):
+    if states.shape[1] != model.ctx or not (full or states.shape[0] == shard.ids.numel()):
         raise ValueError(
             f"nowcast_sharded: rank {shard.rank}: states has shape {tuple(states.shape)}, expected the full history"
-            f" ({gs.num_params}, {model.ctx}) or this shard's rows ({shard.num_params}, {model.ctx})"
+            f" ({gs.num_params}, {model.ctx}) or this shard's rows ({shard.ids.numel()}, {model.ctx})"
         )
     if not plan.supports(model) and not (full and gs.whole is not None):
         raise ValueError(
@@ -306,7 +263,7 @@ def _checksums(states: torch.Tensor) -> tuple[float, float]:
     return s, a
 
 
-def _lpe_digest(model, gs: GraphShard) -> tuple[float, float]:
+def _lpe_digest(model, gs: GraphPart) -> tuple[float, float]:
     """A 64-bit hash of the LPE bytes this process's step reads, as two float64-exact 32-bit halves (0, 0 when the
     step reads none). Each process solves for its LPE itself and the solution can differ between processes (see
     the module docstring), so that the processes learn whether they have the same one before they use it."""
@@ -354,7 +311,7 @@ def _agree_on_inputs(
     return not torch.equal(lo[-2:], hi[-2:])
 
 
-def _rank0_lpe(comm: _Comm, gs: GraphShard) -> GraphShard:
+def _rank0_lpe(comm: _Comm, gs: GraphPart) -> GraphPart:
     """``gs`` with rank 0's LPE (a new tensor: the caller's graph is left as it was). The LPEs differ when the
     processes solved the eigenproblem with different BLAS thread counts or libraries: each process's node states
     would then start from its own, and the step would be no single process's."""
@@ -368,7 +325,7 @@ def _rank0_lpe(comm: _Comm, gs: GraphShard) -> GraphShard:
 
 
 # ---- scaling ------------------------------------------------------------------------------------------------------
-def _scales(comm: _Comm, rows: _Rows, graph: GraphShard, method: str, guard: _Guard) -> torch.Tensor | None:
+def _scales(comm: _Comm, rows: _Rows, graph: GraphPart, method: str, guard: _Guard) -> torch.Tensor | None:
     """(T, 2) float32 (shift, scale) per parameter tensor for per-tensor methods; (1, 2) for ``min-max-param``
     (parameter 0's range scales all); None for ``std-param`` (row by row)."""
     T, C, dev = len(graph.param_shapes), rows.states.shape[1], rows.device
@@ -403,7 +360,7 @@ def _scales(comm: _Comm, rows: _Rows, graph: GraphShard, method: str, guard: _Gu
 
         def first():
             sc = torch.zeros(1, 2, dtype=torch.float32, device=dev)
-            if rows.shard.num_params and int(rows.shard.ids[0]) == 0:
+            if rows.shard.ids.numel() and int(rows.shard.ids[0]) == 0:
                 t0 = next(t for t in range(T) if rows.shard.seg[t + 1] > rows.shard.seg[t])
                 sc[:] = scale_stats(next(rows.chunks(t0))[2][:1], None, method)[:1]
             return sc
@@ -413,12 +370,12 @@ def _scales(comm: _Comm, rows: _Rows, graph: GraphShard, method: str, guard: _Gu
 
 
 # ---- the step -----------------------------------------------------------------------------------------------------
-def _graph_shard(graph, rank: int, world: int) -> GraphShard:
+def _graph_shard(graph, rank: int, world: int) -> GraphPart:
     """``graph`` if it is this process's :class:`GraphShard`, else this process's part of the whole graph (views)."""
-    if isinstance(graph, GraphShard):
-        if (graph.shard.rank, graph.shard.world) != (rank, world):
+    if isinstance(graph, GraphPart):
+        if (graph.rank, graph.world) != (rank, world):
             raise ValueError(
-                f"nowcast_sharded: the graph shard is rank {graph.shard.rank}'s of {graph.shard.world}, this process"
+                f"nowcast_sharded: the graph shard is rank {graph.rank}'s of {graph.world}, this process"
                 f" is rank {rank} of {world}"
             )
         return graph
@@ -430,7 +387,7 @@ def _graph_shard(graph, rank: int, world: int) -> GraphShard:
 @torch.no_grad()
 def nowcast_sharded(
     model,
-    graph: NeuralGraph | GraphShard,
+    graph: NeuralGraph | GraphPart,
     states: torch.Tensor,
     k: int,
     group=None,
@@ -477,7 +434,7 @@ def nowcast_sharded(
     if _agree_on_inputs(comm, model, graph, states, k, full, error, scales is not None, digest):
         gs = _rank0_lpe(comm, gs)
 
-    P, shard = gs.num_params, gs.shard
+    P, shard = gs.num_params, gs
     failure: Exception | None = None
     if not plan.supports(model):  # WNN+ (per-parameter, cheap) or a non-official GNN: rank 0 runs it whole
         result = torch.zeros(P + world, dtype=torch.float32, device=device)
@@ -506,7 +463,7 @@ def nowcast_sharded(
             allreduce_log=comm.log,
             shard_nodes=shard.node_hi - shard.node_lo,
             shard_edges=shard.edge_hi - shard.edge_lo,
-            shard_params=shard.num_params,
+            shard_params=shard.ids.numel(),
         )
     failed = [r for r, c in enumerate(codes) if c == _EXC]
     if failed:
@@ -529,7 +486,7 @@ def _local_processes(world: int) -> int:
         return max(1, world)
 
 
-def _check_scales(model, gs: GraphShard, scales) -> None:
+def _check_scales(model, gs: GraphPart, scales) -> None:
     """Given statistics must have the shape the model's scale method uses."""
     if scales is None:
         return
@@ -543,12 +500,12 @@ def _check_scales(model, gs: GraphShard, scales) -> None:
 
 
 def _sharded_step(
-    comm, model, gs: GraphShard, states, k, full, opts, given_scales=None
+    comm, model, gs: GraphPart, states, k, full, opts, given_scales=None
 ) -> tuple[Exception | None, torch.Tensor | None]:
     """This process's part of the step (the streamed step on its rows): ``(failure, out)``, ``out`` the
     predictions of the shard's parameters (``shard.ids`` order), or ``(exception, None)`` after a local failure
     (the process has then joined every remaining collective with zeros, see :class:`_Guard`)."""
-    guard, shard, dev = _Guard(), gs.shard, model.device
+    guard, shard, dev = _Guard(), gs, model.device
     passes = len(model.gnn.edge_update)  # message passes whose aggregation the prediction uses: one all-reduce each
     done = [0]
 
@@ -565,9 +522,8 @@ def _sharded_step(
         scales = scales.expand(states.shape[0], 2)
 
     def run():
-        ends = None if full else torch.tensor(shard.seg[1:], dtype=torch.int64)  # tensor t ends at row seg[t+1]
         share = _local_processes(shard.world) if dev.type == "cpu" else 1  # (one GPU per process)
-        part = Part(shard.node_lo, shard.node_hi, combine, shard.ids if full else None, scales, ends, share)
+        part = Sharded(gs, combine, full, scales, share)
         where = f"nowcast_sharded: rank {shard.rank}/{shard.world}"
         return nowcast_streamed(model, gs.local, states, k, part=part, where=where, **opts)  # (shard.ids order)
 

@@ -504,32 +504,22 @@ class NiNoModel(nn.Module):
         k: int,
         backend=None,
         fused=True,
-        shard=None,
         raw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(P,) scaled predicted change per parameter; with ``shard`` only its edges' parameters (others 0)."""
+        """(P,) scaled predicted change per parameter (in memory: the whole graph at once)."""
         if self.is_mlp:
             return self._wnn(graph, scaled, k)
         F_ = graph.max_feat_size
         pos = graph.param_pos
-        if shard is not None:  # parameters living on the shard's edges, positions made shard-local
-            lo, hi = shard.edge_lo * F_, shard.edge_hi * F_
-            mine = ((pos >= lo) & (pos < hi)).nonzero().flatten()
-            pos = pos[mine] - lo
         raw = graph.to_edges(scaled) if raw is None else raw
         edge_of_param = torch.div(pos, F_, rounding_mode="floor")
         used = torch.unique(edge_of_param)  # only edges that carry parameters need the head
         if fused and folded_plan.supports(self):
-            pred = folded_plan.predict_deltas(self, graph, raw, k, used, self._folded(raw.shape[1]), backend, shard)
-        elif shard is None:
+            pred = folded_plan.predict_deltas(self, graph, raw, k, used, self._folded(raw.shape[1]), backend)
+        else:
             _, e = self._gnn(graph, raw, backend)
             pred = self._head(e[used], k, F_)
-        else:
-            raise ValueError("NiNoModel: sharded inference needs the folded plan (fused=True, official architecture)")
-        delta = pred[torch.searchsorted(used, edge_of_param), pos % F_]
-        if shard is None:
-            return delta
-        return torch.zeros(graph.num_params, dtype=delta.dtype, device=delta.device).index_copy_(0, mine, delta)
+        return pred[torch.searchsorted(used, edge_of_param), pos % F_]
 
     def _finish(self, graph, scaled, delta, scales, dtype) -> torch.Tensor:
         """Residual on the last state, finiteness check, unscaling (:func:`nino_fast.finish.finish_rows`)."""

@@ -18,13 +18,13 @@ Folded weights are formed in float64 and rounded once to float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .graph.pieces import RowRange
 from .ops import dispatch
 
 HEAD_CHUNK = 1 << 16  # edges per head chunk on CPU: bounds the (chunk, D) intermediate
@@ -138,26 +138,6 @@ def _split_pre(conv, x):
     return F.linear(x, pre.weight[:, :d], pre.bias), F.linear(x, pre.weight[:, d:])
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Destination nodes ``[node_lo, node_hi)`` and their CSR edges ``[edge_lo, edge_hi)`` owned by one process.
-
-    ``combine(local_rows)`` returns the (N, D) aggregation of all nodes from this shard's rows (an all-reduce in
-    :mod:`nino_fast.distributed`); the default shard is the whole graph. The same class describes the row tiles
-    of a streamed step (:mod:`nino_fast.stream`): any contiguous row range, whose edges are then contiguous too.
-    """
-
-    node_lo: int
-    node_hi: int
-    edge_lo: int
-    edge_hi: int
-    combine: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    @staticmethod
-    def whole(graph) -> Shard:
-        return Shard(0, graph.num_nodes, 0, graph.num_edges)
-
-
 # ---- the plan's stages ---------------------------------------------------------------------------------------
 # Node terms are (N, D) and computed in full; the three edge passes take the raw features ``raw`` of one row range
 # ``sh`` (its edges ``[sh.edge_lo, sh.edge_hi)``) and return that range's rows (passes 0, 1) or its edges' head
@@ -196,7 +176,7 @@ def _types(graph, e0: int, e1: int) -> torch.Tensor:
     return graph.edge_type_u8[e0:e1].long()  # int64 for this range only (8 bytes per edge)
 
 
-def _edges(graph, raw, sh: Shard, keep):
+def _edges(graph, raw, sh: RowRange, keep):
     """(raw, rowptr, src, types) of ``sh``'s edges, or of its edges at positions ``keep`` (sorted) only."""
     n0, n1, e0, e1 = sh.node_lo, sh.node_hi, sh.edge_lo, sh.edge_hi
     rowptr = graph.rowptr[n0 : n1 + 1] - e0
@@ -206,7 +186,7 @@ def _edges(graph, raw, sh: Shard, keep):
     return raw[keep], torch.searchsorted(keep, rowptr), src[keep], types[keep]
 
 
-def film_rows(graph, raw, sh: Shard, nd, ns, fw: Folded, backend=None, keep=None) -> torch.Tensor:
+def film_rows(graph, raw, sh: RowRange, nd, ns, fw: Folded, backend=None, keep=None) -> torch.Tensor:
     """Layer 0's aggregation for the rows of ``sh``: (node_hi - node_lo, D). ``keep``: aggregate only over these
     edges (sorted positions within ``sh``; the official ``edge_sample_ratio`` approximation)."""
     raw, rowptr, src, types = _edges(graph, raw, sh, keep)
@@ -223,7 +203,7 @@ def after_layer0(model, inputs: list[torch.Tensor]) -> Layer1:
     return Layer1(x1, F.linear(x1, eu.lin_s.weight), F.linear(x1, eu.lin_t.weight), nd, ns)
 
 
-def edge_film_rows(graph, raw, sh: Shard, l1: Layer1, fw: Folded, backend=None, keep=None) -> torch.Tensor:
+def edge_film_rows(graph, raw, sh: RowRange, l1: Layer1, fw: Folded, backend=None, keep=None) -> torch.Tensor:
     """Edge update 0 fused with layer 1's aggregation, for the rows of ``sh``: (node_hi - node_lo, D); ``keep`` as
     in :func:`film_rows`."""
     raw, rowptr, src, types = _edges(graph, raw, sh, keep)
@@ -260,7 +240,7 @@ def after_layer1(model, graph, l1: Layer1, inputs: list[torch.Tensor], k: int) -
     return Head(l1.s0, l1.t0, F.linear(x2, eu.lin_s.weight), F.linear(x2, eu.lin_t.weight), wk, bk)
 
 
-def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -> torch.Tensor:
+def head_rows(graph, raw, sh: RowRange, used, hd: Head, fw: Folded, backend=None) -> torch.Tensor:
     """Edge update 1 and the horizon-k head on edges ``used`` (sorted positions within ``sh``'s edges):
     (len(used), F) scaled deltas. Runs in chunks of edges, bounding the (chunk, D) temporaries.
 
@@ -306,27 +286,18 @@ def head_rows(graph, raw, sh: Shard, used, hd: Head, fw: Folded, backend=None) -
 
 
 def predict_deltas(
-    model,
-    graph,
-    raw: torch.Tensor,
-    k: int,
-    used: torch.Tensor,
-    fw: Folded,
-    backend=None,
-    shard: Shard | None = None,
+    model, graph, raw: torch.Tensor, k: int, used: torch.Tensor, fw: Folded, backend=None
 ) -> torch.Tensor:
-    """Scaled parameter deltas (len(used), F) at horizon k, in one pass over the shard (the in-memory plan).
+    """Scaled parameter deltas (len(used), F) at horizon k, in one pass over the whole graph (the in-memory plan).
 
-    ``raw``: raw edge features of the shard's edges; ``used``: the edges (positions within the shard, sorted) whose
-    prediction is needed. ``fw`` is ``fold(model, raw.shape[1])`` (the model caches it). Node states are computed
-    in full on every shard (cheap: N x D); only edge work is split. Traceable by torch.compile (fullgraph).
+    ``raw``: raw edge features of all edges; ``used``: the edges (sorted) whose prediction is needed. ``fw`` is
+    ``fold(model, raw.shape[1])`` (the model caches it). Traceable by torch.compile (fullgraph).
     :mod:`nino_fast.stream` runs the same stages over row tiles instead, with memory bounded by ``max_memory``.
     """
-    sh = shard or Shard.whole(graph)
-    combine = sh.combine or (lambda rows: rows)
+    rows = RowRange.whole(graph)
     x0, nd, ns = layer0_nodes(model, graph)
-    agg0 = combine(film_rows(graph, raw, sh, nd, ns, fw, backend))
+    agg0 = film_rows(graph, raw, rows, nd, ns, fw, backend)
     l1 = after_layer0(model, [x0, agg0])
-    agg1 = combine(edge_film_rows(graph, raw, sh, l1, fw, backend))
+    agg1 = edge_film_rows(graph, raw, rows, l1, fw, backend)
     hd = after_layer1(model, graph, l1, [l1.x1, agg1], k)
-    return head_rows(graph, raw, sh, used, hd, fw, backend)
+    return head_rows(graph, raw, rows, used, hd, fw, backend)

@@ -42,6 +42,7 @@ from .finish import (
     raise_if_bad,
 )
 from .graph.layout import HEAD, RESIDUAL, SELF_LOOP
+from .graph.pieces import GraphPart, RowRange
 from .ops import dispatch
 from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats
 
@@ -89,7 +90,7 @@ def default_budget(device: torch.device) -> int:
     return half if device.type == "cuda" else min(half, DEFAULT_CAP)
 
 
-def row_tiles(graph, max_edges: int, node_lo: int = 0, node_hi: int | None = None) -> list[plan.Shard]:
+def row_tiles(graph, max_edges: int, node_lo: int = 0, node_hi: int | None = None) -> list[RowRange]:
     """Contiguous destination-row ranges of ``[node_lo, node_hi)`` with at most ``max_edges`` edges each (a row
     longer than that is a tile of its own)."""
     rowptr = graph.rowptr.cpu()
@@ -99,7 +100,7 @@ def row_tiles(graph, max_edges: int, node_lo: int = 0, node_hi: int | None = Non
         e0 = int(rowptr[n0])
         n1 = int(torch.searchsorted(rowptr, e0 + max_edges, right=True)) - 1
         n1 = min(max(n1, n0 + 1), node_hi)
-        tiles.append(plan.Shard(n0, n1, e0, int(rowptr[n1])))
+        tiles.append(RowRange(n0, n1, e0, int(rowptr[n1])))
         n0 = n1
     return tiles
 
@@ -243,19 +244,25 @@ class History:
 
 
 @dataclass(frozen=True)
-class Part:
-    """One process's part of a sharded step (:mod:`nino_fast.distributed`): the destination rows
-    ``[node_lo, node_hi)`` whose edges it runs (the graph's other rows are empty: other processes' edges), the
-    :class:`History` arguments ``rows`` / ``scales`` / ``ends``, ``combine``, which turns the (N, D)
-    aggregation of its rows (zero elsewhere) into that of all nodes, and ``share``."""
+class Sharded:
+    """What one process of a sharded step (:mod:`nino_fast.distributed`) brings to the streamed step: ``part``, its
+    piece of the graph (the step's ``graph`` is ``part.local``; it runs the rows ``part.rows``, the others are
+    other processes' edges), ``combine``, which turns the (N, D) aggregation of its rows (zero elsewhere) into that
+    of all nodes, ``full``: whether ``states`` holds every parameter's row (the part's being rows ``part.ids``) or
+    the part's rows only, ``scales``: the statistics all processes agreed on (see :class:`History`), and
+    ``share``."""
 
-    node_lo: int
-    node_hi: int
+    part: GraphPart
     combine: Callable[[torch.Tensor], torch.Tensor]
-    rows: torch.Tensor | None = None
+    full: bool = True
     scales: torch.Tensor | None = None
-    ends: torch.Tensor | None = None
     share: int = 1  # processes sharing this machine's memory: the default max_memory is divided among them
+
+    def history(self, graph, states: torch.Tensor, method: str, device: torch.device) -> History:
+        """The :class:`History` of the part's parameters in ``states`` (``graph``: the part's, on ``device``)."""
+        part = self.part
+        ends = None if self.full else torch.tensor(part.seg[1:], dtype=torch.int64)  # tensor t ends at seg[t+1]
+        return History(graph, states, method, device, part.ids if self.full else None, self.scales, ends)
 
 
 def _progress_bar(enabled, total_edges: int, device: torch.device):
@@ -281,7 +288,7 @@ def nowcast_streamed(
     tile_edges=None,
     edge_sample_ratio: float = 0.0,
     edge_dtype: torch.dtype = torch.float32,
-    part: Part | None = None,
+    part: Sharded | None = None,
     where: str = "NiNoModel.nowcast",
 ) -> torch.Tensor:
     """The folded NiNo step tile by tile: ``states`` (P, C) -> predicted parameters (P,) in ``states.dtype``.
@@ -295,7 +302,7 @@ def nowcast_streamed(
     ValueError for a ``max_memory`` too small for the graph and :class:`NonFinitePrediction` for a non-finite
     prediction (``where`` names the caller in the messages).
 
-    ``part``: run one process's part of a sharded step instead (:class:`Part`): its rows only, the aggregations
+    ``part``: run one process's part of a sharded step instead (:class:`Sharded`): its rows only, the aggregations
     combined after each message pass; the result holds the predictions of ``graph``'s parameters (the part's).
     """
     device = model.device
@@ -306,16 +313,17 @@ def nowcast_streamed(
     default = default_budget(device) // (part.share if part else 1)
     fit = Budget(graph, F * C, model.hid, device, budget, reference, where, sample, default)
     budget = fit.budget
-    rows = (part.node_lo, part.node_hi) if part else ()
+    rows = (part.part.node_lo, part.part.node_hi) if part else ()
     tiles = row_tiles(graph, tile_edges or fit.tile_edges, *rows)
-    hist = History(graph, states, model.scale_method, device, *((part.rows, part.scales, part.ends) if part else ()))
+    method = model.scale_method
+    hist = part.history(graph, states, method, device) if part else History(graph, states, method, device)
     fw = model._folded(F * C)
     if edge_dtype != torch.float32:
         fw = plan.split_raw_weights(fw)  # raw features go in as hi + lo 16-bit halves (see split_raw)
     held: list[torch.Tensor] | None = [] if fit.hold and tile_edges is None else None
     bar = _progress_bar(progress, graph.num_edges, device)
 
-    def features(i: int, sh: plan.Shard) -> torch.Tensor:
+    def features(i: int, sh: RowRange) -> torch.Tensor:
         if held is not None and i < len(held):
             return held[i]
         raw = hist.features(sh.edge_lo, sh.edge_hi)
@@ -325,12 +333,12 @@ def nowcast_streamed(
             held.append(raw)
         return raw
 
-    def keep(sh: plan.Shard) -> torch.Tensor | None:  # edge sampling (official edge_sample_ratio): per pass
+    def keep(sh: RowRange) -> torch.Tensor | None:  # edge sampling (official edge_sample_ratio): per pass
         if not sample:
             return None
         return (torch.rand(sh.edge_hi - sh.edge_lo, device=device) < edge_sample_ratio).nonzero().squeeze(1)
 
-    def advance(name: str, sh: plan.Shard) -> None:
+    def advance(name: str, sh: RowRange) -> None:
         if bar is not None:
             bar.set_description(f"NiNo step, {name}")
             bar.update(sh.edge_hi - sh.edge_lo)

@@ -168,7 +168,7 @@ def test_ddp_nino_steps_agree_and_match_one_process(tmp_path):
     r0, r1 = res[0], res[1]
     assert "crash" not in r0 and "crash" not in r1, (r0.get("crash"), r1.get("crash"))
     # 0. each rank built only its part of the neural graph
-    assert r0["graph"][0] == r1["graph"][0] == "GraphShard"
+    assert r0["graph"][0] == r1["graph"][0] == "GraphPart"  # this process's part only
     assert r0["graph"][1] + r1["graph"][1] == r0["graph"][2] and 0 < r0["graph"][1] < r0["graph"][2]
     # 1. the step changed the parameters, identically on both ranks, as one process's NiNo step does
     assert r0["error1"] is None and r1["error1"] is None

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nino_fast import NiNoModel, build_graph, stream
+from nino_fast.graph.pieces import RowRange
 from nino_fast.ops import dispatch
 from nino_fast.scaling import scale_params
 
@@ -210,7 +211,7 @@ def test_edge_sampling_aggregates_over_kept_edges():
     nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
     raw = graph.to_edges(_history(graph.num_params, seed=9))
     fw = nino._folded(raw.shape[1])
-    sh = plan.Shard.whole(graph)
+    sh = RowRange.whole(graph)
     _, nd, ns = plan.layer0_nodes(nino, graph)
     everything = torch.arange(graph.num_edges)
     assert torch.equal(

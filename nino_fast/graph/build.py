@@ -14,6 +14,7 @@ from .heads import check_heads
 from .layout import Layout
 from .lpe import block_lpe
 from .neural_graph import NeuralGraph, assemble, assemble_rows, csr_rowptr, row_ranges
+from .pieces import RowRange
 
 NamedShapes = Iterable[tuple[str, "torch.Size | tuple[int, ...] | torch.Tensor"]]
 
@@ -144,9 +145,9 @@ def build_graph_part(
     num_key_value_heads: int | None = None,
     lpe: int | torch.Tensor | np.ndarray | None = 8,
     lpe_cache: bool | None = None,
-) -> tuple[NeuralGraph, torch.Tensor, tuple[int, int, int, int]]:
-    """Part ``part`` of ``parts`` of :func:`build_graph`'s graph, built without the rest: ``(graph, ids,
-    (node_lo, node_hi, edge_lo, edge_hi))``. The parts are :func:`row_ranges` (contiguous destination rows with
+) -> tuple[NeuralGraph, torch.Tensor, RowRange]:
+    """Part ``part`` of ``parts`` of :func:`build_graph`'s graph, built without the rest: ``(graph, ids, rows)``,
+    ``rows`` its :class:`~.pieces.RowRange`. The parts are :func:`row_ranges` (contiguous destination rows with
     ~E / parts edges each, as :func:`nino_fast.distributed.shard_bounds`). ``graph`` has all N nodes (node
     inputs: ``rowptr`` (N+1,), ``pos_w``, ``lpe``) but only the part's edges, numbered from 0 (other rows are
     empty; ``graph.meta["whole_num_edges"]``: E); ``graph.param_pos`` holds the slots of the parameters ``ids``

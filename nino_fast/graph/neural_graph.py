@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -176,16 +177,33 @@ def csr_rowptr(blocks) -> torch.Tensor:
     return rowptr
 
 
-def row_ranges(rowptr: torch.Tensor, parts: int) -> list[tuple[int, int, int, int]]:
-    """``parts`` contiguous (node_lo, node_hi, edge_lo, edge_hi) destination-row ranges with about E / parts
-    edges each (a row is never split), from the (N+1,) CSR row pointers."""
+class RowRange(NamedTuple):
+    """Destination rows ``[node_lo, node_hi)`` and their CSR edges ``[edge_lo, edge_hi)`` (a tuple: it unpacks as
+    ``n0, n1, e0, e1``)."""
+
+    node_lo: int
+    node_hi: int
+    edge_lo: int
+    edge_hi: int
+
+    @classmethod
+    def whole(cls, graph: NeuralGraph) -> RowRange:
+        """Every row of ``graph``."""
+        return cls(0, graph.num_nodes, 0, graph.num_edges)
+
+
+def row_ranges(rowptr: torch.Tensor, parts: int) -> list[RowRange]:
+    """``parts`` contiguous destination-row ranges with about E / parts edges each (a row is never split), from
+    the (N+1,) CSR row pointers."""
     rowptr = rowptr.cpu()
     n_nodes, n_edges = rowptr.numel() - 1, int(rowptr[-1])
     targets = torch.tensor([round(n_edges * i / parts) for i in range(parts + 1)], dtype=torch.int64)
     nodes = torch.searchsorted(rowptr, targets).clamp(max=n_nodes)
     nodes[0], nodes[-1] = 0, n_nodes
     nodes = torch.cummax(nodes, 0).values
-    return [(int(nodes[i]), int(nodes[i + 1]), int(rowptr[nodes[i]]), int(rowptr[nodes[i + 1]])) for i in range(parts)]
+    lo, hi = nodes[:-1], nodes[1:]
+    bounds = zip(lo.tolist(), hi.tolist(), rowptr[lo].tolist(), rowptr[hi].tolist(), strict=True)
+    return [RowRange(*b) for b in bounds]
 
 
 def _pos_w(entries, arch: str, n_nodes: int, enabled: bool) -> torch.Tensor:

@@ -68,7 +68,7 @@ class Agreement:
     def predict_sharded(self, predictor, snapshots, k: int, backend) -> torch.Tensor:
         """The NiNo GNN's step from this process's rows of the snapshots (a (n_own, ctx) copy, not the
         (n_params, ctx) one) and the full snapshots' scaling statistics: bitwise the step of one process."""
-        states = snapshots.rows(self.shard.shard.ids.long())
+        states = snapshots.rows(self.shard.ids.long())
         scales = snapshots.scale_stats(self.shard.param_shapes, predictor.scale_method)
         return self.collective(
             lambda: nowcast_sharded(predictor, self.shard, states, k, group=self.group, backend=backend, scales=scales)
