@@ -457,16 +457,33 @@ class NiNoModel(nn.Module):
         too) in 1..seq_len. The model, ``states`` and the graph must not be on the meta device.
         """
         k = self._check_inputs(graph, states, k, "NiNoModel.nowcast", named_shapes)
-        ratio = edge_sample_ratio
+        path = self._path(backend, fused, max_memory, edge_sample_ratio, subgraph, edge_dtype)
+        graph = graph.to(self.device)
+        if path == "in-memory":
+            scaled, scales = scale_params(
+                states.to(device=self.device, dtype=torch.float32), graph.param_shapes, self.scale_method
+            )
+            delta = self._delta(graph, scaled, k, backend, fused)
+            return self._finish(graph, scaled, delta, scales, states.dtype).to(states.device)
+        opts = dict(
+            backend=backend, max_memory=max_memory, progress=progress, edge_sample_ratio=float(edge_sample_ratio)
+        )
+        if edge_dtype != torch.float32:
+            opts["edge_dtype"] = edge_dtype
+        step = stream.nowcast_subgraphs if path == "subgraphs" else stream.nowcast_streamed
+        return step(self, graph, states, k, **opts)
+
+    def _path(self, backend, fused: bool, max_memory, ratio, subgraph: bool, edge_dtype) -> str:
+        """Which step :meth:`nowcast` runs: ``"streamed"`` (the folded plan over row tiles), ``"subgraphs"`` (the
+        same per transformer block) or ``"in-memory"`` (the layer-by-layer path, WNN+); ValueError for options that
+        step cannot honour."""
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"NiNoModel.nowcast: edge_sample_ratio must be a number in [0, 1], got {ratio!r}")
-        device = self.device
-        graph = graph.to(device)
         folded = fused and not self.is_mlp and folded_plan.supports(self)
         if edge_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"NiNoModel.nowcast: edge_dtype must be float32, bfloat16 or float16, got {edge_dtype}")
         if edge_dtype != torch.float32:
-            chosen = dispatch.resolve(device, backend)
+            chosen = dispatch.resolve(self.device, backend)
             if chosen not in ("cuda", "triton") or not folded:
                 raise ValueError(
                     f"NiNoModel.nowcast: edge_dtype={edge_dtype} needs the folded plan (fused=True, official"
@@ -474,22 +491,13 @@ class NiNoModel(nn.Module):
                     f"{'' if folded else ' without the folded plan'}"
                 )
         if folded:
-            opts = dict(backend=backend, max_memory=max_memory, progress=progress, edge_sample_ratio=float(ratio))
-            if edge_dtype != torch.float32:
-                opts["edge_dtype"] = edge_dtype
-            if subgraph:
-                return stream.nowcast_subgraphs(self, graph, states, k, **opts)
-            return stream.nowcast_streamed(self, graph, states, k, **opts)
+            return "subgraphs" if subgraph else "streamed"
         if (max_memory is not None or subgraph or 0.0 < ratio < 1.0) and not self.is_mlp:
             raise ValueError(
                 "NiNoModel.nowcast: max_memory, edge_sample_ratio and subgraph need the folded plan (fused=True and"
                 " the official architecture)"
             )
-        scaled, scales = scale_params(
-            states.to(device=device, dtype=torch.float32), graph.param_shapes, self.scale_method
-        )
-        delta = self._delta(graph, scaled, k, backend, fused)
-        return self._finish(graph, scaled, delta, scales, states.dtype).to(states.device)
+        return "in-memory"
 
     @property
     def device(self) -> torch.device:

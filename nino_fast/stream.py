@@ -305,91 +305,44 @@ def nowcast_streamed(
     ``part``: run one process's part of a sharded step instead (:class:`Sharded`): its rows only, the aggregations
     combined after each message pass; the result holds the predictions of ``graph``'s parameters (the part's).
     """
-    device = model.device
-    F, C = graph.max_feat_size, states.shape[1]
-    budget = None if max_memory is None else parse_memory(max_memory, f"{where}: max_memory")
-    reference = dispatch.resolve(device, backend) == "reference"
-    sample = 0.0 < edge_sample_ratio < 1.0
-    default = default_budget(device) // (part.share if part else 1)
-    fit = Budget(graph, F * C, model.hid, device, budget, reference, where, sample, default)
-    budget = fit.budget
-    rows = (part.part.node_lo, part.part.node_hi) if part else ()
-    tiles = row_tiles(graph, tile_edges or fit.tile_edges, *rows)
+    device, width = model.device, graph.max_feat_size * states.shape[1]
+    fit = _fit(model, graph, width, backend, max_memory, edge_sample_ratio, part, where)
     method = model.scale_method
     hist = part.history(graph, states, method, device) if part else History(graph, states, method, device)
-    fw = model._folded(F * C)
+    rows = (part.part.node_lo, part.part.node_hi) if part else ()
+    ranges = row_tiles(graph, tile_edges or fit.tile_edges, *rows)
+    bar = _progress_bar(progress, graph.num_edges, device)
+    tiles = _Tiles(hist, ranges, fit.hold and tile_edges is None, edge_dtype, edge_sample_ratio, bar)
+    fw = model._folded(width)
     if edge_dtype != torch.float32:
         fw = plan.split_raw_weights(fw)  # raw features go in as hi + lo 16-bit halves (see split_raw)
-    held: list[torch.Tensor] | None = [] if fit.hold and tile_edges is None else None
-    bar = _progress_bar(progress, graph.num_edges, device)
-
-    def features(i: int, sh: RowRange) -> torch.Tensor:
-        if held is not None and i < len(held):
-            return held[i]
-        raw = hist.features(sh.edge_lo, sh.edge_hi)
-        if edge_dtype != torch.float32:
-            raw = plan.split_raw(raw, edge_dtype)
-        if held is not None:
-            held.append(raw)
-        return raw
-
-    def keep(sh: RowRange) -> torch.Tensor | None:  # edge sampling (official edge_sample_ratio): per pass
-        if not sample:
-            return None
-        return (torch.rand(sh.edge_hi - sh.edge_lo, device=device) < edge_sample_ratio).nonzero().squeeze(1)
-
-    def advance(name: str, sh: RowRange) -> None:
-        if bar is not None:
-            bar.set_description(f"NiNo step, {name}")
-            bar.update(sh.edge_hi - sh.edge_lo)
-
-    times = [time.perf_counter()]
     try:
-        x0, nd, ns = plan.layer0_nodes(model, graph)
-        new = torch.zeros if part else torch.empty  # a part's aggregation is zero outside its rows
-        agg = new(graph.num_nodes, model.hid, dtype=torch.float32, device=device)
-        for i, sh in enumerate(tiles):
-            agg[sh.node_lo : sh.node_hi] = plan.film_rows(graph, features(i, sh), sh, nd, ns, fw, backend, keep(sh))
-            advance(PASSES[0], sh)
-        agg = part.combine(agg) if part else agg
-        release_cpu_buffers()  # the kernels' cached output buffers: reused within a pass, freed after it
-        times.append(time.perf_counter())
-        del nd, ns
-        inputs = [x0, agg]
-        del x0, agg  # handed over: freed inside the node update as soon as they are concatenated
-        l1 = plan.after_layer0(model, inputs)
-        agg = new(graph.num_nodes, model.hid, dtype=torch.float32, device=device)
-        for i, sh in enumerate(tiles):
-            agg[sh.node_lo : sh.node_hi] = plan.edge_film_rows(graph, features(i, sh), sh, l1, fw, backend, keep(sh))
-            advance(PASSES[1], sh)
-        agg = part.combine(agg) if part else agg
-        release_cpu_buffers()
-        times.append(time.perf_counter())
-        inputs = [l1.x1, agg]
-        l1 = l1._replace(x1=None, nd=None, ns=None)  # layer 1's message terms: not needed by the node update
-        del agg
-        hd = plan.after_layer1(model, graph, l1, inputs, k)
-        del l1
-        result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
-        bad = 0
-        for i, sh in enumerate(tiles):
-            raw = features(i, sh)
-            if held is not None:
-                held[i] = None  # the last pass over this tile: free its features
-            used = hist.used_edges(sh.edge_lo, sh.edge_hi)
-            pred = plan.head_rows(graph, raw, sh, used, hd, fw, backend)
-            del raw
-            bad += hist.finish(sh.edge_lo, used, pred, model, result)
-            advance(PASSES[2], sh)
-        times.append(time.perf_counter())
+        result, bad, times = _run_passes(model, graph, k, tiles, fw, backend, part.combine if part else None, states)
     finally:
         if bar is not None:
             bar.close()
         release_cpu_buffers()
+    _log_stats(tiles, fit.budget, times)
+    raise_if_bad(bad, where)
+    return result
+
+
+def _fit(model, graph, width: int, backend, max_memory, edge_sample_ratio: float, part, where: str) -> Budget:
+    """The step's :class:`Budget` for ``max_memory`` (None: the default, a process's share of it for a part)."""
+    device = model.device
+    budget = None if max_memory is None else parse_memory(max_memory, f"{where}: max_memory")
+    reference = dispatch.resolve(device, backend) == "reference"
+    sample = 0.0 < edge_sample_ratio < 1.0
+    default = default_budget(device) // (part.share if part else 1)
+    return Budget(graph, width, model.hid, device, budget, reference, where, sample, default)
+
+
+def _log_stats(tiles: _Tiles, budget: int, times: list[float]) -> None:
+    ranges = tiles.ranges
     stats = dict(
-        tiles=len(tiles),
-        tile_edges=max(sh.edge_hi - sh.edge_lo for sh in tiles) if tiles else 0,
-        raw_held=held is not None,
+        tiles=len(ranges),
+        tile_edges=max(sh.edge_hi - sh.edge_lo for sh in ranges) if ranges else 0,
+        raw_held=tiles.held is not None,
         budget=budget,
         pass_s=[times[i + 1] - times[i] for i in range(len(times) - 1)],
     )
@@ -401,8 +354,108 @@ def nowcast_streamed(
         " / ".join(f"{t:.2f}" for t in stats["pass_s"]),
         extra={"nino_stats": stats},
     )
-    raise_if_bad(bad, where)
-    return result
+
+
+class _Tiles:
+    """The destination-row tiles of a streamed step and what each pass reads per tile: its raw edge features
+    (built from the history, or kept from the first pass when the budget allows), the edges a message pass samples
+    (the official ``edge_sample_ratio``) and the progress bar."""
+
+    def __init__(self, hist: History, ranges: list[RowRange], hold: bool, edge_dtype, sample_ratio: float, bar):
+        self.hist, self.ranges, self.edge_dtype, self.ratio, self.bar = hist, ranges, edge_dtype, sample_ratio, bar
+        self.held: list[torch.Tensor | None] | None = [] if hold else None
+
+    def features(self, i: int) -> torch.Tensor:
+        """(E_t, F * C) raw features of tile ``i`` (16-bit halves for a 16-bit ``edge_dtype``)."""
+        if self.held is not None and i < len(self.held):
+            return self.held[i]
+        sh = self.ranges[i]
+        raw = self.hist.features(sh.edge_lo, sh.edge_hi)
+        if self.edge_dtype != torch.float32:
+            raw = plan.split_raw(raw, self.edge_dtype)
+        if self.held is not None:
+            self.held.append(raw)
+        return raw
+
+    def last_features(self, i: int) -> torch.Tensor:
+        """:meth:`features` for the last pass over tile ``i``: a kept copy is let go."""
+        raw = self.features(i)
+        if self.held is not None:
+            self.held[i] = None
+        return raw
+
+    def keep(self, sh: RowRange) -> torch.Tensor | None:
+        """The edges of ``sh`` a message pass aggregates over (None: all); drawn per pass from torch's global RNG."""
+        if not 0.0 < self.ratio < 1.0:
+            return None
+        return (torch.rand(sh.edge_hi - sh.edge_lo, device=self.hist.device) < self.ratio).nonzero().squeeze(1)
+
+    def advance(self, name: str, sh: RowRange) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"NiNo step, {name}")
+            self.bar.update(sh.edge_hi - sh.edge_lo)
+
+
+def _aggregation(model, graph, sharded: bool) -> torch.Tensor:
+    """An (N, D) aggregation to fill tile by tile; zero for a process's part (its rows only are filled)."""
+    new = torch.zeros if sharded else torch.empty
+    return new(graph.num_nodes, model.hid, dtype=torch.float32, device=model.device)
+
+
+def _layer0_pass(model, graph, tiles: _Tiles, fw, backend, combine) -> list[torch.Tensor]:
+    """Layer 0's message pass: ``[x0, agg0]``, the inputs of its node update (the layer's node terms freed)."""
+    x0, nd, ns = plan.layer0_nodes(model, graph)
+    agg = _aggregation(model, graph, combine is not None)
+    for i, sh in enumerate(tiles.ranges):
+        agg[sh.node_lo : sh.node_hi] = plan.film_rows(graph, tiles.features(i), sh, nd, ns, fw, backend, tiles.keep(sh))
+        tiles.advance(PASSES[0], sh)
+    return [x0, agg if combine is None else combine(agg)]
+
+
+def _layer1_pass(model, graph, l1: plan.Layer1, tiles: _Tiles, fw, backend, combine) -> torch.Tensor:
+    """Edge update 0 and layer 1's message pass: layer 1's (N, D) aggregation."""
+    agg = _aggregation(model, graph, combine is not None)
+    for i, sh in enumerate(tiles.ranges):
+        agg[sh.node_lo : sh.node_hi] = plan.edge_film_rows(
+            graph, tiles.features(i), sh, l1, fw, backend, tiles.keep(sh)
+        )
+        tiles.advance(PASSES[1], sh)
+    return agg if combine is None else combine(agg)
+
+
+def _head_pass(model, graph, hd: plan.Head, tiles: _Tiles, fw, backend, result: torch.Tensor) -> int:
+    """Edge update 1, the head and the finish of every tile's parameters, written into ``result``; returns the
+    count of non-finite predictions."""
+    bad = 0
+    for i, sh in enumerate(tiles.ranges):
+        raw = tiles.last_features(i)
+        used = tiles.hist.used_edges(sh.edge_lo, sh.edge_hi)
+        pred = plan.head_rows(graph, raw, sh, used, hd, fw, backend)
+        del raw
+        bad += tiles.hist.finish(sh.edge_lo, used, pred, model, result)
+        tiles.advance(PASSES[2], sh)
+    return bad
+
+
+def _run_passes(model, graph, k: int, tiles: _Tiles, fw, backend, combine, states) -> tuple[torch.Tensor, int, list]:
+    """The folded plan's stages over ``tiles``: ``(result, bad, times)``, the (P,) predictions in ``states``' dtype
+    and device, the non-finite count and the passes' end times. ``combine``: None (one process) or what turns a
+    process's rows of an aggregation into all nodes'. Each (N, D) node term is handed over (no reference kept
+    here), so that the node updates free it as soon as they can."""
+    times = [time.perf_counter()]
+    l1 = plan.after_layer0(model, _layer0_pass(model, graph, tiles, fw, backend, combine))
+    release_cpu_buffers()  # the kernels' cached output buffers: reused within a pass, freed after it
+    times.append(time.perf_counter())
+    inputs = [l1.x1, _layer1_pass(model, graph, l1, tiles, fw, backend, combine)]
+    release_cpu_buffers()
+    times.append(time.perf_counter())
+    l1 = l1._replace(x1=None, nd=None, ns=None)  # layer 1's message terms: not needed by the node update
+    hd = plan.after_layer1(model, graph, l1, inputs, k)
+    del l1
+    result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
+    bad = _head_pass(model, graph, hd, tiles, fw, backend, result)
+    times.append(time.perf_counter())
+    return result, bad, times
 
 
 # ---- the official per-block subgraph approximation -----------------------------------------------------------
