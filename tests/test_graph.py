@@ -52,6 +52,20 @@ def test_csr_invariants_and_roundtrip(case):
     assert torch.equal(graph.src[loops], graph.dst[loops])
 
 
+def test_to_moves_tensors_and_keeps_every_other_field():
+    g = load("convnet")
+    graph = build_graph(g["named"], arch=g["arch"], lpe=4, **g["kwargs"])
+    assert graph.to("cpu") is graph and graph.to(torch.device("cpu")) is graph  # already there: no copy
+    moved = graph.to("meta")
+    for name, value in vars(graph).items():
+        if isinstance(value, torch.Tensor):
+            got = getattr(moved, name)
+            assert got.device.type == "meta" and got.shape == value.shape and got.dtype == value.dtype, name
+        else:
+            assert getattr(moved, name) is value, name  # fingerprint, param_shapes, meta, blocks, ...
+    assert graph.rowptr.device.type == "cpu"  # the original is untouched
+
+
 def test_feature_slots_follow_conv_kernels():
     net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Conv2d(3, 4, 1), torch.nn.Linear(4, 2))
     graph = build_graph(net, lpe=0)
