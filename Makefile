@@ -28,7 +28,7 @@ CUDA_BUILD ?= build/cu130
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv build test pytest pytest-triton ctest demo bench lint format cuda-check clean distclean
+.PHONY: venv build test pytest pytest-triton ctest demo bench bench-quick lint format cuda-check clean distclean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,9 +73,29 @@ test: pytest pytest-triton ctest
 demo: $(EXT_STAMP)
 	$(PY) -m nino_fast.demo $(DEMO_ARGS)
 
-bench: $(EXT_STAMP)
-	@if [ -f bench/run_all.py ]; then $(PY) bench/run_all.py; \
-	else $(PY) -m bench.bench_ops && $(PY) -m bench.bench_e2e; fi
+# What the benchmarks import beyond the package: pyproject's `bench` extra (torch_geometric for the PyG rows,
+# matplotlib for the figures), installed under the torch constraint like $(STAMP), without reinstalling the
+# package itself (that would rebuild the extension).
+BENCH_STAMP := $(VENV)/.nino_fast-bench
+BENCH_REQS = $(PY) -c "import re; t = open('pyproject.toml').read(); \
+  print(*re.findall(r'\"([^\"]+)\"', re.search(r'^bench = \[(.*)\]', t, re.M).group(1)))"
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt $$($(BENCH_REQS))
+	touch $(BENCH_STAMP)
+
+# The full per-op and training-step table (rows appended to bench/results/results.csv), then RESULTS.md's generated
+# section and the figures from it.
+bench: $(EXT_STAMP) $(BENCH_STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.report
+	$(PY) -m bench.plot
+
+# Every benchmark at small sizes (a few minutes): the runner's table at E = 1e4, then each other bench script at
+# its smallest setting; nothing under bench/results is written (build/bench/ instead).
+bench-quick: $(EXT_STAMP) $(BENCH_STAMP)
+	$(PY) -m bench --quick $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PIP) install -q ruff

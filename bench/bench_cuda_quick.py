@@ -1,5 +1,5 @@
 """Quick timing of the CUDA extension's fused ops on one GPU (a developer tool; the full comparison:
-bench_ops.py).
+python -m bench --device cuda).
 
     python -m bench.bench_cuda_quick [--sizes 1e4 1e5 1e6] [--dtypes fp32 bf16] [--cases film5 fused45 ...]
 
@@ -7,7 +7,7 @@ Random destination-sorted graph with average in-degree 100 (N = E / 100), D = 12
 is first checked against the pure-PyTorch reference (fp64, on the GPU); then timed with CUDA events over
 batches of back-to-back calls (median of --repeat batches), host-side checks and helper kernels included.
 TFLOP/s counts the GEMMs the maths needs (2 M N K each): per-edge GEMMs plus the per-node shift GEMV of
-film_mean / edge_film_mean (the same counts as bench_cpu_quick.py). Dtypes:
+film_mean / edge_film_mean (the same counts as bench/setups). Dtypes:
 
     fp32       every float input fp32 (3xTF32 tensor-core path; matches the reference to ~1e-6)
     bf16       every float input bf16 (node tables gathered as bf16)
@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, machine
+from bench.common import machine, results_dir
 from nino_fast.ops import reference as ref
 
 D = 128
@@ -134,7 +135,7 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(TOL))
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--out", default=str(RESULTS / "ops_cuda_quick.json"))
+    p.add_argument("--out", default=str(results_dir() / "ops_cuda_quick.json"))
     args = p.parse_args(argv)
     import nino_fast  # noqa: F401  (loads the extension)
     from nino_fast.ops import dispatch
@@ -179,7 +180,7 @@ def main(argv=None):
                     flush=True,
                 )
                 del ref_args, kernel_args
-    RESULTS.mkdir(exist_ok=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": info, "command": "python -m bench.bench_cuda_quick", "results": rows}, f, indent=1)
     print(f"# wrote {args.out}")

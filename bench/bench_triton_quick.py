@@ -7,7 +7,7 @@ Random destination-sorted graph with average in-degree 100 (``--heavy k`` adds a
 in-edges), D = 128, 15 edge types. For every case and dtype it first compares the Triton op with the
 pure-PyTorch reference (float64): fp32 must match to 1e-5 relative to the output's magnitude, bf16 must be
 within 2x of PyTorch's own bf16 error. Then it times the op with ``triton.testing.do_bench`` (median ms) and
-reports GEMM TFLOP/s (2 M N K per product the maths needs, as in bench_cpu_quick), the speed-up over the
+reports GEMM TFLOP/s (2 M N K per product the maths needs, as in bench/setups), the speed-up over the
 reference in the same dtype, and the peak extra memory. ``--block-e`` / ``--num-warps`` / ``--block-kh``
 lists are swept (launch heuristics otherwise). Results go to bench/results/ops_triton_quick.json. Set
 NINO_FAST_TRITON_FP32=tf32x3 to time fp32 with 3xTF32 dots.

@@ -187,9 +187,16 @@ def fma_peak_gflops(threads: int | None = None) -> float:
         return 0.0
 
 
+def results_dir() -> Path:
+    """Where the scripts write ``<name>.json``: bench/results, or $NINO_FAST_BENCH_RESULTS (the quick runs of
+    ``python -m bench --quick``, which must not overwrite the recorded results)."""
+    return Path(os.environ.get("NINO_FAST_BENCH_RESULTS") or RESULTS)
+
+
 def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     payload = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path

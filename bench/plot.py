@@ -1,9 +1,11 @@
-"""Figures of the benchmark results: ``bench/results/*.json`` in, PNGs out (matplotlib, Agg, no display).
+"""Figures of the benchmark results: ``bench/results/results.csv`` (the runner's table) and ``*.json`` in, PNGs out
+(matplotlib, Agg, no display).
 
     python -m bench.plot [--results bench/results] [--out bench/results]
 
-``ops_<device>.json`` -> ``ops_<device>.png`` (per op: time and GFLOP/s vs E for each implementation, the CPU's
-measured FMA peak), ``e2e_cpu.json`` -> ``e2e_cpu.png`` (per model: wall time and peak RSS of each implementation,
+``results.csv`` (its latest run per device) -> ``ops_<device>.png`` (per op: time and GFLOP/s vs E for each
+backend, the CPU's measured FMA peak) and ``train_<device>.png`` (the same for the layers' training step),
+``e2e_cpu.json`` -> ``e2e_cpu.png`` (per model: wall time and peak RSS of each implementation,
 ratios vs the official one) and ``scale_cpu.json`` -> ``scale_cpu.png`` (step time and peak RSS vs edges). A
 missing or unreadable results file skips its figure with a one-line message.
 """
@@ -11,6 +13,7 @@ missing or unreadable results file skips its figure with a one-line message.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from pathlib import Path
@@ -20,7 +23,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLORS = {"ours": "C0", "pyg": "C1", "oracle": "C2", "compiled": "C3", "layerwise": "C4", "official": "C1"}
+COLORS = {"ours": "C0", "pyg": "C1", "reference": "C2", "compiled": "C3", "layerwise": "C4", "official": "C1"}
+OPS = ("film_mean", "edge_mlp", "edge_film_mean", "segment_mean")
+LAYERS = ("train_film", "train_edge", "train_fused")
 GIB = 2**30
 ANNOTATE = dict(textcoords="offset points", ha="center", va="bottom", fontsize=8, fontweight="bold")
 
@@ -71,9 +76,9 @@ def _order(names: list[str], preferred: tuple[str, ...]) -> list[str]:
 def plot_ops(data: dict, path: Path) -> Path:
     """Per op (columns): median time (ms) vs E, then achieved GFLOP/s vs E, one line per implementation."""
     rows = [r for r in data["rows"] if r.get("median_s") and r.get("edges")]
-    device, backend = path.stem.removeprefix("ops_"), data.get("backend")
-    ops = _order([r.get("op", "?") for r in rows], ("film", "edge", "fused"))
-    impls = _order([r.get("impl", "?") for r in rows], ("ours", "pyg", "oracle", "compiled"))
+    device, backend = data.get("device") or path.stem.split("_")[-1], data.get("backend")
+    ops = _order([r.get("op", "?") for r in rows], OPS + LAYERS)
+    impls = _order([r.get("impl", "?") for r in rows], ("ours", "pyg", "reference", "compiled"))
     peak = data.get("fma_peak_gflops")
     fig, axes = _figure(max(len(ops), 1), 2)
     for j, op in enumerate(ops):
@@ -108,7 +113,8 @@ def plot_ops(data: dict, path: Path) -> Path:
         for ax in (t_ax, g_ax):
             ax.grid(True, which="both", alpha=0.3)
     ours = f", ours: {backend} backend" if backend and backend != device else ""
-    fig.suptitle(f"NiNo message-passing ops on {device.upper()}{ours} (median of repeats; band: min to max)")
+    what = data.get("title", "NiNo message-passing ops")
+    fig.suptitle(f"{what} on {device.upper()}{ours} (median of repeats; band: min to max)")
     return _save(fig, data, path)
 
 
@@ -210,14 +216,50 @@ def _load(path: Path) -> dict | None:
     return data
 
 
+def _from_table(path: Path) -> dict[str, dict]:
+    """The latest run per device of the runner's CSV table as ``{"ops_<device>": data, "train_<device>": data}``
+    (data as plot_ops reads it); {} (and a one-line message) if the table is missing or unreadable."""
+    try:
+        with path.open(newline="") as f:
+            table = list(csv.DictReader(f))
+        for r in table:
+            for k in ("edges", "median_ms", "min_ms", "max_ms", "gflops"):
+                r[k] = float(r[k])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"skip ops_*.png, train_*.png: {path} {'not found' if isinstance(exc, FileNotFoundError) else exc}")
+        return {}
+    out = {}
+    for device in sorted({r["device"] for r in table}):
+        latest = max(r["run"] for r in table if r["device"] == device)
+        sel = [r for r in table if r["device"] == device and r["run"] == latest]
+        r0 = sel[0]
+        machine = {"cpu": r0["machine"], "cores": r0["cores"], "threads": r0["threads"], "torch": r0["torch"]}
+        peak = float(r0["peak_gflops"]) if r0.get("peak_gflops") else None
+        ours = next((r["backend"] for r in sel if r["backend"] in ("cpu", "cuda", "triton")), None)
+        for name, ops, title in (("ops", OPS, "NiNo message-passing ops"), ("train", LAYERS, "Layers' training step")):
+            rows = [
+                dict(op=r["op"], impl="ours" if r["backend"] == ours else r["backend"], edges=r["edges"],
+                     median_s=r["median_ms"] / 1e3, min_s=r["min_ms"] / 1e3, max_s=r["max_ms"] / 1e3,
+                     gflops=r["gflops"])
+                for r in sel if r["op"] in ops
+            ]  # fmt: skip
+            if rows:
+                data = dict(machine=machine, fma_peak_gflops=peak, backend=ours, device=device, title=title)
+                out[f"{name}_{device}"] = dict(data, rows=rows)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the results JSON files")
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: the --results folder)")
     args = p.parse_args(argv)
     out = args.out or args.results
-    jobs = [("ops_cpu", plot_ops), ("ops_cuda", plot_ops), ("e2e_cpu", plot_e2e), ("scale_cpu", plot_scale)]
     written = []
+    for name, data in _from_table(args.results / "results.csv").items():
+        written.append(plot_ops(data, out / f"{name}.png"))
+        print(f"wrote {written[-1]}")
+    jobs = [("e2e_cpu", plot_e2e), ("scale_cpu", plot_scale)]
     for name, plot in jobs:
         data = _load(args.results / f"{name}.json")
         if data is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -15,20 +16,26 @@ ROOT = Path(__file__).resolve().parents[1]
 MACHINE = {"cpu": "Test CPU", "cores": 2, "threads": 2, "torch": "2.x", "python": "3.x", "host": "vm"}
 
 
-def _ops(device: str) -> dict:
+def _table(path: Path) -> None:
+    """A results table of the runner's schema: two runs on CPU (the older one must be ignored), one on CUDA."""
     rows = []
-    for e in (10_000, 100_000, 1_000_000):
-        for op in ("film", "edge", "fused"):
-            for f, impl in enumerate(("ours", "pyg", "oracle", "compiled")):
-                t = e * 1e-7 * (1 + f)
-                row = dict(median_s=t, min_s=0.9 * t, max_s=1.2 * t, runs=3, op=op, impl=impl, edges=e, nodes=e // 100)
-                row.update(extra_peak_bytes=e * 40, gflops=50.0 / (1 + f), backend=device if impl == "ours" else impl)
-                if device == "cpu":
-                    row["fraction_of_fma_peak"] = row["gflops"] / 200.0
-                rows.append(row)
-    machine = MACHINE | ({"gpu": "Test GPU"} if device == "cuda" else {})
-    peak = 200.0 if device == "cpu" else None
-    return {"machine": machine, "command": "x", "fma_peak_gflops": peak, "backend": device, "rows": rows}
+    for run, device in (("20250101T000000Z", "cpu"), ("20260101T000000Z", "cpu"), ("20260101T000000Z", "cuda")):
+        for e in (10_000, 100_000, 1_000_000):
+            for op in ("film_mean", "edge_mlp", "edge_film_mean", "segment_mean", "train_film", "train_fused"):
+                for f, backend in enumerate((device, "pyg", "reference")):
+                    t = e * 1e-4 * (1 + f)
+                    row = dict(MACHINE_ROW, run=run, device=device, op=op, backend=backend, edges=e, nodes=e // 100)
+                    row.update(dim=128, dtype="fp32", median_ms=t, min_ms=0.9 * t, max_ms=1.2 * t, runs=3)
+                    peak = 200.0 if device == "cpu" else ""
+                    rows.append(dict(row, gflops=50 / (1 + f), peak_gflops=peak, peak_mem_mib=e / 1e4, check_err=1e-7))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+MACHINE_ROW = dict(date="2026-01-01", commit="abc", command="python -m bench", machine="Test CPU",
+                   cpu_family_model="6/167", isa="avx512", cores=2, threads=2, torch="2.x")  # fmt: skip
 
 
 def _e2e() -> dict:
@@ -68,24 +75,26 @@ def _assert_png(path: Path) -> None:
 
 
 def test_all_figures(tmp_path):
-    for name, data in (("ops_cpu", _ops("cpu")), ("ops_cuda", _ops("cuda")), ("e2e_cpu", _e2e())):
-        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    _table(tmp_path / "results.csv")
+    (tmp_path / "e2e_cpu.json").write_text(json.dumps(_e2e()))
     (tmp_path / "scale_cpu.json").write_text(json.dumps(_scale()))
     out = tmp_path / "figures"
     _run(tmp_path, out)
-    for name in ("ops_cpu", "ops_cuda", "e2e_cpu", "scale_cpu"):
+    for name in ("ops_cpu", "ops_cuda", "train_cpu", "train_cuda", "e2e_cpu", "scale_cpu"):
         _assert_png(out / f"{name}.png")
 
 
 def test_missing_and_partial_files_are_skipped(tmp_path):
-    """A partial e2e file (no official run, machine, k or RSS), a half-written ops file, a non-results file."""
+    """A partial e2e file (no official run, machine, k or RSS), a half-written results table, a non-results file."""
     e2e = _e2e()
     rows = [{k: v for k, v in r.items() if k in ("model", "impl", "total_s")} for r in e2e["rows"]]
     (tmp_path / "e2e_cpu.json").write_text(json.dumps({"rows": [r for r in rows if r["impl"] != "official"]}))
-    (tmp_path / "ops_cpu.json").write_text(json.dumps(_ops("cpu"))[:500])  # being rewritten by a benchmark
+    _table(tmp_path / "full.csv")
+    (tmp_path / "results.csv").write_text((tmp_path / "full.csv").read_text()[:700])  # being appended to
     (tmp_path / "scale_cpu.json").write_text("[]")  # not a results file
     proc = _run(tmp_path, tmp_path)
     _assert_png(tmp_path / "e2e_cpu.png")
-    for name in ("ops_cpu", "ops_cuda", "scale_cpu"):
+    for name in ("ops_cpu", "ops_cuda", "train_cpu", "scale_cpu"):
         assert not (tmp_path / f"{name}.png").exists()
-        assert f"skip {name}.png" in proc.stdout
+    assert "skip scale_cpu.png" in proc.stdout
+    assert "skip ops_*.png, train_*.png" in proc.stdout
