@@ -23,121 +23,9 @@ import triton.language as tl
 
 from . import csr_split, utils
 from .csr_split import program_rows, store_result, task
-from .tiles import mm
+from .tiles import mm, mm_k
 
 OP = "edge_film_mean"
-
-
-@triton.jit
-def _edge_film_segment(
-    start,
-    end,
-    row,
-    feat_ptr,
-    stride_fe,
-    stride_fc,
-    C,
-    src_ptr,
-    wa_ptr,
-    stride_wao,
-    stride_wai,
-    ba_ptr,
-    et_ptr,
-    tab_ptr,
-    stride_tab,
-    ns_ptr,
-    stride_ns,
-    nd_ptr,
-    stride_nd,
-    md_ptr,
-    stride_md,
-    ms_ptr,
-    stride_ms,
-    wsc_ptr,
-    stride_wso,
-    stride_wsi,
-    bsc_ptr,
-    wsh_ptr,
-    stride_who,
-    stride_whi,
-    DH,
-    D,
-    HAS_TAB: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_KH: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EMULATE: tl.constexpr,
-):
-    """(BLOCK_D,) sum over edges [start, end) of row ``row`` of the messages, without the shift bias.
-
-    h is produced BLOCK_KH columns at a time and consumed at once: the scale dot accumulates over the chunks
-    (K = BLOCK_KH per product), and each chunk's column sum goes through W_sh right away (a (BLOCK_KH, D) GEMV
-    per BLOCK_E edges: ~1/BLOCK_E of the scale dot's work)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_j = tl.arange(0, BLOCK_KH)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    md = tl.load(md_ptr + row * stride_md + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    bsc = tl.load(bsc_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    acc = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)  # per-lane message sums, reduced once after the loop
-    shift = tl.full((BLOCK_D,), 0.0, tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        e_idx = e0 + tl.arange(0, BLOCK_E)
-        e_mask = e_idx < end
-        s = tl.load(src_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
-        if HAS_TAB:
-            t = tl.load(et_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
-        scale = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
-        for j0 in range(0, DH, BLOCK_KH):
-            cols = j0 + offs_j
-            c_mask = cols < DH
-            ec_mask = e_mask[:, None] & c_mask[None, :]
-            # h[:, cols] = silu(feat W_a[cols]^T + b_a + node_dst[n] + node_src[s] (+ table[t])), K steps on C
-            h = tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32)
-            for k0 in range(0, C, BLOCK_K):
-                ks = k0 + offs_k
-                x = tl.load(
-                    feat_ptr + e_idx[:, None] * stride_fe + ks[None, :] * stride_fc,
-                    mask=e_mask[:, None] & (ks[None, :] < C),
-                    other=0.0,
-                )
-                w = tl.load(
-                    wa_ptr + cols[None, :] * stride_wao + ks[:, None] * stride_wai,
-                    mask=(ks[:, None] < C) & c_mask[None, :],
-                    other=0.0,
-                )
-                h += mm(x, w, DOT_DTYPE, PRECISION, EMULATE)
-            hrow = tl.load(nd_ptr + row * stride_nd + cols, mask=c_mask, other=0.0).to(tl.float32) + tl.load(
-                ba_ptr + cols, mask=c_mask, other=0.0
-            ).to(tl.float32)
-            h += hrow[None, :] + tl.load(ns_ptr + s[:, None] * stride_ns + cols[None, :], mask=ec_mask, other=0.0).to(
-                tl.float32
-            )
-            if HAS_TAB:
-                h += tl.load(tab_ptr + t[:, None] * stride_tab + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
-            h = tl.where(ec_mask, h / (1.0 + tl.exp(-h)), 0.0)  # silu; padded lanes and columns are 0
-            w_sc = tl.load(
-                wsc_ptr + offs_d[None, :] * stride_wso + cols[:, None] * stride_wsi,
-                mask=c_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            scale += mm(h, w_sc, DOT_DTYPE, PRECISION, EMULATE)
-            w_sh = tl.load(
-                wsh_ptr + offs_d[None, :] * stride_who + cols[:, None] * stride_whi,
-                mask=c_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            shift += tl.sum(tl.sum(h, axis=0)[:, None] * w_sh, axis=0)
-        ms = tl.load(
-            ms_ptr + s[:, None] * stride_ms + offs_d[None, :],
-            mask=e_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.where(e_mask[:, None], (scale + bsc[None, :]) * (md[None, :] + ms), 0.0)
-    return tl.sum(acc, axis=0) + shift
 
 
 @triton.jit
@@ -200,48 +88,77 @@ def edge_film_mean_kernel(
         if is_win:
             tl.store(win_rows_ptr + 2 * pid + t, tl.where(valid, row, -1))
         if valid:
-            total = _edge_film_segment(
-                start,
-                end,
-                row,
-                feat_ptr,
-                stride_fe,
-                stride_fc,
-                C,
-                src_ptr,
-                wa_ptr,
-                stride_wao,
-                stride_wai,
-                ba_ptr,
-                et_ptr,
-                tab_ptr,
-                stride_tab,
-                ns_ptr,
-                stride_ns,
-                nd_ptr,
-                stride_nd,
-                md_ptr,
-                stride_md,
-                ms_ptr,
-                stride_ms,
-                wsc_ptr,
-                stride_wso,
-                stride_wsi,
-                bsc_ptr,
-                wsh_ptr,
-                stride_who,
-                stride_whi,
-                DH,
-                D,
-                HAS_TAB,
-                BLOCK_E,
-                BLOCK_K,
-                BLOCK_KH,
-                BLOCK_D,
-                DOT_DTYPE,
-                PRECISION,
-                EMULATE,
-            )
+            # total: the (BLOCK_D,) sum over edges [start, end) of row ``row`` of the messages, without the shift
+            # bias (inline in the kernel: a helper would repeat the kernel's argument list).
+            # h is produced BLOCK_KH columns at a time and consumed at once: the scale dot accumulates over the chunks
+            # (K = BLOCK_KH per product), and each chunk's column sum goes through W_sh right away (a (BLOCK_KH, D) GEMV
+            # per BLOCK_E edges: ~1/BLOCK_E of the scale dot's work).
+            offs_j = tl.arange(0, BLOCK_KH)
+            d_mask = offs_d < D
+            md = tl.load(md_ptr + row * stride_md + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            bsc = tl.load(bsc_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            acc = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)  # per-lane message sums, reduced once after the loop
+            shift = tl.full((BLOCK_D,), 0.0, tl.float32)
+            for e0 in range(start, end, BLOCK_E):
+                e_idx = e0 + tl.arange(0, BLOCK_E)
+                e_mask = e_idx < end
+                s = tl.load(src_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
+                if HAS_TAB:
+                    ty = tl.load(et_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
+                scale = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
+                for j0 in range(0, DH, BLOCK_KH):
+                    cols = j0 + offs_j
+                    c_mask = cols < DH
+                    ec_mask = e_mask[:, None] & c_mask[None, :]
+                    # h[:, cols] = silu(feat W_a[cols]^T + b_a + node_dst[n] + node_src[s] (+ table[ty])), K steps on C
+                    h = mm_k(
+                        tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32),
+                        feat_ptr,
+                        e_idx,
+                        e_mask,
+                        stride_fe,
+                        stride_fc,
+                        wa_ptr,
+                        cols,
+                        c_mask,
+                        stride_wao,
+                        stride_wai,
+                        C,
+                        BLOCK_K,
+                        DOT_DTYPE,
+                        PRECISION,
+                        EMULATE,
+                    )
+                    hrow = tl.load(nd_ptr + row * stride_nd + cols, mask=c_mask, other=0.0).to(tl.float32) + tl.load(
+                        ba_ptr + cols, mask=c_mask, other=0.0
+                    ).to(tl.float32)
+                    h += hrow[None, :] + tl.load(
+                        ns_ptr + s[:, None] * stride_ns + cols[None, :], mask=ec_mask, other=0.0
+                    ).to(tl.float32)
+                    if HAS_TAB:
+                        h += tl.load(tab_ptr + ty[:, None] * stride_tab + cols[None, :], mask=ec_mask, other=0.0).to(
+                            tl.float32
+                        )
+                    h = tl.where(ec_mask, h / (1.0 + tl.exp(-h)), 0.0)  # silu; padded lanes and columns are 0
+                    w_sc = tl.load(
+                        wsc_ptr + offs_d[None, :] * stride_wso + cols[:, None] * stride_wsi,
+                        mask=c_mask[:, None] & d_mask[None, :],
+                        other=0.0,
+                    )
+                    scale += mm(h, w_sc, DOT_DTYPE, PRECISION, EMULATE)
+                    w_sh = tl.load(
+                        wsh_ptr + offs_d[None, :] * stride_who + cols[:, None] * stride_whi,
+                        mask=c_mask[:, None] & d_mask[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    shift += tl.sum(tl.sum(h, axis=0)[:, None] * w_sh, axis=0)
+                ms = tl.load(
+                    ms_ptr + s[:, None] * stride_ms + offs_d[None, :],
+                    mask=e_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc += tl.where(e_mask[:, None], (scale + bsc[None, :]) * (md[None, :] + ms), 0.0)
+            total = tl.sum(acc, axis=0) + shift
             deg = (end - start).to(tl.float32)
             store_result(total + deg * bsh, D, out_ptr, stride_out, ws_ptr, is_win, pid, t, row, deg, BLOCK_D)
 

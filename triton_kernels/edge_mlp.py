@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .tiles import mm
+from .tiles import mm, mm_k
 
 OP = "edge_mlp"
 
@@ -68,7 +68,6 @@ def edge_mlp_kernel(
     pid = tl.program_id(0)
     e_idx = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = e_idx < E
-    offs_k = tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_KH)
     offs_o = tl.arange(0, BLOCK_O)
     o_mask = offs_o < DO
@@ -85,20 +84,24 @@ def edge_mlp_kernel(
         c_mask = cols < DH
         ec_mask = e_mask[:, None] & c_mask[None, :]
         # h[:, cols] = silu(feat W_a[cols]^T + b_a (+ table[t]) (+ node_src[s] + node_dst[d])), K steps over C
-        h = tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            ks = k0 + offs_k
-            x = tl.load(
-                feat_ptr + e_idx[:, None] * stride_fe + ks[None, :] * stride_fc,
-                mask=e_mask[:, None] & (ks[None, :] < C),
-                other=0.0,
-            )
-            w = tl.load(
-                wa_ptr + cols[None, :] * stride_wao + ks[:, None] * stride_wai,
-                mask=(ks[:, None] < C) & c_mask[None, :],
-                other=0.0,
-            )
-            h += mm(x, w, DOT_DTYPE, PRECISION, EMULATE)
+        h = mm_k(
+            tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32),
+            feat_ptr,
+            e_idx,
+            e_mask,
+            stride_fe,
+            stride_fc,
+            wa_ptr,
+            cols,
+            c_mask,
+            stride_wao,
+            stride_wai,
+            C,
+            BLOCK_K,
+            DOT_DTYPE,
+            PRECISION,
+            EMULATE,
+        )
         h += tl.load(ba_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_TAB:
             h += tl.load(tab_ptr + t[:, None] * stride_tab + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)

@@ -20,122 +20,9 @@ import triton.language as tl
 
 from . import csr_split, utils
 from .csr_split import program_rows, store_result, task
-from .tiles import mm
+from .tiles import mm, mm_k
 
 OP = "film_mean"
-
-
-@triton.jit
-def _film_segment(
-    start,
-    end,
-    row,
-    feat_ptr,
-    stride_fe,
-    stride_fc,
-    C,
-    src_ptr,
-    nd_ptr,
-    stride_nd,
-    ns_ptr,
-    stride_ns,
-    w_ptr,
-    stride_wo,
-    stride_wi,
-    b_ptr,
-    et_ptr,
-    tab_ptr,
-    stride_tab,
-    D,
-    T,
-    HAS_TAB: tl.constexpr,
-    TAB_HIST: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EMULATE: tl.constexpr,
-):
-    """(BLOCK_D,) sum over edges [start, end) of row ``row`` of the FiLM messages (not divided by the degree).
-
-    Loads in the edge loop are inline (a helper costs nothing on the GPU but a lot in the interpreter)."""
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_t = tl.arange(0, BLOCK_T)
-    c_mask = offs_c < C
-    d_mask = offs_d < D
-    nd = tl.load(nd_ptr + row * stride_nd + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    b_sc = tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_mask = c_mask[:, None] & d_mask[None, :]
-    # per-lane accumulators, reduced over the edge axis once after the loop
-    acc = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
-    fsum = tl.full((BLOCK_E, BLOCK_C), 0.0, tl.float32)
-    tsum = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)  # gathered shift-table rows (TAB_HIST == False)
-    tcnt = tl.full((BLOCK_E, BLOCK_T), 0.0, tl.float32)  # type histogram (TAB_HIST == True)
-    for e0 in range(start, end, BLOCK_E):
-        e_idx = e0 + tl.arange(0, BLOCK_E)
-        e_mask = e_idx < end
-        ed_mask = e_mask[:, None] & d_mask[None, :]
-        # scale half: (BLOCK_E, C) @ (C, D) in BLOCK_K steps (small K keeps fp32 FMA dots' operands small);
-        # the whole feature tile also feeds the per-lane feature sums of the shift half
-        x = tl.load(
-            feat_ptr + e_idx[:, None] * stride_fe + offs_c[None, :] * stride_fc,
-            mask=e_mask[:, None] & c_mask[None, :],
-            other=0.0,
-        )
-        if BLOCK_K >= BLOCK_C:  # C <= BLOCK_K (C = 5 in NiNo): one product
-            w = tl.load(w_ptr + offs_d[None, :] * stride_wo + offs_c[:, None] * stride_wi, mask=w_mask, other=0.0)
-            scale = mm(x, w, DOT_DTYPE, PRECISION, EMULATE)
-        else:  # the chunks are re-read from L1
-            scale = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
-            for k0 in range(0, C, BLOCK_K):
-                ks = k0 + offs_k
-                x_k = tl.load(
-                    feat_ptr + e_idx[:, None] * stride_fe + ks[None, :] * stride_fc,
-                    mask=e_mask[:, None] & (ks[None, :] < C),
-                    other=0.0,
-                )
-                w_k = tl.load(
-                    w_ptr + offs_d[None, :] * stride_wo + ks[:, None] * stride_wi,
-                    mask=(ks[:, None] < C) & d_mask[None, :],
-                    other=0.0,
-                )
-                scale += mm(x_k, w_k, DOT_DTYPE, PRECISION, EMULATE)
-        scale += b_sc[None, :]
-        fsum += x.to(tl.float32)
-        if HAS_TAB:
-            t = tl.load(et_ptr + e_idx, mask=e_mask, other=0)
-            tab_ptrs = tab_ptr + t.to(tl.int64)[:, None] * stride_tab + offs_d[None, :]
-            scale += tl.load(tab_ptrs, mask=ed_mask, other=0.0).to(tl.float32)
-            if TAB_HIST:
-                tcnt += ((t[:, None] == offs_t[None, :]) & e_mask[:, None]).to(tl.float32)
-            else:
-                tsum += tl.load(tab_ptrs + D, mask=ed_mask, other=0.0).to(tl.float32)
-        s = tl.load(src_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
-        ns = tl.load(ns_ptr + s[:, None] * stride_ns + offs_d[None, :], mask=ed_mask, other=0.0).to(tl.float32)
-        acc += tl.where(e_mask[:, None], scale * (nd[None, :] + ns), 0.0)
-    # shift half, once per task: W_sh sum_e x_e + n b_sh (+ type counts @ table_sh)
-    w_sh = tl.load(w_ptr + (D + offs_d[None, :]) * stride_wo + offs_c[:, None] * stride_wi, mask=w_mask, other=0.0).to(
-        tl.float32
-    )
-    b_sh = tl.load(b_ptr + D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    out = tl.sum(acc, axis=0) + tl.sum(tl.sum(fsum, axis=0)[:, None] * w_sh, axis=0)
-    out += (end - start).to(tl.float32) * b_sh
-    if HAS_TAB:
-        if TAB_HIST:
-            tab_sh = tl.load(
-                tab_ptr + offs_t[:, None] * stride_tab + D + offs_d[None, :],
-                mask=(offs_t[:, None] < T) & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            out += tl.sum(tl.sum(tcnt, axis=0)[:, None] * tab_sh, axis=0)
-        else:
-            out += tl.sum(tsum, axis=0)
-    return out
 
 
 @triton.jit
@@ -186,39 +73,87 @@ def film_mean_kernel(
         if is_win:
             tl.store(win_rows_ptr + 2 * pid + t, tl.where(valid, row, -1))
         if valid:
-            total = _film_segment(
-                start,
-                end,
-                row,
-                feat_ptr,
-                stride_fe,
-                stride_fc,
-                C,
-                src_ptr,
-                nd_ptr,
-                stride_nd,
-                ns_ptr,
-                stride_ns,
-                w_ptr,
-                stride_wo,
-                stride_wi,
-                b_ptr,
-                et_ptr,
-                tab_ptr,
-                stride_tab,
-                D,
-                T,
-                HAS_TAB,
-                TAB_HIST,
-                BLOCK_E,
-                BLOCK_C,
-                BLOCK_K,
-                BLOCK_D,
-                BLOCK_T,
-                DOT_DTYPE,
-                PRECISION,
-                EMULATE,
-            )
+            # total: the (BLOCK_D,) sum over edges [start, end) of row ``row`` of the FiLM messages (not divided
+            # by the degree). The task's code is inline in the kernel (a helper costs nothing on the GPU but a lot
+            # in the interpreter, and would repeat the kernel's argument list).
+            offs_c = tl.arange(0, BLOCK_C)
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_t = tl.arange(0, BLOCK_T)
+            c_mask = offs_c < C
+            d_mask = offs_d < D
+            nd = tl.load(nd_ptr + row * stride_nd + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            b_sc = tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            w_mask = c_mask[:, None] & d_mask[None, :]
+            # per-lane accumulators, reduced over the edge axis once after the loop
+            acc = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
+            fsum = tl.full((BLOCK_E, BLOCK_C), 0.0, tl.float32)
+            tsum = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)  # gathered shift-table rows (TAB_HIST == False)
+            tcnt = tl.full((BLOCK_E, BLOCK_T), 0.0, tl.float32)  # type histogram (TAB_HIST == True)
+            for e0 in range(start, end, BLOCK_E):
+                e_idx = e0 + tl.arange(0, BLOCK_E)
+                e_mask = e_idx < end
+                ed_mask = e_mask[:, None] & d_mask[None, :]
+                # scale half: (BLOCK_E, C) @ (C, D) in BLOCK_K steps (small K keeps fp32 FMA dots' operands small);
+                # the whole feature tile also feeds the per-lane feature sums of the shift half
+                x = tl.load(
+                    feat_ptr + e_idx[:, None] * stride_fe + offs_c[None, :] * stride_fc,
+                    mask=e_mask[:, None] & c_mask[None, :],
+                    other=0.0,
+                )
+                if BLOCK_K >= BLOCK_C:  # C <= BLOCK_K (C = 5 in NiNo): one product
+                    w = tl.load(
+                        w_ptr + offs_d[None, :] * stride_wo + offs_c[:, None] * stride_wi, mask=w_mask, other=0.0
+                    )
+                    scale = mm(x, w, DOT_DTYPE, PRECISION, EMULATE)
+                else:  # the chunks are re-read from L1
+                    scale = mm_k(
+                        tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32),
+                        feat_ptr,
+                        e_idx,
+                        e_mask,
+                        stride_fe,
+                        stride_fc,
+                        w_ptr,
+                        offs_d,
+                        d_mask,
+                        stride_wo,
+                        stride_wi,
+                        C,
+                        BLOCK_K,
+                        DOT_DTYPE,
+                        PRECISION,
+                        EMULATE,
+                    )
+                scale += b_sc[None, :]
+                fsum += x.to(tl.float32)
+                if HAS_TAB:
+                    ty = tl.load(et_ptr + e_idx, mask=e_mask, other=0)
+                    tab_ptrs = tab_ptr + ty.to(tl.int64)[:, None] * stride_tab + offs_d[None, :]
+                    scale += tl.load(tab_ptrs, mask=ed_mask, other=0.0).to(tl.float32)
+                    if TAB_HIST:
+                        tcnt += ((ty[:, None] == offs_t[None, :]) & e_mask[:, None]).to(tl.float32)
+                    else:
+                        tsum += tl.load(tab_ptrs + D, mask=ed_mask, other=0.0).to(tl.float32)
+                s = tl.load(src_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
+                ns = tl.load(ns_ptr + s[:, None] * stride_ns + offs_d[None, :], mask=ed_mask, other=0.0).to(tl.float32)
+                acc += tl.where(e_mask[:, None], scale * (nd[None, :] + ns), 0.0)
+            # shift half, once per task: W_sh sum_e x_e + n b_sh (+ type counts @ table_sh)
+            w_sh = tl.load(
+                w_ptr + (D + offs_d[None, :]) * stride_wo + offs_c[:, None] * stride_wi, mask=w_mask, other=0.0
+            ).to(tl.float32)
+            b_sh = tl.load(b_ptr + D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            total = tl.sum(acc, axis=0) + tl.sum(tl.sum(fsum, axis=0)[:, None] * w_sh, axis=0)
+            total += (end - start).to(tl.float32) * b_sh
+            if HAS_TAB:
+                if TAB_HIST:
+                    tab_sh = tl.load(
+                        tab_ptr + offs_t[:, None] * stride_tab + D + offs_d[None, :],
+                        mask=(offs_t[:, None] < T) & d_mask[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    total += tl.sum(tl.sum(tcnt, axis=0)[:, None] * tab_sh, axis=0)
+                else:
+                    total += tl.sum(tsum, axis=0)
             store_result(
                 total,
                 D,
