@@ -56,8 +56,10 @@ def program_rows(pid, rowptr_ptr, N, E, n_windows, CHUNK, LOG2N):
 
 
 @triton.jit
-def task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, CHUNK):
-    """Task t (0 or 1) of a program: (row, start, end, valid), the edges [start, end) of ``row`` it sums."""
+def task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, win_rows_ptr, pid, CHUNK):
+    """Task t (0 or 1) of a program: (row, start, end, valid), the edges [start, end) of ``row`` it sums.
+
+    A window program also records the row of its task t (-1: none) for the combine pass."""
     r = tl.where(t == 0, r_a, r_b)
     rs = tl.load(rowptr_ptr + r)
     re = tl.load(rowptr_ptr + r + 1)
@@ -65,6 +67,8 @@ def task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, CHUNK):
     valid = tl.where(is_win, is_long & ((t == 0) | (r_b != r_a)), (t == 0) & (~is_long))
     start = tl.where(is_win, tl.maximum(rs, w0), rs)
     end = tl.where(is_win, tl.minimum(re, w1), re)
+    if is_win:
+        tl.store(win_rows_ptr + 2 * pid + t, tl.where(valid, r, -1))
     return r, start, end, valid
 
 

@@ -84,9 +84,7 @@ def edge_film_mean_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     bsh = tl.load(bsh_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
     for t in range(0, tl.where(is_win, 2, 1)):  # a runtime loop: one copy of the segment code
-        row, start, end, valid = task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, CHUNK)
-        if is_win:
-            tl.store(win_rows_ptr + 2 * pid + t, tl.where(valid, row, -1))
+        row, start, end, valid = task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, win_rows_ptr, pid, CHUNK)
         if valid:
             # total: the (BLOCK_D,) sum over edges [start, end) of row ``row`` of the messages, without the shift
             # bias (inline in the kernel: a helper would repeat the kernel's argument list).
@@ -190,13 +188,7 @@ def edge_film_mean(
     """(N, D) float32; see the module docstring. The keywords override the launch heuristics (benchmarks,
     tests): edges per step, K steps over C and over DH (the h column chunk), edges per long-row window,
     warps, register cap (ptxas ``.maxnreg``: more resident programs, maybe spills)."""
-    dev = feat.device
-    utils.check_device(OP, feat)
-    utils.check_float(OP, "feat", feat, (None, None), dev)
-    e, c = feat.shape
-    n = rowptr.numel() - 1
-    utils.check_index(OP, "rowptr", rowptr, (n + 1,), dev)
-    utils.check_index(OP, "src", src, (e,), dev)
+    dev, e, c, n = utils.check_csr(OP, feat, rowptr, src)
     utils.check_float(OP, "weight_a", weight_a, (None, c), dev)
     dh = weight_a.shape[0]
     utils.check_float(OP, "bias_a", bias_a, (dh,), dev)
@@ -274,9 +266,7 @@ def edge_film_mean(
         BLOCK_K=block_k,
         BLOCK_KH=min(block_kh or 32, utils.pow2(dh)),
         BLOCK_D=block_d,
-        DOT_DTYPE=utils.dot_dtype(feat, weight_a),
-        PRECISION=utils.dot_precision(),
-        EMULATE=utils.INTERPRET,
+        **utils.dot_args(feat, weight_a),
         num_warps=num_warps or 8,
         maxnreg=maxnreg,
     )

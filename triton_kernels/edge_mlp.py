@@ -151,10 +151,7 @@ def edge_mlp(
     """(E, DO) float32; see the module docstring. The keywords override the launch heuristics (benchmarks,
     tests): edges per program, K steps over C and over DH (the h column chunk), warps, register cap
     (ptxas ``.maxnreg``: more resident programs, maybe spills)."""
-    dev = feat.device
-    utils.check_device(OP, feat)
-    utils.check_float(OP, "feat", feat, (None, None), dev)
-    e, c = feat.shape
+    dev, e, c = utils.check_feat(OP, feat)
     utils.check_index(OP, "src", src, (e,), dev)
     utils.check_index(OP, "dst", dst, (e,), dev)
     utils.check_float(OP, "weight_a", weight_a, (None, c), dev)
@@ -225,9 +222,7 @@ def edge_mlp(
         BLOCK_K=block_k or utils.k_step(c),
         BLOCK_KH=min(block_kh or 32, utils.pow2(dh)),
         BLOCK_O=block_o,
-        DOT_DTYPE=utils.dot_dtype(feat, weight_a),
-        PRECISION=utils.dot_precision(),
-        EMULATE=utils.INTERPRET,
+        **utils.dot_args(feat, weight_a),
         num_warps=num_warps or (8 if block_o >= 64 else 4),
         maxnreg=maxnreg,
     )

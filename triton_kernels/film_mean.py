@@ -69,9 +69,7 @@ def film_mean_kernel(
     pid = tl.program_id(0)
     is_win, w0, w1, r_a, r_b = program_rows(pid, rowptr_ptr, N, E, n_windows, CHUNK, LOG2N)
     for t in range(0, tl.where(is_win, 2, 1)):  # a runtime loop: one copy of the segment code
-        row, start, end, valid = task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, CHUNK)
-        if is_win:
-            tl.store(win_rows_ptr + 2 * pid + t, tl.where(valid, row, -1))
+        row, start, end, valid = task(t, is_win, w0, w1, r_a, r_b, rowptr_ptr, win_rows_ptr, pid, CHUNK)
         if valid:
             # total: the (BLOCK_D,) sum over edges [start, end) of row ``row`` of the FiLM messages (not divided
             # by the degree). The task's code is inline in the kernel (a helper costs nothing on the GPU but a lot
@@ -189,13 +187,7 @@ def film_mean(
     """(N, D) float32; see the module docstring. The keywords override the launch heuristics (benchmarks,
     tests): edges per step, K step over C, edges per long-row window, warps,
     register cap (ptxas ``.maxnreg``: more resident programs, maybe spills)."""
-    dev = feat.device
-    utils.check_device(OP, feat)
-    utils.check_float(OP, "feat", feat, (None, None), dev)
-    e, c = feat.shape
-    n = rowptr.numel() - 1
-    utils.check_index(OP, "rowptr", rowptr, (n + 1,), dev)
-    utils.check_index(OP, "src", src, (e,), dev)
+    dev, e, c, n = utils.check_csr(OP, feat, rowptr, src)
     utils.check_float(OP, "node_dst", node_dst, (n, None), dev)
     d = node_dst.shape[1]
     utils.check_float(OP, "node_src", node_src, (None, d), dev)
@@ -254,9 +246,7 @@ def film_mean(
         BLOCK_K=block_k or utils.k_step(c),
         BLOCK_D=block_d,
         BLOCK_T=block_t,
-        DOT_DTYPE=utils.dot_dtype(feat, weight),
-        PRECISION=utils.dot_precision(),
-        EMULATE=utils.INTERPRET,
+        **utils.dot_args(feat, weight),
         num_warps=num_warps or 8,
         maxnreg=maxnreg,
     )

@@ -34,19 +34,19 @@ def _fmt(t: torch.Tensor) -> str:
 
 def check_float(op: str, name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
     """``t`` is a floating tensor of ``shape`` (``None`` entries match anything) on ``device``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    _check_shape_device(op, name, t, shape, device)
+    _check(op, name, t, shape, device, FLOAT_DTYPES, "float32, bfloat16 or float16")
 
 
 def check_index(op: str, name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
     """``t`` is an int32/int64 tensor of ``shape`` on ``device``."""
+    _check(op, name, t, shape, device, INDEX_DTYPES, "int32 or int64")
+
+
+def _check(op, name, t, shape, device, dtypes, dtype_names):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must be {dtype_names}, got {t.dtype}")
     _check_shape_device(op, name, t, shape, device)
 
 
@@ -70,6 +70,25 @@ def check_pair(op: str, a_name: str, a, b_name: str, b) -> None:
 def check_device(op: str, feat: torch.Tensor) -> None:
     if feat.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{op}: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {feat.device}")
+
+
+def check_feat(op: str, feat: torch.Tensor) -> tuple[torch.device, int, int]:
+    """The leading argument of every op: feat (E, C) on a device Triton runs on. Returns (device, E, C)."""
+    check_device(op, feat)
+    check_float(op, "feat", feat, (None, None), feat.device)
+    return (feat.device, *feat.shape)
+
+
+def check_csr(
+    op: str, feat: torch.Tensor, rowptr: torch.Tensor, src: torch.Tensor
+) -> tuple[torch.device, int, int, int]:
+    """feat (E, C) and the destination-sorted CSR graph of the CSR ops: rowptr (N + 1,), src (E,). Returns
+    (device, E, C, N)."""
+    dev, e, c = check_feat(op, feat)
+    n = rowptr.numel() - 1
+    check_index(op, "rowptr", rowptr, (n + 1,), dev)
+    check_index(op, "src", src, (e,), dev)
+    return dev, e, c, n
 
 
 # ---------------------------------------------------------------------------------------------------- layouts
@@ -102,6 +121,11 @@ def dot_dtype(*ts: torch.Tensor) -> tl.dtype:
 
 def dot_precision() -> str:
     return FP32_PRECISION
+
+
+def dot_args(*ts: torch.Tensor) -> dict:
+    """The dot settings every kernel takes (``mm``'s constexprs) for operands ``ts`` (feat, then the weights)."""
+    return {"DOT_DTYPE": dot_dtype(*ts), "PRECISION": dot_precision(), "EMULATE": INTERPRET}
 
 
 # ------------------------------------------------------------------------------------------------ block sizes
