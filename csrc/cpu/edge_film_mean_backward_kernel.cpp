@@ -29,20 +29,13 @@ NINO_FAST_INLINE void row_add(float* row, V16 v) {
   vst16(row, vadd(vld16(row), v));
 }
 
-std::vector<at::Tensor> edge_film_mean_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-    const at::Tensor& src_in, const at::Tensor& weight_a, const at::Tensor& bias_a,
-    const std::optional<at::Tensor>& etype, const std::optional<at::Tensor>& type_table,
-    const at::Tensor& node_src_in, const at::Tensor& node_dst_in, const at::Tensor& msg_dst_in,
-    const at::Tensor& msg_src_in, const at::Tensor& weight_scale, const at::Tensor& bias_scale,
-    const at::Tensor& weight_shift, const at::Tensor& bias_shift, bool need_feat) {
+std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardArgs& b) {
   constexpr const char* op = "nino_fast::edge_film_mean_backward";
-  const EdgeFilmMeanInputs in(op, feat_in, rowptr_in, src_in, weight_a, bias_a, etype, type_table,
-                              node_src_in, node_dst_in, msg_dst_in, msg_src_in, weight_scale,
-                              bias_scale, weight_shift, bias_shift);
+  const EdgeFilmMeanInputs in(op, b.fwd);
+  const bool need_feat = b.need_feat;
   const AffineStage& stage = in.stage;
   const int64_t e_total = in.e_total, c = in.c, n = in.n, dh = in.dh, d = in.d;
-  auto gout = f32(op, "grad_out", grad_out, 2);
+  auto gout = f32(op, "grad_out", b.grad_out, 2);
   check_shape(op, "grad_out", gout, {n, d});
   const auto opt = in.feat.options();
   const int64_t nph = padded(dh), np = padded(d), npc = padded(c);
@@ -76,7 +69,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(
     const PackedB wsc_p(in.wsc.data_ptr<float>(), d, dh);
     const auto wsc_t = in.wsc.t().contiguous();
     const PackedB wsc_tp(wsc_t.data_ptr<float>(), dh, d);
-    const auto wa_t = need_feat ? weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
+    const auto wa_t = need_feat ? b.fwd.weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
     const PackedB wat_p = need_feat ? PackedB(wa_t.data_ptr<float>(), c, dh) : PackedB();
     float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
     float *pda = da_all.data_ptr<float>(), *pgsc = gsc_all.data_ptr<float>();
@@ -156,7 +149,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
-  m.impl("edge_film_mean_backward", &edge_film_mean_backward_cpu);
+  m.impl("edge_film_mean_backward", &edge_film_mean_backward_entry<edge_film_mean_backward_cpu>);
 }
 
 }  // namespace nino_fast::cpu

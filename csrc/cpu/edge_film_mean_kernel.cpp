@@ -10,18 +10,9 @@
 namespace nino_fast::cpu {
 namespace {
 
-at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-                              const at::Tensor& src_in, const at::Tensor& weight_a,
-                              const at::Tensor& bias_a, const std::optional<at::Tensor>& etype,
-                              const std::optional<at::Tensor>& type_table,
-                              const at::Tensor& node_src_in, const at::Tensor& node_dst_in,
-                              const at::Tensor& msg_dst_in, const at::Tensor& msg_src_in,
-                              const at::Tensor& weight_scale, const at::Tensor& bias_scale,
-                              const at::Tensor& weight_shift, const at::Tensor& bias_shift) {
+at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
   constexpr const char* op = "nino_fast::edge_film_mean";
-  const EdgeFilmMeanInputs in(op, feat_in, rowptr_in, src_in, weight_a, bias_a, etype, type_table,
-                              node_src_in, node_dst_in, msg_dst_in, msg_src_in, weight_scale,
-                              bias_scale, weight_shift, bias_shift);
+  const EdgeFilmMeanInputs in(op, a);
   const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src;
   const AffineStage& stage = in.stage;
   const int64_t c = in.c, n = in.n, dh = in.dh, d = in.d;
@@ -94,7 +85,7 @@ at::Tensor edge_film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowpt
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
-  m.impl("edge_film_mean", &edge_film_mean_cpu);
+  m.impl("edge_film_mean", &edge_film_mean_entry<edge_film_mean_cpu>);
 }
 
 }  // namespace nino_fast::cpu

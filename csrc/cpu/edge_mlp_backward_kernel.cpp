@@ -22,19 +22,13 @@
 namespace nino_fast::cpu {
 namespace {
 
-std::vector<at::Tensor> edge_mlp_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& feat_in, const at::Tensor& src_in,
-    const at::Tensor& dst_in, const at::Tensor& weight_a, const at::Tensor& bias_a,
-    const at::Tensor& weight_b, const at::Tensor& bias_b, const std::optional<at::Tensor>& etype,
-    const std::optional<at::Tensor>& type_table, const std::optional<at::Tensor>& node_src,
-    const std::optional<at::Tensor>& node_dst, const std::optional<at::Tensor>& node_src2,
-    const std::optional<at::Tensor>& node_dst2, bool act_out, bool need_feat) {
+std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
   constexpr const char* op = "nino_fast::edge_mlp_backward";
-  const EdgeMlpInputs in(op, feat_in, src_in, dst_in, weight_a, bias_a, weight_b, bias_b, etype,
-                         type_table, node_src, node_dst, node_src2, node_dst2);
+  const EdgeMlpInputs in(op, b.fwd);
+  const bool act_out = b.fwd.act_out, need_feat = b.need_feat;
   const AffineStage& stage = in.stage;
   const int64_t e_total = in.e_total, c = in.c, dh = in.dh, dout = in.dout;
-  auto gout = f32(op, "grad_out", grad_out, 2);
+  auto gout = f32(op, "grad_out", b.grad_out, 2);
   check_shape(op, "grad_out", gout, {e_total, dout});
   const auto opt = in.feat.options();
   const int64_t nph = padded(dh), npo = padded(dout), npc = padded(c);
@@ -68,7 +62,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(
     const PackedB wb_p = act_out ? PackedB(in.wb.data_ptr<float>(), dout, dh) : PackedB();
     const auto wbt = in.wb.t().contiguous();
     const PackedB wbt_p(wbt.data_ptr<float>(), dh, dout);  // gz W_b: W_b^T as the (N x K) operand
-    const auto wa_t = need_feat ? weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
+    const auto wa_t = need_feat ? b.fwd.weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
     const PackedB wat_p = need_feat ? PackedB(wa_t.data_ptr<float>(), c, dh) : PackedB();
     float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
     float* pda = keep_da ? da_all.data_ptr<float>() : nullptr;
@@ -157,7 +151,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
-  m.impl("edge_mlp_backward", &edge_mlp_backward_cpu);
+  m.impl("edge_mlp_backward", &edge_mlp_backward_entry<edge_mlp_backward_cpu>);
 }
 
 }  // namespace nino_fast::cpu

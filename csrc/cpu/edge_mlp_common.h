@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "cpu/fused_common.h"
+#include "utils/op_args.h"
 
 namespace nino_fast::cpu {
 
@@ -20,26 +21,21 @@ struct EdgeMlpInputs {
   at::Tensor wb, bb, ns, nd, ns2, nd2;
   int64_t dout = 0;
 
-  EdgeMlpInputs(const char* op, const at::Tensor& feat_in, const at::Tensor& src_in,
-                const at::Tensor& dst_in, const at::Tensor& weight_a, const at::Tensor& bias_a,
-                const at::Tensor& weight_b, const at::Tensor& bias_b,
-                const std::optional<at::Tensor>& etype, const std::optional<at::Tensor>& type_table,
-                const std::optional<at::Tensor>& node_src,
-                const std::optional<at::Tensor>& node_dst,
-                const std::optional<at::Tensor>& node_src2,
-                const std::optional<at::Tensor>& node_dst2)
-      : feat(f32(op, "feat", feat_in, 2)),
+  EdgeMlpInputs(const char* op, const EdgeMlpArgs& a)
+      : feat(f32(op, "feat", a.feat, 2)),
         e_total(feat.size(0)),
         c(feat.size(1)),
-        src(idx32(op, "src", src_in, e_total)),
-        dst(idx32(op, "dst", dst_in, e_total)),
-        stage(op, "weight_a", weight_a, bias_a, etype, type_table, c, e_total),
+        src(idx32(op, "src", a.src, e_total)),
+        dst(idx32(op, "dst", a.dst, e_total)),
+        stage(op, "weight_a", a.weight_a, a.bias_a, a.etype, a.type_table, c, e_total),
         dh(stage.d) {
-    wb = f32(op, "weight_b", weight_b, 2);
+    const auto &node_src = a.node_src, &node_dst = a.node_dst;
+    const auto &node_src2 = a.node_src2, &node_dst2 = a.node_dst2;
+    wb = f32(op, "weight_b", a.weight_b, 2);
     NINO_CHECK(wb.size(1) == dh, op, ": weight_b must be (D_out, ", dh, "), got ",
-               shape_str(weight_b));
+               shape_str(a.weight_b));
     dout = wb.size(0);
-    bb = f32(op, "bias_b", bias_b, 1);
+    bb = f32(op, "bias_b", a.bias_b, 1);
     NINO_CHECK(bb.numel() == dout, op, ": bias_b must have ", dout, " entries, got ", bb.numel());
     NINO_CHECK(node_src.has_value() == node_dst.has_value() &&
                    node_src2.has_value() == node_dst2.has_value(),

@@ -11,18 +11,9 @@ namespace {
 
 constexpr int64_t kDotOut = 4;  // second stages this narrow (and plain) run as dot products
 
-at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
-                        const at::Tensor& dst_in, const at::Tensor& weight_a,
-                        const at::Tensor& bias_a, const at::Tensor& weight_b,
-                        const at::Tensor& bias_b, const std::optional<at::Tensor>& etype,
-                        const std::optional<at::Tensor>& type_table,
-                        const std::optional<at::Tensor>& node_src,
-                        const std::optional<at::Tensor>& node_dst,
-                        const std::optional<at::Tensor>& node_src2,
-                        const std::optional<at::Tensor>& node_dst2, bool act_out) {
+at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
   constexpr const char* op = "nino_fast::edge_mlp";
-  const EdgeMlpInputs in(op, feat_in, src_in, dst_in, weight_a, bias_a, weight_b, bias_b, etype,
-                         type_table, node_src, node_dst, node_src2, node_dst2);
+  const EdgeMlpInputs in(op, a);
   const auto& feat = in.feat;
   const auto &src = in.src, &dst = in.dst, &wb = in.wb, &bb = in.bb;
   const AffineStage& stage = in.stage;
@@ -40,6 +31,7 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
   // A second stage of at most kDotOut plain outputs (the model's head: one per feature slot) runs
   // as dot products over each hidden row, not as a GEMM whose panel would be 16 columns wide.
+  const bool act_out = a.act_out;
   const bool dot_out = dout <= kDotOut && !pns2 && !act_out;
   std::vector<float> wbrows(dot_out ? dout * nph : 0, 0.f);  // weight_b rows zero-padded to nph
   for (int64_t j = 0; dot_out && j < dout; ++j)
@@ -101,7 +93,7 @@ at::Tensor edge_mlp_cpu(const at::Tensor& feat_in, const at::Tensor& src_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
-  m.impl("edge_mlp", &edge_mlp_cpu);
+  m.impl("edge_mlp", &edge_mlp_entry<edge_mlp_cpu>);
 }
 
 }  // namespace nino_fast::cpu

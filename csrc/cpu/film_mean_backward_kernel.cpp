@@ -24,17 +24,13 @@
 namespace nino_fast::cpu {
 namespace {
 
-std::vector<at::Tensor> film_mean_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-    const at::Tensor& src_in, const at::Tensor& node_dst_in, const at::Tensor& node_src_in,
-    const at::Tensor& weight, const at::Tensor& bias_in, const std::optional<at::Tensor>& etype,
-    const std::optional<at::Tensor>& type_table, bool need_feat) {
+std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
   constexpr const char* op = "nino_fast::film_mean_backward";
-  const FilmMeanInputs in(op, feat_in, rowptr_in, src_in, node_dst_in, node_src_in, weight, bias_in,
-                          etype, type_table);
+  const FilmMeanInputs in(op, b.fwd);
+  const bool need_feat = b.need_feat;
   const AffineStage& stage = in.scale;
   const int64_t e_total = in.e_total, c = in.c, n = in.n, d = in.d;
-  auto gout = f32(op, "grad_out", grad_out, 2);
+  auto gout = f32(op, "grad_out", b.grad_out, 2);
   check_shape(op, "grad_out", gout, {n, d});
   const auto opt = in.feat.options();
   const int64_t np = padded(d), npc = padded(c);
@@ -138,7 +134,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
-  m.impl("film_mean_backward", &film_mean_backward_cpu);
+  m.impl("film_mean_backward", &film_mean_backward_entry<film_mean_backward_cpu>);
 }
 
 }  // namespace nino_fast::cpu

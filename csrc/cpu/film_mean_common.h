@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "cpu/fused_common.h"
+#include "utils/op_args.h"
 
 namespace nino_fast::cpu {
 
@@ -40,26 +41,22 @@ struct FilmMeanInputs : CsrInputs {
     return bias.narrow(0, 0, d).contiguous();
   }
 
-  FilmMeanInputs(const char* op, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-                 const at::Tensor& src_in, const at::Tensor& node_dst_in,
-                 const at::Tensor& node_src_in, const at::Tensor& weight, const at::Tensor& bias_in,
-                 const std::optional<at::Tensor>& etype,
-                 const std::optional<at::Tensor>& type_table)
-      : CsrInputs(op, feat_in, rowptr_in, src_in),
-        w(f32(op, "weight", weight, 2)),
-        bias(f32(op, "bias", bias_in, 1)),
+  FilmMeanInputs(const char* op, const FilmMeanArgs& a)
+      : CsrInputs(op, a.feat, a.rowptr, a.src),
+        w(f32(op, "weight", a.weight, 2)),
+        bias(f32(op, "bias", a.bias, 1)),
         d(half_width(op, w, c)),
-        nd(node_table(op, "node_dst", node_dst_in, n, d)),
-        ns(f32(op, "node_src", node_src_in, 2)),
-        tab_sc(half(op, type_table, d, 0)),
-        tab_sh(half(op, type_table, d, 1)),
-        scale(op, "weight", w.narrow(0, 0, d).contiguous(), scale_bias(op, bias, d), etype, tab_sc,
-              c, e_total),
+        nd(node_table(op, "node_dst", a.node_dst, n, d)),
+        ns(f32(op, "node_src", a.node_src, 2)),
+        tab_sc(half(op, a.type_table, d, 0)),
+        tab_sh(half(op, a.type_table, d, 1)),
+        scale(op, "weight", w.narrow(0, 0, d).contiguous(), scale_bias(op, bias, d), a.etype,
+              tab_sc, c, e_total),
         w_sh(w.narrow(0, d, d).contiguous()),
         b_sh(bias.narrow(0, d, d).contiguous()) {
     NINO_CHECK(nd.size(0) == n, op, ": node_dst must have N=", n, " rows, got ", nd.size(0));
     NINO_CHECK(ns.size(1) == d, op, ": node_src must have D=", d, " columns, got ",
-               shape_str(node_src_in));
+               shape_str(a.node_src));
     check_src(op, ns.size(0));
   }
 };

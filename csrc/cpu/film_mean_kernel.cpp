@@ -13,14 +13,9 @@
 namespace nino_fast::cpu {
 namespace {
 
-at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-                         const at::Tensor& src_in, const at::Tensor& node_dst_in,
-                         const at::Tensor& node_src_in, const at::Tensor& weight,
-                         const at::Tensor& bias_in, const std::optional<at::Tensor>& etype,
-                         const std::optional<at::Tensor>& type_table) {
+at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
   constexpr const char* op = "nino_fast::film_mean";
-  const FilmMeanInputs in(op, feat_in, rowptr_in, src_in, node_dst_in, node_src_in, weight, bias_in,
-                          etype, type_table);
+  const FilmMeanInputs in(op, a);
   const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src, &nd = in.nd, &ns = in.ns;
   const auto &w_sh = in.w_sh, &b_sh = in.b_sh;
   const auto& tab_sh = in.tab_sh;
@@ -99,7 +94,7 @@ at::Tensor film_mean_cpu(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CPU, m) {
-  m.impl("film_mean", &film_mean_cpu);
+  m.impl("film_mean", &film_mean_entry<film_mean_cpu>);
 }
 
 }  // namespace nino_fast::cpu

@@ -16,7 +16,7 @@
 namespace nino_fast::cuda {
 namespace {
 
-struct EdgeFilmArgs {
+struct EdgeFilmParams {
   const void* feat;
   const int64_t* rowptr;
   const int* src;
@@ -63,7 +63,7 @@ struct EdgeFilmLayout {
 };
 
 template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads) edge_film_mean_kernel(const EdgeFilmArgs p) {
+__global__ void __launch_bounds__(kThreads) edge_film_mean_kernel(const EdgeFilmParams p) {
 #if NINO_FAST_TC_OK
   extern __shared__ __align__(128) unsigned char smem[];
   const EdgeFilmLayout<T> L(p.cp, p.hp, p.dp);
@@ -162,53 +162,31 @@ __global__ void __launch_bounds__(kThreads) edge_film_mean_kernel(const EdgeFilm
 #endif
 }
 
-at::Tensor edge_film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-                               const at::Tensor& src_in, const at::Tensor& weight_a,
-                               const at::Tensor& bias_a, const std::optional<at::Tensor>& etype,
-                               const std::optional<at::Tensor>& type_table_in,
-                               const at::Tensor& node_src, const at::Tensor& node_dst,
-                               const at::Tensor& msg_dst, const at::Tensor& msg_src,
-                               const at::Tensor& weight_scale, const at::Tensor& bias_scale,
-                               const at::Tensor& weight_shift, const at::Tensor& bias_shift) {
+at::Tensor edge_film_mean_cuda(const EdgeFilmMeanArgs& a) {
   constexpr const char* op = "nino_fast::edge_film_mean";
-  auto feat = features(op, feat_in);
-  const auto dev = feat.device();
-  const c10::cuda::CUDAGuard guard(dev);
-  check_arch(op);
-  const int64_t e = feat.size(0), c = feat.size(1);
-  check_cuda(op, "rowptr", rowptr_in, dev);
-  check_dim(op, "rowptr", rowptr_in, 1);
-  check_dtype(op, "rowptr", rowptr_in, at::kLong);
-  NINO_CHECK(rowptr_in.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
-  auto rowptr = rowptr_in.contiguous();
-  const int64_t n = rowptr.numel() - 1;
-  NINO_CHECK(n > 0 || e == 0, op, ": rowptr must start at 0 and end at E=", e,
-             ", got the 1-entry rowptr of an empty graph");
-  auto src = index32(op, "src", src_in, e, dev);
-  check_cuda(op, "weight_a", weight_a, dev);
-  check_dim(op, "weight_a", weight_a, 2);
-  NINO_CHECK(weight_a.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
-             " (feat columns), got shape ", shape_str(weight_a));
-  check_cuda(op, "weight_scale", weight_scale, dev);
-  check_dim(op, "weight_scale", weight_scale, 2);
-  const int64_t dh = weight_a.size(0), d = weight_scale.size(0);
+  const CsrInputs in(op, a.feat, a.rowptr, a.src);
+  const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src;
+  const auto dev = in.dev;
+  const int64_t e = in.e, c = in.c, n = in.n;
+  const int64_t dh = weight_a_rows(op, a.weight_a, c, dev);
+  const int64_t d = weight_rows(op, "weight_scale", a.weight_scale, dev);
   FloatArg wa, ba, wsc, bsc, wsh, bsh;
-  auto wa_t = param(op, "weight_a", weight_a, {dh, c}, dev, wa);
-  auto ba_t = param(op, "bias_a", bias_a, {dh}, dev, ba);
-  auto wsc_t = param(op, "weight_scale", weight_scale, {d, dh}, dev, wsc);
-  auto bsc_t = param(op, "bias_scale", bias_scale, {d}, dev, bsc);
-  auto wsh_t = param(op, "weight_shift", weight_shift, {d, dh}, dev, wsh);
-  auto bsh_t = param(op, "bias_shift", bias_shift, {d}, dev, bsh);
+  auto wa_t = param(op, "weight_a", a.weight_a, {dh, c}, dev, wa);
+  auto ba_t = param(op, "bias_a", a.bias_a, {dh}, dev, ba);
+  auto wsc_t = param(op, "weight_scale", a.weight_scale, {d, dh}, dev, wsc);
+  auto bsc_t = param(op, "bias_scale", a.bias_scale, {d}, dev, bsc);
+  auto wsh_t = param(op, "weight_shift", a.weight_shift, {d, dh}, dev, wsh);
+  auto bsh_t = param(op, "bias_shift", a.bias_shift, {d}, dev, bsh);
   check_widths(op, "D_h (weight_a rows)", dh);
   check_widths(op, "D (weight_scale rows)", d);
   check_widths(op, "C (feat columns)", c);
   NINO_CHECK(n < INT32_MAX, op, ": the CUDA kernel supports N < 2^31 nodes, got ", n);
-  auto types = type_table(op, etype, type_table_in, e, dh, dev);
+  auto types = type_table(op, a.etype, a.type_table, e, dh, dev);
   auto nodes = node_tables(op, feat.scalar_type(),
-                           {{"node_src", &node_src, dh, -1},
-                            {"node_dst", &node_dst, dh, n},
-                            {"msg_dst", &msg_dst, d, n},
-                            {"msg_src", &msg_src, d, -1}},
+                           {{"node_src", &a.node_src, dh, -1},
+                            {"node_dst", &a.node_dst, dh, n},
+                            {"msg_dst", &a.msg_dst, d, n},
+                            {"msg_src", &a.msg_src, d, -1}},
                            dev);
   auto out = at::empty({n, d}, feat.options().dtype(at::kFloat));
   if (n == 0 || d == 0) return out;
@@ -225,7 +203,7 @@ at::Tensor edge_film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowp
   dispatch_types(feat.scalar_type(), nodes.low, [&](auto t_tag, auto g_tag) {
     using T = decltype(t_tag);
     using G = decltype(g_tag);
-    EdgeFilmArgs p{};
+    EdgeFilmParams p{};
     p.feat = feat.data_ptr();
     p.rowptr = rowptr.data_ptr<int64_t>();
     p.src = src.data_ptr<int>();
@@ -263,7 +241,7 @@ at::Tensor edge_film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowp
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CUDA, m) {
-  m.impl("edge_film_mean", &edge_film_mean_cuda);
+  m.impl("edge_film_mean", &edge_film_mean_entry<edge_film_mean_cuda>);
 }
 
 }  // namespace nino_fast::cuda

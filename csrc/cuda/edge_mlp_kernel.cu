@@ -15,7 +15,7 @@
 namespace nino_fast::cuda {
 namespace {
 
-struct EdgeMlpArgs {
+struct EdgeMlpParams {
   const void* feat;
   const int* src;
   const int* dst;
@@ -56,7 +56,7 @@ struct EdgeMlpLayout {
 };
 
 template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads) edge_mlp_kernel(const EdgeMlpArgs p) {
+__global__ void __launch_bounds__(kThreads) edge_mlp_kernel(const EdgeMlpParams p) {
 #if NINO_FAST_TC_OK
   extern __shared__ __align__(128) unsigned char smem[];
   const EdgeMlpLayout<T> L(p.cp, p.hp, p.op);
@@ -159,52 +159,38 @@ __global__ void __launch_bounds__(kThreads) edge_mlp_kernel(const EdgeMlpArgs p)
 #endif
 }
 
-at::Tensor edge_mlp_cuda(const at::Tensor& feat_in, const at::Tensor& src_in,
-                         const at::Tensor& dst_in, const at::Tensor& weight_a,
-                         const at::Tensor& bias_a, const at::Tensor& weight_b,
-                         const at::Tensor& bias_b, const std::optional<at::Tensor>& etype,
-                         const std::optional<at::Tensor>& type_table_in,
-                         const std::optional<at::Tensor>& node_src,
-                         const std::optional<at::Tensor>& node_dst,
-                         const std::optional<at::Tensor>& node_src2,
-                         const std::optional<at::Tensor>& node_dst2, bool act_out) {
+at::Tensor edge_mlp_cuda(const EdgeMlpArgs& a) {
   constexpr const char* op = "nino_fast::edge_mlp";
-  auto feat = features(op, feat_in);
-  const auto dev = feat.device();
-  const c10::cuda::CUDAGuard guard(dev);
-  check_arch(op);
-  const int64_t e = feat.size(0), c = feat.size(1);
-  auto src = index32(op, "src", src_in, e, dev);
-  auto dst = index32(op, "dst", dst_in, e, dev);
-  check_cuda(op, "weight_a", weight_a, dev);
-  check_dim(op, "weight_a", weight_a, 2);
-  NINO_CHECK(weight_a.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
-             " (feat columns), got shape ", shape_str(weight_a));
-  check_cuda(op, "weight_b", weight_b, dev);
-  check_dim(op, "weight_b", weight_b, 2);
-  const int64_t dh = weight_a.size(0), dout = weight_b.size(0);
+  const FeatInputs in(op, a.feat);
+  const auto& feat = in.feat;
+  const auto dev = in.dev;
+  const int64_t e = in.e, c = in.c;
+  auto src = index32(op, "src", a.src, e, dev);
+  auto dst = index32(op, "dst", a.dst, e, dev);
+  const int64_t dh = weight_a_rows(op, a.weight_a, c, dev);
+  const int64_t dout = weight_rows(op, "weight_b", a.weight_b, dev);
   FloatArg wa, ba, wb, bb;
-  auto wa_t = param(op, "weight_a", weight_a, {dh, c}, dev, wa);
-  auto ba_t = param(op, "bias_a", bias_a, {dh}, dev, ba);
-  auto wb_t = param(op, "weight_b", weight_b, {dout, dh}, dev, wb);
-  auto bb_t = param(op, "bias_b", bias_b, {dout}, dev, bb);
+  auto wa_t = param(op, "weight_a", a.weight_a, {dh, c}, dev, wa);
+  auto ba_t = param(op, "bias_a", a.bias_a, {dh}, dev, ba);
+  auto wb_t = param(op, "weight_b", a.weight_b, {dout, dh}, dev, wb);
+  auto bb_t = param(op, "bias_b", a.bias_b, {dout}, dev, bb);
   check_widths(op, "D_h (weight_a rows)", dh);
   check_widths(op, "D_out (weight_b rows)", dout);
   check_widths(op, "C (feat columns)", c);
-  NINO_CHECK(node_src.has_value() == node_dst.has_value() &&
-                 node_src2.has_value() == node_dst2.has_value(),
+  NINO_CHECK(a.node_src.has_value() == a.node_dst.has_value() &&
+                 a.node_src2.has_value() == a.node_dst2.has_value(),
              op, ": node_src/node_dst (and node_src2/node_dst2) go together");
-  auto types = type_table(op, etype, type_table_in, e, dh, dev);
+  auto types = type_table(op, a.etype, a.type_table, e, dh, dev);
   // all gathered node tables index the same nodes: one row count
   int64_t rows = -1;
-  for (const auto* t : {&node_src, &node_dst, &node_src2, &node_dst2})
+  for (const auto* t : {&a.node_src, &a.node_dst, &a.node_src2, &a.node_dst2})
     if (t->has_value() && rows < 0) rows = (*t)->size(0);
   auto opt = [](const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; };
   auto nodes = node_tables(op, feat.scalar_type(),
-                           {{"node_src", opt(node_src), dh, rows},
-                            {"node_dst", opt(node_dst), dh, rows},
-                            {"node_src2", opt(node_src2), dout, rows},
-                            {"node_dst2", opt(node_dst2), dout, rows}},
+                           {{"node_src", opt(a.node_src), dh, rows},
+                            {"node_dst", opt(a.node_dst), dh, rows},
+                            {"node_src2", opt(a.node_src2), dout, rows},
+                            {"node_dst2", opt(a.node_dst2), dout, rows}},
                            dev);
   auto out = at::empty({e, dout}, feat.options().dtype(at::kFloat));
   if (e == 0 || dout == 0) return out;
@@ -215,7 +201,7 @@ at::Tensor edge_mlp_cuda(const at::Tensor& feat_in, const at::Tensor& src_in,
   dispatch_types(feat.scalar_type(), nodes.low, [&](auto t_tag, auto g_tag) {
     using T = decltype(t_tag);
     using G = decltype(g_tag);
-    EdgeMlpArgs p{};
+    EdgeMlpParams p{};
     p.feat = feat.data_ptr();
     p.src = src.data_ptr<int>();
     p.dst = dst.data_ptr<int>();
@@ -234,7 +220,7 @@ at::Tensor edge_mlp_cuda(const at::Tensor& feat_in, const at::Tensor& src_in,
     p.c = int(c), p.cp = round_up(std::max<int>(int(c), 1), 16);
     p.dh = int(dh), p.hp = round_up(std::max<int>(int(dh), 1), 16);
     p.dout = int(dout), p.op = round_up(int(dout), 16);
-    p.act_out = act_out;
+    p.act_out = a.act_out;
     p.vec1 = nodes.vec[0] && nodes.vec[1] &&
              (table == nullptr || reinterpret_cast<uintptr_t>(table) % 16 == 0);
     p.vec2 = nodes.vec[2] && nodes.vec[3];
@@ -251,7 +237,7 @@ at::Tensor edge_mlp_cuda(const at::Tensor& feat_in, const at::Tensor& src_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CUDA, m) {
-  m.impl("edge_mlp", &edge_mlp_cuda);
+  m.impl("edge_mlp", &edge_mlp_entry<edge_mlp_cuda>);
 }
 
 }  // namespace nino_fast::cuda

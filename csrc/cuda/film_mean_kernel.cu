@@ -16,7 +16,7 @@
 namespace nino_fast::cuda {
 namespace {
 
-struct FilmArgs {
+struct FilmParams {
   const void* feat;
   const int64_t* rowptr;
   const int* src;
@@ -58,7 +58,7 @@ struct FilmLayout {
 };
 
 template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads) film_mean_kernel(const FilmArgs p) {
+__global__ void __launch_bounds__(kThreads) film_mean_kernel(const FilmParams p) {
 #if NINO_FAST_TC_OK
   extern __shared__ __align__(128) unsigned char smem[];
   const FilmLayout<T> L(p.cp, p.dp);
@@ -140,41 +140,27 @@ __global__ void __launch_bounds__(kThreads) film_mean_kernel(const FilmArgs p) {
 #endif
 }
 
-at::Tensor film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-                          const at::Tensor& src_in, const at::Tensor& node_dst,
-                          const at::Tensor& node_src, const at::Tensor& weight,
-                          const at::Tensor& bias, const std::optional<at::Tensor>& etype,
-                          const std::optional<at::Tensor>& type_table_in) {
+at::Tensor film_mean_cuda(const FilmMeanArgs& a) {
   constexpr const char* op = "nino_fast::film_mean";
-  auto feat = features(op, feat_in);
-  const auto dev = feat.device();
-  const c10::cuda::CUDAGuard guard(dev);
-  check_arch(op);
-  const int64_t e = feat.size(0), c = feat.size(1);
-  check_cuda(op, "rowptr", rowptr_in, dev);
-  check_dim(op, "rowptr", rowptr_in, 1);
-  check_dtype(op, "rowptr", rowptr_in, at::kLong);
-  NINO_CHECK(rowptr_in.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
-  auto rowptr = rowptr_in.contiguous();
-  const int64_t n = rowptr.numel() - 1;
-  NINO_CHECK(n > 0 || e == 0, op, ": rowptr must start at 0 and end at E=", e,
-             ", got the 1-entry rowptr of an empty graph");
-  auto src = index32(op, "src", src_in, e, dev);
-  check_cuda(op, "weight", weight, dev);
-  check_dim(op, "weight", weight, 2);
-  NINO_CHECK(weight.size(0) % 2 == 0 && weight.size(1) == c, op,
+  const CsrInputs in(op, a.feat, a.rowptr, a.src);
+  const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src;
+  const auto dev = in.dev;
+  const int64_t e = in.e, c = in.c, n = in.n;
+  weight_rows(op, "weight", a.weight, dev);
+  NINO_CHECK(a.weight.size(0) % 2 == 0 && a.weight.size(1) == c, op,
              ": weight must be (2*D, C) with C=", c, " (feat columns), got shape ",
-             shape_str(weight));
-  const int64_t d = weight.size(0) / 2;
+             shape_str(a.weight));
+  const int64_t d = a.weight.size(0) / 2;
   FloatArg w, b;
-  auto w_t = param(op, "weight", weight, {2 * d, c}, dev, w);
-  auto b_t = param(op, "bias", bias, {2 * d}, dev, b);
+  auto w_t = param(op, "weight", a.weight, {2 * d, c}, dev, w);
+  auto b_t = param(op, "bias", a.bias, {2 * d}, dev, b);
   check_widths(op, "D (node_dst columns)", d);
   check_widths(op, "C (feat columns)", c);
   NINO_CHECK(n < INT32_MAX, op, ": the CUDA kernel supports N < 2^31 nodes, got ", n);
-  auto types = type_table(op, etype, type_table_in, e, 2 * d, dev);
+  auto types = type_table(op, a.etype, a.type_table, e, 2 * d, dev);
   auto nodes = node_tables(op, feat.scalar_type(),
-                           {{"node_dst", &node_dst, d, n}, {"node_src", &node_src, d, -1}}, dev);
+                           {{"node_dst", &a.node_dst, d, n}, {"node_src", &a.node_src, d, -1}},
+                           dev);
   auto out = at::empty({n, d}, feat.options().dtype(at::kFloat));
   if (n == 0 || d == 0) return out;
   if (e == 0) return out.zero_();
@@ -192,7 +178,7 @@ at::Tensor film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowptr_in
   dispatch_types(feat.scalar_type(), nodes.low, [&](auto t_tag, auto g_tag) {
     using T = decltype(t_tag);
     using G = decltype(g_tag);
-    FilmArgs p{};
+    FilmParams p{};
     p.feat = feat.data_ptr();
     p.rowptr = rowptr.data_ptr<int64_t>();
     p.src = src.data_ptr<int>();
@@ -228,7 +214,7 @@ at::Tensor film_mean_cuda(const at::Tensor& feat_in, const at::Tensor& rowptr_in
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nino_fast, CUDA, m) {
-  m.impl("film_mean", &film_mean_cuda);
+  m.impl("film_mean", &film_mean_entry<film_mean_cuda>);
 }
 
 }  // namespace nino_fast::cuda

@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "utils/check.h"
+#include "utils/op_args.h"
 
 // WMMA with bf16 and tf32 needs sm_80+; older targets in TORCH_CUDA_ARCH_LIST get kernels that trap
 // (the host checks the device's compute capability first, with a clear error).
@@ -470,6 +471,64 @@ inline void check_arch(const char* op) {
              ": the CUDA kernels need compute capability >= 8.0 (tensor cores with bf16/tf32), "
              "got ",
              info.major, ".", info.minor);
+}
+
+// The leading arguments of every fused op, checked in one place: feat (its device and dtype pick
+// the kernel; the guard makes that device current for the call, so the struct is built in place)
+// and its sizes E, C.
+struct FeatInputs {
+  at::Tensor feat;
+  at::Device dev;
+  c10::cuda::CUDAGuard guard;
+  int64_t e, c;
+
+  FeatInputs(const char* op, const at::Tensor& feat_in)
+      : feat(features(op, feat_in)),
+        dev(feat.device()),
+        guard(dev),
+        e(feat.size(0)),
+        c(feat.size(1)) {
+    check_arch(op);
+  }
+};
+
+// ... and of the CSR ops (film_mean, edge_film_mean): the destination-sorted rowptr (N + 1,) and
+// src (E,) int32.
+struct CsrInputs : FeatInputs {
+  at::Tensor rowptr;
+  int64_t n = 0;
+  at::Tensor src;
+
+  CsrInputs(const char* op, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
+            const at::Tensor& src_in)
+      : FeatInputs(op, feat_in) {
+    check_cuda(op, "rowptr", rowptr_in, dev);
+    check_dim(op, "rowptr", rowptr_in, 1);
+    check_dtype(op, "rowptr", rowptr_in, at::kLong);
+    NINO_CHECK(rowptr_in.numel() >= 1, op, ": rowptr must have N+1 >= 1 entries, got 0");
+    rowptr = rowptr_in.contiguous();
+    n = rowptr.numel() - 1;
+    NINO_CHECK(n > 0 || e == 0, op, ": rowptr must start at 0 and end at E=", e,
+               ", got the 1-entry rowptr of an empty graph");
+    src = index32(op, "src", src_in, e, dev);
+  }
+};
+
+// A 2-D weight on the op's device; returns its row count (the layer's width).
+inline int64_t weight_rows(const char* op, const char* arg, const at::Tensor& w,
+                           const at::Device& dev) {
+  check_cuda(op, arg, w, dev);
+  check_dim(op, arg, w, 2);
+  return w.size(0);
+}
+
+// weight_a of edge_mlp / edge_film_mean: (D_h, C), C the feat columns; returns D_h.
+inline int64_t weight_a_rows(const char* op, const at::Tensor& w, int64_t c,
+                             const at::Device& dev) {
+  const int64_t rows = weight_rows(op, "weight_a", w, dev);
+  NINO_CHECK(w.size(1) == c, op, ": weight_a must be (D_h, C) with C=", c,
+             " (feat columns), got shape ", shape_str(w));
+  return rows;
 }
 
 // Node tables gathered per edge: all read as the feature dtype T when they all have it (and T is
