@@ -239,62 +239,15 @@ def _to(x, device, dtype=None):
 
 
 def run_op(op, inp, backend, dtype=None, use_table=True):
+    """``op`` on :func:`make_inputs` ``inp`` through :mod:`nino_fast.ops.dispatch` on ``backend``, as float64 on
+    the CPU. ``edge_mlp_plain``: edge_mlp without its optional inputs and SiLU."""
     dev = "cpu" if backend == "reference" else device_of(backend)
     a = {k: _to(v, dev, dtype) for k, v in inp.items()}
-    table2, table = (a["table2"], a["table"]) if use_table else (None, None)
-    etype = a["etype"] if use_table else None
-    if op == "film_mean":
-        out = dispatch.film_mean(
-            a["feat"],
-            a["rowptr"],
-            a["src"],
-            a["nd"],
-            a["ns"],
-            a["W2"],
-            a["b2"],
-            etype,
-            table2,
-            backend=backend,
-        )
-    elif op == "edge_mlp":
-        out = dispatch.edge_mlp(
-            a["feat"],
-            a["src"],
-            a["dst"],
-            a["Wa"],
-            a["ba"],
-            a["Wb"],
-            a["bb"],
-            etype,
-            table,
-            a["ns"],
-            a["nd"],
-            a["ns2"],
-            a["nd2"],
-            act_out=True,
-            backend=backend,
-        )
-    elif op == "edge_mlp_plain":
-        out = dispatch.edge_mlp(a["feat"], a["src"], a["dst"], a["Wa"], a["ba"], a["Wb"], a["bb"], backend=backend)
-    else:
-        out = dispatch.edge_film_mean(
-            a["feat"],
-            a["rowptr"],
-            a["src"],
-            a["Wa"],
-            a["ba"],
-            etype,
-            table,
-            a["ns"],
-            a["nd"],
-            a["md"],
-            a["ms"],
-            a["Wsc"],
-            a["bsc"],
-            a["Wsh"],
-            a["bsh"],
-            backend=backend,
-        )
+    a["T2"], a["Ta"] = a["table2"], a["table"]  # make_inputs' names of the type tables
+    plain = op == "edge_mlp_plain"
+    name = "edge_mlp" if plain else op
+    args = op_args(name, a, table=use_table and not plain, gathers=not plain, act_out=not plain)
+    out = getattr(dispatch, name)(*args, backend=backend)
     return out.double().cpu()
 
 
