@@ -3,11 +3,14 @@
 // op is nino_fast/ops/reference.py, whose signatures equal these schemas (tests/test_opcheck.py).
 // nino_fast/ops/library.py adds, under the same names, the fake (shape) functions, the autograd
 // formulas and the backend switch (reference / compiled kernel / Triton) in front of these kernels.
+// Below a schema, a fused op's arguments travel as one struct per op family (csrc/utils/op_args.h):
+// the CPU and CUDA kernels register through its entry adapters and take the struct.
 //
-// Adding an op: its schema here and its specification in reference.py; a
-// TORCH_LIBRARY_IMPL(nino_fast, CPU, m) in csrc/cpu/<op>_kernel.cpp (and CUDA in
-// csrc/cuda/<op>_kernel.cu); its fake and backward in nino_fast/ops/library.py; a test against the
-// reference. setup.py and CMakeLists.txt pick new files up by glob.
+// Adding an op: its schema here (a fused op: its argument list in csrc/utils/op_args.h too) and its
+// specification in reference.py; a TORCH_LIBRARY_IMPL(nino_fast, CPU, m) in
+// csrc/cpu/<op>_kernel.cpp (and CUDA in csrc/cuda/<op>_kernel.cu); its fake and backward in
+// nino_fast/ops/library.py; a test against the reference. setup.py and CMakeLists.txt pick new
+// files up by glob.
 #include <torch/library.h>
 
 #include <string>
