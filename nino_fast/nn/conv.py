@@ -76,7 +76,7 @@ class EdgeFiLMConv(nn.Module):
         _check(op, x, self.in_channels, edge_attr, self.edge_dim, _num_edges(edge_index))
         g = _graph(op, x, edge_index)
         node_dst, node_src = self.node_terms(x)
-        feat = edge_attr.index_select(0, g.perm)
+        feat = g.to_csr_order(edge_attr)
         return dispatch.film_mean(feat, g.rowptr, g.src, node_dst, node_src, self.lin_edge.weight, self.lin_edge.bias)
 
     def extra_repr(self) -> str:
@@ -119,10 +119,10 @@ class EdgeUpdate(nn.Module):
         if isinstance(edge_index, CSRGraph):  # per edge, no reduction: run in CSR order, then back
             g = edge_index
             out = dispatch.edge_mlp(
-                edge_attr.index_select(0, g.perm), g.src, g.dst, self.lin_edge.weight, bias, w, b,
+                g.to_csr_order(edge_attr), g.src, g.dst, self.lin_edge.weight, bias, w, b,
                 node_src=node_src, node_dst=node_dst,
             )  # fmt: skip
-            return out.index_select(0, g.inv_perm)
+            return g.to_edge_order(out)
         g = _graph(op, x, edge_index)  # validated and cached; the int32 indices in the caller's order:
         src, dst = g.src.index_select(0, g.inv_perm), g.dst.index_select(0, g.inv_perm)
         return dispatch.edge_mlp(
@@ -170,7 +170,7 @@ class EdgeUpdateFiLMConv(nn.Module):
         w_enc, b_enc = conv.lin_edge.weight, conv.lin_edge.bias
         w_fold = w_enc @ up.lin_out.weight  # (2D, hidden): lin_edge(lin_out(h)) = w_fold h + b_fold
         b_fold = torch.addmv(b_enc, w_enc, up.lin_out.bias)
-        feat = edge_attr.index_select(0, g.perm)
+        feat = g.to_csr_order(edge_attr)
         return dispatch.edge_film_mean(
             feat, g.rowptr, g.src, up.lin_edge.weight, bias, None, None, node_src, node_dst, msg_dst, msg_src,
             w_fold[:d], b_fold[:d], w_fold[d:], b_fold[d:],

@@ -19,6 +19,23 @@ import torch
 __all__ = ["CSRGraph", "csr_of"]
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` with inverse ``inv``: backward is ``grad[inv]``."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
 @dataclass(frozen=True)
 class CSRGraph:
     """A graph of N nodes and E edges in destination-sorted CSR.
@@ -33,6 +50,15 @@ class CSRGraph:
     dst: torch.Tensor
     perm: torch.Tensor
     inv_perm: torch.Tensor
+
+    def to_csr_order(self, edge_attr: torch.Tensor) -> torch.Tensor:
+        """``edge_attr`` (E, ...) in the caller's edge order -> CSR order. Its gradient is a gather by the
+        inverse permutation, not index_select's zero-filled scatter-add (the permutation is one-to-one)."""
+        return _PermuteRows.apply(edge_attr, self.perm, self.inv_perm)
+
+    def to_edge_order(self, per_edge: torch.Tensor) -> torch.Tensor:
+        """A per-edge result in CSR order -> the caller's edge order (the inverse of :meth:`to_csr_order`)."""
+        return _PermuteRows.apply(per_edge, self.inv_perm, self.perm)
 
     @property
     def num_nodes(self) -> int:
