@@ -20,7 +20,6 @@ __all__ = [
     "OPS",
     "check",
     "make_inputs",
-    "random_graph",
     "run_op",
     "assert_close_scaled",
     "device_of",
@@ -63,14 +62,17 @@ def device_of(backend: str) -> str:
     return "cuda" if backend in ("cuda", "triton") else "cpu"
 
 
-def random_csr(n_nodes: int, n_edges: int, hub: int = 0, gen: torch.Generator | None = None):
+def random_csr(
+    n_nodes: int, n_edges: int, hub: int = 0, gen: torch.Generator | None = None, hub_node: int | None = None
+):
     """Random destination-sorted CSR: ``n_edges`` edges between random nodes plus ``hub`` edges into node
-    ``n_nodes // 2`` (a huge-degree row); some rows stay empty. Returns ``(rowptr int64 (N+1,), src int32 (E,),
-    dst int32 (E,))``."""
+    ``hub_node`` (default ``n_nodes // 2``: a huge-degree row); some rows stay empty. Returns ``(rowptr int64
+    (N+1,), src int32 (E,), dst int32 (E,))``."""
     if n_nodes == 0:
         empty = torch.zeros(0, dtype=torch.int32)
         return torch.zeros(1, dtype=torch.int64), empty, empty
-    dst = torch.cat((torch.randint(0, n_nodes, (n_edges,), generator=gen), torch.full((hub,), n_nodes // 2)))
+    hub_row = n_nodes // 2 if hub_node is None else hub_node
+    dst = torch.cat((torch.randint(0, n_nodes, (n_edges,), generator=gen), torch.full((hub,), hub_row)))
     dst = dst.sort().values
     src = torch.randint(0, n_nodes, (dst.numel(),), generator=gen).to(torch.int32)
     rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
@@ -178,23 +180,9 @@ CASES = [
 
 
 # ---------------------------------------------------------------- the kernel suites' inputs and runner
-def random_graph(n_nodes, n_edges, heavy_degree=0, gen=None):
-    """Random destination-sorted CSR; node 0 gets ``heavy_degree`` extra in-edges; some nodes have none."""
-    dst = torch.randint(0, max(n_nodes, 1), (n_edges,), generator=gen)
-    if heavy_degree:
-        dst = torch.cat((dst, torch.zeros(heavy_degree, dtype=torch.long)))
-    dst = dst.sort().values if n_nodes else dst[:0]
-    e = dst.numel()
-    src = torch.randint(0, max(n_nodes, 1), (e,), generator=gen).to(torch.int32)
-    rowptr = torch.zeros(n_nodes + 1, dtype=torch.int64)
-    if n_nodes:
-        rowptr[1:] = torch.bincount(dst, minlength=n_nodes).cumsum(0)
-    return rowptr, src, dst.to(torch.int32)
-
-
 def make_inputs(n_nodes, n_edges, c, d, d_out=None, n_types=15, heavy=0, seed=0, dtype=torch.float32, noncontig=False):
     gen = torch.Generator().manual_seed(seed)
-    rowptr, src, dst = random_graph(n_nodes, n_edges, heavy, gen)
+    rowptr, src, dst = random_csr(n_nodes, n_edges, heavy, gen, hub_node=0)
     e = rowptr[-1].item()
 
     def r(*shape):

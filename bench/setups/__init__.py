@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nino_fast.testing import random_csr
+
 DEGREE = 100  # average in-degree of the random graphs (N = E / 100)
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 # max |got - reference| / max |reference| allowed before timing (reference in float64)
@@ -77,15 +79,12 @@ def graph(case: Case, shuffled: bool = False) -> Graph:
     order (what a layer receives), else sorted by destination."""
     gen = torch.Generator().manual_seed(case.seed)
     n = case.nodes
-    dst = torch.randint(0, n, (case.edges,), generator=gen).sort().values
-    src = torch.randint(0, n, (case.edges,), generator=gen)
-    rowptr = torch.zeros(n + 1, dtype=torch.int64)
-    rowptr[1:] = torch.bincount(dst, minlength=n).cumsum(0)
-    edge_index = torch.stack((src, dst))
+    rowptr, src, dst = random_csr(n, case.edges, gen=gen)
+    edge_index = torch.stack((src.long(), dst.long()))
     if shuffled:
         edge_index = edge_index[:, torch.randperm(case.edges, generator=gen)]
     dev = case.device
-    return Graph(rowptr.to(dev), src.to(torch.int32).to(dev), dst.to(torch.int32).to(dev), edge_index.to(dev), n)
+    return Graph(rowptr.to(dev), src.to(dev), dst.to(dev), edge_index.to(dev), n)
 
 
 def randn(case: Case, *shape: int, salt: int = 1, scale: float = 1.0) -> torch.Tensor:
