@@ -26,6 +26,7 @@ __all__ = [
     "grad_names",
     "op_args",
     "random_csr",
+    "tiny_transformer",
     "random_inputs",
     "tolerance",
 ]
@@ -177,6 +178,26 @@ CASES = [
     ("edge_film_mean", dict(table=True)),
     ("edge_film_mean", dict(table=False)),
 ]
+
+
+def tiny_transformer(arch: str) -> torch.nn.Module:
+    """A tiny transformers model from torch's current random state: ``'gpt2'`` (width 32, 2 layers, 4 heads) or
+    ``'llama'`` (the same with 2 key/value heads: grouped-query attention); vocabulary 50."""
+    import transformers as tf
+
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16))
+    if arch != "llama":
+        raise ValueError(f"tiny_transformer: arch must be 'gpt2' or 'llama', got {arch!r}")
+    cfg = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+    )
+    return tf.LlamaForCausalLM(cfg)
 
 
 # ---------------------------------------------------------------- the kernel suites' inputs and runner

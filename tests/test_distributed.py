@@ -22,6 +22,7 @@ from nino_fast._env import torch_threads
 from nino_fast.distributed import build_graph_shard, nowcast_sharded, param_shard, shard_bounds, shard_graph
 from nino_fast.graph import assemble
 from nino_fast.scaling import scale_stats_of_columns
+from nino_fast.testing import tiny_transformer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from golden import CASES, ckpt, load  # noqa: E402
@@ -81,23 +82,12 @@ def _inputs(case: str, method: str | None):
 def _hf(case: str):
     """(named shapes, graph kwargs, (ctx, n_params) snapshot buffer, k) of a tiny transformers model: its parameters
     plus a random walk, stored the way the wrapper stores snapshots (row-major per snapshot)."""
-    import transformers as tf
-
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if case == "hf-gpt2":
-            cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
-            model, kwargs = tf.GPT2LMHeadModel(cfg), dict(arch="gpt2", num_heads=4)
+            model, kwargs = tiny_transformer("gpt2"), dict(arch="gpt2", num_heads=4)
         else:
-            cfg = tf.LlamaConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=50,
-            )
-            model, kwargs = tf.LlamaForCausalLM(cfg), dict(arch="llama", num_heads=4, num_key_value_heads=2)
+            model, kwargs = tiny_transformer("llama"), dict(arch="llama", num_heads=4, num_key_value_heads=2)
         named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         walk = (1e-3 * torch.randn(5, flat.numel())).cumsum(0)

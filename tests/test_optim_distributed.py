@@ -19,6 +19,7 @@ from torch import nn
 
 from nino_fast import plan
 from nino_fast.optim import NiNo
+from nino_fast.testing import tiny_transformer
 
 from golden import ckpt
 
@@ -214,20 +215,8 @@ def test_dead_rank_fails_the_step_on_the_others_without_hanging(tmp_path):
 # ---- transformers models: GPT-2 and Llama ------------------------------------------------------------------------
 def _transformer(arch: str) -> nn.Module:
     """A tiny GPT-2 or Llama (grouped-query attention), the same on every rank."""
-    import transformers as tf
-
     torch.manual_seed(0)
-    if arch == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16))
-    cfg = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-    )
-    return tf.LlamaForCausalLM(cfg)
+    return tiny_transformer(arch)
 
 
 def _lm_steps(opt, ddp, tokens) -> None:
