@@ -602,15 +602,16 @@ class NiNo(torch.optim.Optimizer):
     def _write(self, pred: torch.Tensor) -> float:
         """Write the prediction into the parameters, in place (keeps dtype, device and storage); parameters frozen
         since the window began are left alone. Returns the L2 norm of the change."""
-        sq, off = 0.0, 0
+        sq, off = torch.zeros((), dtype=torch.float64, device=self._params[0].device), 0
         for p in self._params:
             n = p.numel()
             if p.requires_grad:
-                new = pred[off : off + n].view_as(p)
-                sq += float((new.to(p.device, torch.float64) - p.detach().double()).square().sum())
+                new = pred[off : off + n].view_as(p).to(p.device)
+                # summed in float64 on the parameter's device; one host sync for the whole step, not one per tensor
+                sq += torch.linalg.vector_norm(new - p.detach(), dtype=torch.float64).square().to(sq.device)
                 p.data.copy_(new)
             off += n
-        return math.sqrt(sq)
+        return math.sqrt(float(sq))
 
     # ---- checkpointing -------------------------------------------------------------------------------------
     def nino_state_dict(self) -> dict:
