@@ -158,9 +158,9 @@ at::Tensor film_mean_cuda(const FilmMeanArgs& a) {
   check_widths(op, "C (feat columns)", c);
   NINO_CHECK(n < INT32_MAX, op, ": the CUDA kernel supports N < 2^31 nodes, got ", n);
   auto types = type_table(op, a.etype, a.type_table, e, 2 * d, dev);
-  auto nodes = node_tables(op, feat.scalar_type(),
-                           {{"node_dst", &a.node_dst, d, n}, {"node_src", &a.node_src, d, -1}},
-                           dev);
+  auto nodes =
+      node_tables(op, feat.scalar_type(),
+                  {{"node_dst", &a.node_dst, d, n}, {"node_src", &a.node_src, d, -1}}, dev);
   auto out = at::empty({n, d}, feat.options().dtype(at::kFloat));
   if (n == 0 || d == 0) return out;
   if (e == 0) return out.zero_();

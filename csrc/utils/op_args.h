@@ -25,28 +25,30 @@ using OptTensor = std::optional<at::Tensor>;
 // so that comma-separated expansions (parameters, initializers) need no trailing-comma tricks.
 #define NINO_FILM_MEAN_ARGS(FIRST, NEXT)                                                           \
   FIRST(const at::Tensor&, feat)                                                                   \
-  NEXT(const at::Tensor&, rowptr) NEXT(const at::Tensor&, src) NEXT(const at::Tensor&, node_dst) \
-  NEXT(const at::Tensor&, node_src) NEXT(const at::Tensor&, weight) NEXT(const at::Tensor&, bias) \
-  NEXT(const OptTensor&, etype) NEXT(const OptTensor&, type_table)
+  NEXT(const at::Tensor&, rowptr)                                                                  \
+  NEXT(const at::Tensor&, src) NEXT(const at::Tensor&, node_dst) NEXT(const at::Tensor&, node_src) \
+      NEXT(const at::Tensor&, weight) NEXT(const at::Tensor&, bias) NEXT(const OptTensor&, etype)  \
+          NEXT(const OptTensor&, type_table)
 
-#define NINO_EDGE_MLP_ARGS(FIRST, NEXT)                                                           \
-  FIRST(const at::Tensor&, feat)                                                                  \
-  NEXT(const at::Tensor&, src) NEXT(const at::Tensor&, dst) NEXT(const at::Tensor&, weight_a)     \
-  NEXT(const at::Tensor&, bias_a) NEXT(const at::Tensor&, weight_b)                              \
-  NEXT(const at::Tensor&, bias_b)                                                                 \
-  NEXT(const OptTensor&, etype) NEXT(const OptTensor&, type_table)                                \
-  NEXT(const OptTensor&, node_src) NEXT(const OptTensor&, node_dst)                               \
-  NEXT(const OptTensor&, node_src2) NEXT(const OptTensor&, node_dst2) NEXT(bool, act_out)
+#define NINO_EDGE_MLP_ARGS(FIRST, NEXT)                                                          \
+  FIRST(const at::Tensor&, feat)                                                                 \
+  NEXT(const at::Tensor&, src)                                                                   \
+  NEXT(const at::Tensor&, dst) NEXT(const at::Tensor&, weight_a) NEXT(const at::Tensor&, bias_a) \
+      NEXT(const at::Tensor&, weight_b) NEXT(const at::Tensor&, bias_b)                          \
+          NEXT(const OptTensor&, etype) NEXT(const OptTensor&, type_table)                       \
+              NEXT(const OptTensor&, node_src) NEXT(const OptTensor&, node_dst)                  \
+                  NEXT(const OptTensor&, node_src2) NEXT(const OptTensor&, node_dst2)            \
+                      NEXT(bool, act_out)
 
-#define NINO_EDGE_FILM_MEAN_ARGS(FIRST, NEXT)                                                      \
-  FIRST(const at::Tensor&, feat)                                                                   \
-  NEXT(const at::Tensor&, rowptr) NEXT(const at::Tensor&, src) NEXT(const at::Tensor&, weight_a) \
-  NEXT(const at::Tensor&, bias_a) NEXT(const OptTensor&, etype)                                  \
-  NEXT(const OptTensor&, type_table) NEXT(const at::Tensor&, node_src)                           \
-  NEXT(const at::Tensor&, node_dst) NEXT(const at::Tensor&, msg_dst)                             \
-  NEXT(const at::Tensor&, msg_src) NEXT(const at::Tensor&, weight_scale)                         \
-  NEXT(const at::Tensor&, bias_scale) NEXT(const at::Tensor&, weight_shift)                      \
-  NEXT(const at::Tensor&, bias_shift)
+#define NINO_EDGE_FILM_MEAN_ARGS(FIRST, NEXT)                                                    \
+  FIRST(const at::Tensor&, feat)                                                                 \
+  NEXT(const at::Tensor&, rowptr)                                                                \
+  NEXT(const at::Tensor&, src) NEXT(const at::Tensor&, weight_a) NEXT(const at::Tensor&, bias_a) \
+      NEXT(const OptTensor&, etype) NEXT(const OptTensor&, type_table)                           \
+          NEXT(const at::Tensor&, node_src) NEXT(const at::Tensor&, node_dst)                    \
+              NEXT(const at::Tensor&, msg_dst) NEXT(const at::Tensor&, msg_src)                  \
+                  NEXT(const at::Tensor&, weight_scale) NEXT(const at::Tensor&, bias_scale)      \
+                      NEXT(const at::Tensor&, weight_shift) NEXT(const at::Tensor&, bias_shift)
 
 #define NINO_ARG_MEMBER(type, name) type name;
 #define NINO_ARG_PARAM(type, name) type name
@@ -71,8 +73,8 @@ using OptTensor = std::optional<at::Tensor>;
   template <std::vector<at::Tensor> (*Impl)(const Family##BackwardArgs&)>                      \
   std::vector<at::Tensor> family##_backward_entry(                                             \
       const at::Tensor& grad_out, LIST(NINO_ARG_PARAM, NINO_ARG_PARAM_NEXT), bool need_feat) { \
-    return Impl(Family##BackwardArgs{grad_out, {LIST(NINO_ARG_NAME, NINO_ARG_NAME_NEXT)},      \
-                                     need_feat});                                              \
+    return Impl(                                                                               \
+        Family##BackwardArgs{grad_out, {LIST(NINO_ARG_NAME, NINO_ARG_NAME_NEXT)}, need_feat}); \
   }
 
 NINO_OP_FAMILY(FilmMean, film_mean, NINO_FILM_MEAN_ARGS)
