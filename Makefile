@@ -98,14 +98,14 @@ bench-quick: $(EXT_STAMP) $(BENCH_STAMP)
 	$(PY) -m bench --quick $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(PIP) install -q ruff
+	$(PIP) install -q ruff clang-format
 	$(VENV)/bin/ruff check $(PY_SRC)
 	$(VENV)/bin/ruff format --check $(PY_SRC)
 	@if [ -n "$(CLANG_FORMAT)" ]; then $(CLANG_FORMAT) --dry-run --Werror $(CLANG_SRC); \
 	else echo "lint: clang-format not found (pip install clang-format), C++ not checked"; fi
 
 format: $(STAMP)
-	$(PIP) install -q ruff
+	$(PIP) install -q ruff clang-format
 	$(VENV)/bin/ruff check --fix $(PY_SRC)
 	$(VENV)/bin/ruff format $(PY_SRC)
 	@if [ -n "$(CLANG_FORMAT)" ]; then $(CLANG_FORMAT) -i $(CLANG_SRC); fi

@@ -21,6 +21,8 @@ namespace nino_fast {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// The macro lists are laid out by hand: clang-format does not settle on one layout for them.
+// clang-format off
 // The argument lists: FIRST(type, name) for the first argument, NEXT(type, name) for the others,
 // so that comma-separated expansions (parameters, initializers) need no trailing-comma tricks.
 #define NINO_FILM_MEAN_ARGS(FIRST, NEXT)                                                           \
@@ -82,3 +84,4 @@ NINO_OP_FAMILY(EdgeMlp, edge_mlp, NINO_EDGE_MLP_ARGS)
 NINO_OP_FAMILY(EdgeFilmMean, edge_film_mean, NINO_EDGE_FILM_MEAN_ARGS)
 
 }  // namespace nino_fast
+// clang-format on
