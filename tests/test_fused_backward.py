@@ -26,7 +26,8 @@ pytestmark = needs_ext
 KERNEL = {op: f"{op}_backward" for op in ("film_mean", "edge_mlp", "edge_film_mean")}
 
 # name: (nodes, edges, hub edges into one row, c, d, d_out): hub rows span several of the kernels' row tasks
-# (4096 edges) and weight-gradient chunks (1536 edges, more when there would be over 256 chunks)
+# (4096 edges) and weight-gradient chunks (1536 edges, more when there would be over 256 chunks); "many chunks"
+# also spans several waves (65536 edges: the per-edge rows kept for the node gradients' scatter)
 GRAPHS = {
     "no edges": (5, 0, 0, 3, 16, 16),
     "one edge": (1, 1, 0, 3, 4, 5),
@@ -93,10 +94,11 @@ def test_feat_gradient_only_when_needed(op, opts):
 
 
 @pytest.mark.parametrize("op, opts", CASES)
-def test_deterministic_across_threads(op, opts):
+@pytest.mark.parametrize("shape", ["hub row", "many chunks"])
+def test_deterministic_across_threads(op, opts, shape):
     """Bitwise the same gradients with 1 and 2 threads and on a repeated call (no atomics, fixed reduction
     order)."""
-    x = graph(*GRAPHS["hub row"])
+    x = graph(*GRAPHS[shape])
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 // edge_film_mean_backward): SiLU's derivative, weight gradients as register-blocked outer products
 // over a tile of edges, deterministic per-chunk partial sums, the row-task tile loop and the FiLM
 // ops' row-level terms (MeanGrad), and a column-parallel scatter of per-edge rows into node / type
-// tables.
+// tables, run after each wave of work units on that wave's rows (run_waves, WaveRows).
 //
 // Determinism: every reduction over edges runs in a fixed order that depends on the edge count
 // only, never on the thread count or on which thread ran what. Weight gradients: each chunk of
@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu/fused_common.h"
@@ -244,24 +245,80 @@ struct ScatterTarget {
   int64_t row(int64_t e) const { return idx32 ? int64_t(idx32[e]) : idx64[e]; }
 };
 
-// For every target: out[idx[e]][:] += v[e][:] for e = 0..E-1 in order (v: E x d, leading dimension
-// ldv). Parallel over 16-column blocks, each owned by one thread: deterministic, no atomics.
-inline void scatter_rows(const float* v, int64_t e_total, int64_t d, int64_t ldv,
+// For every target: out[idx[e]][:] += v[e][:] for e = e0..e1-1 in order (v: the rows of edges
+// e0..e1-1, leading dimension ldv). Parallel over 16-column blocks, each thread owning a contiguous
+// range of them and visiting the edges in order (all its blocks of edge e, then e + 1: contiguous
+// reads and writes): deterministic, no atomics. Calls over consecutive edge ranges, in order, give
+// the bits of one call over all edges.
+inline void scatter_rows(const float* v, int64_t e0, int64_t e1, int64_t d, int64_t ldv,
                          const std::vector<ScatterTarget>& targets) {
-  if (targets.empty() || e_total == 0) return;
+  if (targets.empty() || e1 <= e0) return;
   const int64_t blocks = padded(d) / kPanel;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t col0 = b * kPanel, valid = d - col0;
-      for (int64_t e = 0; e < e_total; ++e) {
-        const V16 x = load16(v + e * ldv + col0, valid);
-        for (const auto& t : targets) {
-          float* o = t.out + t.row(e) * d + col0;
-          store16(o, valid, vadd(load16(o, valid), x));
+    for (int64_t e = e0; e < e1; ++e) {
+      const float* ve = v + (e - e0) * ldv;
+      for (const auto& t : targets) {
+        float* o = t.out + t.row(e) * d;
+        for (int64_t col0 = b0 * kPanel; col0 < std::min(d, b1 * kPanel); col0 += kPanel) {
+          const int64_t valid = d - col0;
+          store16(o + col0, valid, vadd(load16(o + col0, valid), load16(ve + col0, valid)));
         }
       }
     }
   });
+}
+
+// Edges per wave: the backward kernels keep the per-edge rows their node / type gradients need for
+// one wave of work units at a time, then scatter them (WaveRows). A buffer of the whole E x D
+// would cost a page fault per 4 KB on first touch, its release, and a round trip through DRAM;
+// a wave's rows are reused (touched once per call) and still in the caches when scattered. Large
+// enough that the wave's units keep both threads busy until its end (~16 row tasks).
+constexpr int64_t kWaveEdges = int64_t(1) << 16;
+
+// The per-edge rows (width d) of the current wave of edges [e0, e1), and where they are scattered.
+struct WaveRows {
+  int64_t d = 0, e0 = 0, e1 = 0;
+  std::vector<ScatterTarget> targets;
+  std::vector<float> data;
+
+  WaveRows(int64_t d_, std::vector<ScatterTarget> targets_) : d(d_), targets(std::move(targets_)) {}
+  void start(int64_t first, int64_t end) {
+    e0 = first, e1 = end;
+    if (!targets.empty() && int64_t(data.size()) < (end - first) * d)
+      data.resize((end - first) * d);
+  }
+  float* row(int64_t e) { return data.data() + (e - e0) * d; }
+  // rows i < m of a tile (leading dimension ldt) as the rows of edges t0..t0+m-1 (kept only when
+  // they have somewhere to go)
+  void put(const float* tile, int64_t ldt, int64_t t0, int64_t m) {
+    if (targets.empty()) return;
+    for (int64_t i = 0; i < m; ++i) std::copy(tile + i * ldt, tile + i * ldt + d, row(t0 + i));
+  }
+  void scatter() const { scatter_rows(data.data(), e0, e1, d, d, targets); }
+};
+
+// Work units 0..n-1 over consecutive edge ranges (unit u: edges [lo(u), lo(u + 1))) run as
+// run_dynamic does, in waves of consecutive units spanning at most kWaveEdges edges (at least one
+// unit). Per wave: each WaveRows of `rows` starts the wave's edges, worker(claim) runs on each
+// thread (claim() returns the wave's units, then -1), and the rows are scattered. The units and
+// their results are those of one run_dynamic over all units; the scatters', those of one
+// scatter_rows over all edges.
+template <class Lo, class Worker>
+inline void run_waves(int64_t n, Lo lo, const std::vector<WaveRows*>& rows, Worker&& worker) {
+  for (int64_t u0 = 0; u0 < n;) {
+    int64_t u1 = u0 + 1;
+    while (u1 < n && lo(u1 + 1) - lo(u0) <= kWaveEdges) ++u1;
+    for (WaveRows* r : rows) r->start(lo(u0), lo(u1));
+    run_dynamic(u1 - u0, [&](auto claim) {
+      auto claim_in_wave = [&]() -> int64_t {
+        const int64_t u = claim();
+        return u < 0 ? u : u0 + u;
+      };
+      worker(claim_in_wave);
+    });
+    for (const WaveRows* r : rows) r->scatter();
+    u0 = u1;
+  }
 }
 
 }  // namespace nino_fast::cpu

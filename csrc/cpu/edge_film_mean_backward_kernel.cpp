@@ -58,11 +58,13 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   const int64_t n_tasks = int64_t(tasks.size()) - 1;
   enum { kWa, kWsc, kBa, kBsc };
   ChunkPartials parts({dh * npc, d * nph, dh, d}, std::max<int64_t>(n_tasks, 1));
-  auto da_all = at::empty({e_total, dh}, opt), gsc_all = at::empty({e_total, d}, opt);
+  const int32_t* s = in.src.data_ptr<int32_t>();
+  std::vector<ScatterTarget> to_da{{d_ns.data_ptr<float>(), s, nullptr}};
+  if (has_tab) to_da.push_back({d_tab.data_ptr<float>(), nullptr, stage.et()});
+  WaveRows da(dh, to_da), gsc(d, {{d_ms.data_ptr<float>(), s, nullptr}});  // da, gm * sc
 
   if (e_total > 0) {
     const float* x = in.feat.data_ptr<float>();
-    const int32_t* s = in.src.data_ptr<int32_t>();
     const float *pns = in.ns.data_ptr<float>(), *pnd = in.nd.data_ptr<float>();
     const float *pmd = in.md.data_ptr<float>(), *pms = in.ms.data_ptr<float>();
     const std::vector<float> bscp = padded_copy(in.bsc);
@@ -72,14 +74,15 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
     const auto wa_t = need_feat ? b.fwd.weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
     const PackedB wat_p = need_feat ? PackedB(wa_t.data_ptr<float>(), c, dh) : PackedB();
     float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
-    float *pda = da_all.data_ptr<float>(), *pgsc = gsc_all.data_ptr<float>();
+    auto task_lo = [&](int64_t u) { return rp[tasks[u]]; };
 
-    run_dynamic(n_tasks, [&](auto claim) {
+    run_waves(n_tasks, task_lo, {&da, &gsc}, [&](auto claim) {
       std::vector<float> atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
       std::vector<float> gh(kTile * nph), gv(kTile * np), dsct(kTile * np), gsct(kTile * np);
       int64_t dsti[kTile];
+      NextTilePrefetch pf;
       AffineEp first(stage, false);
-      first.out = atile.data(), first.ldo = nph;
+      first.out = atile.data(), first.ldo = nph, first.pf = &pf;
       int64_t t0 = 0;
       auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
         const int64_t r = dsti[i];
@@ -102,9 +105,13 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
       for (int64_t task; (task = claim()) >= 0;) {
         float *p_wa = parts.at(task, kWa), *p_wsc = parts.at(task, kWsc);
         float *p_ba = parts.at(task, kBa), *p_bsc = parts.at(task, kBsc);
+        const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
           t0 = t;
           first.e0 = t0;
+          pf.reset(std::min(kTile, end - (t0 + m)));  // the task's next tile
+          pf.add(x + (t0 + m) * c, nullptr, c), pf.add(pns, s + t0 + m, dh);
+          pf.add(pms, s + t0 + m, d);
           gather_add(pns, s + t0, pnd, dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
           gather_add(pmd, dsti, pms, s + t0, m, d, gv.data(), np);
           gemm_ep(x + t0 * c, c, m, stage.w, first);  // a
@@ -117,21 +124,15 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
           gemm_ep(htile.data(), nph, m, wsc_p, ep_sc);
           outer_acc(dsct.data(), np, d, htile.data(), nph, dh, m, p_wsc, nph);
           colsum_acc(dsct.data(), np, d, m, p_bsc);
-          for (int64_t i = 0; i < m; ++i)
-            std::copy(&gsct[i * np], &gsct[i * np] + d, pgsc + (t0 + i) * d);
+          gsc.put(gsct.data(), np, t0, m);
           gemm_ep(dsct.data(), np, m, wsc_tp, ep_a);  // da
           outer_acc(datile.data(), nph, dh, x + t0 * c, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
-          for (int64_t i = 0; i < m; ++i)
-            std::copy(&datile[i * nph], &datile[i * nph] + dh, pda + (t0 + i) * dh);
+          da.put(datile.data(), nph, t0, m);
           if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
         });
       }
     });
-    std::vector<ScatterTarget> ta{{d_ns.data_ptr<float>(), s, nullptr}};
-    if (has_tab) ta.push_back({d_tab.data_ptr<float>(), nullptr, stage.et()});
-    scatter_rows(pda, e_total, dh, dh, ta);
-    scatter_rows(pgsc, e_total, d, d, {{d_ms.data_ptr<float>(), s, nullptr}});
   }
   // row-level gradients
   mg.times_scale_mean(scsum.data(), d_md.data_ptr<float>());

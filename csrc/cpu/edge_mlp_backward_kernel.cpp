@@ -7,11 +7,11 @@
 //   da = (gz W_b) * silu'(a)                                             (GEMM 3)
 //   dW_a += da^T e,  db_a += sum da,  d feat = da W_a                    (outer products, GEMM 4)
 //
-// No (E, D) intermediate is written except the per-edge rows that the node / type gradients need
-// (da when table or node_src/node_dst are given, gz when node_src2/node_dst2 are), which a second,
-// column-parallel pass scatters (backward_common.h: deterministic, no atomics). Weight gradients
-// are summed per chunk of tiles and the chunks in order, so the results do not depend on the thread
-// count.
+// No (E, D) intermediate is written: the per-edge rows that the node / type gradients need (da
+// when table or node_src/node_dst are given, gz when node_src2/node_dst2 are) are kept for one
+// wave of ~64K edges and scattered by a column-parallel pass after it (backward_common.h:
+// run_waves; deterministic, no atomics). Weight gradients are summed per chunk of tiles and the
+// chunks in order, so the results do not depend on the thread count.
 #include <torch/library.h>
 
 #include <vector>
@@ -47,15 +47,24 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
   const int64_t n_chunks = (n_tiles + per_chunk - 1) / per_chunk;
   enum { kWa, kWb, kBa, kBb };
   ChunkPartials parts({dh * npc, dout * nph, dh, dout}, std::max<int64_t>(n_chunks, 1));
-  // per-edge rows kept for the scatter pass
-  const bool keep_da = has_tab || has_ns, keep_gz = has_ns2 && act_out;
-  auto da_all = keep_da ? at::empty({e_total, dh}, opt) : at::Tensor();
-  auto gz_all = keep_gz ? at::empty({e_total, dout}, opt) : at::Tensor();
+  // per-edge rows kept for the scatter passes: da (table, node_src / node_dst) and gz (node_src2 /
+  // node_dst2; grad_out itself without act_out)
+  const int32_t *s = in.src.data_ptr<int32_t>(), *t = in.dst.data_ptr<int32_t>();
+  std::vector<ScatterTarget> to_da, to_gz;
+  if (has_tab) to_da.push_back({d_tab.data_ptr<float>(), nullptr, stage.et()});
+  if (has_ns) {
+    to_da.push_back({d_ns.data_ptr<float>(), s, nullptr});
+    to_da.push_back({d_nd.data_ptr<float>(), t, nullptr});
+  }
+  if (has_ns2) {
+    to_gz.push_back({d_ns2.data_ptr<float>(), s, nullptr});
+    to_gz.push_back({d_nd2.data_ptr<float>(), t, nullptr});
+  }
+  WaveRows da(dh, to_da), gz_rows(dout, act_out ? to_gz : std::vector<ScatterTarget>());
 
   if (e_total > 0) {
     const float* x = in.feat.data_ptr<float>();
     const float* g = gout.data_ptr<float>();
-    const int32_t *s = in.src.data_ptr<int32_t>(), *t = in.dst.data_ptr<int32_t>();
     const float *pns = in.ptr(in.ns), *pnd = in.ptr(in.nd);
     const float *pns2 = in.ptr(in.ns2), *pnd2 = in.ptr(in.nd2);
     const std::vector<float> bbp = padded_copy(in.bb);
@@ -65,15 +74,15 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
     const auto wa_t = need_feat ? b.fwd.weight_a.to(at::kFloat).t().contiguous() : at::Tensor();
     const PackedB wat_p = need_feat ? PackedB(wa_t.data_ptr<float>(), c, dh) : PackedB();
     float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
-    float* pda = keep_da ? da_all.data_ptr<float>() : nullptr;
-    float* pgz = keep_gz ? gz_all.data_ptr<float>() : nullptr;
+    auto chunk_lo = [&](int64_t u) { return std::min(e_total, u * per_chunk * kTile); };
 
-    run_dynamic(n_chunks, [&](auto claim) {
+    run_waves(n_chunks, chunk_lo, {&da, &gz_rows}, [&](auto claim) {
       std::vector<float> atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
       std::vector<float> gtile(has_ns ? kTile * nph : 0), g2tile(has_ns2 ? kTile * npo : 0);
       std::vector<float> gztile(act_out ? kTile * npo : 0);
+      NextTilePrefetch pf;
       AffineEp first(stage, false);
-      first.out = atile.data(), first.ldo = nph;
+      first.out = atile.data(), first.ldo = nph, first.pf = &pf;
       int64_t e0 = 0;
       const float* gz = nullptr;  // this tile's gz rows
       int64_t ldg = 0;
@@ -98,6 +107,9 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
           e0 = tile * kTile;
           const int64_t m = std::min(kTile, e_total - e0);
           first.e0 = e0;
+          pf.reset(tile + 1 < t_end ? std::min(kTile, e_total - (e0 + m)) : 0);  // the chunk's next
+          pf.add(x + (e0 + m) * c, nullptr, c);
+          if (pns) pf.add(pns, s + e0 + m, dh), pf.add(pnd, t + e0 + m, dh);
           if (pns)
             gather_add(pns, s + e0, pnd, t + e0, m, dh, gtile.data(), nph),
                 first.gsum = gtile.data();
@@ -109,9 +121,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
             if (pns2) gather_add(pns2, s + e0, pnd2, t + e0, m, dout, g2tile.data(), npo);
             gemm_ep(htile.data(), nph, m, wb_p, ep_z);
             gz = gztile.data(), ldg = npo;
-            if (pgz)
-              for (int64_t i = 0; i < m; ++i)
-                std::copy(gz + i * npo, gz + i * npo + dout, pgz + (e0 + i) * dout);
+            gz_rows.put(gz, npo, e0, m);
           } else {
             gz = g + e0 * dout, ldg = dout;
           }
@@ -120,26 +130,12 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
           gemm_ep(gz, ldg, m, wbt_p, ep_a);  // da
           outer_acc(datile.data(), nph, dh, x + e0 * c, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
-          if (pda)
-            for (int64_t i = 0; i < m; ++i)
-              std::copy(&datile[i * nph], &datile[i * nph] + dh, pda + (e0 + i) * dh);
+          da.put(datile.data(), nph, e0, m);
           if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
         }
       }
     });
-
-    std::vector<ScatterTarget> ta, tz;
-    if (has_tab) ta.push_back({d_tab.data_ptr<float>(), nullptr, stage.et()});
-    if (has_ns) {
-      ta.push_back({d_ns.data_ptr<float>(), s, nullptr});
-      ta.push_back({d_nd.data_ptr<float>(), t, nullptr});
-    }
-    if (has_ns2) {
-      tz.push_back({d_ns2.data_ptr<float>(), s, nullptr});
-      tz.push_back({d_nd2.data_ptr<float>(), t, nullptr});
-    }
-    if (keep_da) scatter_rows(pda, e_total, dh, dh, ta);
-    if (has_ns2) scatter_rows(keep_gz ? pgz : g, e_total, dout, dout, tz);
+    if (!act_out) scatter_rows(g, 0, e_total, dout, dout, to_gz);  // gz = grad_out
   }
   auto d_wa = reduced(parts, kWa, dh, c, npc, opt);
   auto d_wb = reduced(parts, kWb, dout, dh, nph, opt);

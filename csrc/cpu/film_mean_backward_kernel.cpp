@@ -51,7 +51,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
   enum { kWsc, kBsc, kTsc };
   ChunkPartials parts({d * npc, d, types * np}, std::max<int64_t>(n_tasks, 1));
   std::vector<int64_t> tcount(has_tab ? n * types : 0, 0);  // in-edges per (row, type)
-  auto gsc_all = at::empty({e_total, d}, opt);
+  WaveRows gsc(d, {{d_ns.data_ptr<float>(), in.src.data_ptr<int32_t>(), nullptr}});  // gm * sc
 
   if (e_total > 0) {
     const float* x = in.feat.data_ptr<float>();
@@ -63,15 +63,17 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
     const auto wsc_t = need_feat ? w_sc.t().contiguous() : at::Tensor();
     const PackedB wsc_tp = need_feat ? PackedB(wsc_t.data_ptr<float>(), c, d) : PackedB();
     float* pdf = need_feat ? d_feat.data_ptr<float>() : nullptr;
-    float* pgsc = gsc_all.data_ptr<float>();
+    auto task_lo = [&](int64_t u) { return rp[tasks[u]]; };
 
-    run_dynamic(n_tasks, [&](auto claim) {
-      std::vector<float> sct(kTile * np), gv(kTile * np), dsct(kTile * np);
+    run_waves(n_tasks, task_lo, {&gsc}, [&](auto claim) {
+      std::vector<float> gv(kTile * np), dsct(kTile * np);
       int64_t dsti[kTile];
+      NextTilePrefetch pf;
       int64_t t0 = 0;
       float* p_tsc = nullptr;
       auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
         const int64_t r = dsti[i], e = t0 + i;
+        pf(i, col0);
         v = vadd(v, vld16(stage.bias_p.data() + col0));
         if (pet) v = vadd(v, load16(ptab + pet[e] * d + col0, d - col0));
         float* row = scsum.data() + r * np + col0;
@@ -79,7 +81,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         const V16 gm = vld16(mg.row(r) + col0);
         const V16 dsc = vmul(gm, vld16(gv.data() + i * np + col0));
         vst16(dsct.data() + i * np + col0, dsc);
-        store16(pgsc + e * d + col0, d - col0, vmul(gm, v));
+        store16(gsc.row(e) + col0, d - col0, vmul(gm, v));
         if (pet) {
           float* ts = p_tsc + pet[e] * np + col0;
           vst16(ts, vadd(vld16(ts), dsc));
@@ -92,8 +94,11 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
       for (int64_t task; (task = claim()) >= 0;) {
         float *p_wsc = parts.at(task, kWsc), *p_bsc = parts.at(task, kBsc);
         p_tsc = parts.at(task, kTsc);
+        const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
           t0 = t;
+          pf.reset(std::min(kTile, end - (t0 + m)));  // the task's next tile
+          pf.add(x + (t0 + m) * c, nullptr, c), pf.add(pns, s + t0 + m, d);
           for (int64_t i = 0; i < m; ++i) {
             const int64_t r = dsti[i];
             if (pet) ++tcount[r * types + pet[t0 + i]];
@@ -109,7 +114,6 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         });
       }
     });
-    scatter_rows(pgsc, e_total, d, d, {{d_ns.data_ptr<float>(), s, nullptr}});
   }
   mg.times_scale_mean(scsum.data(), d_nd.data_ptr<float>());
   // weight and bias: [scale half; shift half]
