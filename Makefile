@@ -60,7 +60,7 @@ pytest: $(EXT_STAMP)
 
 # The Triton kernels on CPU tensors through Triton's interpreter (small shapes; the GPU runs them all).
 pytest-triton: $(EXT_STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_kernels.py -k "triton or Triton" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_kernels.py tests/test_feat_index.py -k "triton or Triton" $(PYTEST_ARGS)
 
 # The kernels' AVX2 path, built here without AVX-512 (the pytest suite runs the AVX-512 one where the CPU has it).
 ctest: $(STAMP)

@@ -59,7 +59,8 @@ TORCH_LIBRARY(nino_fast, m) {
   // FiLM message + mean aggregation over destination-sorted CSR (see reference.film_mean).
   m.def(
       "film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor node_dst, Tensor node_src, "
-      "Tensor weight, Tensor bias, Tensor? etype=None, Tensor? type_table=None) -> Tensor");
+      "Tensor weight, Tensor bias, Tensor? etype=None, Tensor? type_table=None, "
+      "Tensor? feat_index=None) -> Tensor");
   // Two-GEMM edge MLP with gathers and SiLU (see reference.edge_mlp).
   m.def(
       "edge_mlp(Tensor feat, Tensor src, Tensor dst, Tensor weight_a, Tensor bias_a, "
@@ -80,7 +81,7 @@ TORCH_LIBRARY(nino_fast, m) {
       "edge_film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor weight_a, Tensor bias_a, "
       "Tensor? etype, Tensor? type_table, Tensor node_src, Tensor node_dst, Tensor msg_dst, "
       "Tensor msg_src, Tensor weight_scale, Tensor bias_scale, Tensor weight_shift, "
-      "Tensor bias_shift) -> Tensor");
+      "Tensor bias_shift, Tensor? feat_index=None) -> Tensor");
   // Gradients of edge_film_mean's inputs for output gradient grad_out, in this
   // order (nino_fast/ops/backward.py, FUSED_OUTPUTS):
   // [feat, weight_a, bias_a, type_table, node_src, node_dst, msg_dst, msg_src, weight_scale,
@@ -90,7 +91,7 @@ TORCH_LIBRARY(nino_fast, m) {
       "edge_film_mean_backward(Tensor grad_out, Tensor feat, Tensor rowptr, Tensor src, "
       "Tensor weight_a, Tensor bias_a, Tensor? etype, Tensor? type_table, Tensor node_src, "
       "Tensor node_dst, Tensor msg_dst, Tensor msg_src, Tensor weight_scale, Tensor bias_scale, "
-      "Tensor weight_shift, Tensor bias_shift, bool need_feat) -> Tensor[]");
+      "Tensor weight_shift, Tensor bias_shift, Tensor? feat_index, bool need_feat) -> Tensor[]");
   // Gradients of film_mean's inputs for output gradient grad_out, in this
   // order (nino_fast/ops/backward.py, FUSED_OUTPUTS):
   // [feat, node_dst, node_src, weight, bias, type_table]; an empty tensor for an absent table, and
@@ -99,5 +100,5 @@ TORCH_LIBRARY(nino_fast, m) {
       "film_mean_backward(Tensor grad_out, Tensor feat, Tensor rowptr, Tensor src, Tensor "
       "node_dst, "
       "Tensor node_src, Tensor weight, Tensor bias, Tensor? etype, Tensor? type_table, "
-      "bool need_feat) -> Tensor[]");
+      "Tensor? feat_index, bool need_feat) -> Tensor[]");
 }

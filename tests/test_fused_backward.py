@@ -140,5 +140,16 @@ def test_bad_grad_out_is_a_clear_error():
         )  # fmt: skip
     with pytest.raises(RuntimeError, match=r"film_mean_backward: grad_out must have shape \[50, 20\]"):
         torch.ops.nino_fast.film_mean_backward(
-            torch.zeros(49, 20), f["feat"], f["rowptr"], f["src"], f["nd"], f["ns"], f["W2"], f["b2"], None, None, True
+            torch.zeros(49, 20),
+            f["feat"],
+            f["rowptr"],
+            f["src"],
+            f["nd"],
+            f["ns"],
+            f["W2"],
+            f["b2"],
+            None,
+            None,
+            None,
+            True,
         )

@@ -102,6 +102,8 @@ def test_opcheck_fused_backward_ops(op):
     x = {k: v.detach() for k, v in _inputs("empty rows", "cpu").items()}
     args = op_args(op, x)
     gout = torch.randn_like(getattr(OPS, op)(*args))
+    schema = getattr(OPS, op).default._schema.arguments  # the trailing defaults too: need_feat follows them
+    args = (*args, *(a.default_value for a in schema[len(args) :]))
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(getattr(OPS, f"{op}_backward"), (gout, *args, True), test_utils=checks)  # need_feat
 

@@ -64,7 +64,6 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   WaveRows da(dh, to_da), gsc(d, {{d_ms.data_ptr<float>(), s, nullptr}});  // da, gm * sc
 
   if (e_total > 0) {
-    const float* x = in.feat.data_ptr<float>();
     const float *pns = in.ns.data_ptr<float>(), *pnd = in.nd.data_ptr<float>();
     const float *pmd = in.md.data_ptr<float>(), *pms = in.ms.data_ptr<float>();
     const std::vector<float> bscp = padded_copy(in.bsc);
@@ -79,6 +78,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
     run_waves(n_tasks, task_lo, {&da, &gsc}, [&](auto claim) {
       std::vector<float> atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
       std::vector<float> gh(kTile * nph), gv(kTile * np), dsct(kTile * np), gsct(kTile * np);
+      std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
       int64_t dsti[kTile];
       NextTilePrefetch pf;
       AffineEp first(stage, false);
@@ -110,11 +110,12 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
           t0 = t;
           first.e0 = t0;
           pf.reset(std::min(kTile, end - (t0 + m)));  // the task's next tile
-          pf.add(x + (t0 + m) * c, nullptr, c), pf.add(pns, s + t0 + m, dh);
+          pf.add_feat(in, t0 + m), pf.add(pns, s + t0 + m, dh);
           pf.add(pms, s + t0 + m, d);
           gather_add(pns, s + t0, pnd, dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
           gather_add(pmd, dsti, pms, s + t0, m, d, gv.data(), np);
-          gemm_ep(x + t0 * c, c, m, stage.w, first);  // a
+          const float* xt = in.tile(t0, m, xbuf.data());
+          gemm_ep(xt, c, m, stage.w, first);  // a
           for (int64_t i = 0; i < m; ++i)
             for (int64_t col0 = 0; col0 < nph; col0 += kPanel) {
               const V16 h = vsilu(vld16(atile.data() + i * nph + col0));
@@ -126,7 +127,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
           colsum_acc(dsct.data(), np, d, m, p_bsc);
           gsc.put(gsct.data(), np, t0, m);
           gemm_ep(dsct.data(), np, m, wsc_tp, ep_a);  // da
-          outer_acc(datile.data(), nph, dh, x + t0 * c, c, c, m, p_wa, npc);
+          outer_acc(datile.data(), nph, dh, xt, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
           da.put(datile.data(), nph, t0, m);
           if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
@@ -144,7 +145,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   auto d_wsc = reduced(parts, kWsc, d, dh, nph, opt);
   auto d_ba = reduced(parts, kBa, 1, dh, dh, opt).view({dh});
   auto d_bsc = reduced(parts, kBsc, 1, d, d, opt).view({d});
-  return {d_feat, d_wa, d_ba, d_tab, d_ns, d_nd, d_md, d_ms, d_wsc, d_bsc, d_wsh, d_bsh};
+  return {in.in_feat_order(d_feat), d_wa, d_ba, d_tab, d_ns, d_nd, d_md, d_ms, d_wsc, d_bsc, d_wsh, d_bsh};
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ struct EdgeFilmMeanInputs : CsrInputs {
   int64_t d = 0;
 
   EdgeFilmMeanInputs(const char* op, const EdgeFilmMeanArgs& a)
-      : CsrInputs(op, a.feat, a.rowptr, a.src),
+      : CsrInputs(op, a.feat, a.rowptr, a.src, a.feat_index),
         stage(op, "weight_a", a.weight_a, a.bias_a, a.etype, a.type_table, c, e_total),
         dh(stage.d) {
     ns = f32(op, "node_src", a.node_src, 2);

@@ -21,7 +21,6 @@ at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
   if (n == 0 || d == 0) return out;
 
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const float* x = feat.data_ptr<float>();
   const int32_t* s = src.data_ptr<int32_t>();
   const float *pns = in.ns.data_ptr<float>(), *pnd = in.nd.data_ptr<float>();
   const float *pmd = in.md.data_ptr<float>(), *pms = in.ms.data_ptr<float>();
@@ -35,6 +34,7 @@ at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
     std::vector<float> htile(kTile * nph), part(kTile * np), hpart(kTile * nph), acc, hsum;
     std::vector<float> gh(kTile * nph), gm(kTile * np);  // the tile's gathered node terms
+    std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
     NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);
@@ -65,11 +65,12 @@ at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
         std::fill(hpart.begin() + (carry ? nph : 0), hpart.begin() + tr.nseg * nph, 0.f);
         const auto [p0, n1] = cursor.after(t1, rp[r1]);
         pf1.reset(n1), pf2.reset(n1);
-        pf1.add(x + p0 * c, nullptr, c), pf1.add(pns, s + p0, dh), pf2.add(pms, s + p0, d);
+        pf1.add_feat(in, p0), pf1.add(pns, s + p0, dh), pf2.add(pms, s + p0, d);
         first.e0 = t0;
         gather_add(pns, s + t0, pnd, tr.dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
         gather_add(pmd, tr.dsti, pms, s + t0, m, d, gm.data(), np);
-        gemm_ep(x + t0 * c, c, m, stage.w, first);  // h = silu(...) into htile, sum_e h into hpart
+        // h = silu(...) into htile, sum_e h into hpart
+        gemm_ep(in.tile(t0, m, xbuf.data()), c, m, stage.w, first);
         gemm_ep(htile.data(), nph, m, scale, scale_ep);
         carry = fold_segments(tr, r0, part.data(), acc.data(), np);
         fold_segments(tr, r0, hpart.data(), hsum.data(), nph);  // the same segments: the same carry

@@ -54,7 +54,6 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
   WaveRows gsc(d, {{d_ns.data_ptr<float>(), in.src.data_ptr<int32_t>(), nullptr}});  // gm * sc
 
   if (e_total > 0) {
-    const float* x = in.feat.data_ptr<float>();
     const int32_t* s = in.src.data_ptr<int32_t>();
     const float *pnd = in.nd.data_ptr<float>(), *pns = in.ns.data_ptr<float>();
     const int64_t* pet = stage.et();
@@ -67,6 +66,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
 
     run_waves(n_tasks, task_lo, {&gsc}, [&](auto claim) {
       std::vector<float> gv(kTile * np), dsct(kTile * np);
+      std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
       int64_t dsti[kTile];
       NextTilePrefetch pf;
       int64_t t0 = 0;
@@ -98,17 +98,18 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
           t0 = t;
           pf.reset(std::min(kTile, end - (t0 + m)));  // the task's next tile
-          pf.add(x + (t0 + m) * c, nullptr, c), pf.add(pns, s + t0 + m, d);
+          pf.add_feat(in, t0 + m), pf.add(pns, s + t0 + m, d);
+          const float* xt = in.tile(t0, m, xbuf.data());
           for (int64_t i = 0; i < m; ++i) {
             const int64_t r = dsti[i];
             if (pet) ++tcount[r * types + pet[t0 + i]];
             float* fr = fsum.data() + r * npc;
             for (int64_t col0 = 0; col0 < c; col0 += kPanel)
-              vst16(fr + col0, vadd(vld16(fr + col0), load16(x + (t0 + i) * c + col0, c - col0)));
+              vst16(fr + col0, vadd(vld16(fr + col0), load16(xt + i * c + col0, c - col0)));
           }
           gather_add(pnd, dsti, pns, s + t0, m, d, gv.data(), np);
-          gemm_ep(x + t0 * c, c, m, stage.w, ep_sc);
-          outer_acc(dsct.data(), np, d, x + t0 * c, c, c, m, p_wsc, npc);
+          gemm_ep(xt, c, m, stage.w, ep_sc);
+          outer_acc(dsct.data(), np, d, xt, c, c, m, p_wsc, npc);
           colsum_acc(dsct.data(), np, d, m, p_bsc);
           if (pdf) gemm_ep(dsct.data(), np, m, wsc_tp, ep_feat);
         });
@@ -132,7 +133,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         if (const int64_t k = tcount[r * types + ty])
           for (int64_t j = 0; j < d; ++j) pt[ty * 2 * d + d + j] += float(k) * mg.row(r)[j];
   }
-  return {d_feat, d_nd, d_ns, d_w, d_b, d_tab};
+  return {in.in_feat_order(d_feat), d_nd, d_ns, d_w, d_b, d_tab};
 }
 
 }  // namespace

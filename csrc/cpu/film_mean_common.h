@@ -42,7 +42,7 @@ struct FilmMeanInputs : CsrInputs {
   }
 
   FilmMeanInputs(const char* op, const FilmMeanArgs& a)
-      : CsrInputs(op, a.feat, a.rowptr, a.src),
+      : CsrInputs(op, a.feat, a.rowptr, a.src, a.feat_index),
         w(f32(op, "weight", a.weight, 2)),
         bias(f32(op, "bias", a.bias, 1)),
         d(half_width(op, w, c)),

@@ -25,7 +25,6 @@ at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
   if (n == 0 || d == 0) return out;
 
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const float* x = feat.data_ptr<float>();
   const int32_t* s = src.data_ptr<int32_t>();
   const float *pnd = nd.data_ptr<float>(), *pns = ns.data_ptr<float>();
   const float* ptsh = tab_sh ? tab_sh->data_ptr<float>() : nullptr;
@@ -41,6 +40,7 @@ at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
   run_dynamic(int64_t(tasks.size()) - 1, [&](auto claim) {
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
     std::vector<float> part(kTile * np), fpart(kTile * c), gtile(kTile * np), acc, fsum;
+    std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
     NextTilePrefetch pf;
     int64_t e0 = 0;
@@ -74,12 +74,12 @@ at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
         std::fill(fpart.begin() + (carry ? c : 0), fpart.begin() + tr.nseg * c, 0.f);
         const auto [p0, n1] = cursor.after(t1, rp[r1]);
         pf.reset(n1);
-        pf.add(x + p0 * c, nullptr, c), pf.add(pns, s + p0, d);
+        pf.add_feat(in, p0), pf.add(pns, s + p0, d);
         e0 = t0;
         gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
-        gemm_ep(x + t0 * c, c, m, scale.w, scale_ep);
-        for (int64_t i = 0; i < m; ++i)
-          add_inplace(fpart.data() + tr.seg[i] * c, x + (t0 + i) * c, c);
+        const float* xt = in.tile(t0, m, xbuf.data());
+        gemm_ep(xt, c, m, scale.w, scale_ep);
+        for (int64_t i = 0; i < m; ++i) add_inplace(fpart.data() + tr.seg[i] * c, xt + i * c, c);
         carry = fold_segments(tr, r0, part.data(), acc.data(), np);
         fold_segments(tr, r0, fpart.data(), fsum.data(), c);  // the same segments: the same carry
       }

@@ -90,22 +90,52 @@ inline at::Tensor node_table(const char* op, const char* arg, const at::Tensor& 
 }
 
 // The first inputs of film_mean and edge_film_mean, validated: feat (E, C) as float32, a
-// destination-sorted CSR rowptr (N + 1) and src (E,) int32.
+// destination-sorted CSR rowptr (N + 1), src (E,) int32 and the optional feat_index (CSR edge p
+// reads feat row feat_index[p]; as int64).
 struct CsrInputs {
   at::Tensor feat;
   int64_t e_total, c;
   at::Tensor rowptr;
   int64_t n;
   at::Tensor src;
+  at::Tensor feat_index;
 
   CsrInputs(const char* op, const at::Tensor& feat_in, const at::Tensor& rowptr_in,
-            const at::Tensor& src_in)
+            const at::Tensor& src_in, const std::optional<at::Tensor>& feat_index_in)
       : feat(f32(op, "feat", feat_in, 2)),
         e_total(feat.size(0)),
         c(feat.size(1)),
         rowptr(rowptr_in.contiguous()),
         n((check_rowptr(op, rowptr, e_total), rowptr.numel() - 1)),
-        src(idx32(op, "src", src_in, e_total)) {}
+        src(idx32(op, "src", src_in, e_total)) {
+    if (feat_index_in.has_value()) {
+      check_feat_index(op, *feat_index_in, e_total, at::kCPU);
+      feat_index = feat_index_in->to(at::kLong).contiguous();
+    }
+  }
+
+  const int64_t* fidx() const {
+    return feat_index.defined() ? feat_index.data_ptr<int64_t>() : nullptr;
+  }
+  // Per-edge rows in CSR order (E x k) -> in feat's row order. The backward kernels write their
+  // feature gradient in CSR order and permute it here, by a gather with the inverse permutation:
+  // rows written one by one to random places, from inside the GEMM epilogue, cost about as much
+  // as the kernel (a TLB miss and a read-for-ownership per row).
+  at::Tensor in_feat_order(const at::Tensor& rows) const {
+    if (!feat_index.defined() || rows.numel() == 0) return rows;
+    auto inv = at::empty_like(feat_index);
+    inv.index_put_({feat_index}, at::arange(e_total, feat_index.options()));
+    return rows.index_select(0, inv);
+  }
+  // The feature rows of the tile of CSR edges t0..t0+m-1 as a GEMM operand (leading dimension c):
+  // feat's own rows, or with a feat_index those rows gathered into buf (kTile x c floats).
+  const float* tile(int64_t t0, int64_t m, float* buf) const {
+    const float* x = feat.data_ptr<float>();
+    if (!feat_index.defined()) return x + t0 * c;
+    const int64_t* ix = fidx();
+    for (int64_t i = 0; i < m; ++i) std::copy(x + ix[t0 + i] * c, x + (ix[t0 + i] + 1) * c, buf + i * c);
+    return buf;
+  }
 
   // src values must index the rows of node_src (`rows` of them)
   void check_src(const char* op, int64_t rows) const {
@@ -196,6 +226,8 @@ struct NextTilePrefetch {
     const float* base;
     const int32_t* idx;  // row i of the next tile is base[idx[i]] (null: base[i], contiguous rows)
     int64_t width;
+    const int64_t* idx64 = nullptr;  // or base[idx64[i]]
+    int64_t row(int64_t i) const { return idx ? int64_t(idx[i]) : idx64 ? idx64[i] : i; }
   };
   Table t[3] = {};
   int n = 0;
@@ -205,11 +237,22 @@ struct NextTilePrefetch {
   void add(const float* base, const int32_t* idx, int64_t width) {
     if (base != nullptr) t[n++] = Table{base, idx, width};
   }
+  void add64(const float* base, const int64_t* idx64, int64_t width) {
+    if (base != nullptr) t[n++] = Table{base, nullptr, width, idx64};
+  }
+  // the feature rows of the CSR edges from p0 on (in.feat_index's rows, else contiguous)
+  void add_feat(const CsrInputs& in, int64_t p0) {
+    const float* x = in.feat.data_ptr<float>();
+    if (in.feat_index.defined())
+      add64(x, in.fidx() + p0, in.c);
+    else
+      add(x + p0 * in.c, nullptr, in.c);
+  }
   NINO_FAST_INLINE void operator()(int64_t i, int64_t col0) const {
     if (i >= rows) return;
     for (int k = 0; k < n; ++k)
       if (col0 < t[k].width)
-        prefetch_line(t[k].base + (t[k].idx ? int64_t(t[k].idx[i]) : i) * t[k].width + col0);
+        prefetch_line(t[k].base + t[k].row(i) * t[k].width + col0);
   }
 };
 

@@ -164,6 +164,8 @@ __global__ void __launch_bounds__(kThreads) edge_film_mean_kernel(const EdgeFilm
 
 at::Tensor edge_film_mean_cuda(const EdgeFilmMeanArgs& a) {
   constexpr const char* op = "nino_fast::edge_film_mean";
+  // the op's dispatcher (nino_fast/ops/library.py) gathers feat by feat_index before a CUDA kernel
+  NINO_CHECK(!a.feat_index.has_value(), op, ": the CUDA kernel takes no feat_index");
   const CsrInputs in(op, a.feat, a.rowptr, a.src);
   const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src;
   const auto dev = in.dev;

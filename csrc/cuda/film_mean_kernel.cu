@@ -142,6 +142,8 @@ __global__ void __launch_bounds__(kThreads) film_mean_kernel(const FilmParams p)
 
 at::Tensor film_mean_cuda(const FilmMeanArgs& a) {
   constexpr const char* op = "nino_fast::film_mean";
+  // the op's dispatcher (nino_fast/ops/library.py) gathers feat by feat_index before a CUDA kernel
+  NINO_CHECK(!a.feat_index.has_value(), op, ": the CUDA kernel takes no feat_index");
   const CsrInputs in(op, a.feat, a.rowptr, a.src);
   const auto &feat = in.feat, &rowptr = in.rowptr, &src = in.src;
   const auto dev = in.dev;

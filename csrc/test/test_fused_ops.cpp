@@ -44,8 +44,9 @@ T film_mean(const T& feat, const T& rowptr, const T& src, const T& node_dst, con
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nino_fast::film_mean", "")
                        .typed<T(const T&, const T&, const T&, const T&, const T&, const T&,
-                                const T&, const OptT&, const OptT&)>();
-  return op.call(feat, rowptr, src, node_dst, node_src, weight, bias, etype, type_table);
+                                const T&, const OptT&, const OptT&, const OptT&)>();
+  return op.call(feat, rowptr, src, node_dst, node_src, weight, bias, etype, type_table,
+                 std::nullopt);
 }
 
 T edge_mlp(const T& feat, const T& src, const T& dst, const T& weight_a, const T& bias_a,
@@ -69,9 +70,9 @@ T edge_film_mean(const T& feat, const T& rowptr, const T& src, const T& weight_a
                        .findSchemaOrThrow("nino_fast::edge_film_mean", "")
                        .typed<T(const T&, const T&, const T&, const T&, const T&, const OptT&,
                                 const OptT&, const T&, const T&, const T&, const T&, const T&,
-                                const T&, const T&, const T&)>();
+                                const T&, const T&, const T&, const OptT&)>();
   return op.call(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src, node_dst,
-                 msg_dst, msg_src, weight_scale, bias_scale, weight_shift, bias_shift);
+                 msg_dst, msg_src, weight_scale, bias_scale, weight_shift, bias_shift, std::nullopt);
 }
 
 // ---- the specification in float64, as plainly as possible ----

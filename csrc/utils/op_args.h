@@ -30,7 +30,7 @@ using OptTensor = std::optional<at::Tensor>;
   NEXT(const at::Tensor&, rowptr)                                                                  \
   NEXT(const at::Tensor&, src) NEXT(const at::Tensor&, node_dst) NEXT(const at::Tensor&, node_src) \
       NEXT(const at::Tensor&, weight) NEXT(const at::Tensor&, bias) NEXT(const OptTensor&, etype)  \
-          NEXT(const OptTensor&, type_table)
+          NEXT(const OptTensor&, type_table) NEXT(const OptTensor&, feat_index)
 
 #define NINO_EDGE_MLP_ARGS(FIRST, NEXT)                                                          \
   FIRST(const at::Tensor&, feat)                                                                 \
@@ -50,7 +50,8 @@ using OptTensor = std::optional<at::Tensor>;
           NEXT(const at::Tensor&, node_src) NEXT(const at::Tensor&, node_dst)                    \
               NEXT(const at::Tensor&, msg_dst) NEXT(const at::Tensor&, msg_src)                  \
                   NEXT(const at::Tensor&, weight_scale) NEXT(const at::Tensor&, bias_scale)      \
-                      NEXT(const at::Tensor&, weight_shift) NEXT(const at::Tensor&, bias_shift)
+                      NEXT(const at::Tensor&, weight_shift) NEXT(const at::Tensor&, bias_shift)  \
+                          NEXT(const OptTensor&, feat_index)
 
 #define NINO_ARG_MEMBER(type, name) type name;
 #define NINO_ARG_PARAM(type, name) type name

@@ -76,8 +76,9 @@ class EdgeFiLMConv(nn.Module):
         _check(op, x, self.in_channels, edge_attr, self.edge_dim, _num_edges(edge_index))
         g = _graph(op, x, edge_index)
         node_dst, node_src = self.node_terms(x)
-        feat = g.to_csr_order(edge_attr)
-        return dispatch.film_mean(feat, g.rowptr, g.src, node_dst, node_src, self.lin_edge.weight, self.lin_edge.bias)
+        w, b = self.lin_edge.weight, self.lin_edge.bias
+        # edge_attr stays in the caller's order: the kernel reads its rows through the CSR permutation
+        return dispatch.film_mean(edge_attr, g.rowptr, g.src, node_dst, node_src, w, b, feat_index=g.feat_index)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}"
@@ -170,8 +171,7 @@ class EdgeUpdateFiLMConv(nn.Module):
         w_enc, b_enc = conv.lin_edge.weight, conv.lin_edge.bias
         w_fold = w_enc @ up.lin_out.weight  # (2D, hidden): lin_edge(lin_out(h)) = w_fold h + b_fold
         b_fold = torch.addmv(b_enc, w_enc, up.lin_out.bias)
-        feat = g.to_csr_order(edge_attr)
         return dispatch.edge_film_mean(
-            feat, g.rowptr, g.src, up.lin_edge.weight, bias, None, None, node_src, node_dst, msg_dst, msg_src,
-            w_fold[:d], b_fold[:d], w_fold[d:], b_fold[d:],
+            edge_attr, g.rowptr, g.src, up.lin_edge.weight, bias, None, None, node_src, node_dst, msg_dst, msg_src,
+            w_fold[:d], b_fold[:d], w_fold[d:], b_fold[d:], feat_index=g.feat_index,
         )  # fmt: skip

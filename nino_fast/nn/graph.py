@@ -2,7 +2,8 @@
 CSR the fused ops need, once per static graph.
 
 ``CSRGraph.from_edge_index`` sorts the edges by destination (stable: edges into one node keep their order) and keeps
-the permutation, so edge features in the caller's order are gathered into CSR order and per-edge outputs go back.
+the permutation: the fused ops read edge features in the caller's order through it (their ``feat_index``: no copy
+in CSR order is made or kept for the backward), and per-edge outputs go back with :meth:`CSRGraph.to_edge_order`.
 The layers call :func:`csr_of`, which caches the result keyed on the edge_index tensor itself (its identity and
 version counter: an in-place change rebuilds) so a model of several layers on a static graph sorts once.
 Inside torch.compile the CSR is built in the graph instead (no cache, no Python-side checks); pass a
@@ -42,7 +43,8 @@ class CSRGraph:
 
     rowptr: (N+1,) int64, the in-edges of node n are positions ``rowptr[n]:rowptr[n+1]``;
     src, dst: (E,) int32, source and destination of each position; perm: (E,) int64, the caller's edge at each
-    position (``edge_attr[perm]`` is edge_attr in CSR order); inv_perm: (E,) int64, its inverse.
+    position (``edge_attr[perm]`` is edge_attr in CSR order); inv_perm: (E,) int64, its inverse; in_order: the
+    caller's edges were sorted by destination already (perm is the identity).
     """
 
     rowptr: torch.Tensor
@@ -50,6 +52,13 @@ class CSRGraph:
     dst: torch.Tensor
     perm: torch.Tensor
     inv_perm: torch.Tensor
+    in_order: bool = False
+
+    @property
+    def feat_index(self) -> torch.Tensor | None:
+        """The fused ops' ``feat_index`` for edge features in the caller's order: ``perm``, or None when it is the
+        identity (the rows are read in place)."""
+        return None if self.in_order else self.perm
 
     def to_csr_order(self, edge_attr: torch.Tensor) -> torch.Tensor:
         """``edge_attr`` (E, ...) in the caller's edge order -> CSR order. Its gradient is a gather by the
@@ -77,14 +86,16 @@ class CSRGraph:
         dst_sorted = dst.index_select(0, perm)
         bounds = torch.arange(num_nodes + 1, device=dst.device, dtype=dst_sorted.dtype)
         rowptr = torch.searchsorted(dst_sorted, bounds).to(torch.int64)
+        positions = torch.arange(perm.numel(), device=perm.device)
         inv_perm = torch.empty_like(perm)
-        inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+        inv_perm[perm] = positions
         return CSRGraph(
             rowptr=rowptr,
             src=src.index_select(0, perm).to(torch.int32),
             dst=dst_sorted.to(torch.int32),
             perm=perm,
             inv_perm=inv_perm,
+            in_order=not torch.compiler.is_compiling() and bool(torch.equal(perm, positions)),
         )
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from .._env import env_flag
-from .reference import csr_dst
+from .reference import csr_dst, csr_feat
 from .segment import segment_mean_csr as _segment_mean
 
 __all__ = ["GRADIENTS", "fused_backward", "fused_cpu"]
@@ -152,6 +152,15 @@ def _pre(feat, weight, bias, etype=None, table=None, ns=None, src=None, nd=None,
     return out
 
 
+def _in_feat_order(a: dict, g: dict) -> dict:
+    """``g`` with the feature gradient (computed in CSR order) put back in ``feat``'s row order when the op read
+    ``feat`` through its ``feat_index`` permutation."""
+    index = a.get("feat_index")
+    if index is not None and "feat" in g:
+        g["feat"] = torch.empty_like(g["feat"]).index_copy_(0, index.long(), g["feat"])
+    return g
+
+
 def _type_counts(dst: torch.Tensor, etype: torch.Tensor, n: int, n_types: int, dtype) -> torch.Tensor:
     """(N, T) number of in-edges of each type per node (row sums by type, for the shift half's type table)."""
     counts = torch.zeros(n * n_types, dtype=dtype, device=dst.device)
@@ -180,7 +189,8 @@ def film_mean(a: dict, need: set, gout: torch.Tensor) -> dict:
     fused = _fused("film_mean", a, need, gout)
     if fused is not None:
         return fused
-    feat, rowptr, weight, table, etype = a["feat"], a["rowptr"], a["weight"], a["type_table"], a["etype"]
+    rowptr, weight, table, etype = a["rowptr"], a["weight"], a["type_table"], a["etype"]
+    feat = csr_feat(a["feat"], a["feat_index"])
     n, d = a["node_dst"].shape
     dst, src, deg = csr_dst(rowptr), a["src"].long(), _deg(rowptr, feat.dtype)
     gn = gout.to(feat.dtype) / deg.clamp_min(1)  # (N, D): the mean's gradient, per edge of row n
@@ -202,7 +212,7 @@ def film_mean(a: dict, need: set, gout: torch.Tensor) -> dict:
         g["node_dst"] = gout * _row_mean(scale, rowptr)
     if "node_src" in need:
         g["node_src"] = _scatter(src, gm.mul_(scale), a["node_src"].shape[0])
-    return g
+    return _in_feat_order(a, g)
 
 
 def edge_mlp(a: dict, need: set, gout: torch.Tensor) -> dict:
@@ -240,7 +250,8 @@ def edge_film_mean(a: dict, need: set, gout: torch.Tensor) -> dict:
     fused = _fused("edge_film_mean", a, need, gout)
     if fused is not None:
         return fused
-    feat, rowptr, ms = a["feat"], a["rowptr"], a["msg_src"]
+    rowptr, ms = a["rowptr"], a["msg_src"]
+    feat = csr_feat(a["feat"], a["feat_index"])
     dst, src, deg = csr_dst(rowptr), a["src"].long(), _deg(rowptr, feat.dtype)
     gn = gout.to(feat.dtype) / deg.clamp_min(1)
     gm = gn.index_select(0, dst)
@@ -271,7 +282,7 @@ def edge_film_mean(a: dict, need: set, gout: torch.Tensor) -> dict:
         g["node_src"] = _scatter(src, da, a["node_src"].shape[0])
     if "node_dst" in need:
         g["node_dst"] = _row_mean(da, rowptr) * deg
-    return g
+    return _in_feat_order(a, g)
 
 
 def segment_mean_csr(a: dict, need: set, gout: torch.Tensor) -> dict:

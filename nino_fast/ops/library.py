@@ -45,7 +45,7 @@ def _out_dtype(feat: torch.Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- fakes
-def _fake_film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, type_table=None):
+def _fake_film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=None, type_table=None, feat_index=None):
     return feat.new_empty(rowptr.shape[0] - 1, node_dst.shape[1], dtype=_out_dtype(feat))
 
 
@@ -135,17 +135,36 @@ def _reference_impl(name: str):
     return run
 
 
+def _without_feat_index(name: str):
+    """For the implementations that take no ``feat_index`` (CUDA, Triton): ``args -> args`` with ``feat`` gathered
+    into CSR order and the (last) ``feat_index`` argument None; None for an op without it."""
+    names = [a.name for a in getattr(torch.ops.nino_fast, name).default._schema.arguments]
+    if "feat_index" not in names:
+        return None
+    assert names[-1] == "feat_index", f"nino_fast::{name}: feat_index must be the schema's last argument"
+
+    def strip(args):
+        args = (*args, *([None] * (len(names) - len(args))))  # trailing defaults left out by the caller
+        return (reference.csr_feat(args[0], args[-1]), *args[1:-1], None)
+
+    return strip
+
+
 def _register_kernel(name: str, key: str) -> None:
     """The op's kernel for dispatch ``key`` ('CPU' / 'CUDA'): the implementation the switch selects."""
     device = key.lower()
+    strip = _without_feat_index(name)
     impls = {"reference": _reference_impl(name)}
     if device in dispatch.BACKENDS:  # the compiled kernel, kept callable under the kernel registered here
         impls[device] = torch.library.get_kernel(f"nino_fast::{name}", key)
     if dispatch.TRITON is not None and device in dispatch._DEVICE["triton"]:
-        impls["triton"] = dispatch.TRITON.LAUNCHERS[name]
+        launch = dispatch.TRITON.LAUNCHERS[name]  # the op's arguments without feat_index
+        impls["triton"] = launch if strip is None else lambda *args: launch(*args[:-1])
 
     def kernel(keyset, *args):
         choice = dispatch.selected(device)
+        if strip is not None and choice in ("cuda", "triton"):
+            args = strip(args)
         if choice == device:
             out = impls[device].call_boxed(keyset, *args)
         else:

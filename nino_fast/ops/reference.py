@@ -27,6 +27,10 @@ the kernel (its output map ``W_1`` is folded into the next encoder's scale and s
 
   The shift half is linear in h, so kernels may sum h over the row first: ``sum_e shift = W_sh sum_e h + deg b_sh``.
 
+film_mean and edge_film_mean take an optional ``feat_index`` (E,), a permutation of 0..E-1: CSR edge e reads
+``feat[feat_index[e]]`` (``feat`` in the caller's edge order, e.g. that of a PyG ``edge_index``, is then never
+copied into CSR order). ``etype`` stays in CSR order; the feature gradient comes back in ``feat``'s order.
+
 The signatures below are the ops' schemas (``torch.library.infer_schema`` of each function equals the schema
 registered in csrc/nino_fast.cpp; tests/test_opcheck.py checks it). Every implementation of an op returns
 ``promote_types(feat.dtype, float32)``: float32 for 16-bit and float32 features, float64 for float64.
@@ -55,6 +59,28 @@ def segment_mean(values: Tensor, rowptr: Tensor) -> Tensor:
     return out / deg.unsqueeze(1)
 
 
+def csr_feat(feat: Tensor, feat_index: Tensor | None) -> Tensor:
+    """The edge features in CSR order: ``feat`` itself, or its rows ``feat_index`` (checked to be a permutation)."""
+    if feat_index is None:
+        return feat
+    check_permutation(feat_index, feat.shape[0])
+    return feat.index_select(0, feat_index.long())
+
+
+def check_permutation(index: Tensor, n: int) -> None:
+    """ValueError unless ``index`` is a 1-D integer permutation of 0..n-1 (the ops' ``feat_index``)."""
+    if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool or index.numel() != n:
+        raise ValueError(
+            f"feat_index must be a 1-D integer tensor of E={n} entries, got {index.dtype} {tuple(index.shape)}"
+        )
+    if n and not (
+        int(index.min()) >= 0
+        and int(index.max()) < n
+        and int(torch.zeros(n, dtype=torch.int32, device=index.device).index_fill_(0, index.long(), 1).sum()) == n
+    ):
+        raise ValueError(f"feat_index must be a permutation of 0..E-1 (E={n})")
+
+
 def gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` rows (index_select: several times faster than advanced indexing on CPU)."""
     return table.index_select(0, index)
@@ -77,10 +103,11 @@ def film_mean(
     bias: Tensor,
     etype: Tensor | None = None,
     type_table: Tensor | None = None,
+    feat_index: Tensor | None = None,
 ) -> Tensor:
     """(N, D) mean over in-edges of ``scale * (node_dst[dst] + node_src[src]) + shift``; see module docstring."""
     d = node_dst.shape[1]
-    enc = _affine(feat, weight, bias, etype, type_table)
+    enc = _affine(csr_feat(feat, feat_index), weight, bias, etype, type_table)
     dst = csr_dst(rowptr)
     msg = enc[:, :d] * (gather(node_dst, dst) + gather(node_src, src)) + enc[:, d:]
     return segment_mean(msg, rowptr)
@@ -128,9 +155,11 @@ def edge_film_mean(
     bias_scale: Tensor,
     weight_shift: Tensor,
     bias_shift: Tensor,
+    feat_index: Tensor | None = None,
 ) -> Tensor:
     """(N, D) fused edge update + next layer's FiLM mean; see module docstring."""
     dst = csr_dst(rowptr)
+    feat = csr_feat(feat, feat_index)
     h = F.silu(_affine(feat, weight_a, bias_a, etype, type_table) + gather(node_src, src) + gather(node_dst, dst))
     msg = F.linear(h, weight_scale, bias_scale) * (gather(msg_dst, dst) + gather(msg_src, src)) + F.linear(
         h, weight_shift, bias_shift
