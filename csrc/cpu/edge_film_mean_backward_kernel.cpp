@@ -145,7 +145,18 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   auto d_wsc = reduced(parts, kWsc, d, dh, nph, opt);
   auto d_ba = reduced(parts, kBa, 1, dh, dh, opt).view({dh});
   auto d_bsc = reduced(parts, kBsc, 1, d, d, opt).view({d});
-  return {in.in_feat_order(d_feat), d_wa, d_ba, d_tab, d_ns, d_nd, d_md, d_ms, d_wsc, d_bsc, d_wsh, d_bsh};
+  return {in.in_feat_order(d_feat),
+          d_wa,
+          d_ba,
+          d_tab,
+          d_ns,
+          d_nd,
+          d_md,
+          d_ms,
+          d_wsc,
+          d_bsc,
+          d_wsh,
+          d_bsh};
 }
 
 }  // namespace

@@ -133,7 +133,8 @@ struct CsrInputs {
     const float* x = feat.data_ptr<float>();
     if (!feat_index.defined()) return x + t0 * c;
     const int64_t* ix = fidx();
-    for (int64_t i = 0; i < m; ++i) std::copy(x + ix[t0 + i] * c, x + (ix[t0 + i] + 1) * c, buf + i * c);
+    for (int64_t i = 0; i < m; ++i)
+      std::copy(x + ix[t0 + i] * c, x + (ix[t0 + i] + 1) * c, buf + i * c);
     return buf;
   }
 
@@ -251,8 +252,7 @@ struct NextTilePrefetch {
   NINO_FAST_INLINE void operator()(int64_t i, int64_t col0) const {
     if (i >= rows) return;
     for (int k = 0; k < n; ++k)
-      if (col0 < t[k].width)
-        prefetch_line(t[k].base + t[k].row(i) * t[k].width + col0);
+      if (col0 < t[k].width) prefetch_line(t[k].base + t[k].row(i) * t[k].width + col0);
   }
 };
 

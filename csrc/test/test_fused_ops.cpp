@@ -72,7 +72,8 @@ T edge_film_mean(const T& feat, const T& rowptr, const T& src, const T& weight_a
                                 const OptT&, const T&, const T&, const T&, const T&, const T&,
                                 const T&, const T&, const T&, const OptT&)>();
   return op.call(feat, rowptr, src, weight_a, bias_a, etype, type_table, node_src, node_dst,
-                 msg_dst, msg_src, weight_scale, bias_scale, weight_shift, bias_shift, std::nullopt);
+                 msg_dst, msg_src, weight_scale, bias_scale, weight_shift, bias_shift,
+                 std::nullopt);
 }
 
 // ---- the specification in float64, as plainly as possible ----

@@ -107,13 +107,15 @@ inline void check_feat_index(const char* op, const at::Tensor& idx, int64_t num_
   check_dim(op, "feat_index", idx, 1);
   NINO_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, op,
              ": feat_index must be int64 or int32, got ", idx.scalar_type());
-  NINO_CHECK(idx.numel() == num_edges, op, ": feat_index must have one entry per edge (E=",
-             num_str(num_edges), "), got ", num_str(idx.numel()));
+  NINO_CHECK(idx.numel() == num_edges, op,
+             ": feat_index must have one entry per edge (E=", num_str(num_edges), "), got ",
+             num_str(idx.numel()));
   if (num_edges == 0) return;
   auto seen = at::zeros({num_edges}, idx.options().dtype(at::kInt));
   const bool in_range = idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < num_edges;
-  NINO_CHECK(in_range && seen.index_fill_(0, idx.to(at::kLong), 1).sum().item<int64_t>() == num_edges,
-             op, ": feat_index must be a permutation of 0..E-1 (E=", num_str(num_edges), ")");
+  NINO_CHECK(
+      in_range && seen.index_fill_(0, idx.to(at::kLong), 1).sum().item<int64_t>() == num_edges, op,
+      ": feat_index must be a permutation of 0..E-1 (E=", num_str(num_edges), ")");
 }
 
 }  // namespace nino_fast
