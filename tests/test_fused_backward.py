@@ -113,10 +113,10 @@ def test_deterministic_across_threads(op, opts, shape):
 
 
 def test_falls_back_outside_float32_cpu():
-    """float64 tensors, int64 edge indices or the switch turned off: the PyTorch formulas (no kernel)."""
+    """float64 tensors, other index dtypes or the switch turned off: the PyTorch formulas (no kernel)."""
     x = graph(*GRAPHS["one edge"])
     assert not bw.fused_cpu("edge_mlp_backward", [x["feat"].double()], [x["src"]])
-    assert not bw.fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"].long()])
+    assert not bw.fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"].short()])
     with bw.fused_backward(False):
         assert not bw.fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])
     assert bw.fused_cpu("edge_mlp_backward", [x["feat"]], [x["src"]])  # restored on exit
@@ -153,3 +153,18 @@ def test_bad_grad_out_is_a_clear_error():
             None,
             True,
         )
+
+
+@pytest.mark.parametrize("op, opts", CASES)
+def test_int64_indices_same_bits(op, opts):
+    """int64 src / dst (PyG's edge_index dtype) give the int32 results bitwise, forward and fused backward."""
+    x = graph(*GRAPHS["hub row"])
+    x64 = {**x, "src": x["src"].long(), "dst": x["dst"].long()}
+    assert bw.fused_cpu(KERNEL[op], [x["feat"]], [x64["src"]])
+    _, want = grads(op, opts, x, fused=True)
+    _, got = grads(op, opts, x64, fused=True)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    big = {**x64, "src": x64["src"] + 2**31}  # does not fit int32: refused, not wrapped around
+    with pytest.raises(RuntimeError, match="src values must fit int32"):
+        call(op, dispatch, big, "cpu", **opts)

@@ -67,10 +67,7 @@ inline at::Tensor f32(const char* op, const char* arg, const at::Tensor& t, int6
 
 inline at::Tensor idx32(const char* op, const char* arg, const at::Tensor& t, int64_t len) {
   NINO_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got ", t.device());
-  check_dim(op, arg, t, 1);
-  check_dtype(op, arg, t, at::kInt);
-  NINO_CHECK(t.numel() == len, op, ": ", arg, " must have ", len, " entries, got ", t.numel());
-  return t.contiguous();
+  return as_index32(op, arg, t, len);
 }
 
 // A float vector zero-padded to a multiple of kPanel.

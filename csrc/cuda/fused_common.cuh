@@ -407,14 +407,11 @@ inline at::Tensor param(const char* op, const char* arg, const at::Tensor& t, at
   return c;
 }
 
-// int32 index vector of length `len`.
+// int32 index vector of length `len` (int64 converted: utils/check.h).
 inline at::Tensor index32(const char* op, const char* arg, const at::Tensor& t, int64_t len,
                           const at::Device& dev) {
   check_cuda(op, arg, t, dev);
-  check_dim(op, arg, t, 1);
-  check_dtype(op, arg, t, at::kInt);
-  NINO_CHECK(t.numel() == len, op, ": ", arg, " must have E=", len, " entries, got ", t.numel());
-  return t.contiguous();
+  return as_index32(op, arg, t, len);
 }
 
 // etype (E,) integer -> int64 contiguous; type_table (types, width) -> fp32 contiguous.

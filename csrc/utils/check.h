@@ -99,6 +99,21 @@ inline void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t num_e
              ": rowptr must be non-decreasing (a CSR of edges sorted by destination)");
 }
 
+// An edge index vector (src, dst): (len,) int32, or int64 with values that fit int32 (PyG's
+// edge_index dtype), as int32 contiguous: the kernels read 4-byte indices.
+inline at::Tensor as_index32(const char* op, const char* arg, const at::Tensor& t, int64_t len) {
+  check_dim(op, arg, t, 1);
+  NINO_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", arg,
+             " must be int32 or int64, got ", t.scalar_type());
+  NINO_CHECK(t.numel() == len, op, ": ", arg, " must have E=", num_str(len), " entries, got ",
+             num_str(t.numel()));
+  if (t.scalar_type() == at::kInt) return t.contiguous();
+  NINO_CHECK(
+      len == 0 || (t.min().item<int64_t>() >= INT32_MIN && t.max().item<int64_t>() <= INT32_MAX),
+      op, ": ", arg, " values must fit int32");
+  return t.to(at::kInt).contiguous();
+}
+
 // feat_index (optional, (E,) int32 / int64): a permutation of 0..E-1, CSR edge p reading feat row
 // feat_index[p]. A permutation, not any gather: the feature gradient is written row by row.
 inline void check_feat_index(const char* op, const at::Tensor& idx, int64_t num_edges,

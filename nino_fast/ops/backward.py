@@ -62,7 +62,7 @@ FUSED_OUTPUTS = {
         "bias_shift".split()
     ),
 }
-# The integer (index) arguments of each op: the fused kernels take them as int32 only.
+# The integer (index) arguments of each op: the fused kernels take int32 or int64 (converted to int32).
 _INDEX_ARGS = {"film_mean": ("src",), "edge_mlp": ("src", "dst"), "edge_film_mean": ("src",)}
 
 
@@ -94,12 +94,12 @@ def fused_enabled() -> bool:
 
 def fused_cpu(op: str, tensors, indices) -> bool:
     """Whether the fused CPU backward kernel ``op`` applies: enabled, the extension has it, every floating
-    tensor is float32 on the CPU and the edge indices are int32."""
+    tensor is float32 on the CPU and the edge indices int32 or int64."""
     if not _FUSED_BACKWARD or not _extension.has_ext():
         return False
     if not all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors):
         return False
-    if not all(i.device.type == "cpu" and i.dtype == torch.int32 for i in indices):
+    if not all(i.device.type == "cpu" and i.dtype in (torch.int32, torch.int64) for i in indices):
         return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"nino_fast::{op}", "CPU")
