@@ -1,6 +1,7 @@
 """``nino-fast`` command line. ``nino-fast info``: versions, the compiled extension and the available
 backends. ``nino-fast step``: one NiNo step on saved model checkpoints (see :mod:`nino_fast.offline`).
-``nino-fast collect`` / ``nino-fast train``: meta-training (see :mod:`nino_fast.meta`).
+``nino-fast collect`` / ``nino-fast train``: meta-training (see :mod:`nino_fast.meta`). ``nino-fast metanet
+zoo|train|eval``: metanetworks predicting a model's test accuracy from its weights (see :mod:`nino_fast.metanet`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .meta.cli import add_parsers as add_meta_parsers
+from .metanet.cli import add_parsers as add_metanet_parsers
 
 
 def _version(module: str) -> str:
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print versions and available backends").set_defaults(func=info)
     _add_step_parser(sub)
     add_meta_parsers(sub)  # collect, train
+    add_metanet_parsers(sub)  # metanet zoo|train|eval
     return parser
 
 

@@ -1,0 +1,235 @@
+"""Inputs of a metanetwork: a model -> its neural graph with permutation-equivariant node and edge features, and a
+batch of such graphs as one block-diagonal CSR graph.
+
+Node features depend on the graph's structure only, never on a node's id: the histogram of the edge types into
+and out of the node (this tells inputs, hidden neurons, outputs, bias and norm nodes apart), its in/out degree
+and its depth (longest path from an input, relative to the graph's). Every hidden neuron of one layer gets the
+same features, so permuting hidden neurons permutes nodes and edges and nothing else. NiNo's Laplacian
+eigenvectors are deliberately not used: their signs and order are not invariant.
+
+Edge features: the parameter values on the edge (``NeuralGraph.to_edges``: one slot per element of a 3x3
+kernel, zero-padded to ``max_feat_size`` slots; constants on structural edges), plus the running mean and std
+of a BatchNorm channel on the edge of its ``weight`` (the buffers are part of the function the model computes).
+The edge type is passed separately (an embedding in the model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..graph import NeuralGraph, build_graph, detect_arch
+from ..graph.layout import SELF_LOOP
+from ..nn import CSRGraph
+
+NUM_EDGE_TYPES = 16  # the official types reach 13 (self-loop)
+NODE_DIM = 2 * NUM_EDGE_TYPES + 5
+BN_STATS = 2  # running mean, running std
+_BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+_MAX_DEPTH_ITERS = 256
+
+
+@dataclass
+class GraphInput:
+    """One model as metanetwork input: CSR ``rowptr`` (N+1,) int64, ``src``/``dst`` (E,) int64 (destination-sorted),
+    ``edge_type`` (E,) int64, ``x`` (N, NODE_DIM) and ``edge_attr`` (E, max_feat_size + 2) float32."""
+
+    rowptr: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    edge_type: torch.Tensor
+    x: torch.Tensor
+    edge_attr: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_edges(self) -> int:
+        return self.src.numel()
+
+
+@dataclass
+class GraphBatch:
+    """Many graphs as one block-diagonal graph: the fields of :class:`GraphInput` concatenated (node ids offset),
+    ``csr`` the :class:`~nino_fast.nn.CSRGraph` the layers take, ``edge_index`` (2, E) in CSR order (for PyG
+    layers), ``node_batch`` (N,) / ``edge_batch`` (E,) the graph of each node / edge."""
+
+    x: torch.Tensor
+    edge_attr: torch.Tensor
+    edge_type: torch.Tensor
+    csr: CSRGraph
+    edge_index: torch.Tensor
+    node_batch: torch.Tensor
+    edge_batch: torch.Tensor
+    num_graphs: int
+
+
+def split_state(state: dict) -> tuple[list[tuple[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A state dict -> (parameters as ``(name, tensor)`` in order, BatchNorm buffers by name). Buffers are
+    recognised by their names (``running_mean``, ``running_var``, ``num_batches_tracked``)."""
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"a model's state dict must be a non-empty dict, got {type(state).__name__} {state!r:.80}")
+    params, buffers = [], {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state dict entry {name!r} must be a tensor, got {type(value).__name__}")
+        (buffers.__setitem__(name, value) if name.endswith(_BUFFER_SUFFIXES) else params.append((name, value)))
+    return params, buffers
+
+
+def params_of(model: nn.Module | dict) -> tuple[list[tuple[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(parameters in ``named_parameters()`` order, BatchNorm buffers) of a module or a state dict."""
+    if isinstance(model, nn.Module):
+        params = [(n, p.detach()) for n, p in model.named_parameters()]
+        buffers = {n: b for n, b in model.named_buffers() if n.endswith(_BUFFER_SUFFIXES)}
+        if not params:
+            raise ValueError(f"the model {type(model).__name__} has no parameters")
+        return params, buffers
+    if isinstance(model, dict):
+        return split_state(model)
+    raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+
+
+def node_features(graph: NeuralGraph) -> torch.Tensor:
+    """(N, NODE_DIM) float32: in- and out-edge type fractions, log in/out degree, input/output flags, relative
+    depth. Self-loops are left out (every node has one)."""
+    n = graph.num_nodes
+    etype, src, dst = graph.edge_type_u8.long(), graph.src.long(), graph.dst.long()
+    keep = etype != SELF_LOOP
+    etype, src, dst = etype[keep], src[keep], dst[keep]
+    ones = torch.ones(etype.numel())
+    hist_in = torch.zeros(n, NUM_EDGE_TYPES).index_put_((dst, etype), ones, accumulate=True)
+    hist_out = torch.zeros(n, NUM_EDGE_TYPES).index_put_((src, etype), ones, accumulate=True)
+    deg_in, deg_out = hist_in.sum(1, keepdim=True), hist_out.sum(1, keepdim=True)
+    depth = _depth(n, src, dst)
+    return torch.cat(
+        (
+            hist_in / deg_in.clamp(min=1),
+            hist_out / deg_out.clamp(min=1),
+            torch.log1p(deg_in) / 4,
+            torch.log1p(deg_out) / 4,
+            (deg_in == 0).float(),
+            (deg_out == 0).float(),
+            (depth / depth.max().clamp(min=1)).unsqueeze(1),
+        ),
+        1,
+    )
+
+
+def _depth(n: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 longest-path depth from the sources (nodes without in-edges), by relaxation over all edges at
+    once; a graph with cycles stops after a fixed number of rounds (still a function of the structure only)."""
+    depth = torch.zeros(n)
+    for _ in range(_MAX_DEPTH_ITERS):
+        new = depth.scatter_reduce(0, dst, depth[src] + 1, reduce="amax", include_self=True)
+        if torch.equal(new, depth):
+            break
+        depth = new
+    return depth
+
+
+def edge_features(graph: NeuralGraph, params, buffers: dict, max_feat_size: int) -> torch.Tensor:
+    """(E, max_feat_size + 2) float32 edge features, CSR order: parameter values per slot, BatchNorm running
+    mean / std on the edges of the BatchNorm weight."""
+    if graph.max_feat_size > max_feat_size:
+        raise ValueError(
+            f"metanet: the model has parameters of {graph.max_feat_size} elements per edge (e.g. a "
+            f"{math.isqrt(graph.max_feat_size)}x{math.isqrt(graph.max_feat_size)} kernel); this metanetwork takes "
+            f"at most max_feat_size={max_feat_size}"
+        )
+    flat = torch.cat([p.detach().reshape(-1).float().cpu() for _, p in params])
+    slots = graph.to_edges(flat)  # (E, F)
+    out = torch.zeros(graph.num_edges, max_feat_size + BN_STATS)
+    out[:, : slots.shape[1]] = slots
+    offset = 0
+    for name, p in params:
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else None
+        mean, var = (
+            (buffers.get(f"{prefix}.running_mean"), buffers.get(f"{prefix}.running_var")) if prefix else (None,) * 2
+        )
+        if p.dim() == 1 and mean is not None and var is not None:
+            if mean.shape != p.shape or var.shape != p.shape:
+                raise ValueError(
+                    f"metanet: BatchNorm buffers of {prefix!r} have shapes {tuple(mean.shape)} / {tuple(var.shape)}, "
+                    f"its weight {tuple(p.shape)}"
+                )
+            edges = torch.div(graph.param_pos[offset : offset + p.numel()], graph.max_feat_size, rounding_mode="floor")
+            out[edges, max_feat_size] = mean.float().cpu()
+            out[edges, max_feat_size + 1] = var.float().cpu().clamp(min=0).sqrt()
+        offset += p.numel()
+    return out
+
+
+class GraphCache:
+    """Structure (CSR, edge types, node features) per distinct architecture, built once: zoo models of one
+    architecture share it and only their edge features are computed per model."""
+
+    def __init__(self):
+        self._graphs: dict[tuple, tuple[NeuralGraph, torch.Tensor]] = {}
+
+    def graph(self, named_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[NeuralGraph, torch.Tensor]:
+        key = tuple(named_shapes)
+        if key not in self._graphs:
+            graph = build_graph(named_shapes, lpe=0)
+            self._graphs[key] = (graph, node_features(graph))
+        return self._graphs[key]
+
+
+def graph_input(model: nn.Module | dict, max_feat_size: int, cache: GraphCache | None = None) -> GraphInput:
+    """The :class:`GraphInput` of a module or a state dict (architectures ``build_graph`` supports; ValueError
+    naming the problem otherwise)."""
+    if isinstance(model, nn.Module) and detect_arch(model)[0] != "generic":
+        return module_graph_input(model, max_feat_size)
+    params, buffers = params_of(model)
+    bad = [f"{n}: {v.dtype}" for n, v in params if not v.is_floating_point()]
+    if bad:
+        raise TypeError(f"metanet: parameters must be floating tensors, got {bad[:3]}")
+    graph, x = (cache or GraphCache()).graph([(n, tuple(v.shape)) for n, v in params])
+    e = edge_features(graph, params, buffers, max_feat_size)
+    return GraphInput(graph.rowptr, graph.src.long(), graph.dst.long(), graph.edge_type_u8.long(), x, e)
+
+
+def module_graph_input(model: nn.Module, max_feat_size: int) -> GraphInput:
+    """:func:`graph_input` of a module whose architecture ``build_graph`` detects (e.g. a Hugging Face
+    transformer): the graph is built from the module itself, so its head counts come from its config. A state
+    dict alone is read as a generic (fc/conv) model."""
+    params, buffers = params_of(model)
+    graph = build_graph(model, lpe=0)
+    e = edge_features(graph, params, buffers, max_feat_size)
+    return GraphInput(
+        graph.rowptr, graph.src.long(), graph.dst.long(), graph.edge_type_u8.long(), node_features(graph), e
+    )
+
+
+def collate(items: list[GraphInput]) -> GraphBatch:
+    """Block-diagonal batch: node ids of graph b are offset by the nodes of the graphs before it; the CSR stays
+    destination-sorted, so no sort is needed (``perm`` is the identity)."""
+    if not items:
+        raise ValueError("collate: no graphs to batch")
+    n_nodes = torch.tensor([g.num_nodes for g in items])
+    n_edges = torch.tensor([g.num_edges for g in items])
+    node_off = torch.cumsum(n_nodes, 0) - n_nodes
+    edge_off = torch.cumsum(n_edges, 0) - n_edges
+    node_off_e = torch.repeat_interleave(node_off, n_edges)
+    src = torch.cat([g.src for g in items]) + node_off_e
+    dst = torch.cat([g.dst for g in items]) + node_off_e
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64)] + [g.rowptr[1:] for g in items])
+    rowptr[1:] += torch.repeat_interleave(edge_off, n_nodes)
+    ident = torch.arange(src.numel())
+    csr = CSRGraph(rowptr=rowptr, src=src.to(torch.int32), dst=dst.to(torch.int32), perm=ident, inv_perm=ident)
+    graphs = torch.arange(len(items))
+    return GraphBatch(
+        x=torch.cat([g.x for g in items]),
+        edge_attr=torch.cat([g.edge_attr for g in items]),
+        edge_type=torch.cat([g.edge_type for g in items]),
+        csr=csr,
+        edge_index=torch.stack((src, dst)),
+        node_batch=torch.repeat_interleave(graphs, n_nodes),
+        edge_batch=torch.repeat_interleave(graphs, n_edges),
+        num_graphs=len(items),
+    )
