@@ -1,7 +1,7 @@
 """Metanetwork training throughput (graphs/s, forward + backward): :class:`nino_fast.metanet.MetaNet` on the fused
 layers vs the same model on PyG ``MessagePassing`` layers (bench/pyg_ref.py), same weights, same batches.
 
-    python -m bench.bench_metanet [--batch 32] [--batches 4] [--hid 64] [--edge-dim 16] [--layers 3] [--threads 1]
+    python -m bench.bench_metanet [--batch 32] [--batches 4] [--hid 128] [--edge-dim 16] [--layers 3] [--threads 1]
 
 A batch is ``--batch`` zoo architectures (``nino_fast.metanet.zoo.sample_spec``: MLPs and ConvNets, with and
 without BatchNorm; untrained weights: the speed does not depend on the values) in one block-diagonal graph. One
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32, help="graphs per block-diagonal batch")
     ap.add_argument("--batches", type=int, default=4, help="distinct batches timed")
-    ap.add_argument("--hid", type=int, default=64)
+    ap.add_argument("--hid", type=int, default=128)
     ap.add_argument("--edge-dim", type=int, default=16)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=5)

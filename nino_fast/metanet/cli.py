@@ -92,7 +92,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--zoo", required=True, help="zoo directory made by `nino-fast metanet zoo`")
     p.add_argument("--out", required=True, help="metanet checkpoint to write (MetaNet.load reads it)")
-    p.add_argument("--hid", type=int, default=64, help="node channels")
+    p.add_argument("--hid", type=int, default=128, help="node channels")
     p.add_argument("--edge-dim", type=int, default=16, help="edge channels")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--pool", choices=("mean", "sum", "attention"), default="mean")

@@ -30,12 +30,16 @@ NODE_DIM = 2 * NUM_EDGE_TYPES + 5
 BN_STATS = 2  # running mean, running std
 _BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 _MAX_DEPTH_ITERS = 256
+_WEIGHT_TYPES = [1, 3, 5, 6, 7, 8, 9]  # fc, conv, embeddings, q/k/v
+NODE_GROUPS = 4  # inputs, bias/norm nodes, hidden, outputs
+EDGE_GROUPS = 12  # (weight, bias, norm, structural) x (first layer, in between, outputs)
 
 
 @dataclass
 class GraphInput:
     """One model as metanetwork input: CSR ``rowptr`` (N+1,) int64, ``src``/``dst`` (E,) int64 (destination-sorted),
-    ``edge_type`` (E,) int64, ``x`` (N, NODE_DIM) and ``edge_attr`` (E, max_feat_size + 2) float32."""
+    ``edge_type`` (E,) int64, ``x`` (N, NODE_DIM) and ``edge_attr`` (E, max_feat_size + 2) float32,
+    ``node_group`` (N,) / ``edge_group`` (E,) int64 readout groups (:func:`structure`)."""
 
     rowptr: torch.Tensor
     src: torch.Tensor
@@ -43,6 +47,8 @@ class GraphInput:
     edge_type: torch.Tensor
     x: torch.Tensor
     edge_attr: torch.Tensor
+    node_group: torch.Tensor
+    edge_group: torch.Tensor
 
     @property
     def num_nodes(self) -> int:
@@ -57,7 +63,8 @@ class GraphInput:
 class GraphBatch:
     """Many graphs as one block-diagonal graph: the fields of :class:`GraphInput` concatenated (node ids offset),
     ``csr`` the :class:`~nino_fast.nn.CSRGraph` the layers take, ``edge_index`` (2, E) in CSR order (for PyG
-    layers), ``node_batch`` (N,) / ``edge_batch`` (E,) the graph of each node / edge."""
+    layers), ``node_batch`` (N,) / ``edge_batch`` (E,) the graph of each node / edge, ``node_group`` /
+    ``edge_group`` their readout groups."""
 
     x: torch.Tensor
     edge_attr: torch.Tensor
@@ -66,6 +73,8 @@ class GraphBatch:
     edge_index: torch.Tensor
     node_batch: torch.Tensor
     edge_batch: torch.Tensor
+    node_group: torch.Tensor
+    edge_group: torch.Tensor
     num_graphs: int
 
 
@@ -98,27 +107,52 @@ def params_of(model: nn.Module | dict) -> tuple[list[tuple[str, torch.Tensor]], 
 def node_features(graph: NeuralGraph) -> torch.Tensor:
     """(N, NODE_DIM) float32: in- and out-edge type fractions, log in/out degree, input/output flags, relative
     depth. Self-loops are left out (every node has one)."""
+    return structure(graph)[0]
+
+
+def structure(graph: NeuralGraph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(node features (N, NODE_DIM), node groups (N,), edge groups (E,)) of a neural graph, from its structure
+    alone (invariant to hidden-neuron permutations).
+
+    Node groups (:data:`NODE_GROUPS`): input neurons (no in-edge, weight out-edges), parameter nodes (the bias and
+    norm nodes: no in-edge otherwise), hidden neurons, output neurons (no out-edge). Edge groups
+    (:data:`EDGE_GROUPS`): kind (weight, bias, norm, structural) x place (into the first layer's neurons, into
+    the outputs, in between): the readout pools each group apart, as StatNN's per-layer statistics do.
+    """
     n = graph.num_nodes
-    etype, src, dst = graph.edge_type_u8.long(), graph.src.long(), graph.dst.long()
-    keep = etype != SELF_LOOP
-    etype, src, dst = etype[keep], src[keep], dst[keep]
+    etype_all, src_all, dst_all = graph.edge_type_u8.long(), graph.src.long(), graph.dst.long()
+    keep = etype_all != SELF_LOOP
+    etype, src, dst = etype_all[keep], src_all[keep], dst_all[keep]
     ones = torch.ones(etype.numel())
     hist_in = torch.zeros(n, NUM_EDGE_TYPES).index_put_((dst, etype), ones, accumulate=True)
     hist_out = torch.zeros(n, NUM_EDGE_TYPES).index_put_((src, etype), ones, accumulate=True)
-    deg_in, deg_out = hist_in.sum(1, keepdim=True), hist_out.sum(1, keepdim=True)
+    deg_in, deg_out = hist_in.sum(1), hist_out.sum(1)
     depth = _depth(n, src, dst)
-    return torch.cat(
+    x = torch.cat(
         (
-            hist_in / deg_in.clamp(min=1),
-            hist_out / deg_out.clamp(min=1),
-            torch.log1p(deg_in) / 4,
-            torch.log1p(deg_out) / 4,
-            (deg_in == 0).float(),
-            (deg_out == 0).float(),
+            hist_in / deg_in.clamp(min=1).unsqueeze(1),
+            hist_out / deg_out.clamp(min=1).unsqueeze(1),
+            torch.log1p(deg_in).unsqueeze(1) / 4,
+            torch.log1p(deg_out).unsqueeze(1) / 4,
+            (deg_in == 0).float().unsqueeze(1),
+            (deg_out == 0).float().unsqueeze(1),
             (depth / depth.max().clamp(min=1)).unsqueeze(1),
         ),
         1,
     )
+    weight_out = hist_out[:, _WEIGHT_TYPES].sum(1) > 0
+    node_group = torch.full((n,), 2, dtype=torch.int64)  # hidden
+    node_group[(deg_in == 0) & ~weight_out] = 1  # bias / norm nodes
+    node_group[(deg_in == 0) & weight_out] = 0  # inputs
+    node_group[(deg_out == 0) & (deg_in > 0)] = 3  # outputs
+    kind = torch.full_like(etype_all, 3)  # structural (self-loops, residual, head)
+    kind[torch.isin(etype_all, torch.tensor(_WEIGHT_TYPES))] = 0
+    kind[etype_all == 2] = 1  # bias
+    kind[etype_all == 4] = 2  # norm
+    place = torch.ones_like(etype_all)  # in between
+    place[depth[dst_all] == 1] = 0  # into the first layer's neurons
+    place[node_group[dst_all] == 3] = 2  # into the outputs
+    return x, node_group, kind * 3 + place
 
 
 def _depth(n: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -170,13 +204,14 @@ class GraphCache:
     architecture share it and only their edge features are computed per model."""
 
     def __init__(self):
-        self._graphs: dict[tuple, tuple[NeuralGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple] = {}
 
-    def graph(self, named_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[NeuralGraph, torch.Tensor]:
+    def graph(self, named_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple:
+        """(graph, node features, node groups, edge groups) of the architecture ``named_shapes``."""
         key = tuple(named_shapes)
         if key not in self._graphs:
             graph = build_graph(named_shapes, lpe=0)
-            self._graphs[key] = (graph, node_features(graph))
+            self._graphs[key] = (graph, *structure(graph))
         return self._graphs[key]
 
 
@@ -189,9 +224,16 @@ def graph_input(model: nn.Module | dict, max_feat_size: int, cache: GraphCache |
     bad = [f"{n}: {v.dtype}" for n, v in params if not v.is_floating_point()]
     if bad:
         raise TypeError(f"metanet: parameters must be floating tensors, got {bad[:3]}")
-    graph, x = (cache or GraphCache()).graph([(n, tuple(v.shape)) for n, v in params])
-    e = edge_features(graph, params, buffers, max_feat_size)
-    return GraphInput(graph.rowptr, graph.src.long(), graph.dst.long(), graph.edge_type_u8.long(), x, e)
+    graph, *struct = (cache or GraphCache()).graph([(n, tuple(v.shape)) for n, v in params])
+    return _input(graph, struct, edge_features(graph, params, buffers, max_feat_size))
+
+
+def _input(graph: NeuralGraph, struct, edge_attr: torch.Tensor) -> GraphInput:
+    x, node_group, edge_group = struct
+    return GraphInput(
+        graph.rowptr, graph.src.long(), graph.dst.long(), graph.edge_type_u8.long(), x, edge_attr, node_group,
+        edge_group,
+    )  # fmt: skip
 
 
 def module_graph_input(model: nn.Module, max_feat_size: int) -> GraphInput:
@@ -200,10 +242,7 @@ def module_graph_input(model: nn.Module, max_feat_size: int) -> GraphInput:
     dict alone is read as a generic (fc/conv) model."""
     params, buffers = params_of(model)
     graph = build_graph(model, lpe=0)
-    e = edge_features(graph, params, buffers, max_feat_size)
-    return GraphInput(
-        graph.rowptr, graph.src.long(), graph.dst.long(), graph.edge_type_u8.long(), node_features(graph), e
-    )
+    return _input(graph, structure(graph), edge_features(graph, params, buffers, max_feat_size))
 
 
 def collate(items: list[GraphInput]) -> GraphBatch:
@@ -231,5 +270,7 @@ def collate(items: list[GraphInput]) -> GraphBatch:
         edge_index=torch.stack((src, dst)),
         node_batch=torch.repeat_interleave(graphs, n_nodes),
         edge_batch=torch.repeat_interleave(graphs, n_edges),
+        node_group=torch.cat([g.node_group for g in items]),
+        edge_group=torch.cat([g.edge_group for g in items]),
         num_graphs=len(items),
     )

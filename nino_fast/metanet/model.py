@@ -8,7 +8,10 @@ r"""``MetaNet``: a graph-level metanetwork (NG-GNN / Graph Metanetworks style) o
     x^{l+1} = \mathrm{LN}\big(x^l + \mathrm{silu}(\mathrm{EdgeFiLMConv}(x^l, e^l))\big), \qquad
     e^{l+1} = e^l + \mathrm{EdgeUpdate}(x^{l+1}, e^l)
 
-    \hat y = \mathrm{head}([\mathrm{pool}_v(x^L), \mathrm{pool}_e(e^L)])
+    \hat y = \mathrm{head}([\mathrm{pool}_{v \in V_g}(x^L_v)]_g, [\mathrm{pool}_{e \in E_g}(e^L)]_g)
+
+with the readout groups :math:`V_g` (inputs, bias and norm nodes, hidden neurons, outputs) and :math:`E_g`
+(weight / bias / norm / structural edges into the first layer, in between, into the outputs).
 
 Every piece is equivariant to node permutations and the pooling is invariant, so permuting the hidden neurons of
 the input model leaves the prediction unchanged (up to float summation order). Edge channels (``edge_dim``) are
@@ -25,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import EdgeFiLMConv, EdgeUpdate
-from .features import BN_STATS, NODE_DIM, NUM_EDGE_TYPES, GraphBatch, GraphCache, collate, graph_input
+from . import features as feats
+from .features import GraphBatch, GraphCache, collate, graph_input
 
 FORMAT = "nino_fast.metanet/1"
 POOLS = ("mean", "sum", "attention")
@@ -33,6 +37,13 @@ POOLS = ("mean", "sum", "attention")
 
 def _mlp(d_in: int, d_hid: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hid), nn.SiLU(), nn.Linear(d_hid, d_out))
+
+
+def edge_inputs(a: torch.Tensor) -> torch.Tensor:
+    """(E, 3 C) encoder inputs from raw edge values (E, C): ``10 a``, ``10 |a|`` and ``log(|a| + 1e-3)``. Trained
+    weights are mostly |w| < 0.5, where a freshly initialised encoder is nearly linear (and the mean of a linear
+    function of symmetric weights says little); the magnitude and its log make spread and scale first-class."""
+    return torch.cat((10 * a, 10 * a.abs(), torch.log(a.abs() + 1e-3)), 1)
 
 
 def segment_pool(h: torch.Tensor, index: torch.Tensor, num: int, how: str, score: torch.Tensor | None = None):
@@ -66,7 +77,7 @@ class MetaNet(nn.Module):
     standardised output to target units (set by training).
     """
 
-    def __init__(self, hid: int = 64, edge_dim: int = 16, layers: int = 3, pool: str = "mean", max_feat_size: int = 9):
+    def __init__(self, hid: int = 128, edge_dim: int = 16, layers: int = 3, pool: str = "mean", max_feat_size: int = 9):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"MetaNet: pool must be one of {list(POOLS)}, got {pool!r}")
@@ -75,34 +86,41 @@ class MetaNet(nn.Module):
                 raise ValueError(f"MetaNet: {name} must be a positive int, got {v!r}")
         self.config = {"hid": hid, "edge_dim": edge_dim, "layers": layers, "pool": pool, "max_feat_size": max_feat_size}
         self.max_feat_size, self.pool = max_feat_size, pool
-        self.node_enc = _mlp(NODE_DIM, hid, hid)
-        self.edge_enc = _mlp(max_feat_size + BN_STATS, edge_dim, edge_dim)
-        self.type_emb = nn.Embedding(NUM_EDGE_TYPES, edge_dim)
+        self.node_enc = _mlp(feats.NODE_DIM, hid, hid)
+        self.edge_enc = _mlp(3 * (max_feat_size + feats.BN_STATS), edge_dim, edge_dim)
+        self.type_emb = nn.Embedding(feats.NUM_EDGE_TYPES, edge_dim)
         self.convs = nn.ModuleList(EdgeFiLMConv(hid, hid, edge_dim) for _ in range(layers))
         self.updates = nn.ModuleList(EdgeUpdate(hid, edge_dim, edge_dim) for _ in range(layers))
         self.norms = nn.ModuleList(nn.LayerNorm(hid) for _ in range(layers))
         self.node_score = nn.Linear(hid, 1)
         self.edge_score = nn.Linear(edge_dim, 1)
-        self.head = _mlp(hid + edge_dim, hid, 1)
+        self.head = _mlp(feats.NODE_GROUPS * hid + feats.EDGE_GROUPS * edge_dim, hid, 1)
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_std", torch.ones(()))
         # the graph argument the layers take: the CSRGraph for nino_fast.nn's, edge_index for PyG-style layers
         self.graph_input = "csr"
 
     def embed(self, batch: GraphBatch) -> torch.Tensor:
-        """(B, hid + edge_dim) graph embeddings: pooled node and edge states after the last layer."""
+        """(B, NODE_GROUPS * hid + EDGE_GROUPS * edge_dim) graph embeddings: node and edge states after the last
+        layer, pooled per readout group (inputs / bias and norm nodes / hidden / outputs; edges by kind and
+        place)."""
         graph = batch.csr if self.graph_input == "csr" else batch.edge_index
         x = self.node_enc(batch.x)
-        e = self.edge_enc(batch.edge_attr) + self.type_emb(batch.edge_type)
+        e = self.edge_enc(edge_inputs(batch.edge_attr)) + self.type_emb(batch.edge_type)
         for conv, update, norm in zip(self.convs, self.updates, self.norms, strict=True):
             x = norm(x + F.silu(conv(x, graph, e)))
             e = e + update(x, graph, e)
         scores = (
             (self.node_score(x).squeeze(1), self.edge_score(e).squeeze(1)) if self.pool == "attention" else (None,) * 2
         )
-        node = segment_pool(x, batch.node_batch, batch.num_graphs, self.pool, scores[0])
-        edge = segment_pool(e, batch.edge_batch, batch.num_graphs, self.pool, scores[1])
-        return torch.cat((node, edge), 1)
+        b = batch.num_graphs
+        node = segment_pool(
+            x, batch.node_batch * feats.NODE_GROUPS + batch.node_group, b * feats.NODE_GROUPS, self.pool, scores[0]
+        )
+        edge = segment_pool(
+            e, batch.edge_batch * feats.EDGE_GROUPS + batch.edge_group, b * feats.EDGE_GROUPS, self.pool, scores[1]
+        )
+        return torch.cat((node.view(b, -1), edge.view(b, -1)), 1)
 
     def forward_standardized(self, batch: GraphBatch) -> torch.Tensor:
         """(B,) head outputs in standardised target units (what training regresses)."""

@@ -43,7 +43,7 @@ def scores(pred: torch.Tensor, target: torch.Tensor) -> dict:
 class TrainConfig:
     """Hyperparameters of :func:`train_metanet` (defaults: the RESULTS runs)."""
 
-    hid: int = 64
+    hid: int = 128
     edge_dim: int = 16
     layers: int = 3
     pool: str = "mean"
