@@ -13,7 +13,7 @@ from torch import nn
 
 from nino_fast.cli import main as cli_main
 from nino_fast.metanet import MetaNet, StatNN, build_model, build_zoo, collate, graph_input, load_zoo, permute_hidden
-from nino_fast.metanet.train import TrainConfig, kendall_tau, r2_score, train_metanet
+from nino_fast.metanet.train import TrainConfig, kendall_tau, pairwise_rank_loss, r2_score, train_metanet
 from nino_fast.metanet.zoo import digits_split
 
 pytest.importorskip("sklearn")
@@ -162,6 +162,13 @@ def test_statnn_and_scores(zoo):
     assert pred.shape == (len(models),)
     assert r2_score(accs, accs) == 1.0 and kendall_tau(accs, accs) == pytest.approx(1.0)
     assert r2_score(torch.full_like(accs, float(accs.mean())), accs) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_pairwise_rank_loss():
+    y = torch.tensor([0.0, 1.0, 2.0])
+    right, wrong = pairwise_rank_loss(y, y), pairwise_rank_loss(-y, y)
+    assert right < wrong and right > 0
+    assert pairwise_rank_loss(torch.zeros(3), torch.zeros(3)) == 0  # no pair apart by more than the margin
 
 
 def test_cli_train_eval(zoo, tmp_path, capsys):

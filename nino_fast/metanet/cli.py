@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         hid=args.hid, edge_dim=args.edge_dim, layers=args.layers, pool=args.pool, epochs=args.epochs,
-        batch=args.batch, lr=args.lr, wd=args.wd, seed=args.seed, threads=args.threads,
+        batch=args.batch, lr=args.lr, wd=args.wd, seed=args.seed, threads=args.threads, rank_weight=args.rank_weight,
     )  # fmt: skip
     net, info = train_metanet(args.zoo, cfg, progress=not args.quiet)
     net.save(args.out, **info)
@@ -87,8 +87,8 @@ def add_parsers(sub) -> None:
     p = msub.add_parser(
         "train",
         help="train a metanetwork on a zoo's train split",
-        description="Regress the zoo models' test accuracies from their weights (MSE on standardised targets, "
-        "AdamW, one-cycle schedule); keep the epoch with the best validation R^2.",
+        description="Regress the zoo models' test accuracies from their weights (MSE on standardised targets plus a "
+        "pairwise ranking term, AdamW, one-cycle schedule); keep the epoch with the best validation R^2.",
     )
     p.add_argument("--zoo", required=True, help="zoo directory made by `nino-fast metanet zoo`")
     p.add_argument("--out", required=True, help="metanet checkpoint to write (MetaNet.load reads it)")
@@ -100,6 +100,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch", type=int, default=32, help="graphs per step (one block-diagonal batch)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--wd", type=float, default=1e-4)
+    p.add_argument("--rank-weight", type=float, default=1.0, help="weight of the pairwise ranking term beside the MSE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
