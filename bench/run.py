@@ -63,6 +63,7 @@ SCRIPTS = (
     ("bench.bench_scale", ["--models", "llama251k"], False),
     ("bench.bench_distributed", ["--models", "llama251k", "--states", "full"], False),
     ("bench.bench_meta_eval", ["--seeds", "1", "--steps", "100", "--tasks", "demo", "--predictors", "ours"], False),
+    ("bench.bench_metanet", ["--batch", "8", "--batches", "1", "--repeat", "1", "--hid", "32"], False),
     ("bench.bench_gpu_e2e", ["--models", "llama2m", "--repeat", "1"], True),
     ("bench.bench_cuda_quick", ["--sizes", "1e4"], True),  # kernel cases the table lacks (C = 5 / 45, type tables)
     ("bench.bench_triton_quick", ["--sizes", "1e4"], True),  # and the Triton launch-parameter sweeps
