@@ -77,6 +77,13 @@ class GraphBatch:
     edge_group: torch.Tensor
     num_graphs: int
 
+    def to(self, device: torch.device | str) -> GraphBatch:
+        """This batch with its tensors on ``device``."""
+        move = lambda t: t.to(device)
+        csr = CSRGraph(*(move(getattr(self.csr, f)) for f in ("rowptr", "src", "dst", "perm", "inv_perm")))
+        fields = {k: move(v) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return GraphBatch(**fields, csr=csr, num_graphs=self.num_graphs)
+
 
 def split_state(state: dict) -> tuple[list[tuple[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """A state dict -> (parameters as ``(name, tensor)`` in order, BatchNorm buffers by name). Buffers are
@@ -87,7 +94,10 @@ def split_state(state: dict) -> tuple[list[tuple[str, torch.Tensor]], dict[str, 
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"state dict entry {name!r} must be a tensor, got {type(value).__name__}")
-        (buffers.__setitem__(name, value) if name.endswith(_BUFFER_SUFFIXES) else params.append((name, value)))
+        if name.endswith(_BUFFER_SUFFIXES):
+            buffers[name] = value
+        else:
+            params.append((name, value))
     return params, buffers
 
 

@@ -143,13 +143,16 @@ class MetaNet(nn.Module):
 
     @torch.no_grad()
     def predict_many(self, models: list, batch_size: int = 64, cache: GraphCache | None = None) -> torch.Tensor:
-        """(len(models),) predictions for modules or state dicts, ``batch_size`` graphs per forward pass."""
+        """(len(models),) predictions (CPU) for modules or state dicts, ``batch_size`` graphs per forward pass on the
+        metanetwork's device."""
         was_training = self.training
         self.eval()
         cache = cache or GraphCache()
         try:
             inputs = [graph_input(m, self.max_feat_size, cache) for m in models]
-            outs = [self(collate(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
+            device = self.target_mean.device
+            batches = (collate(inputs[i : i + batch_size]).to(device) for i in range(0, len(inputs), batch_size))
+            outs = [self(b).cpu() for b in batches]
         finally:
             self.train(was_training)
         return torch.cat(outs) if outs else torch.zeros(0)
