@@ -70,6 +70,25 @@ def test_equivariant_to_hidden_permutations(spec, pool):
         assert metanet.predict(permuted.state_dict()) == pytest.approx(want, abs=1e-5, rel=1e-5)
 
 
+def test_layernorm_and_batchnorm1d_mlp_equivariant(net):
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 16), nn.BatchNorm1d(16),
+        nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model[5].running_mean.normal_()
+        model[5].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    permuted = permute_hidden(model, torch.Generator().manual_seed(0)).eval()
+    x = digits_split()[2][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)
+    assert net.predict(permuted) == pytest.approx(net.predict(model), abs=1e-5, rel=1e-5)
+
+
 def test_perturbations_change_the_prediction(net):
     model = trained_like(CONV_BN, seed=4)
     base = net.predict(model)

@@ -5,7 +5,10 @@ Node features depend on the graph's structure only, never on a node's id: the hi
 and out of the node (this tells inputs, hidden neurons, outputs, bias and norm nodes apart), its in/out degree
 and its depth (longest path from an input, relative to the graph's). Every hidden neuron of one layer gets the
 same features, so permuting hidden neurons permutes nodes and edges and nothing else. NiNo's Laplacian
-eigenvectors are deliberately not used: their signs and order are not invariant.
+eigenvectors are deliberately not used: their signs and order are not invariant. (This holds where consecutive
+weighted layers connect unit to unit, e.g. ConvNets with global pooling before the classifier. A ``Flatten`` of
+several spatial positions into a ``Linear`` is laid out as ``build_graph`` lays it out for NiNo -- the channels are
+the first rows of the linear layer's inputs --, on which a channel permutation is not a graph relabelling.)
 
 Edge features: the parameter values on the edge (``NeuralGraph.to_edges``: one slot per element of a 3x3
 kernel, zero-padded to ``max_feat_size`` slots; constants on structural edges), plus the running mean and std
