@@ -130,8 +130,23 @@ def test_save_load_round_trip(net, tmp_path):
 
 
 def test_bad_inputs(net, tmp_path):
-    with pytest.raises(ValueError, match="unsupported parameter shapes"):
-        net.predict(nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3)))
+    conv3d = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3))
+    with pytest.raises(ValueError, match=r"unsupported architecture.*0 \(Conv3d\)"):
+        net.predict(conv3d)
+    with pytest.raises(ValueError, match="unsupported parameter shapes"):  # build_graph's own check
+        net.predict(conv3d.state_dict())
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(8, 16), nn.Linear(16, 2)
+
+    with pytest.raises(ValueError, match=r"unsupported architecture.*rnn \(LSTM\)"):
+        net.predict(Recurrent())
+    with pytest.raises(ValueError, match="unsupported state dict entries"):
+        net.predict(Recurrent().state_dict())
+    with pytest.raises(ValueError, match=r"att \(MultiheadAttention\)"):
+        net.predict(nn.ModuleDict({"att": nn.MultiheadAttention(16, 2), "fc": nn.Linear(16, 2)}))
     with pytest.raises(ValueError, match="max_feat_size=9"):
         net.predict(nn.Sequential(nn.Conv2d(1, 2, 5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)))
     with pytest.raises(ValueError, match="no parameters"):

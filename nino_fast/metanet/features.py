@@ -117,6 +117,37 @@ def params_of(model: nn.Module | dict) -> tuple[list[tuple[str, torch.Tensor]], 
     raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
 
 
+SUPPORTED_LAYERS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
+)  # fmt: skip
+
+
+def check_supported(model: nn.Module | dict) -> None:
+    """ValueError unless a generic (non-transformer) model is made of layers the neural graph describes: fc and
+    conv layers and their norms. (``build_graph`` lays out any 1-4-D tensors, so an LSTM or a bare attention
+    module would get a graph that does not follow its computation.) A state dict is checked by its names only:
+    every parameter must be a ``weight`` or a ``bias``."""
+    if isinstance(model, nn.Module):
+        bad = [
+            f"{name or '(root)'} ({type(m).__name__})"
+            for name, m in model.named_modules()
+            if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, SUPPORTED_LAYERS)
+        ]
+        if bad:
+            kinds = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+            raise ValueError(
+                f"metanet: unsupported architecture: layers {bad[:4]} are not neural-graph layers (supported: {kinds}, "
+                "and the transformers build_graph detects)"
+            )
+    elif isinstance(model, dict):
+        bad = [n for n, v in model.items() if not n.endswith(("weight", "bias") + _BUFFER_SUFFIXES)]
+        if bad:
+            raise ValueError(
+                f"metanet: unsupported state dict entries {bad[:4]}: a generic model's parameters are named "
+                "'<layer>.weight' / '<layer>.bias'"
+            )
+
+
 def node_features(graph: NeuralGraph) -> torch.Tensor:
     """(N, NODE_DIM) float32: in- and out-edge type fractions, log in/out degree, input/output flags, relative
     depth. Self-loops are left out (every node has one)."""
@@ -233,6 +264,7 @@ def graph_input(model: nn.Module | dict, max_feat_size: int, cache: GraphCache |
     naming the problem otherwise)."""
     if isinstance(model, nn.Module) and detect_arch(model)[0] != "generic":
         return module_graph_input(model, max_feat_size)
+    check_supported(model)
     params, buffers = params_of(model)
     bad = [f"{n}: {v.dtype}" for n, v in params if not v.is_floating_point()]
     if bad:
