@@ -83,7 +83,9 @@ class GraphBatch:
     def to(self, device: torch.device | str) -> GraphBatch:
         """This batch with its tensors on ``device``."""
         move = lambda t: t.to(device)
-        csr = CSRGraph(*(move(getattr(self.csr, f)) for f in ("rowptr", "src", "dst", "perm", "inv_perm")))
+        csr = CSRGraph(
+            *(move(getattr(self.csr, f)) for f in ("rowptr", "src", "dst", "perm", "inv_perm")), self.csr.in_order
+        )
         fields = {k: move(v) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
         return GraphBatch(**fields, csr=csr, num_graphs=self.num_graphs)
 
@@ -292,7 +294,8 @@ def module_graph_input(model: nn.Module, max_feat_size: int) -> GraphInput:
 
 def collate(items: list[GraphInput]) -> GraphBatch:
     """Block-diagonal batch: node ids of graph b are offset by the nodes of the graphs before it; the CSR stays
-    destination-sorted, so no sort is needed (``perm`` is the identity)."""
+    destination-sorted, so no sort is needed (``perm`` is the identity, ``in_order``: the layers read the edge
+    features in place)."""
     if not items:
         raise ValueError("collate: no graphs to batch")
     n_nodes = torch.tensor([g.num_nodes for g in items])
@@ -305,7 +308,9 @@ def collate(items: list[GraphInput]) -> GraphBatch:
     rowptr = torch.cat([torch.zeros(1, dtype=torch.int64)] + [g.rowptr[1:] for g in items])
     rowptr[1:] += torch.repeat_interleave(edge_off, n_nodes)
     ident = torch.arange(src.numel())
-    csr = CSRGraph(rowptr=rowptr, src=src.to(torch.int32), dst=dst.to(torch.int32), perm=ident, inv_perm=ident)
+    csr = CSRGraph(
+        rowptr=rowptr, src=src.to(torch.int32), dst=dst.to(torch.int32), perm=ident, inv_perm=ident, in_order=True
+    )
     graphs = torch.arange(len(items))
     return GraphBatch(
         x=torch.cat([g.x for g in items]),
