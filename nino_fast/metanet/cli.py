@@ -78,7 +78,7 @@ def add_parsers(sub) -> None:
         "store each model's weights and held-out test accuracy. Resumable: rerun to continue.",
     )
     p.add_argument("--out", required=True, help="zoo directory (created; an existing zoo is continued)")
-    p.add_argument("--size", type=int, default=1500, help="number of models (default 1500, ~9 min on one core)")
+    p.add_argument("--size", type=int, default=1500, help="number of models (default 1500, ~10 min on one core)")
     p.add_argument("--seed", type=int, default=0, help="zoo seed (model i is a function of seed and i)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
