@@ -50,15 +50,15 @@ def segment_pool(h: torch.Tensor, index: torch.Tensor, num: int, how: str, score
     """Pool rows of ``h`` (M, D) into ``num`` groups given by ``index`` (M,): mean, sum, or attention (softmax of
     ``score`` (M,) within each group, then the weighted sum). Tensor ops only (no loop over groups)."""
     if how == "attention":
-        top = torch.full((num,), float("-inf"), dtype=h.dtype).scatter_reduce(0, index, score, "amax")
+        top = h.new_full((num,), float("-inf")).scatter_reduce(0, index, score, "amax")
         w = torch.exp(score - top[index])
-        denom = torch.zeros(num, dtype=h.dtype).index_add_(0, index, w)
+        denom = h.new_zeros(num).index_add_(0, index, w)
         h = h * (w / denom[index]).unsqueeze(1)
         how = "sum"
-    total = torch.zeros(num, h.shape[1], dtype=h.dtype).index_add_(0, index, h)
+    total = h.new_zeros(num, h.shape[1]).index_add_(0, index, h)
     if how == "sum":
         return total
-    count = torch.zeros(num, dtype=h.dtype).index_add_(0, index, torch.ones_like(index, dtype=h.dtype))
+    count = h.new_zeros(num).index_add_(0, index, torch.ones_like(index, dtype=h.dtype))
     return total / count.clamp(min=1).unsqueeze(1)
 
 
