@@ -11,7 +11,7 @@
 
 Each (model, impl) runs in a fresh process; peak RSS is the process's high-water mark. The predictions of all
 implementations are compared (relative max error vs ``official`` or, without it, vs ``layerwise``).
-Results: bench/results/e2e_cpu.json.
+Results: bench/results/e2e_cpu.json (``--name``: another file).
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def main(argv=None):
     p.add_argument("--worker")
     p.add_argument("--model")
     p.add_argument("--out-dir")
+    p.add_argument("--name", default="e2e_cpu", help="results file bench/results/NAME.json (earlier runs are cited)")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -183,7 +184,7 @@ def main(argv=None):
                     err = ((pred - preds[base]).abs().max() / preds[base].abs().max()).item()
                     next(r for r in rows if r["model"] == model and r["impl"] == impl)[f"rel_err_vs_{base}"] = err
                     print(f"{model:10s} {impl:10s} max rel error vs {base}: {err:.2e}")
-    path = write_results("e2e_cpu", {"k": args.k, "rows": rows})
+    path = write_results(args.name, {"k": args.k, "rows": rows})
     print(f"# wrote {path}")
 
 
