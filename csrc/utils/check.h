@@ -115,7 +115,8 @@ inline at::Tensor as_index32(const char* op, const char* arg, const at::Tensor& 
 }
 
 // feat_index (optional, (E,) int32 / int64): a permutation of 0..E-1, CSR edge p reading feat row
-// feat_index[p]. A permutation, not any gather: the feature gradient is written row by row.
+// feat_index[p]. A permutation, not any gather: the feature gradient is put back in feat's order by
+// the inverse permutation, which only a one-to-one index has.
 inline void check_feat_index(const char* op, const at::Tensor& idx, int64_t num_edges,
                              const at::Device& device) {
   check_device(op, "feat_index", idx, device);

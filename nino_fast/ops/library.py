@@ -138,13 +138,13 @@ def _reference_impl(name: str):
 def _without_feat_index(name: str):
     """For the implementations that take no ``feat_index`` (CUDA, Triton): ``args -> args`` with ``feat`` gathered
     into CSR order and the (last) ``feat_index`` argument None; None for an op without it."""
-    names = [a.name for a in getattr(torch.ops.nino_fast, name).default._schema.arguments]
-    if "feat_index" not in names:
+    schema = getattr(torch.ops.nino_fast, name).default._schema.arguments
+    if schema[-1].name != "feat_index":
+        assert all(a.name != "feat_index" for a in schema), f"nino_fast::{name}: feat_index must come last"
         return None
-    assert names[-1] == "feat_index", f"nino_fast::{name}: feat_index must be the schema's last argument"
 
     def strip(args):
-        args = (*args, *([None] * (len(names) - len(args))))  # trailing defaults left out by the caller
+        args = (*args, *(a.default_value for a in schema[len(args) :]))  # trailing defaults left out by the caller
         return (reference.csr_feat(args[0], args[-1]), *args[1:-1], None)
 
     return strip
