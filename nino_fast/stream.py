@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -41,8 +42,11 @@ from .finish import (
     finish_rows,
     raise_if_bad,
 )
+from .graph.checks import check_int
 from .graph.layout import HEAD, RESIDUAL, SELF_LOOP
+from .graph.neural_graph import row_ranges
 from .graph.pieces import GraphPart, RowRange
+from .history import NonFiniteHistory
 from .ops import dispatch
 from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats
 
@@ -53,6 +57,9 @@ DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 Gi
 NODE_PASS, NODE_PEAK = 6, 6
 EDGE_BYTES_REFERENCE = 8 * 128 * 4  # the pure-PyTorch ops materialise a few (E_t, D) tensors per pass (D = 128)
 PASSES = ("layer 0", "layer 1", "head")
+# per edge slot of a tile assembled from a layout: src, dst, type (9), parameter id and slot (8), the ids' sort
+# (int64 keys and order: 24) and the slot -> parameter map (4), beyond the tile's other per-edge bytes
+LAYOUT_EDGE_BYTES = 45
 CHUNK = 1 << 18  # edges per chunk while building raw features / writing back predictions (bounds temporaries)
 CHUNK_GPU = 1 << 24  # on a GPU: small chunks would be launch-bound (111M edges: thousands of launches)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
@@ -117,14 +124,27 @@ class Budget:
     """
 
     def __init__(
-        self, graph, width, hid, device, budget: int | None, reference: bool, where: str, sample: bool, default: int
+        self,
+        graph,
+        width,
+        hid,
+        device,
+        budget: int | None,
+        reference: bool,
+        where: str,
+        sample: bool,
+        default: int,
+        layout: bool = False,
     ):
         E, N, F = graph.num_edges, graph.num_nodes, graph.max_feat_size
         self.per_edge = 8 * width + 48 * F + 32 + (EDGE_BYTES_REFERENCE * hid // 128 if reference else 0)
         self.per_edge += 4 * width + 32 if sample else 0  # the sampled edges' copies and the draw
+        if layout:  # a tile assembled per pass: its edge arrays, parameter ids and slots, history rows and map
+            self.per_edge += LAYOUT_EDGE_BYTES * F + 4 * width + 16
         chunk = plan.HEAD_CHUNK if device.type == "cpu" else plan.HEAD_CHUNK_GPU
         node = 4 * N * hid
-        self.fixed = 4 * E * F + min(chunk, E) * (4 * hid + 4 * width + 64)  # + one head chunk's temporaries
+        # the slot -> parameter map of all edges (per tile for a layout) + one head chunk's temporaries
+        self.fixed = (0 if layout else 4 * E * F) + min(chunk, E) * (4 * hid + 4 * width + 64)
         longest = int(graph.degree().max()) if N else 0
         need = max(self.fixed + NODE_PEAK * node, self.fixed + NODE_PASS * node + self.per_edge * longest)
         if budget is None:  # the default: ``default`` bytes, or what the step needs at least if that is more
@@ -132,12 +152,13 @@ class Budget:
         if budget < need:
             raise ValueError(
                 f"{where}: max_memory={budget} bytes is too small for this graph: the step needs at least {need} "
-                f"bytes ({4 * E * F} for the slot->parameter map, {NODE_PEAK * node} for node states, "
+                f"bytes ({self.fixed} for the slot->parameter map and the head's buffers, {NODE_PEAK * node} for "
+                f"node states, "
                 f"{self.per_edge * longest} for a tile holding its longest destination row of {longest} edges)"
             )
         free = budget - self.fixed - NODE_PASS * node
         raw_all = 4 * E * width
-        self.hold = free - raw_all >= self.per_edge * min(E, max(longest, 1 << 20))
+        self.hold = not layout and free - raw_all >= self.per_edge * min(E, max(longest, 1 << 20))
         if self.hold:
             free -= raw_all
         self.tile_edges = max(longest, free // self.per_edge, 1)
@@ -153,13 +174,23 @@ class History:
     index; a process given the full history passes its parameters' ids), ``scales``: the statistics all processes
     agreed on ((T, 2) per tensor, or one (shift, scale) per row of ``states``; None: computed from ``states``) and
     ``ends``: (T,) the row index at which each parameter tensor's rows end (default: the cumulative sizes of
-    ``graph.param_shapes``).
+    ``graph.param_shapes``). ``out``: where :meth:`finish` writes parameter p of the graph in its result (default:
+    p; a tile assembled from a :class:`~nino_fast.graph.pieces.GraphLayout` writes its parameters' ids).
     """
 
     def __init__(
-        self, graph, states: torch.Tensor, method: str, device: torch.device, rows=None, scales=None, ends=None
+        self,
+        graph,
+        states: torch.Tensor,
+        method: str,
+        device: torch.device,
+        rows=None,
+        scales=None,
+        ends=None,
+        out=None,
     ):
         self.graph, self.states, self.device, self.F = graph, states, device, graph.max_feat_size
+        self.out = out
         P, E = graph.num_params, graph.num_edges
         idx = torch.int32 if P < 2**31 else torch.int64
         self.inv = torch.full((E * self.F,), -1, dtype=idx, device=device)  # edge slot -> parameter p of the graph
@@ -239,7 +270,8 @@ class History:
             last = scale_rows(self._rows(rows, slice(-1, None)).squeeze(1), shift, scale) if model.residual else None
             values, n_bad = finish_rows(out, shift, scale, last, model.upd_scale)
             bad += n_bad
-            result[params.to(result.device)] = values.to(device=result.device, dtype=result.dtype)
+            at = params if self.out is None else self.out.index_select(0, params).long()
+            result[at.to(result.device)] = values.to(device=result.device, dtype=result.dtype)
         return bad
 
 
@@ -312,19 +344,129 @@ def nowcast_streamed(
     rows = (part.part.node_lo, part.part.node_hi) if part else ()
     ranges = row_tiles(graph, tile_edges or fit.tile_edges, *rows)
     bar = _progress_bar(progress, graph.num_edges, device)
-    tiles = _Tiles(hist, ranges, fit.hold and tile_edges is None, edge_dtype, edge_sample_ratio, bar)
-    fw = model._folded(width)
-    if edge_dtype != torch.float32:
-        fw = plan.split_raw_weights(fw)  # raw features go in as hi + lo 16-bit halves (see split_raw)
-    try:
-        result, bad, times = _run_passes(model, graph, k, tiles, fw, backend, part.combine if part else None, states)
-    finally:
-        if bar is not None:
-            bar.close()
-        release_cpu_buffers()
+    tiles = _Tiles(graph, hist, ranges, fit.hold and tile_edges is None, edge_dtype, edge_sample_ratio, bar)
+    result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
+    combine = part.combine if part else None
+    times = _run(model, graph, k, tiles, _weights(model, width, edge_dtype), backend, combine, result, where)
     _log_stats(tiles, fit.budget, times)
-    raise_if_bad(bad, where)
     return result
+
+
+@torch.no_grad()
+def nowcast_layout(
+    model,
+    layout,
+    history,
+    k: int,
+    backend=None,
+    max_memory=None,
+    progress=None,
+    tile_edges=None,
+    split: RankSplit | None = None,
+    where: str = "nowcast_layout",
+) -> torch.Tensor:
+    """The folded NiNo step over a graph kept as its layout (:class:`~nino_fast.graph.pieces.GraphLayout`) on a
+    history read tensor by tensor (:class:`~nino_fast.history.TensorHistory`): the predicted parameters (P,) in
+    ``history.dtype``, on the CPU. Bitwise :func:`nowcast_streamed`'s result (any tiling): each tile's edges are
+    assembled from the layout and its parameters' rows gathered from the history when a pass reaches it, so
+    beyond the result, the (N, D) node terms and the history's kept tensors, memory is bounded by ``max_memory``
+    (default: as :func:`nowcast_streamed`) whatever the size of the graph. Raises ValueError for a ``max_memory``
+    too small for the graph's longest row, :class:`~nino_fast.history.NonFiniteHistory` for NaN/Inf in the
+    history (before any GNN work) and :class:`NonFinitePrediction` for a non-finite prediction.
+
+    ``split``: this process's share of a step run by several (:class:`RankSplit`): its rows' tiles only, the
+    aggregations summed after each message pass, and the returned result summed over the processes (every
+    process gets all predictions, bitwise those of one process at the same thread count)."""
+    device, width = model.device, layout.max_feat_size * history.ctx
+    if getattr(model, "is_mlp", True) or not plan.supports(model):
+        raise ValueError(f"{where}: needs a NiNo model with the official architecture (the folded plan)")
+    if list(history.param_shapes) != list(layout.param_shapes):
+        raise ValueError(f"{where}: the history's parameters are not the graph's")
+    if history.ctx != model.ctx:
+        raise ValueError(f"{where}: the history has {history.ctx} snapshots, the model takes ctx={model.ctx}")
+    k = check_int(k, where, "k", 1, model.seq_len)
+    model._check_graph(layout.nodes, where)  # LPE width, word positions, feature slots
+    budget = None if max_memory is None else parse_memory(max_memory, f"{where}: max_memory")
+    share = split.local if split else 1
+    default = default_budget(device) // share
+    fit = Budget(layout, width, model.hid, device, budget, False, where, False, default, layout=True)
+    method = model.scale_method
+    scales = _layout_scales(history, method, split)  # also the finiteness check, before any GNN work
+    rows = row_ranges(layout.rowptr, split.world)[split.rank][:2] if split else ()
+    ranges = row_tiles(layout, tile_edges or fit.tile_edges, *rows)
+    bar = _progress_bar(progress, sum(r.edge_hi - r.edge_lo for r in ranges), device)
+    tiles = _LayoutTiles(layout, history, scales, method, ranges, torch.float32, 0.0, bar, device)
+    # a split step's parts are summed at the end: zeros where other processes' parameters go
+    result = (torch.zeros if split else torch.empty)(layout.num_params, dtype=history.dtype)
+    nodes = layout.nodes.to(device)
+    combine = split.combine if split else None
+    times = _run(model, nodes, k, tiles, _weights(model, width, torch.float32), backend, combine, result, where)
+    _log_stats(tiles, fit.budget, times)
+    if split:
+        split.reduce(_bits(result))  # each value comes from one process, zeros from the others: exact
+    return result
+
+
+@dataclass(frozen=True)
+class RankSplit:
+    """One process's share of :func:`nowcast_layout`: the destination rows of part ``rank`` of ``world``
+    (:func:`~nino_fast.graph.neural_graph.row_ranges`, ~E / world edges each). ``reduce``: an in-place sum over
+    the processes (e.g. ``torch.distributed.all_reduce``); ``local``: processes sharing this machine's memory
+    (the default ``max_memory`` is divided among them)."""
+
+    rank: int
+    world: int
+    reduce: Callable[[torch.Tensor], object]
+    local: int = 1
+
+    def combine(self, agg: torch.Tensor) -> torch.Tensor:
+        """The (N, D) aggregation of all processes' rows from this process's (zero elsewhere), in place."""
+        self.reduce(agg)
+        return agg
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as integers, so that a sum of disjoint parts (zeros elsewhere) is exact, -0.0 included."""
+    flat = t.view(-1)
+    return flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 else flat.view(torch.uint8)
+
+
+def _layout_scales(history, method: str, split: RankSplit | None) -> torch.Tensor | None:
+    """The history's statistics (see :meth:`~nino_fast.history.TensorHistory.scales`); a split step computes
+    each tensor's on one process and sums them (as bits: exact), and every process raises if any found NaN/Inf."""
+    if split is None:
+        return history.scales(method)
+    mine = range(split.rank, len(history.param_shapes), split.world)
+    failure, scales = None, None
+    try:
+        scales = history.scales(method, mine)
+    except NonFiniteHistory as exc:
+        failure = exc
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32)
+    split.reduce(flag)
+    if int(flag) or failure is not None:
+        raise failure or NonFiniteHistory("another process found NaN/Inf values in its part of the history")
+    if scales is not None:
+        split.reduce(_bits(scales))
+    return scales
+
+
+def _weights(model, width: int, edge_dtype) -> plan.Folded:
+    """The folded weights for raw features of ``width`` columns (16-bit halves for a 16-bit ``edge_dtype``)."""
+    fw = model._folded(width)
+    return fw if edge_dtype == torch.float32 else plan.split_raw_weights(fw)  # see plan.split_raw
+
+
+def _run(model, nodes, k: int, tiles: _Tiles, fw, backend, combine, result, where: str) -> list[float]:
+    """:func:`_run_passes`, then the kernels' buffers and the tiles' kept data let go (also on errors), and
+    :class:`NonFinitePrediction` for NaN/Inf predictions; returns the passes' end times."""
+    try:
+        bad, times = _run_passes(model, nodes, k, tiles, fw, backend, combine, result)
+    finally:
+        tiles.close()
+        release_cpu_buffers()
+    raise_if_bad(bad, where)
+    return times
 
 
 def _fit(model, graph, width: int, backend, max_memory, edge_sample_ratio: float, part, where: str) -> Budget:
@@ -356,44 +498,88 @@ def _log_stats(tiles: _Tiles, budget: int, times: list[float]) -> None:
     )
 
 
-class _Tiles:
-    """The destination-row tiles of a streamed step and what each pass reads per tile: its raw edge features
-    (built from the history, or kept from the first pass when the budget allows), the edges a message pass samples
-    (the official ``edge_sample_ratio``) and the progress bar."""
+class _Tile(NamedTuple):
+    """One tile as a pass reads it: the graph holding its edges (the whole graph, or the tile's assembled piece),
+    its rows in that graph's edge numbering, the :class:`History` of its parameters and its raw edge features."""
 
-    def __init__(self, hist: History, ranges: list[RowRange], hold: bool, edge_dtype, sample_ratio: float, bar):
-        self.hist, self.ranges, self.edge_dtype, self.ratio, self.bar = hist, ranges, edge_dtype, sample_ratio, bar
+    graph: object
+    rows: RowRange
+    hist: History
+    raw: torch.Tensor
+
+
+class _Tiles:
+    """The destination-row tiles of a streamed step over a graph in memory and what each pass reads per tile: its
+    raw edge features (built from the history, or kept from the first pass when the budget allows), the edges a
+    message pass samples (the official ``edge_sample_ratio``) and the progress bar."""
+
+    def __init__(self, graph, hist: History, ranges: list[RowRange], hold: bool, edge_dtype, ratio: float, bar):
+        self.graph, self.hist, self.ranges, self.edge_dtype = graph, hist, ranges, edge_dtype
+        self.ratio, self.bar, self.device = ratio, bar, None if hist is None else hist.device
         self.held: list[torch.Tensor | None] | None = [] if hold else None
 
-    def features(self, i: int) -> torch.Tensor:
-        """(E_t, F * C) raw features of tile ``i`` (16-bit halves for a 16-bit ``edge_dtype``)."""
-        if self.held is not None and i < len(self.held):
-            return self.held[i]
+    def open(self, i: int, last: bool = False) -> _Tile:
+        """Tile ``i`` (``last``: for the last pass over it, a kept copy of its features is let go)."""
         sh = self.ranges[i]
-        raw = self.hist.features(sh.edge_lo, sh.edge_hi)
-        if self.edge_dtype != torch.float32:
-            raw = plan.split_raw(raw, self.edge_dtype)
-        if self.held is not None:
-            self.held.append(raw)
-        return raw
-
-    def last_features(self, i: int) -> torch.Tensor:
-        """:meth:`features` for the last pass over tile ``i``: a kept copy is let go."""
-        raw = self.features(i)
-        if self.held is not None:
+        if self.held is not None and i < len(self.held):
+            raw = self.held[i]
+        else:
+            raw = self._raw(self.hist, sh.edge_lo, sh.edge_hi)
+            if self.held is not None:
+                self.held.append(raw)
+        if last and self.held is not None:
             self.held[i] = None
-        return raw
+        return _Tile(self.graph, sh, self.hist, raw)
+
+    def _raw(self, hist: History, e0: int, e1: int) -> torch.Tensor:
+        """(e1 - e0, F * C) raw features (16-bit halves for a 16-bit ``edge_dtype``)."""
+        raw = hist.features(e0, e1)
+        return raw if self.edge_dtype == torch.float32 else plan.split_raw(raw, self.edge_dtype)
 
     def keep(self, sh: RowRange) -> torch.Tensor | None:
         """The edges of ``sh`` a message pass aggregates over (None: all); drawn per pass from torch's global RNG."""
         if not 0.0 < self.ratio < 1.0:
             return None
-        return (torch.rand(sh.edge_hi - sh.edge_lo, device=self.hist.device) < self.ratio).nonzero().squeeze(1)
+        return (torch.rand(sh.edge_hi - sh.edge_lo, device=self.device) < self.ratio).nonzero().squeeze(1)
 
     def advance(self, name: str, sh: RowRange) -> None:
         if self.bar is not None:
             self.bar.set_description(f"NiNo step, {name}")
             self.bar.update(sh.edge_hi - sh.edge_lo)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _LayoutTiles(_Tiles):
+    """The tiles of a step over a :class:`~nino_fast.graph.pieces.GraphLayout`: each time a pass opens a tile, its
+    edges are assembled from the layout and its parameters' history rows gathered from a
+    :class:`~nino_fast.history.TensorHistory` (nothing O(E) is kept between tiles)."""
+
+    def __init__(self, layout, history, scales, method: str, ranges, edge_dtype, ratio: float, bar, device):
+        super().__init__(None, None, ranges, False, edge_dtype, ratio, bar)
+        self.layout, self.history, self.scales, self.method, self.device = layout, history, scales, method, device
+        if method == "min-max-param":  # every parameter scaled by the first one's range
+            self.first = scale_stats(history.first_row(), None, method, torch.float32)[:1]
+
+    def open(self, i: int, last: bool = False) -> _Tile:
+        sh = self.ranges[i]
+        piece, ids = self.layout.piece(sh.node_lo, sh.node_hi)
+        seg = self.history.segments(ids)
+        states = self.history.gather(ids, seg)
+        scales = self.scales
+        if scales is None:  # per-parameter methods: each row's own statistics
+            scales = self.first.expand(states.shape[0], 2) if self.method == "min-max-param" else None
+        ends = torch.tensor(seg[1:], dtype=torch.int64)
+        piece = piece.to(self.device)
+        hist = History(piece, states, self.method, self.device, scales=scales, ends=ends, out=ids.to(self.device))
+        rows = RowRange(sh.node_lo, sh.node_hi, 0, sh.edge_hi - sh.edge_lo)
+        return _Tile(piece, rows, hist, self._raw(hist, 0, rows.edge_hi))
+
+    def close(self) -> None:
+        super().close()
+        self.history.release()
 
 
 def _aggregation(model, graph, sharded: bool) -> torch.Tensor:
@@ -402,60 +588,67 @@ def _aggregation(model, graph, sharded: bool) -> torch.Tensor:
     return new(graph.num_nodes, model.hid, dtype=torch.float32, device=model.device)
 
 
-def _layer0_pass(model, graph, tiles: _Tiles, fw, backend, combine) -> list[torch.Tensor]:
+def _layer0_pass(model, nodes, tiles: _Tiles, fw, backend, combine) -> list[torch.Tensor]:
     """Layer 0's message pass: ``[x0, agg0]``, the inputs of its node update (the layer's node terms freed)."""
-    x0, nd, ns = plan.layer0_nodes(model, graph)
-    agg = _aggregation(model, graph, combine is not None)
+    x0, nd, ns = plan.layer0_nodes(model, nodes)
+    agg = _aggregation(model, nodes, combine is not None)
     for i, sh in enumerate(tiles.ranges):
-        agg[sh.node_lo : sh.node_hi] = plan.film_rows(graph, tiles.features(i), sh, nd, ns, fw, backend, tiles.keep(sh))
+        tile = tiles.open(i)
+        agg[sh.node_lo : sh.node_hi] = plan.film_rows(
+            tile.graph, tile.raw, tile.rows, nd, ns, fw, backend, tiles.keep(sh)
+        )
+        del tile
         tiles.advance(PASSES[0], sh)
     return [x0, agg if combine is None else combine(agg)]
 
 
-def _layer1_pass(model, graph, l1: plan.Layer1, tiles: _Tiles, fw, backend, combine) -> torch.Tensor:
+def _layer1_pass(model, nodes, l1: plan.Layer1, tiles: _Tiles, fw, backend, combine) -> torch.Tensor:
     """Edge update 0 and layer 1's message pass: layer 1's (N, D) aggregation."""
-    agg = _aggregation(model, graph, combine is not None)
+    agg = _aggregation(model, nodes, combine is not None)
     for i, sh in enumerate(tiles.ranges):
+        tile = tiles.open(i)
         agg[sh.node_lo : sh.node_hi] = plan.edge_film_rows(
-            graph, tiles.features(i), sh, l1, fw, backend, tiles.keep(sh)
+            tile.graph, tile.raw, tile.rows, l1, fw, backend, tiles.keep(sh)
         )
+        del tile
         tiles.advance(PASSES[1], sh)
     return agg if combine is None else combine(agg)
 
 
-def _head_pass(model, graph, hd: plan.Head, tiles: _Tiles, fw, backend, result: torch.Tensor) -> int:
+def _head_pass(model, hd: plan.Head, tiles: _Tiles, fw, backend, result: torch.Tensor) -> int:
     """Edge update 1, the head and the finish of every tile's parameters, written into ``result``; returns the
     count of non-finite predictions."""
     bad = 0
     for i, sh in enumerate(tiles.ranges):
-        raw = tiles.last_features(i)
-        used = tiles.hist.used_edges(sh.edge_lo, sh.edge_hi)
-        pred = plan.head_rows(graph, raw, sh, used, hd, fw, backend)
-        del raw
-        bad += tiles.hist.finish(sh.edge_lo, used, pred, model, result)
+        tile = tiles.open(i, last=True)
+        e0, e1 = tile.rows.edge_lo, tile.rows.edge_hi
+        used = tile.hist.used_edges(e0, e1)
+        pred = plan.head_rows(tile.graph, tile.raw, tile.rows, used, hd, fw, backend)
+        bad += tile.hist.finish(e0, used, pred, model, result)
+        del tile, pred
         tiles.advance(PASSES[2], sh)
     return bad
 
 
-def _run_passes(model, graph, k: int, tiles: _Tiles, fw, backend, combine, states) -> tuple[torch.Tensor, int, list]:
-    """The folded plan's stages over ``tiles``: ``(result, bad, times)``, the (P,) predictions in ``states``' dtype
-    and device, the non-finite count and the passes' end times. ``combine``: None (one process) or what turns a
-    process's rows of an aggregation into all nodes'. Each (N, D) node term is handed over (no reference kept
-    here), so that the node updates free it as soon as they can."""
+def _run_passes(model, nodes, k: int, tiles: _Tiles, fw, backend, combine, result) -> tuple[int, list]:
+    """The folded plan's stages over ``tiles``, the predictions written into ``result``: ``(bad, times)``, the
+    non-finite count and the passes' end times. ``nodes``: the graph whose node arrays (LPE, word positions) the
+    node terms read; ``combine``: None (one process) or what turns a process's rows of an aggregation into all
+    nodes'. Each (N, D) node term is handed over (no reference kept here), so that the node updates free it as
+    soon as they can."""
     times = [time.perf_counter()]
-    l1 = plan.after_layer0(model, _layer0_pass(model, graph, tiles, fw, backend, combine))
+    l1 = plan.after_layer0(model, _layer0_pass(model, nodes, tiles, fw, backend, combine))
     release_cpu_buffers()  # the kernels' cached output buffers: reused within a pass, freed after it
     times.append(time.perf_counter())
-    inputs = [l1.x1, _layer1_pass(model, graph, l1, tiles, fw, backend, combine)]
+    inputs = [l1.x1, _layer1_pass(model, nodes, l1, tiles, fw, backend, combine)]
     release_cpu_buffers()
     times.append(time.perf_counter())
     l1 = l1._replace(x1=None, nd=None, ns=None)  # layer 1's message terms: not needed by the node update
-    hd = plan.after_layer1(model, graph, l1, inputs, k)
+    hd = plan.after_layer1(model, nodes, l1, inputs, k)
     del l1
-    result = torch.empty(graph.num_params, dtype=states.dtype, device=states.device)
-    bad = _head_pass(model, graph, hd, tiles, fw, backend, result)
+    bad = _head_pass(model, hd, tiles, fw, backend, result)
     times.append(time.perf_counter())
-    return result, bad, times
+    return bad, times
 
 
 # ---- the official per-block subgraph approximation -----------------------------------------------------------

@@ -1,17 +1,20 @@
 """Neural graphs: model parameters as edges between neurons (the official NiNo construction), in CSR form."""
 
 from .blocks import Block
-from .build import build_graph, detect_arch
+from .build import build_graph, build_graph_layout, detect_arch
 from .checks import InputTypeError, fingerprint
 from .lpe import block_lpe, compute_lpe, laplacian_eigs, normalized_laplacian
 from .neural_graph import NeuralGraph
+from .pieces import GraphLayout
 
 __all__ = [
     "Block",
+    "GraphLayout",
     "InputTypeError",
     "NeuralGraph",
     "block_lpe",
     "build_graph",
+    "build_graph_layout",
     "compute_lpe",
     "detect_arch",
     "fingerprint",

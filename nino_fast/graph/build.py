@@ -14,7 +14,7 @@ from .heads import check_heads
 from .layout import Layout
 from .lpe import block_lpe
 from .neural_graph import NeuralGraph, assemble, assemble_rows, csr_rowptr, row_ranges
-from .pieces import RowRange
+from .pieces import GraphLayout, RowRange
 
 NamedShapes = Iterable[tuple[str, "torch.Size | tuple[int, ...] | torch.Tensor"]]
 
@@ -165,6 +165,28 @@ def build_graph_part(
     )
     graph.lpe = _lpe(layout.blocks, graph.num_nodes, lpe, lpe_cache)
     return graph, ids, bounds
+
+
+def build_graph_layout(
+    model: torch.nn.Module | NamedShapes,
+    arch: str | None = None,
+    num_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    lpe: int | torch.Tensor | np.ndarray | None = 8,
+    lpe_cache: bool | None = None,
+) -> GraphLayout:
+    """:func:`build_graph`'s graph as a :class:`~.pieces.GraphLayout` (arguments and checks the same): its block
+    layout, node arrays and LPE, O(blocks + N) memory; the edges of any destination-row range are assembled on
+    request. For graphs whose (E,) arrays do not fit in memory (a 1.24B-parameter model's are ~16 GB)."""
+    named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
+    arch = layout.arch
+    rowptr = csr_rowptr(layout.blocks)
+    nodes, _ = assemble_rows(entries, layout, named, arch, arch != "generic", rowptr, 0, 0)
+    nodes.meta.update(
+        num_heads=layout.num_heads, num_key_value_heads=layout.num_kv_heads, whole_num_edges=int(rowptr[-1])
+    )
+    nodes.lpe = _lpe(layout.blocks, nodes.num_nodes, lpe, lpe_cache)
+    return GraphLayout(entries, layout, nodes, rowptr)
 
 
 def _lpe(blocks, n_nodes: int, lpe, cache: bool | None) -> torch.Tensor | None:
