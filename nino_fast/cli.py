@@ -71,13 +71,22 @@ def step(args: argparse.Namespace) -> int:
             device=args.device,
             config=args.config,
             order_from=args.order_from,
+            history=args.history,
+            max_memory=args.max_memory,
+            progress=args.progress,
         )
     except (StepError, ValueError, OSError) as exc:  # user errors: a message, never a traceback
         print(f"nino-fast step: error: {exc}", file=sys.stderr)
         return 2
+    peak = f", peak memory {summary['peak_rss'] / 2**30:.2f} GiB" if summary.get("peak_rss") else ""
+    if summary["ranks"] > 1 and summary["rank"] != 0:
+        print(f"rank {summary['rank']}/{summary['ranks']}: its part of the step is done{peak}")
+        return 0
+    ranks = f" on {summary['ranks']} processes" if summary["ranks"] > 1 else ""
     print(
         f"wrote {summary['out']} ({summary['format']}): {summary['predictor']} step at k={summary['k']} on "
-        f"{summary['num_params']} parameters in {summary['num_tensors']} tensors"
+        f"{summary['num_params']} parameters in {summary['num_tensors']} tensors (history in {summary['history']}"
+        f"{ranks}{peak})"
     )
     return 0
 
@@ -140,6 +149,26 @@ def _add_step_parser(sub) -> None:
         "model (its tied tensors are kept tied) or a text file with one parameter name per line",
     )
     p.add_argument("--device", default="cpu", help="device for the NiNo model (default cpu; e.g. cuda, cuda:1)")
+    p.add_argument(
+        "--history",
+        choices=("auto", "memory", "disk"),
+        default="auto",
+        help="where the parameter history is kept: memory (the (params, ctx) float32 history and the whole graph, "
+        "~41 bytes per parameter), disk (read from the snapshots tile by tile, the graph assembled per tile: only "
+        "the prediction is held, same result), auto (default: disk when memory would take more than half the "
+        "available memory)",
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory for the step's tiles beyond its inputs and output, e.g. 4GB (default: half the available "
+        "memory, at most 2 GiB)",
+    )
+    progress = p.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="show a progress bar with ETA"
+    )
+    progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=step)
 
 

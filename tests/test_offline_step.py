@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -497,3 +498,118 @@ def test_errors_from_the_console_have_no_traceback(series, tmp_path, option, val
     )
     assert res.returncode == 2
     assert "error: " in res.stderr and option in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------ 6. the history read from disk
+
+
+def _files_equal(a: Path, b: Path) -> None:
+    for f in sorted(a.rglob("*")):
+        if f.is_file():
+            assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_history_from_disk_equals_memory_hf_directories(sharded_llama, nino_path, tmp_path, dtype):
+    """--history disk (the graph assembled per tile, rows read from the shards) writes the same bytes as
+    --history memory, for float32 and bfloat16 checkpoints, whatever the tile size."""
+    model, dirs, _ = sharded_llama
+    if dtype != torch.float32:
+        converted = []
+        for d in dirs:
+            m = type(model).from_pretrained(d, torch_dtype=dtype)
+            m.save_pretrained(tmp_path / "in" / d.name, max_shard_size="4KB")
+            converted.append(tmp_path / "in" / d.name)
+        dirs = converted
+    argv = ["step", *map(str, dirs), "--nino", nino_path, "--k", "5"]
+    assert main([*argv, "--out", str(tmp_path / "mem"), "--history", "memory"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "disk"), "--history", "disk", "--max-memory", "10MB"]) == 0
+    _files_equal(tmp_path / "mem", tmp_path / "disk")
+    assert main([*argv, "--out", str(tmp_path / "auto")]) == 0  # a small model: in memory
+    _files_equal(tmp_path / "mem", tmp_path / "auto")
+
+
+def test_history_from_disk_torch_files_and_errors(tmp_path, nino_path, capsys):
+    torch.manual_seed(3)
+    paths, _ = save_torch_series(mlp(), tmp_path)
+    argv = ["step", *paths, "--nino", nino_path, "--k", "3"]
+    assert main([*argv, "--out", str(tmp_path / "mem.pt"), "--history", "memory"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "disk.pt"), "--history", "disk"]) == 0
+    mem, disk = torch.load(tmp_path / "mem.pt"), torch.load(tmp_path / "disk.pt")
+    assert mem.keys() == disk.keys() and all(torch.equal(mem[n], disk[n]) for n in mem)
+    assert main([*argv, "--out", str(tmp_path / "x.pt"), "--history", "disk", "--max-memory", "lots"]) == 2
+    assert "--max-memory" in capsys.readouterr().err
+    assert (
+        main(["step", *paths, "--nino", "linefit", "--k", "3", "--out", str(tmp_path / "x.pt"), "--history", "disk"])
+        == 2
+    )
+    assert "--history disk" in capsys.readouterr().err
+    sd = torch.load(paths[2])
+    sd["0.weight"][1, 1] = float("inf")
+    torch.save(sd, paths[2])
+    assert main([*argv, "--out", str(tmp_path / "x.pt"), "--history", "disk"]) == 2
+    assert "0.weight" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_safetensors_read_without_memory_map(tmp_path):
+    """Safetensors tensors are read with plain file reads (the process keeps no mapping of the file) and equal
+    safetensors' own reading, for every dtype; a truncated file is refused by name."""
+    from nino_fast.offline import open_safetensors
+
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "d": torch.randn(2, 2).half(),
+        "e": torch.zeros(0, 3),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    f = open_safetensors(path)
+    assert f.names == sorted(tensors) and f.metadata == {"format": "pt"}
+    for n, t in tensors.items():
+        got = f.read(n)
+        assert got.dtype == t.dtype and torch.equal(got, t)
+        assert f.shapes[n] == tuple(t.shape)
+    maps = Path(f"/proc/{os.getpid()}/maps")
+    if maps.exists():
+        assert str(path) not in maps.read_text()
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(Exception, match="t.safetensors"):
+        open_safetensors(path)
+
+
+def _cli(args, nproc=1, timeout=300):
+    """``nino-fast step`` in fresh processes on one thread each (under torchrun for ``nproc`` > 1)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    launch = [sys.executable, "-m", "nino_fast.cli"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        launch += ["-m", "nino_fast.cli"]
+    return subprocess.run([*launch, "step", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_history_from_disk_split_over_two_processes(sharded_llama, nino_path, tmp_path):
+    """torchrun --nproc-per-node 2 nino-fast step --history disk: each process runs half the rows (gloo
+    all-reduces after each message pass and of the result), rank 0 writes the very bytes of one process; a
+    NaN in one process's tensors stops both with the error."""
+    _, dirs, _ = sharded_llama
+    argv = [*map(str, dirs), "--nino", nino_path, "--k", "5"]
+    one = _cli([*argv, "--out", str(tmp_path / "one"), "--history", "memory"])
+    assert one.returncode == 0, one.stderr
+    two = _cli([*argv, "--out", str(tmp_path / "two"), "--history", "disk"], nproc=2)
+    assert two.returncode == 0, two.stderr
+    _files_equal(tmp_path / "one", tmp_path / "two")
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs[0].parent, bad)
+    shard = sorted((bad / dirs[2].name).glob("model-*.safetensors"))[-1]
+    tensors = read_safetensors(shard)
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    argv = [*(str(bad / d.name) for d in dirs), "--nino", nino_path, "--k", "5", "--history", "disk"]
+    res = _cli([*argv, "--out", str(tmp_path / "never")], nproc=2)
+    assert res.returncode != 0
+    assert res.stderr.count("NaN/Inf") >= 2, res.stderr
+    assert not (tmp_path / "never").exists()

@@ -13,10 +13,13 @@ Formats (the output has the input's format and layout):
 - a bare sharded index file (``.../model.safetensors.index.json``): the output (``--out``, a directory) gets
   the index and its shards only.
 
-Memory. Files are opened lazily (safetensors headers, ``torch.load(mmap=True)``) and read one tensor at a
-time into the ``(P, ctx)`` float32 history; the snapshots themselves are never held in memory (except torch
-files of the legacy, non-zip format, which cannot be memory-mapped). The output is written file by file
-(shard by shard).
+Memory. Files are opened lazily (safetensors headers, then plain file reads per tensor; ``torch.load(mmap=True)``)
+and read one tensor at a time; the snapshots themselves are never held in memory (except torch files of the
+legacy, non-zip format, which cannot be memory-mapped). ``history="memory"`` fills the ``(P, ctx)`` float32
+history and builds the whole graph; ``history="disk"`` (automatic when that would not fit) keeps only the
+prediction, in the snapshots' dtype: the graph stays a block layout and each tile's edges and history rows are
+assembled and read when a pass reaches them (:func:`nino_fast.stream.nowcast_layout`, the same bytes). The
+output is written file by file (shard by shard).
 
 Order of the snapshots. When every path has a step number (:func:`parse_step`: ``step_1000.pt``,
 ``checkpoint-1000``, ...; for HF weights/index files, from their directory) the snapshots are sorted by it, so a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -155,7 +156,73 @@ def open_torch(path: Path) -> TensorFile:
 
 
 def open_safetensors(path: Path) -> TensorFile:
-    """The header only (names, shapes, dtypes); tensors are read on demand through the open handle."""
+    """The header only (names, shapes, dtypes); tensors are read on demand with plain file reads
+    (:class:`_SafetensorsReads`): the page cache holds what was read, not the process, so reading every tensor of
+    ctx large snapshots leaves the process's resident memory at what it keeps (a memory map would count each page
+    read). Files with dtypes this reader does not know are read through ``safetensors.safe_open``."""
+    try:
+        reads = _SafetensorsReads(path)
+    except _Unsupported:
+        return _open_safetensors_mapped(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StepError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    names = sorted(reads.entries)
+    shapes = {n: reads.entries[n][1] for n in names}
+    dtypes = {n: reads.entries[n][0] for n in names}
+    return TensorFile(path, "safetensors", names, shapes, dtypes, reads.read, metadata=reads.metadata)
+
+
+class _Unsupported(Exception):
+    """A safetensors dtype :class:`_SafetensorsReads` does not map: read the file through safetensors instead."""
+
+
+class _SafetensorsReads:
+    """A safetensors file's header (8-byte little-endian length, JSON: name -> dtype, shape, data offsets) and
+    tensors read from their byte ranges with ``os.pread``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            size = os.fstat(f.fileno()).st_size
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+            header = json.loads(f.read(n))
+        self.metadata = header.pop("__metadata__", None)
+        self.start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise _Unsupported(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= size - self.start:
+                raise ValueError(f"tensor {name!r}: data offsets {begin}..{end} do not match {shape} {info['dtype']}")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], self.start + begin + done)
+                if got <= 0:
+                    raise OSError(f"{self.path}: unexpected end of file reading {name!r}")
+                done += got
+        finally:
+            os.close(fd)
+        return buf.view(dtype).reshape(shape)
+
+
+def _open_safetensors_mapped(path: Path) -> TensorFile:
+    """The header through ``safetensors.safe_open``; tensors read on demand through its memory-mapped handle."""
     from safetensors import safe_open
 
     try:

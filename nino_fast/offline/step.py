@@ -3,17 +3,23 @@ tensor by tensor, one NiNo prediction, and the prediction written in the input's
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+from ..history import TensorHistory
 from ..optim import k_schedule, load_predictor
+from ..stream import available_memory, parse_memory
 from .errors import StepError
 from .files import Snapshot, check_series, load_snapshot
 from .order import ModelSpec, compile_exclude, model_spec, order_snapshots, parse_step
 from .write import check_out, write_prediction
+
+logger = logging.getLogger(__name__)
 
 
 def nowcast_checkpoints(
@@ -32,12 +38,28 @@ def nowcast_checkpoints(
     device="cpu",
     config=None,
     order_from=None,
+    history="auto",
+    max_memory=None,
+    progress=None,
 ) -> dict:
     """Apply one NiNo step to the snapshots ``paths`` (sorted by step number when all names have one, else
     oldest first as given), write the prediction to ``out``; return a summary. Raises :class:`StepError` for
-    every problem with the inputs or the output."""
+    every problem with the inputs or the output.
+
+    ``history``: where the step keeps the parameter history. ``"memory"``: the (P, ctx) float32 history and the
+    whole graph in memory (fastest; ~41 bytes per parameter). ``"disk"``: nothing O(P) but the prediction
+    (P values in the snapshots' dtype): each tile of the graph is assembled from its layout and its parameters'
+    history read from the snapshot files when a pass reaches it (:func:`nino_fast.stream.nowcast_layout`; NiNo
+    checkpoints only), bitwise the same prediction. ``"auto"``: disk when the in-memory history and graph would
+    take more than half the available memory. ``max_memory``: bytes (or ``"6GB"``) for the step's tiles (see
+    ``NiNoModel.nowcast``); ``progress``: a progress bar with ETA (None: on a terminal, for long steps)."""
     device = check_device(device)
     compile_exclude(exclude)
+    if max_memory is not None:
+        try:
+            max_memory = parse_memory(max_memory, "--max-memory")
+        except ValueError as exc:
+            raise StepError(str(exc)) from exc
     paths = [Path(p) for p in paths]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -55,9 +77,19 @@ def nowcast_checkpoints(
     last = snaps[-1]
     k = resolve_k(k, period, max_train_steps, step, int(predictor.seq_len), k_decay, last.path)
     spec = model_spec(last, config, order_from, exclude, arch, num_heads, num_key_value_heads)
-    pred = _predict(predictor, spec, snaps, k, device)
-    write_prediction(last, split_prediction(pred, spec), out)
+    where = choose_history(history, predictor, spec, len(snaps))
+    split = _rank_split() if where == "disk" else None
+    if where == "disk":
+        pred = _predict_from_disk(predictor, spec, snaps, k, device, max_memory, progress, split)
+    else:
+        pred = _predict(predictor, spec, snaps, k, device, max_memory, progress)
+    if split is None or split.rank == 0:  # a step split over processes is written once
+        write_prediction(last, split_prediction(pred, spec), out)
     return dict(
+        history=where,
+        rank=split.rank if split else 0,
+        ranks=split.world if split else 1,
+        peak_rss=_peak_rss(),
         k=k,
         num_params=int(pred.numel()),
         num_tensors=len(spec.named),
@@ -67,6 +99,16 @@ def nowcast_checkpoints(
         order=spec.order_from,
         snapshots=[str(p) for p in paths],
     )
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux / macOS), or None."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def check_device(device) -> torch.device:
@@ -116,7 +158,105 @@ def resolve_k(
     return sched[min(len(sched) - 1, max(step - 1, 0) // period)]
 
 
-def _predict(predictor, spec: ModelSpec, snaps: list[Snapshot], k: int, device) -> torch.Tensor:
+IN_MEMORY_BYTES_PER_PARAM = 41  # (P, 5) float32 history 20, graph ~17 (src, dst, type, param_pos), slot map 4
+
+
+def choose_history(history: str, predictor, spec: ModelSpec, ctx: int) -> str:
+    """``"memory"`` or ``"disk"`` for ``history`` (see :func:`nowcast_checkpoints`); StepError when the
+    predictor cannot read its history from disk."""
+    if history not in ("auto", "memory", "disk"):
+        raise StepError(f"--history must be auto, memory or disk, got {history!r}")
+    can_stream = _streams(predictor)
+    if history == "disk" and not can_stream:
+        raise StepError(
+            f"--history disk needs a NiNo checkpoint with the official architecture (the folded plan); "
+            f"{type(predictor).__name__} reads its history in memory"
+        )
+    if history != "auto":
+        return history
+    n_params = sum(math.prod(shape) for _, shape in spec.named)
+    need = n_params * (IN_MEMORY_BYTES_PER_PARAM + 4 * (ctx - 5))
+    if can_stream and need > available_memory(torch.device("cpu")) // 2:
+        logger.info("history read from disk tile by tile: %.1f GB would not fit in memory", need / 1e9)
+        return "disk"
+    return "memory"
+
+
+def _streams(predictor) -> bool:
+    from .. import plan
+
+    return (
+        isinstance(predictor, torch.nn.Module) and not getattr(predictor, "is_mlp", True) and plan.supports(predictor)
+    )
+
+
+class SnapshotHistory(TensorHistory):
+    """The (P, ctx) history of the snapshot files, one parameter tensor's (n_t, ctx) rows at a time, in the
+    snapshots' dtype (float32 when the predicted tensors' dtypes differ)."""
+
+    def __init__(self, snaps: list[Snapshot], spec: ModelSpec):
+        last = snaps[-1]
+        names = [spec.read_as.get(name, name) for name, _ in spec.named]
+        dtypes = {s.where[n].dtypes[n] for s in snaps for n in names}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        if not dtype.is_floating_point or dtype.itemsize > 4 or dtype.itemsize < 2:
+            dtype = torch.float32
+        super().__init__(spec.named, len(snaps), dtype)
+        self.snaps, self.names, self.last = snaps, names, last
+
+    def read(self, t: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        name, n = self.names[t], self.offsets[t + 1] - self.offsets[t]
+        rows = None
+        for j, snap in enumerate(self.snaps):  # one snapshot's tensor at a time beside the rows
+            x = snap.get(name).reshape(-1)
+            if rows is None:
+                stored = x.dtype if x.dtype.is_floating_point else torch.float32
+                rows = torch.empty(n, self.ctx, dtype=dtype or stored)
+            rows[:, j] = x
+            del x
+        return rows
+
+
+def _rank_split():
+    """This process's :class:`~nino_fast.stream.RankSplit` when the step was launched on several processes
+    (``torchrun --nproc-per-node P nino-fast step ...``: ``WORLD_SIZE`` > 1), else None. Joins (or uses) the
+    default process group (gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    from ..stream import RankSplit
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return RankSplit(dist.get_rank(), dist.get_world_size(), dist.all_reduce, local)
+
+
+def _predict_from_disk(predictor, spec, snaps, k: int, device, max_memory, progress, split=None) -> torch.Tensor:
+    """The prediction (P,) in the snapshots' dtype, the history read from the files tile by tile."""
+    from .. import stream
+    from ..graph import build_graph_layout
+    from ..history import NonFiniteHistory
+
+    try:
+        layout = build_graph_layout(spec.named, lpe=int(predictor.lpe), **spec.graph_args)
+    except ValueError as exc:
+        raise StepError(f"cannot build the neural graph (parameter order from {spec.order_from}): {exc}") from exc
+    predictor.to(device)
+    history = SnapshotHistory(snaps, spec)
+    try:
+        where = "nino-fast step" + (f" (rank {split.rank}/{split.world})" if split else "")
+        opts = dict(max_memory=max_memory, progress=progress, split=split, where=where)
+        return stream.nowcast_layout(predictor, layout, history, k, **opts)
+    except NonFiniteHistory as exc:
+        raise StepError(f"the snapshots cannot be used: {exc}") from exc
+    except ValueError as exc:
+        raise StepError(f"the NiNo prediction failed: {exc}") from exc
+
+
+def _predict(predictor, spec: ModelSpec, snaps: list[Snapshot], k: int, device, max_memory, progress) -> torch.Tensor:
     """The flat float32 prediction, on the CPU (the graph is built only for predictors that use one)."""
     graph = None
     if getattr(predictor, "needs_graph", True):
@@ -129,8 +269,9 @@ def _predict(predictor, spec: ModelSpec, snaps: list[Snapshot], k: int, device) 
         if isinstance(predictor, torch.nn.Module):
             predictor.to(device)
     states = read_history(snaps, spec)
+    opts = dict(max_memory=max_memory, progress=progress) if _streams(predictor) else {}
     try:
-        pred = predictor.nowcast(graph, states, k)
+        pred = predictor.nowcast(graph, states, k, **opts)
     except ValueError as exc:
         raise StepError(f"the NiNo prediction failed: {exc}") from exc
     return pred.detach().to("cpu")
