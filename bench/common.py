@@ -30,6 +30,7 @@ def machine() -> dict:
         pass
     info = {
         "cpu": cpu,
+        **_cpu_family_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -39,6 +40,23 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _cpu_family_model() -> dict:
+    """lscpu's CPU family and model numbers (from /proc/cpuinfo), e.g. {"cpu_family": 6, "cpu_model": 167}."""
+    keys = {"cpu family": "cpu_family", "model": "cpu_model"}
+    out = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in keys and keys[key.strip()] not in out and value.strip().isdigit():
+                    out[keys[key.strip()]] = int(value)
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return out
 
 
 def sync(device) -> None:
