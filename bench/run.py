@@ -62,6 +62,7 @@ SCRIPTS = (
     ("bench.bench_graph", ["--models", "llama251k", "--repeat", "1"], False),
     ("bench.bench_scale", ["--models", "llama251k"], False),
     ("bench.bench_distributed", ["--models", "llama251k", "--states", "full"], False),
+    ("bench.bench_disk_step", ["--models", "llama251k", "--runs", "memory", "disk"], False),
     ("bench.bench_meta_eval", ["--seeds", "1", "--steps", "100", "--tasks", "demo", "--predictors", "ours"], False),
     ("bench.bench_metanet", ["--batch", "8", "--batches", "1", "--repeat", "1", "--hid", "32"], False),
     ("bench.bench_gpu_e2e", ["--models", "llama2m", "--repeat", "1"], True),
