@@ -5,25 +5,30 @@
     >>> nino = NiNoModel.from_checkpoint("nino.pt")
     >>> new_params = nino.nowcast(graph, states, k=10)   # states: (n_params, 5) history, oldest first
 
+Graphs or histories too large for memory: ``nino.nowcast(build_graph_layout(model), history, k=10)`` assembles each
+tile's edges when it is needed and reads the history tensor by tensor (:mod:`nino_fast.history`).
+
 Training: ``NiNo(torch.optim.AdamW(model.parameters()), model=model, ckpt="nino.pt", period=1000)`` wraps any
 optimizer (see :class:`nino_fast.optim.NiNo`); ``Linefit`` / ``LinefitPlus`` are the paper's baselines.
 """
 
 from ._extension import has_cuda_ext, has_ext
 from .baselines import Linefit, LinefitPlus
-from .graph import NeuralGraph, build_graph
+from .graph import GraphLayout, NeuralGraph, build_graph, build_graph_layout
 from .model import NiNoModel
 from .optim import NiNo, k_schedule
 from .scaling import scale_params, unscale_params
 
 __version__ = "0.1.0"
 __all__ = [
+    "GraphLayout",
     "Linefit",
     "LinefitPlus",
     "NeuralGraph",
     "NiNo",
     "NiNoModel",
     "build_graph",
+    "build_graph_layout",
     "has_cuda_ext",
     "has_ext",
     "k_schedule",

@@ -19,8 +19,9 @@ from torch import nn
 from . import plan as folded_plan
 from . import stream
 from .finish import finish_rows, raise_if_bad
-from .graph import NeuralGraph
+from .graph import GraphLayout, NeuralGraph
 from .graph.checks import InputTypeError, check_int, check_not_meta, describe, is_int
+from .history import MemoryHistory, TensorHistory
 from .ops import dispatch
 from .scaling import METHODS, row_scales, scale_params
 
@@ -455,7 +456,17 @@ class NiNoModel(nn.Module):
         ``named_shapes``: the model's ``(name, shape)`` list; if given, a graph built for another model (even one
         with as many parameters) is refused (:meth:`NeuralGraph.check_matches`). ``k``: an int (NumPy integers
         too) in 1..seq_len. The model, ``states`` and the graph must not be on the meta device.
+
+        Models too large to hold their graph's edge arrays or their float32 history: ``graph`` may be a
+        :class:`~nino_fast.graph.pieces.GraphLayout` (``build_graph_layout(model)``: each tile's edges assembled
+        when a pass reaches it) and ``states`` a :class:`~nino_fast.history.TensorHistory` (read one parameter
+        tensor at a time, e.g. from checkpoint files) or a (n_params, ctx) tensor of any float dtype (bf16
+        snapshots: never converted whole). The result is bitwise that of the built graph and the float32 history,
+        in the history's dtype (:func:`nino_fast.stream.nowcast_layout`; exact step only).
         """
+        if isinstance(graph, GraphLayout):
+            opts = dict(fused=fused, ratio=edge_sample_ratio, subgraph=subgraph, edge_dtype=edge_dtype)
+            return self._nowcast_layout(graph, states, k, backend, max_memory, progress, named_shapes, **opts)
         k = self._check_inputs(graph, states, k, "NiNoModel.nowcast", named_shapes)
         path = self._path(backend, fused, max_memory, edge_sample_ratio, subgraph, edge_dtype)
         graph = graph.to(self.device)
@@ -472,6 +483,42 @@ class NiNoModel(nn.Module):
             opts["edge_dtype"] = edge_dtype
         step = stream.nowcast_subgraphs if path == "subgraphs" else stream.nowcast_streamed
         return step(self, graph, states, k, **opts)
+
+    def _nowcast_layout(
+        self, layout, states, k, backend, max_memory, progress, named_shapes, fused, ratio, subgraph, edge_dtype
+    ) -> torch.Tensor:
+        """:meth:`nowcast` on a :class:`~nino_fast.graph.pieces.GraphLayout` (see there)."""
+        who = "NiNoModel.nowcast"
+        exact = fused and not subgraph and edge_dtype == torch.float32 and not (0.0 < ratio < 1.0)
+        if not exact:
+            raise ValueError(
+                f"{who}: a GraphLayout runs the exact folded step only (fused=True, no edge_sample_ratio, "
+                "subgraph or edge_dtype); build the graph with build_graph for the others"
+            )
+        if named_shapes is not None:
+            layout.nodes.check_matches(named_shapes, who)
+        history = states
+        if isinstance(states, torch.Tensor):
+            self._check_layout_states(layout, states, who)
+            history = MemoryHistory(states, layout.param_shapes)
+        elif not isinstance(states, TensorHistory):
+            raise InputTypeError(
+                f"{who}: states must be a (n_params, ctx) tensor or a TensorHistory, got {describe(states)}"
+            )
+        result = stream.nowcast_layout(
+            self, layout, history, k, backend=backend, max_memory=max_memory, progress=progress, where=who
+        )
+        return result.to(states.device) if isinstance(states, torch.Tensor) else result
+
+    def _check_layout_states(self, layout, states: torch.Tensor, who: str) -> None:
+        check_not_meta(states, who, "states")
+        if states.shape != (layout.num_params, self.ctx):
+            raise ValueError(
+                f"{who}: states has shape {tuple(states.shape)}, "
+                f"expected (n_params={layout.num_params}, ctx={self.ctx})"
+            )
+        if not states.is_floating_point():
+            raise InputTypeError(f"{who}: states must be floating point, got {states.dtype}")
 
     def _path(self, backend, fused: bool, max_memory, ratio, subgraph: bool, edge_dtype) -> str:
         """Which step :meth:`nowcast` runs: ``"streamed"`` (the folded plan over row tiles), ``"subgraphs"`` (the

@@ -297,6 +297,17 @@ class Sharded:
         return History(graph, states, method, device, part.ids if self.full else None, self.scales, ends)
 
 
+# what a step on a built graph holds per parameter of a transformer (about one edge each): the (P, 5) float32 history
+# (20), the graph's src, dst, types and param_pos (17) and the slot -> parameter map (4)
+IN_MEMORY_BYTES_PER_PARAM = 41
+
+
+def supports_layout(predictor) -> bool:
+    """Whether ``predictor`` can run :func:`nowcast_layout` (a NiNo model with the folded plan)."""
+    nino = isinstance(predictor, torch.nn.Module) and not getattr(predictor, "is_mlp", True)
+    return nino and plan.supports(predictor)
+
+
 def _progress_bar(enabled, total_edges: int, device: torch.device):
     """A tqdm bar over (pass, tile) edges, or None. ``enabled=None``: only for long steps on a terminal."""
     if enabled is None:  # a few seconds: ~2M edges on 2 CPU cores, ~200M on a GPU
@@ -378,7 +389,7 @@ def nowcast_layout(
     aggregations summed after each message pass, and the returned result summed over the processes (every
     process gets all predictions, bitwise those of one process at the same thread count)."""
     device, width = model.device, layout.max_feat_size * history.ctx
-    if getattr(model, "is_mlp", True) or not plan.supports(model):
+    if not supports_layout(model):
         raise ValueError(f"{where}: needs a NiNo model with the official architecture (the folded plan)")
     if list(history.param_shapes) != list(layout.param_shapes):
         raise ValueError(f"{where}: the history's parameters are not the graph's")

@@ -147,3 +147,75 @@ def test_layout_step_refuses_bad_history(nino):
         stream.nowcast_layout(nino, build_graph_layout(model, lpe=0), MemoryHistory(states, layout.param_shapes), 2)
     with pytest.raises(ValueError, match="too small"):
         stream.nowcast_layout(nino, layout, MemoryHistory(states.nan_to_num(), layout.param_shapes), 2, max_memory=10)
+
+
+def test_nowcast_on_a_layout(nino):
+    """NiNoModel.nowcast takes a GraphLayout with a tensor (any float dtype) or a TensorHistory: the same bits as
+    on the built graph; the official approximations and bad states are refused."""
+    pytest.importorskip("transformers")
+    from nino_fast import build_graph_layout as public_layout
+
+    torch.manual_seed(0)
+    model = _transformer("llama")
+    graph, layout = build_graph(model, lpe=nino.lpe), public_layout(model, lpe=nino.lpe)
+    named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    for dtype in (torch.float32, torch.bfloat16):
+        states = _history(graph.num_params, seed=6, dtype=dtype)
+        expected = nino.nowcast(graph, states, 6)
+        assert torch.equal(nino.nowcast(layout, states, 6, named_shapes=named), expected)
+        assert torch.equal(nino.nowcast(layout, MemoryHistory(states, layout.param_shapes), 6), expected)
+    for bad in (dict(fused=False), dict(edge_sample_ratio=0.5), dict(subgraph=True)):
+        with pytest.raises(ValueError, match="exact folded step"):
+            nino.nowcast(layout, states, 6, **bad)
+    with pytest.raises(ValueError, match="shape"):
+        nino.nowcast(layout, states[:-1], 6)
+    with pytest.raises(TypeError, match="TensorHistory"):
+        nino.nowcast(layout, states.tolist(), 6)
+    with pytest.raises(ValueError, match="another model"):
+        nino.nowcast(layout, states, 6, named_shapes=named[:-1])
+    nan = states.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        nino.nowcast(layout, nan, 6)
+
+
+@pytest.mark.parametrize("snapshot_dtype", [torch.float32, torch.bfloat16])
+def test_wrapper_with_a_layout_steps_as_with_the_built_graph(nino, snapshot_dtype, monkeypatch, caplog):
+    """NiNo(graph=build_graph_layout(model)) reads its snapshot buffer one tensor at a time: after a NiNo step the
+    parameters are bitwise those of the wrapper on the built graph; the layout is chosen by itself when the built
+    graph and history would not fit in half the available memory."""
+    pytest.importorskip("transformers")
+    import logging
+
+    from nino_fast import NiNo
+    from nino_fast.optim import wrapper
+
+    def train(graph=None):
+        torch.manual_seed(0)
+        model = _transformer("llama")
+        opt = NiNo(
+            torch.optim.AdamW(model.parameters(), lr=1e-2),
+            model=model,
+            ckpt=nino,
+            period=5,
+            snapshot_dtype=snapshot_dtype,
+            graph=graph(model) if graph else None,
+            on_error="raise",
+        )
+        x = torch.randint(0, 50, (2, 8))
+        for _ in range(5):
+            opt.zero_grad()
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+        assert opt.last_nino_step["ok"]
+        return opt, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    _, expected = train()
+    opt, got = train(lambda m: build_graph_layout(m, lpe=nino.lpe))
+    assert isinstance(opt.graph, type(build_graph_layout(_mlp())))
+    assert torch.equal(got, expected)
+    monkeypatch.setattr(wrapper, "available_memory", lambda device: 1000)
+    with caplog.at_level(logging.INFO, logger="nino_fast"):
+        opt, got = train()
+    assert "kept as its layout" in caplog.text
+    assert torch.equal(got, expected)

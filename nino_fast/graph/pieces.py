@@ -129,6 +129,11 @@ class GraphLayout:
     def degree(self) -> torch.Tensor:
         return self.rowptr[1:] - self.rowptr[:-1]
 
+    def to(self, device: torch.device | str) -> GraphLayout:
+        """This layout with its node arrays on ``device`` (tiles are assembled on the CPU and moved per tile)."""
+        nodes = self.nodes.to(device)
+        return self if nodes is self.nodes else replace(self, nodes=nodes)
+
     def piece(self, node_lo: int, node_hi: int) -> tuple[NeuralGraph, torch.Tensor]:
         """``(graph, ids)``: the rows ``[node_lo, node_hi)`` with their edges numbered from 0 (see
         :func:`~.neural_graph.assemble_rows`; ``lpe`` is the layout's) and the sorted parameter ids on them."""

@@ -13,7 +13,7 @@ import torch
 
 from ..history import TensorHistory
 from ..optim import k_schedule, load_predictor
-from ..stream import available_memory, parse_memory
+from ..stream import IN_MEMORY_BYTES_PER_PARAM, available_memory, parse_memory, supports_layout
 from .errors import StepError
 from .files import Snapshot, check_series, load_snapshot
 from .order import ModelSpec, compile_exclude, model_spec, order_snapshots, parse_step
@@ -158,15 +158,12 @@ def resolve_k(
     return sched[min(len(sched) - 1, max(step - 1, 0) // period)]
 
 
-IN_MEMORY_BYTES_PER_PARAM = 41  # (P, 5) float32 history 20, graph ~17 (src, dst, type, param_pos), slot map 4
-
-
 def choose_history(history: str, predictor, spec: ModelSpec, ctx: int) -> str:
     """``"memory"`` or ``"disk"`` for ``history`` (see :func:`nowcast_checkpoints`); StepError when the
     predictor cannot read its history from disk."""
     if history not in ("auto", "memory", "disk"):
         raise StepError(f"--history must be auto, memory or disk, got {history!r}")
-    can_stream = _streams(predictor)
+    can_stream = supports_layout(predictor)
     if history == "disk" and not can_stream:
         raise StepError(
             f"--history disk needs a NiNo checkpoint with the official architecture (the folded plan); "
@@ -180,14 +177,6 @@ def choose_history(history: str, predictor, spec: ModelSpec, ctx: int) -> str:
         logger.info("history read from disk tile by tile: %.1f GB would not fit in memory", need / 1e9)
         return "disk"
     return "memory"
-
-
-def _streams(predictor) -> bool:
-    from .. import plan
-
-    return (
-        isinstance(predictor, torch.nn.Module) and not getattr(predictor, "is_mlp", True) and plan.supports(predictor)
-    )
 
 
 class SnapshotHistory(TensorHistory):
@@ -269,7 +258,7 @@ def _predict(predictor, spec: ModelSpec, snaps: list[Snapshot], k: int, device, 
         if isinstance(predictor, torch.nn.Module):
             predictor.to(device)
     states = read_history(snaps, spec)
-    opts = dict(max_memory=max_memory, progress=progress) if _streams(predictor) else {}
+    opts = dict(max_memory=max_memory, progress=progress) if supports_layout(predictor) else {}
     try:
         pred = predictor.nowcast(graph, states, k, **opts)
     except ValueError as exc:
