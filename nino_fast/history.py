@@ -113,3 +113,20 @@ def _count_nonfinite(x: torch.Tensor, rows: int = 1 << 20) -> int:
     if bool(torch.isfinite(x.sum())):
         return 0
     return sum(int((~torch.isfinite(x[a : a + rows])).sum()) for a in range(0, x.shape[0], rows))
+
+
+class ColumnsHistory(TensorHistory):
+    """A history stored transposed, ``columns`` (C, P) (the NiNo wrapper's snapshot buffer: one row per snapshot,
+    any float dtype), seen tensor by tensor: each read copies one tensor's (n_t, C) rows, in ``dtype`` (the values
+    of ``columns.t()`` converted to it: what the step on the whole (P, C) copy would read)."""
+
+    def __init__(self, columns: torch.Tensor, param_shapes, dtype: torch.dtype = torch.float32):
+        super().__init__(param_shapes, columns.shape[0], dtype)
+        if columns.shape[1] != self.num_params:
+            raise ValueError(f"ColumnsHistory: columns has {columns.shape[1]} columns, the graph {self.num_params}")
+        self.columns = columns
+
+    def read(self, t: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        a, b = self.offsets[t], self.offsets[t + 1]
+        out = torch.empty(b - a, self.ctx, dtype=dtype or self.dtype, device=self.columns.device)
+        return out.copy_(self.columns[:, a:b].t())

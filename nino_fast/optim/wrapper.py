@@ -85,8 +85,10 @@ import torch
 from .. import plan
 from ..baselines import Linefit
 from ..distributed import GraphShard, build_graph_shard
-from ..graph import build_graph, detect_arch, fingerprint
+from ..graph import GraphLayout, build_graph, build_graph_layout, detect_arch, fingerprint
+from ..history import ColumnsHistory
 from ..model import NiNoModel
+from ..stream import IN_MEMORY_BYTES_PER_PARAM, available_memory, supports_layout
 from ..wrapped import unwrap_model
 from .agreement import Agreement, check_distributed
 from .predictors import default_ckpt, load_predictor
@@ -135,7 +137,10 @@ class NiNo(torch.optim.Optimizer):
         arch, num_heads, num_key_value_heads: override the architecture detection of :func:`build_graph`.
         graph: a prebuilt neural graph of the predicted parameters (skips building one; its fingerprint must
             match them), or with ``distributed=True`` this process's part of it
-            (``nino_fast.distributed.build_graph_shard``).
+            (``nino_fast.distributed.build_graph_shard``), or a :class:`~nino_fast.graph.pieces.GraphLayout`
+            (``build_graph_layout(model)``): each NiNo step then assembles the graph tile by tile and reads the
+            snapshot buffer one parameter tensor at a time (same result; chosen by itself when the built graph
+            and the float32 history would take more than half the available memory).
         nino_device: where the prediction runs; default the device of the first predicted parameter.
         backend: kernel backend for :meth:`NiNoModel.nowcast` (None: automatic).
         distributed: split each NiNo step over the processes of ``torch.distributed`` (DDP training: every process
@@ -397,14 +402,34 @@ class NiNo(torch.optim.Optimizer):
     def _graph_of(self, named, args):
         if self._sharded():  # this process's part only: the whole graph is never built here
             return build_graph_shard(named, self._dist.rank, self._dist.world, lpe=int(self.predictor.lpe), **args)
+        if not self.distributed and supports_layout(self.predictor) and self._graph_too_large():
+            logger.info(
+                "NiNo: the neural graph is kept as its layout (its edge arrays and the float32 history, ~%.1f GB, "
+                "would take more than half the available memory): each step assembles it tile by tile",
+                self.num_params * IN_MEMORY_BYTES_PER_PARAM / 1e9,
+            )
+            return build_graph_layout(named, lpe=int(self.predictor.lpe), **args)
         return build_graph(named, lpe=int(self.predictor.lpe), **args)
+
+    def _graph_too_large(self) -> bool:
+        """Whether the built graph and the (P, ctx) float32 history given to the step would take more than half
+        the memory available where the prediction runs."""
+        need = self.num_params * (IN_MEMORY_BYTES_PER_PARAM + 4 * (self.ctx - 5))
+        return need > available_memory(torch.device(self._predictor_device() or "cpu")) // 2
 
     def _check_graph(self, graph) -> None:
         if graph.num_params != self.num_params:
             raise ValueError(
                 f"NiNo: the graph has {graph.num_params} parameters, the model has {self.num_params} predicted ones"
             )
+        if isinstance(graph, GraphLayout) and not supports_layout(self.predictor):
+            raise ValueError(
+                f"NiNo: a GraphLayout needs a NiNo checkpoint with the folded plan, not {self.predictor!r}"
+            )
+        if isinstance(graph, GraphLayout) and self.distributed:
+            raise ValueError("NiNo: distributed=True takes a built graph (or its part), not a GraphLayout")
         whole = graph.local if isinstance(graph, GraphShard) else graph  # (a part keeps the whole's fingerprint)
+        whole = whole.nodes if isinstance(whole, GraphLayout) else whole
         whole.check_matches([(n, tuple(p.shape)) for n, p in zip(self._names, self._params, strict=True)], "NiNo")
 
     def _refresh_params(self) -> None:
@@ -546,6 +571,9 @@ class NiNo(torch.optim.Optimizer):
             pred = self._dist.predict_sharded(self.predictor, self.snapshots, k, self.backend)
         elif self.distributed:
             pred = self._dist.predict_whole(self.predictor, self.graph, self.snapshots.history(), k, self.backend)
+        elif isinstance(self.graph, GraphLayout):  # read from the snapshot buffer one tensor at a time
+            history = ColumnsHistory(self.snapshots.data, self.graph.param_shapes, self.snapshots.work_dtype)
+            pred = self.predictor.nowcast(self.graph, history, k, backend=self.backend)
         else:  # (P, ctx) history, oldest first; bf16 snapshots are widened so that the prediction is float32
             pred = self.predictor.nowcast(self.graph, self.snapshots.history(), k, backend=self.backend)
         if pred.shape != (self.num_params,):
