@@ -155,15 +155,9 @@ def build_graph_part(
     is computed matrix-free from the layout (or read from its cache) as for the whole graph."""
     if not (is_int(parts) and parts >= 1 and is_int(part) and 0 <= part < parts):
         raise ValueError(f"build_graph_part: part must be in 0..parts-1 with parts >= 1, got {part} of {parts}")
-    named, entries, layout = build_layout(model, arch, num_heads, num_key_value_heads)
-    arch = layout.arch
-    rowptr = csr_rowptr(layout.blocks)
-    bounds = row_ranges(rowptr, parts)[part]
-    graph, ids = assemble_rows(entries, layout, named, arch, arch != "generic", rowptr, bounds[0], bounds[1])
-    graph.meta.update(
-        num_heads=layout.num_heads, num_key_value_heads=layout.num_kv_heads, whole_num_edges=int(rowptr[-1])
-    )
-    graph.lpe = _lpe(layout.blocks, graph.num_nodes, lpe, lpe_cache)
+    whole = build_graph_layout(model, arch, num_heads, num_key_value_heads, lpe, lpe_cache)
+    bounds = row_ranges(whole.rowptr, parts)[part]
+    graph, ids = whole.piece(bounds.node_lo, bounds.node_hi)
     return graph, ids, bounds
 
 
