@@ -56,7 +56,7 @@ class TensorHistory:
         for t in range(len(self.param_shapes)) if tensors is None else tensors:
             name, shape = self.param_shapes[t]
             rows = self.read(t, torch.float32)  # the largest tensor's float32 rows: this step's peak memory
-            if _count_nonfinite(rows):
+            if count_nonfinite(rows):
                 raise NonFiniteHistory(f"the history of {name!r} contains NaN/Inf values")
             if out is not None:
                 out[t] = scale_stats(rows, [(name, shape)], method, torch.float32)[0]
@@ -108,8 +108,9 @@ class MemoryHistory(TensorHistory):
         return self.states[self.offsets[t] : self.offsets[t + 1]].to(dtype or self.dtype)
 
 
-def _count_nonfinite(x: torch.Tensor, rows: int = 1 << 20) -> int:
-    """NaN/Inf values in ``x``: one sum when all are finite (no temporary), counted by chunks otherwise."""
+def count_nonfinite(x: torch.Tensor, rows: int = 1 << 20) -> int:
+    """NaN/Inf values in ``x``: one sum when all are finite (no temporary; NaN/Inf make the sum non-finite),
+    counted by row chunks otherwise (no bool copy of a large history)."""
     if bool(torch.isfinite(x.sum())):
         return 0
     return sum(int((~torch.isfinite(x[a : a + rows])).sum()) for a in range(0, x.shape[0], rows))

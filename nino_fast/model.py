@@ -21,7 +21,7 @@ from . import stream
 from .finish import finish_rows, raise_if_bad
 from .graph import GraphLayout, NeuralGraph
 from .graph.checks import InputTypeError, check_int, check_not_meta, describe, is_int
-from .history import MemoryHistory, TensorHistory
+from .history import MemoryHistory, TensorHistory, count_nonfinite
 from .ops import dispatch
 from .scaling import METHODS, row_scales, scale_params
 
@@ -132,11 +132,6 @@ def _check_state(where: str, own: dict, state: dict, args: dict) -> None:
     extra = [k for k in state if k not in own]
     if extra:
         raise ValueError(f"{where}: unexpected key {extra[0]!r} for model_args={args}")
-
-
-def _count_nonfinite(t: torch.Tensor, rows: int = 1 << 20) -> int:
-    """NaN/Inf entries of ``t``, in row chunks (no bool copy of a large history)."""
-    return sum(int((~torch.isfinite(t[a : a + rows])).sum()) for a in range(0, t.shape[0], rows))
 
 
 class _MLP(nn.Module):
@@ -333,7 +328,7 @@ class NiNoModel(nn.Module):
             )
         if not states.is_floating_point():
             raise InputTypeError(f"{who}: states must be floating point, got {states.dtype}")
-        bad = _count_nonfinite(states)
+        bad = count_nonfinite(states)
         if bad:
             raise ValueError(f"{who}: states contain {bad} NaN/Inf values")
 
