@@ -302,6 +302,12 @@ class Sharded:
 IN_MEMORY_BYTES_PER_PARAM = 41
 
 
+def in_memory_bytes(num_params: int, ctx: int) -> int:
+    """About what a step on the built graph and the (P, ctx) float32 history holds (:func:`nowcast_layout` holds
+    neither: the callers pick it when this would not fit)."""
+    return num_params * (IN_MEMORY_BYTES_PER_PARAM + 4 * (ctx - 5))
+
+
 def supports_layout(predictor) -> bool:
     """Whether ``predictor`` can run :func:`nowcast_layout` (a NiNo model with the folded plan)."""
     nino = isinstance(predictor, torch.nn.Module) and not getattr(predictor, "is_mlp", True)

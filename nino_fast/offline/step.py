@@ -13,7 +13,7 @@ import torch
 
 from ..history import TensorHistory
 from ..optim import k_schedule, load_predictor
-from ..stream import IN_MEMORY_BYTES_PER_PARAM, available_memory, parse_memory, supports_layout
+from ..stream import available_memory, in_memory_bytes, parse_memory, supports_layout
 from .errors import StepError
 from .files import Snapshot, check_series, load_snapshot
 from .order import ModelSpec, compile_exclude, model_spec, order_snapshots, parse_step
@@ -171,8 +171,7 @@ def choose_history(history: str, predictor, spec: ModelSpec, ctx: int) -> str:
         )
     if history != "auto":
         return history
-    n_params = sum(math.prod(shape) for _, shape in spec.named)
-    need = n_params * (IN_MEMORY_BYTES_PER_PARAM + 4 * (ctx - 5))
+    need = in_memory_bytes(sum(math.prod(shape) for _, shape in spec.named), ctx)
     if can_stream and need > available_memory(torch.device("cpu")) // 2:
         logger.info("history read from disk tile by tile: %.1f GB would not fit in memory", need / 1e9)
         return "disk"
@@ -184,26 +183,23 @@ class SnapshotHistory(TensorHistory):
     snapshots' dtype (float32 when the predicted tensors' dtypes differ)."""
 
     def __init__(self, snaps: list[Snapshot], spec: ModelSpec):
-        last = snaps[-1]
         names = [spec.read_as.get(name, name) for name, _ in spec.named]
         dtypes = {s.where[n].dtypes[n] for s in snaps for n in names}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         if not dtype.is_floating_point or dtype.itemsize > 4 or dtype.itemsize < 2:
             dtype = torch.float32
         super().__init__(spec.named, len(snaps), dtype)
-        self.snaps, self.names, self.last = snaps, names, last
+        self.snaps, self.names = snaps, names
 
     def read(self, t: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        name, n = self.names[t], self.offsets[t + 1] - self.offsets[t]
-        rows = None
-        for j, snap in enumerate(self.snaps):  # one snapshot's tensor at a time beside the rows
-            x = snap.get(name).reshape(-1)
-            if rows is None:
-                stored = x.dtype if x.dtype.is_floating_point else torch.float32
-                rows = torch.empty(n, self.ctx, dtype=dtype or stored)
-            rows[:, j] = x
-            del x
+        rows = torch.empty(self.offsets[t + 1] - self.offsets[t], self.ctx, dtype=dtype or self.dtype)
+        self.read_into(t, rows)
         return rows
+
+    def read_into(self, t: int, rows: torch.Tensor) -> None:
+        """Fill ``rows`` (n_t, ctx) with tensor ``t``'s history, one snapshot's tensor at a time beside it."""
+        for j, snap in enumerate(self.snaps):
+            rows[:, j] = snap.get(self.names[t]).reshape(-1)
 
 
 def _rank_split():
@@ -269,11 +265,10 @@ def _predict(predictor, spec: ModelSpec, snaps: list[Snapshot], k: int, device, 
 def read_history(snaps: list[Snapshot], spec: ModelSpec) -> torch.Tensor:
     """(P, ctx) float32 history, oldest first, parameters in graph order; filled one tensor at a time, so only
     the history (not the snapshots) is in memory."""
-    rows, total = _rows(spec)
-    states = torch.empty(total, len(snaps))
-    for j, snap in enumerate(snaps):
-        for name, _, span in rows:
-            states[span, j] = snap.get(spec.read_as.get(name, name)).reshape(-1)
+    history = SnapshotHistory(snaps, spec)
+    states = torch.empty(history.num_params, history.ctx)
+    for t in range(len(spec.named)):
+        history.read_into(t, states[history.offsets[t] : history.offsets[t + 1]])
     return states
 
 

@@ -88,7 +88,7 @@ from ..distributed import GraphShard, build_graph_shard
 from ..graph import GraphLayout, build_graph, build_graph_layout, detect_arch, fingerprint
 from ..history import ColumnsHistory
 from ..model import NiNoModel
-from ..stream import IN_MEMORY_BYTES_PER_PARAM, available_memory, supports_layout
+from ..stream import available_memory, in_memory_bytes, supports_layout
 from ..wrapped import unwrap_model
 from .agreement import Agreement, check_distributed
 from .predictors import default_ckpt, load_predictor
@@ -406,7 +406,7 @@ class NiNo(torch.optim.Optimizer):
             logger.info(
                 "NiNo: the neural graph is kept as its layout (its edge arrays and the float32 history, ~%.1f GB, "
                 "would take more than half the available memory): each step assembles it tile by tile",
-                self.num_params * IN_MEMORY_BYTES_PER_PARAM / 1e9,
+                in_memory_bytes(self.num_params, self.ctx) / 1e9,
             )
             return build_graph_layout(named, lpe=int(self.predictor.lpe), **args)
         return build_graph(named, lpe=int(self.predictor.lpe), **args)
@@ -414,7 +414,7 @@ class NiNo(torch.optim.Optimizer):
     def _graph_too_large(self) -> bool:
         """Whether the built graph and the (P, ctx) float32 history given to the step would take more than half
         the memory available where the prediction runs."""
-        need = self.num_params * (IN_MEMORY_BYTES_PER_PARAM + 4 * (self.ctx - 5))
+        need = in_memory_bytes(self.num_params, self.ctx)
         return need > available_memory(torch.device(self._predictor_device() or "cpu")) // 2
 
     def _check_graph(self, graph) -> None:
