@@ -130,3 +130,117 @@ def test_plans_exclude_held_out_tasks():
     with pytest.raises(ValueError, match="multiple of heads"):
         tasks.build_model({**GPT2, "heads": 3})
     assert build_parser().parse_args(["collect", "--out", "d", "--plan", "wide"]).plan == "wide"
+
+
+def test_lm_plan_covers_the_issue_grid_and_holds_out_the_evaluation_tasks():
+    plan = tasks.make_plan("lm")
+    assert {s["family"] for s in plan} == {"gpt2", "llama"} and len(plan) == 27
+    assert {s.get("tie") for s in plan} == {True, False} and {s["sched"] for s in plan} == {"constant", "cosine"}
+    assert any(s.get("kv_heads", s["heads"]) < s["heads"] for s in plan)  # grouped-query attention
+    assert min(s["width"] for s in plan) == 32 and max(s["width"] for s in plan) == 256
+    assert {s["seq"] for s in plan} >= {64, 256} and {s["opt"] for s in plan} == {"adamw", "adam"}
+    assert min(s["lr"] for s in plan) == 3e-4 and max(s["lr"] for s in plan) == 3e-3
+    assert {s["text"] for s in plan} == {"src-a", "src-b", "src-c"} and not any(map(tasks.is_held_out, plan))
+    for name, task in tasks.HELDOUT_LM_TASKS.items():
+        assert tasks.is_held_out({**task, "seed": 0}), name
+        with pytest.raises(ValueError, match="held-out"):
+            tasks.check_plan([*plan[:2], {**plan[2], "text": task["text"]}])
+    with pytest.raises(ValueError, match="held-out"):
+        tasks.check_plan([{**plan[0], "width": tasks.HELDOUT_LM_WIDTH, "heads": 4}])
+    # the texts are distinct, deterministic and in the vocabulary; the docs are English prose, not source
+    shas = {name: tasks.char_corpus(name)[2]["sha256"] for name in tasks.TEXTS}
+    assert len(set(shas.values())) == len(tasks.TEXTS)
+    docs = tasks._docs_text()
+    assert len(docs) == tasks.DOCS_CHARS and "topics = {" not in docs and " the " in docs
+    with pytest.raises(ValueError, match="unknown text"):
+        tasks.char_corpus("wiki")
+
+
+def test_cosine_schedule_warms_up_and_decays_to_a_tenth():
+    spec = {**GPT2, "sched": "cosine", "steps": 100}
+    model = tasks.build_model(spec)
+    opt = tasks.make_optimizer(spec, model.parameters())
+    sched = tasks.make_schedule(spec, opt)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(spec["lr"] / 5) and max(lrs) == pytest.approx(spec["lr"])
+    assert lrs[-1] == pytest.approx(spec["lr"] / 10, rel=0.05) and lrs == sorted(lrs[:5]) + lrs[5:]
+    assert tasks.make_schedule(GPT2, opt) is None
+    with pytest.raises(ValueError, match="unknown schedule"):
+        tasks.make_schedule({**GPT2, "sched": "step"}, opt)
+    assert "-cos" in tasks.task_id(spec) and "-tied" in tasks.task_id({**spec, "tie": True})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tied_and_untied_embeddings_build_and_run(family):
+    for tie in (True, False):
+        spec = {**(GPT2 if family == "gpt2" else LLAMA), "tie": tie, "steps": 4, "save_every": 2}
+        names = [n for n, _ in tasks.named_shapes(spec)]
+        assert any("lm_head" in n for n in names) != tie
+        graph = build_graph(tasks.build_model(spec), lpe=8)
+        assert graph.num_params == sum(math.prod(s) for _, s in tasks.named_shapes(spec))
+        assert not tasks.run_task(spec, lambda *a: None)["diverged"]
+
+
+def test_wte_pos_enc_training_paths_agree_and_match_nowcast(store):
+    """The paper's word-position embedding in meta-training: the fused paths match the oracle (loss and every
+    gradient, the position embedding's included) and one window's prediction is NiNoModel.nowcast's."""
+    from nino_fast.meta.data import make_batch
+    from nino_fast.meta.forward import PATHS, loss_fn, predict, predict_pieces
+
+    sampler = WindowSampler(store, stride_steps=4, samples_per_traj=2, seed=1, runs=[tasks.task_id(GPT2)])
+    torch.manual_seed(0)
+    model = NiNoModel(hid=16, wte_pos_enc=True, vocab_size=len(tasks.VOCAB))
+    for p in model.parameters():
+        p.data.mul_(8)
+    b = sampler.sample(2)
+    assert int(b.pos_w.max()) == len(tasks.VOCAB)  # the token rows of the embedding, 1-based
+    losses, grads = {}, {}
+    for path in PATHS:
+        model.zero_grad()
+        loss = loss_fn(predict_pieces(model, b, path), b)
+        loss.backward()
+        losses[path] = loss.item()
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["oracle"]["wte_pos_enc_layer.weight"].abs().sum() > 0
+    for path in ("folded", "layerwise"):
+        assert losses[path] == pytest.approx(losses["oracle"], rel=1e-5)
+        assert grads[path].keys() == grads["oracle"].keys()
+        for n, r in grads["oracle"].items():
+            torch.testing.assert_close(grads[path][n], r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=1e-4)
+    info, _, x, _ = sampler.trajectory(sampler.runs[0])[0]
+    one = make_batch([(info, torch.ones(1, info.graph.lpe.shape[1]), x, torch.zeros(x.shape[0], 40))], 5, 40)
+    with torch.no_grad():
+        delta = predict(model, one, "folded")
+    graph = build_graph(tasks.build_model(GPT2), lpe=8)
+    for k in (1, 40):
+        torch.testing.assert_close(x[:, -1] + delta[:, k - 1], model.nowcast(graph, x, k), atol=2e-4, rtol=2e-4)
+
+
+def test_wte_pos_enc_warm_start_from_a_checkpoint_without_it(store, tmp_path):
+    """--wte-pos-enc --init-from a no-posw checkpoint starts from that checkpoint's predictions (a zero position
+    embedding), trains it, and writes a checkpoint NiNoModel.from_checkpoint loads with the embedding."""
+    base = dict(data=str(store), hid=16, steps=3, batch=2, samples_per_traj=2, stride_steps=4, log_every=100)
+    train(TrainConfig(out=str(tmp_path / "plain.pt"), **base), log=quiet)
+    plain = NiNoModel.from_checkpoint(tmp_path / "plain.pt")
+    assert not plain.wte_pos_enc
+    cfg = TrainConfig(out=str(tmp_path / "posw.pt"), wte_pos_enc=True, vocab_size=128, **base)
+    cfg.init_from, cfg.stop_at = str(tmp_path / "plain.pt"), 0
+    train(cfg, log=quiet)
+    start = NiNoModel.from_checkpoint(tmp_path / "posw.pt")
+    assert start.wte_pos_enc and start.vocab_size == 128
+    assert not start.wte_pos_enc_layer.weight.any()
+    graph = build_graph(tasks.build_model(GPT2), lpe=8)
+    states = torch.randn(graph.num_params, 5).cumsum(1)
+    torch.testing.assert_close(start.nowcast(graph, states, 7), plain.nowcast(graph, states, 7), atol=0, rtol=0)
+    cfg.stop_at = None
+    res = train(cfg, log=quiet)
+    assert res["step"] == 3 and all(math.isfinite(v) for v in res["losses"])
+    assert NiNoModel.from_checkpoint(tmp_path / "posw.pt").wte_pos_enc_layer.weight.any()
+    with pytest.raises(ValueError, match="no nodes"):
+        train(TrainConfig(out=str(tmp_path / "w.pt"), arch="wnn", wte_pos_enc=True, **base), log=quiet)
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o.pt", "--wte-pos-enc", "--vocab-size", "96"])
+    assert args.wte_pos_enc and args.vocab_size == 96

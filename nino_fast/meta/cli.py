@@ -45,6 +45,8 @@ def _train(args: argparse.Namespace) -> int:
         init=args.init,
         arch=args.arch,
         init_from=args.init_from,
+        wte_pos_enc=args.wte_pos_enc,
+        vocab_size=args.vocab_size,
     )
     try:
         train(cfg)
@@ -117,6 +119,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes of CPU time in all")
     p.add_argument("--stop-at", type=int, help="stop (resumably) after this many steps")
     p.add_argument("--init", choices=("official", "torch"), default="official", help="initialisation")
+    p.add_argument(
+        "--wte-pos-enc",
+        action="store_true",
+        help="the paper's positional weighting of word-embedding rows (the official nino.pt variant)",
+    )
+    p.add_argument("--vocab-size", type=int, default=50257, help="token positions --wte-pos-enc covers")
     p.add_argument(
         "--init-from", help="start from this checkpoint's weights (same --arch/--hid; fine-tuning) instead of --init"
     )

@@ -135,7 +135,7 @@ def make_batch(samples: list[tuple], ctx: int, K: int) -> Batch:
     raw = torch.zeros(n_edges, F * ctx)
     target = torch.zeros(n_rows, K)
     valid = torch.zeros(n_rows, dtype=torch.long)  # horizons available per row (0: no parameter)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("src", "dst", "et", "lpe", "s", "m", "r")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("src", "dst", "et", "lpe", "pos_w", "s", "m", "r")}
     parts["rowptr"] = [torch.zeros(1, dtype=torch.long)]
     n_off = e_off = r1_off = r9_off = 0
     for info, signs, x, tgt in samples:
@@ -146,6 +146,7 @@ def make_batch(samples: list[tuple], ctx: int, K: int) -> Batch:
         parts["dst"].append(g.dst.long() + n_off)
         parts["et"].append(g.edge_type)
         parts["lpe"].append(g.lpe * signs)
+        parts["pos_w"].append(g.pos_w)
         raw[e_off : e_off + g.num_edges, : Fg * ctx] = g.to_edges(x)
         parts["s"].append(info.single + e_off)
         parts["m"].append(info.multi + e_off)
@@ -166,7 +167,7 @@ def make_batch(samples: list[tuple], ctx: int, K: int) -> Batch:
         dst=torch.cat(parts["dst"]).to(torch.int32),
         edge_type=torch.cat(parts["et"]),
         lpe=torch.cat(parts["lpe"]),
-        pos_w=torch.zeros(n_off, dtype=torch.long),
+        pos_w=torch.cat(parts["pos_w"]),
         raw=raw,
         max_feat_size=F,
         single=torch.cat(parts["s"]),

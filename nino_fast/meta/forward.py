@@ -41,15 +41,19 @@ def check_trainable(model) -> None:
         raise ValueError("meta-training supports the official GNN architecture (3 layers, 2 edge updates)")
     if len(model.edge_proj.fc) != 1 or len(model.edge_out.fc) != 3 or model.act_name != "silu":
         raise ValueError("meta-training supports the official layers: linear edge_proj, 2-layer head, SiLU")
-    if model.wte_pos_enc:
-        raise ValueError("meta-training supports models without word-position encoding (wte_pos_enc=False)")
     if not model.residual or model.upd_scale != 1.0:
         raise ValueError("meta-training supports residual=True, upd_scale=1 (the official training setting)")
 
 
 def _node_input(model, b: Batch) -> torch.Tensor:
+    """:meth:`NiNoModel._node_input` on the batch: Laplacian encoding, plus the word-embedding row positions'
+    embedding (``wte_pos_enc``)."""
     x = torch.zeros(b.num_nodes, model.hid)
-    return x + model.node_proj(b.lpe) if model.lpe else x
+    if model.lpe:
+        x = x + model.node_proj(b.lpe)
+    if model.wte_pos_enc:
+        x = x + model.wte_pos_enc_layer(b.pos_w)
+    return x
 
 
 def _node_update(conv, x, agg):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import sysconfig
 import time
 from collections.abc import Callable, Sequence
@@ -52,10 +53,30 @@ _OPTS = (("adamw", 0.01), ("adam", 0.0), ("adamw", 0.1))  # (optimizer, weight d
 DEMO_TASK = dict(family="convnet", width=16, depth=3, act="relu", opt="adamw", lr=3e-3, wd=0.01)
 HELDOUT_TASK = dict(family="mlp", widths=[128, 128, 128], act="relu", opt="adamw", lr=3e-4, wd=0.01)
 
-# The character-level corpus: these standard-library modules of the running Python, concatenated in this order
-# (about 100 kB); characters outside VOCAB map to "?". The last tenth is the validation text.
-CORPUS_FILES = ("textwrap.py", "heapq.py", "string.py", "functools.py", "bisect.py", "fnmatch.py")
+# The character-level corpora: texts of the running Python's standard library. A source text is the modules
+# listed, concatenated in this order; "docs" is the English documentation that ships with it (pydoc_data's help
+# topics, in key order). Characters outside VOCAB map to "?"; the last tenth of a text is its validation text.
+CORPUS_FILES = ("textwrap.py", "heapq.py", "string.py", "functools.py", "bisect.py", "fnmatch.py")  # ~100 kB
+TEXTS: dict[str, tuple[str, ...]] = {
+    "src-a": CORPUS_FILES,
+    "src-b": ("collections/__init__.py", "dataclasses.py", "enum.py"),  # ~190 kB
+    "src-c": ("typing.py", "ast.py"),  # ~180 kB
+    "src-h": ("argparse.py", "difflib.py"),  # ~180 kB, held out
+    "docs": ("pydoc_data/topics.py",),  # the help topics' text (not the module's source), first DOCS_CHARS, held out
+}
+DEFAULT_TEXT = "src-a"
+HELDOUT_TEXTS = ("src-h", "docs")
+DOCS_CHARS = 300_000
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printable ASCII: 96 characters
+
+# Held-out language-model tasks (no transformer of width 96 and no held-out text in any training plan): a GPT-2
+# on the documentation's English and a grouped-query Llama on unseen sources; AdamW lr 1e-3, 16 windows of 64
+# characters, constant learning rate (the evaluation protocol of bench/bench_meta_eval.py).
+HELDOUT_LM_TASKS = {
+    "lm-gpt2": dict(family="gpt2", width=96, depth=3, heads=4, text="docs"),
+    "lm-llama": dict(family="llama", width=96, depth=2, heads=4, kv_heads=2, text="src-h"),
+}
+HELDOUT_LM_WIDTH = 96
 
 
 def is_transformer(spec: dict) -> bool:
@@ -77,14 +98,21 @@ def task_id(spec: dict) -> str:
         shape += f"-kv{spec['kv_heads']}" if spec.get("kv_heads") else ""
         shape += f"-f{spec['ffn']}" if spec.get("ffn") else ""
         shape += f"-t{spec['seq']}" if spec.get("seq", 64) != 64 else ""
-        return f"{spec['family']}-{shape}-{spec['opt']}-lr{spec['lr']:g}-wd{spec['wd']:g}-s{spec['seed']}"
+        shape += "" if "tie" not in spec else "-tied" if spec["tie"] else "-untied"
+        run = f"{spec['opt']}-lr{spec['lr']:g}-wd{spec['wd']:g}"
+        run += "-cos" if spec.get("sched", "constant") == "cosine" else ""
+        run += f"-{spec['text']}" if spec.get("text", DEFAULT_TEXT) != DEFAULT_TEXT else ""
+        return f"{spec['family']}-{shape}-{run}-s{spec['seed']}"
     shape = "x".join(map(str, spec["widths"])) if "widths" in spec else f"w{spec['width']}-d{spec['depth']}"
     return f"{spec['family']}-{shape}-{spec['act']}-{spec['opt']}-lr{spec['lr']:g}-wd{spec['wd']:g}-s{spec['seed']}"
 
 
 def is_held_out(spec: dict) -> bool:
-    """Whether ``spec`` is too close to a held-out task: a ConvNet of the demo's width (any depth) or the
-    held-out MLP's widths, at any seed, learning rate or optimizer. No transformer is held out."""
+    """Whether ``spec`` is too close to a held-out task: a ConvNet of the demo's width (any depth), the held-out
+    MLP's widths, or a transformer of the held-out width (:data:`HELDOUT_LM_WIDTH`) or on a held-out text, at any
+    seed, learning rate or optimizer."""
+    if is_transformer(spec):
+        return spec["width"] == HELDOUT_LM_WIDTH or spec.get("text", DEFAULT_TEXT) in HELDOUT_TEXTS
     if spec["family"] == "convnet":
         return spec.get("width") == DEMO_TASK["width"]
     return spec["family"] == "mlp" and list(_mlp_widths(spec)) == HELDOUT_TASK["widths"]
@@ -101,6 +129,7 @@ def _transformer(spec: dict) -> nn.Module:
     if w % heads:
         raise ValueError(f"build_model: width {w} is not a multiple of heads {heads}")
     common = dict(vocab_size=len(VOCAB), bos_token_id=0, eos_token_id=0, use_cache=False)
+    common["tie_word_embeddings"] = spec.get("tie", spec["family"] == "gpt2")  # the families' defaults
     if spec["family"] == "gpt2":
         cfg = tf.GPT2Config(
             n_embd=w,
@@ -123,7 +152,6 @@ def _transformer(spec: dict) -> nn.Module:
         num_attention_heads=heads,
         num_key_value_heads=kv,
         max_position_embeddings=spec.get("seq", 64),
-        tie_word_embeddings=False,
         **common,
     )
     return tf.LlamaForCausalLM(cfg)
@@ -180,11 +208,22 @@ def digits():
     return load_digits_split()
 
 
-@functools.lru_cache(maxsize=2)
+def _docs_text() -> str:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:  # some distributions strip the documentation
+        raise FileNotFoundError("char_corpus: the 'docs' text needs the standard library's pydoc_data") from e
+    return "\n".join(topics[k] for k in sorted(topics))[:DOCS_CHARS]
+
+
+@functools.lru_cache(maxsize=4)
 def _corpus(files: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
     root = Path(sysconfig.get_paths()["stdlib"])
     text = ""
     for name in files:
+        if name == "pydoc_data/topics.py":
+            text += _docs_text()
+            continue
         path = root / name
         if not path.is_file():
             raise FileNotFoundError(f"char_corpus: {path} not found (the standard library's source is needed)")
@@ -196,10 +235,14 @@ def _corpus(files: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
     return ids, info
 
 
-def char_corpus(files: tuple[str, ...] = CORPUS_FILES) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def char_corpus(files: tuple[str, ...] | str = CORPUS_FILES) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(train ids, validation ids, info): the concatenated source of ``files`` (standard library of the running
-    Python) as :data:`VOCAB` indices, split 90/10 (the validation text is the last tenth); ``info`` records the
-    files, the length and a sha256 prefix of the text."""
+    Python; or the name of one of :data:`TEXTS`) as :data:`VOCAB` indices, split 90/10 (the validation text is
+    the last tenth); ``info`` records the files, the length and a sha256 prefix of the text."""
+    if isinstance(files, str):
+        if files not in TEXTS:
+            raise ValueError(f"char_corpus: unknown text {files!r} (expected one of {list(TEXTS)})")
+        files = TEXTS[files]
     ids, info = _corpus(tuple(files))
     cut = len(ids) * 9 // 10
     return ids[:cut], ids[cut:], info
@@ -208,12 +251,31 @@ def char_corpus(files: tuple[str, ...] = CORPUS_FILES) -> tuple[torch.Tensor, to
 def load_data(spec: dict):
     """The data of ``spec``'s family: :func:`digits` or :func:`char_corpus` (cached)."""
     _check_family(spec, "load_data")
-    return char_corpus() if is_transformer(spec) else _digits_cached()
+    return char_corpus(spec.get("text", DEFAULT_TEXT)) if is_transformer(spec) else _digits_cached()
 
 
 @functools.lru_cache(maxsize=1)
 def _digits_cached():
     return digits()
+
+
+def make_schedule(spec: dict, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``spec['sched']``: ``"constant"`` (default, None) or ``"cosine"``: linear warm-up over the first 5% of
+    ``spec['steps']``, then cosine decay to a tenth of the learning rate."""
+    kind = spec.get("sched", "constant")
+    if kind == "constant":
+        return None
+    if kind != "cosine":
+        raise ValueError(f"make_schedule: unknown schedule {kind!r} (expected 'constant' or 'cosine')")
+    steps = spec["steps"]
+    warm = max(1, steps // 20)
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def make_optimizer(spec: dict, params) -> torch.optim.Optimizer:
@@ -273,6 +335,7 @@ def run_task(spec: dict, on_snapshot: Callable[[int, torch.Tensor, float], None]
     torch.manual_seed(spec["seed"])
     model = build_model(spec)
     opt = make_optimizer(spec, model.parameters())
+    sched = make_schedule(spec, opt)
     batches = torch.Generator().manual_seed(spec["seed"])
     t0 = time.perf_counter()
     every, steps = spec["save_every"], spec["steps"]
@@ -291,6 +354,8 @@ def run_task(spec: dict, on_snapshot: Callable[[int, torch.Tensor, float], None]
         opt.zero_grad()
         train_loss(model, batches).backward()
         opt.step()
+        if sched is not None:
+            sched.step()
     return {"seconds": time.perf_counter() - t0, "final_val_loss": val, "diverged": False, **extra}
 
 
@@ -361,6 +426,42 @@ def transformer_specs(steps: int = 1200, save_every: int = 20, seed: int = 500) 
                 spec["kv_heads"] = kv
             spec.update(seed=seed, steps=steps, batch=16, save_every=save_every, seq=64)
             plan.append(spec)
+    return plan
+
+
+def lm_plan(steps: int = 2400, save_every: int = 20, rounds: int = 3) -> list[dict]:
+    """Character-level language models for the transformer checkpoint: GPT-2 and Llama of widths 32-256 (never
+    the held-out 96), 2-6 blocks, multi-head and grouped-query attention, tied and untied embeddings, 64-256
+    characters of context, batches of 8-32 windows, AdamW / Adam at lr 3e-4..3e-3, constant or warm-up + cosine
+    schedules, on the three training texts (``src-a/b/c``; never a held-out text). ``rounds`` rounds of the nine
+    shapes below (seeds 900, 901, ...), each round cycling the learning rate, optimizer, schedule and text; about
+    25-300 s per run on one core at 2,400 steps (the 256-wide GPT-2 is the slowest)."""
+    # family, width, depth, heads, kv heads, tied embeddings, context, batch
+    shapes = [
+        ("gpt2", 32, 2, 2, None, True, 64, 16),
+        ("llama", 64, 2, 4, 2, False, 64, 16),
+        ("gpt2", 64, 4, 4, None, True, 128, 8),
+        ("llama", 48, 3, 4, 1, True, 64, 32),
+        ("gpt2", 128, 2, 4, None, False, 64, 16),
+        ("llama", 128, 3, 8, 2, False, 64, 16),
+        ("gpt2", 48, 6, 4, None, True, 64, 16),
+        ("llama", 32, 4, 2, 1, True, 256, 8),
+        ("gpt2", 256, 2, 8, None, True, 64, 16),
+    ]
+    lrs = [1e-3, 3e-4, 3e-3, 6e-4, 2e-3]
+    texts = ["src-a", "src-b", "src-c"]
+    plan, seed = [], 900
+    for r in range(rounds):
+        for j, (family, w, d, h, kv, tie, seq, batch) in enumerate(shapes):
+            o, wd = _OPTS[(r + j) % len(_OPTS)]
+            spec = dict(family=family, width=w, depth=d, heads=h, opt=o, wd=wd, lr=lrs[(2 * r + j) % len(lrs)])
+            if kv:
+                spec["kv_heads"] = kv
+            spec.update(tie=tie, seq=seq, sched=("constant", "cosine")[(r + j) % 2], text=texts[(r + 2 * j) % 3])
+            spec.update(seed=seed, steps=steps, batch=batch, save_every=save_every)
+            plan.append(spec)
+            seed += 1
+    check_plan(plan)
     return plan
 
 
@@ -468,7 +569,12 @@ def slow_plan(steps: int = 2400, save_every: int = 20) -> list[dict]:
     return plan
 
 
-PLANS: dict[str, Callable[..., list[dict]]] = {"default": default_plan, "wide": wide_plan, "slow": slow_plan}
+PLANS: dict[str, Callable[..., list[dict]]] = {
+    "default": default_plan,
+    "wide": wide_plan,
+    "slow": slow_plan,
+    "lm": lm_plan,
+}
 
 
 def make_plan(

@@ -80,6 +80,8 @@ class TrainConfig:
     init: str = "official"  # 'official' (normal, std 0.02) or 'torch' (PyTorch's Linear init, zero last head layer)
     arch: str = "nino"  # 'nino' (the GNN) or 'wnn' (the WNN+ per-parameter MLP)
     init_from: str | None = None  # start from this checkpoint's weights (same architecture) instead of ``init``
+    wte_pos_enc: bool = False  # the paper's embedding of word-embedding rows by token position (GNN only)
+    vocab_size: int = 50257  # positions the wte_pos_enc embedding covers (the official checkpoints': GPT-2's)
 
     def model_args(self) -> dict:
         """The checkpoint's ``model_args`` (what :meth:`NiNoModel.from_checkpoint` builds)."""
@@ -98,7 +100,8 @@ class TrainConfig:
             seq_len=self.seq_len,
             lpe=self.lpe,
             max_feat_size=self.max_feat_size,
-            wte_pos_enc=False,
+            wte_pos_enc=self.wte_pos_enc,
+            vocab_size=self.vocab_size,
             scale_method="std",
         )
 
@@ -131,6 +134,8 @@ class _Trainer:
             raise ValueError(f"train: path must be one of {PATHS}, got {cfg.path!r}")
         if cfg.arch not in ARCHS:
             raise ValueError(f"train: arch must be one of {ARCHS}, got {cfg.arch!r}")
+        if cfg.wte_pos_enc and cfg.arch == "wnn":
+            raise ValueError("train: wte_pos_enc is a node feature of the GNN; WNN+ (arch='wnn') has no nodes")
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
         self.state_path = self.out.with_name(self.out.name + ".state.pt")
@@ -165,10 +170,15 @@ class _Trainer:
         self.good = self._state()
 
     def _warm_start(self, path: str) -> None:
-        """Copy the weights of checkpoint ``path`` (fine-tuning; the optimizer and schedule start fresh)."""
+        """Copy the weights of checkpoint ``path`` (fine-tuning; the optimizer and schedule start fresh). A
+        checkpoint without ``wte_pos_enc`` can start a model with it: the position embedding starts at zero, so
+        the warm-started model predicts exactly what ``path`` does."""
         src = NiNoModel.from_checkpoint(path)
         own = self.model.state_dict()
         theirs = src.state_dict()
+        pos = "wte_pos_enc_layer.weight"
+        if pos in own and pos not in theirs:
+            theirs[pos] = torch.zeros_like(own[pos])
         if (
             src.is_mlp != self.model.is_mlp
             or set(theirs) != set(own)
