@@ -135,6 +135,19 @@ def test_scale_windows_matches_scale_params(store):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_sampler_max_params_keeps_the_small_runs(store, tmp_path):
+    sizes = {tasks.task_id(s): sum(math.prod(sh) for _, sh in tasks.named_shapes(s)) for s in PLAN}
+    small = min(sizes, key=sizes.get)
+    sampler = WindowSampler(store, stride_steps=4, samples_per_traj=2, seed=0, max_params=sizes[small])
+    assert sampler.runs == [small]
+    with pytest.raises(ValueError, match="no run"):
+        WindowSampler(store, stride_steps=4, max_params=min(sizes.values()) - 1)
+    res = train(cfg(store, tmp_path / "s.pt", steps=2, max_params=sizes[small]), log=lambda *_: None)
+    assert res["step"] == 2
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o.pt", "--max-params", "1000"])
+    assert args.max_params == 1000
+
+
 def test_forward_paths_agree_and_match_nowcast(store):
     sampler = WindowSampler(store, stride_steps=4, samples_per_traj=2, seed=0)
     torch.manual_seed(0)

@@ -47,6 +47,7 @@ def _train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         wte_pos_enc=args.wte_pos_enc,
         vocab_size=args.vocab_size,
+        max_params=args.max_params,
     )
     try:
         train(cfg)
@@ -125,6 +126,7 @@ def add_parsers(sub) -> None:
         help="the paper's positional weighting of word-embedding rows (the official nino.pt variant)",
     )
     p.add_argument("--vocab-size", type=int, default=50257, help="token positions --wte-pos-enc covers")
+    p.add_argument("--max-params", type=int, help="train only on the store's runs of models this small or smaller")
     p.add_argument(
         "--init-from", help="start from this checkpoint's weights (same --arch/--hid; fine-tuning) instead of --init"
     )

@@ -204,9 +204,13 @@ class WindowSampler:
         stride_steps: optimizer steps between consecutive input states (the NiNo period / ctx it targets).
         samples_per_traj: windows per drawn trajectory, shifted by one state each.
         lpe: Laplacian eigenvectors per graph (the model's ``lpe``; 0 for WNN+).
+        runs: only these run ids (default: all); max_params: only runs of models with at most this many
+            parameters (the cost of a training step grows with the edges of its windows).
     """
 
-    def __init__(self, store, ctx=5, K=40, stride_steps=40, samples_per_traj=4, lpe=8, seed=0, runs=None):
+    def __init__(
+        self, store, ctx=5, K=40, stride_steps=40, samples_per_traj=4, lpe=8, seed=0, runs=None, max_params=None
+    ):
         self.store = store if isinstance(store, TrajectoryStore) else TrajectoryStore(store)
         self.ctx, self.K, self.spt, self.lpe = ctx, K, samples_per_traj, lpe
         self.gen = torch.Generator().manual_seed(seed)
@@ -214,6 +218,8 @@ class WindowSampler:
         min_len = ctx + min(K, 2 * ctx) + samples_per_traj - 1
         for rid, e in sorted(self.store.runs.items()):
             if e.get("diverged") or (runs is not None and rid not in runs):
+                continue
+            if max_params is not None and sum(math.prod(sh) for _, sh in e["param_shapes"]) > max_params:
                 continue
             if stride_steps % e["save_every"]:
                 raise ValueError(

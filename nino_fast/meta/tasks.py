@@ -61,7 +61,7 @@ TEXTS: dict[str, tuple[str, ...]] = {
     "src-a": CORPUS_FILES,
     "src-b": ("collections/__init__.py", "dataclasses.py", "enum.py"),  # ~190 kB
     "src-c": ("typing.py", "ast.py"),  # ~180 kB
-    "src-h": ("argparse.py", "difflib.py"),  # ~180 kB, held out
+    "src-h": ("argparse.py", "difflib.py", "tarfile.py", "inspect.py"),  # ~410 kB, held out
     "docs": ("pydoc_data/topics.py",),  # the help topics' text (not the module's source), first DOCS_CHARS, held out
 }
 DEFAULT_TEXT = "src-a"

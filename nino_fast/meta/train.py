@@ -82,6 +82,7 @@ class TrainConfig:
     init_from: str | None = None  # start from this checkpoint's weights (same architecture) instead of ``init``
     wte_pos_enc: bool = False  # the paper's embedding of word-embedding rows by token position (GNN only)
     vocab_size: int = 50257  # positions the wte_pos_enc embedding covers (the official checkpoints': GPT-2's)
+    max_params: int | None = None  # train only on the store's runs of models with at most this many parameters
 
     def model_args(self) -> dict:
         """The checkpoint's ``model_args`` (what :meth:`NiNoModel.from_checkpoint` builds)."""
@@ -153,7 +154,14 @@ class _Trainer:
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=cfg.eta_min)
         lpe = 0 if cfg.arch == "wnn" else cfg.lpe
         self.sampler = WindowSampler(
-            cfg.data, cfg.ctx, cfg.seq_len, cfg.stride_steps, cfg.samples_per_traj, lpe, seed=cfg.seed
+            cfg.data,
+            cfg.ctx,
+            cfg.seq_len,
+            cfg.stride_steps,
+            cfg.samples_per_traj,
+            lpe,
+            seed=cfg.seed,
+            max_params=cfg.max_params,
         )
         self.step, self.losses, self.skipped, self.restores = 0, [], 0, 0
         self.cpu_seconds, self.graphs = 0.0, 0
