@@ -1,7 +1,7 @@
-"""The bundled checkpoint vs AdamW, Linefit+ and WNN+ with the demo's protocol, on the demo task and a held-out task.
+"""The bundled checkpoints vs AdamW, Linefit+ and WNN+ with the demo's protocol, on held-out vision and language tasks.
 
-    python -m bench.bench_meta_eval [--ckpt nino_fast/checkpoints/nino_fast_small.pt] [--seeds 3] [--steps 2000]
-                                    [--tasks demo heldout] [--official]
+    python -m bench.bench_meta_eval [--ckpt nino_fast/checkpoints/nino_fast_small.pt] [--seeds 3] [--steps N]
+                                    [--period N] [--tasks demo heldout lm-gpt2 lm-llama] [--official] [--default]
 
 Protocol (:mod:`nino_fast.demo`'s, per task and seed; every run starts from the same initialisation and sees the
 same mini-batches): AdamW (lr 3e-3, weight decay 0.01, batch 64, constant lr) for ``steps`` steps, alone and
@@ -9,15 +9,21 @@ wrapped in ``NiNo(AdamW, period=200)`` with each predictor; validation loss ever
 final validation loss (mean of its last 5 evaluations); steps to target = first evaluated step at or below it;
 saved = 1 - steps(predictor) / steps(AdamW).
 
-Tasks (neither is in the meta-training data, see :mod:`nino_fast.meta.tasks`):
+Tasks (none is in the meta-training data, see :mod:`nino_fast.meta.tasks`):
 
 - ``demo``: the demo's ConvNet (width 16, depth 3) on sklearn digits — run through ``nino_fast.demo.train``;
 - ``heldout``: an MLP 64-128-128-128-10 on the same digits (deeper and wider than any MLP in training) at AdamW
   lr 3e-4 (below the training range; at 3e-3 it overfits within 200 steps), run by a copy of ``demo.train`` with
-  another model (checked to match ``demo.train`` on the ConvNet first).
+  another model (checked to match ``demo.train`` on the ConvNet first);
+- ``lm-gpt2`` / ``lm-llama``: :data:`nino_fast.meta.tasks.HELDOUT_LM_TASKS`, character-level language models of
+  a width no training run has, on texts no training run saw (a GPT-2 on the standard library's English help
+  topics, a grouped-query Llama on unseen sources), run by :func:`nino_fast.demo.train_lm`: AdamW lr 1e-3,
+  16 windows of 64 characters, 1,000 steps, ``NiNo(AdamW, period=100)``; validation on 32 windows of the text's
+  last tenth.
 
 Predictors: ``ours`` (``--ckpt``), ``linefit+``, ``wnn+`` (``../shared/checkpoints/nino_mlp.pt``), and with
-``--official`` the official NiNo ``nino_no_posw.pt`` for reference. Results: bench/results/meta_eval.json.
+``--official`` the official NiNo ``nino_no_posw.pt`` for reference, with ``--default`` ``NiNo(...)`` without a
+``ckpt`` (the bundled checkpoint it selects for the model's architecture). Results: bench/results/meta_eval.json.
 """
 
 from __future__ import annotations
@@ -72,11 +78,27 @@ def heldout_model():
     return tasks.build_model({**tasks.HELDOUT_TASK, "seed": 0})
 
 
-def run(task: str, data, seed: int, steps: int, lr: float, ckpt) -> dict:
-    """One run of ``task``; ``lr`` is the demo's (the held-out task has its own, ``HELDOUT_TASK['lr']``)."""
+VISION_TASKS = ("demo", "heldout")
+TASKS = VISION_TASKS + tuple(tasks.HELDOUT_LM_TASKS)
+
+
+def protocol(task: str, steps: int | None, period: int | None) -> tuple[int, int]:
+    """(steps, period) of ``task``: the given ones, else 2,000 / 200 (vision) or 1,000 / 100 (language)."""
+    lm = task in tasks.HELDOUT_LM_TASKS
+    default = (demo.LM_DEFAULTS["steps"], demo.LM_DEFAULTS["period"]) if lm else (2000, 200)
+    return steps or default[0], period or default[1]
+
+
+def run(task: str, data, seed: int, steps: int, lr: float, ckpt, period: int) -> dict:
+    """One run of ``task``; ``lr`` is the demo's (the held-out tasks have their own: ``HELDOUT_TASK['lr']``,
+    ``demo.LM_DEFAULTS['lr']``)."""
+    if task in tasks.HELDOUT_LM_TASKS:
+        return demo.train_lm(
+            tasks.HELDOUT_LM_TASKS[task], seed, steps, demo.LM_DEFAULTS["lr"], ckpt=ckpt, period=period
+        )
     if task == "demo":
-        return demo.train(data, seed, steps, lr, ckpt=ckpt, period=200)
-    return train_model(data, heldout_model, seed, steps, tasks.HELDOUT_TASK["lr"], ckpt=ckpt, period=200)
+        return demo.train(data, seed, steps, lr, ckpt=ckpt, period=period)
+    return train_model(data, heldout_model, seed, steps, tasks.HELDOUT_TASK["lr"], ckpt=ckpt, period=period)
 
 
 def check_copy_matches_demo(data) -> None:
@@ -91,11 +113,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, help="steps per run (default: 2000 vision, 1000 language)")
+    p.add_argument("--period", type=int, help="NiNo period (default: 200 vision, 100 language)")
     p.add_argument("--lr", type=float, default=3e-3, help="the demo task's learning rate")
-    p.add_argument("--tasks", nargs="+", default=["demo", "heldout"], choices=["demo", "heldout"])
+    p.add_argument("--tasks", nargs="+", default=["demo", "heldout"], choices=TASKS)
     p.add_argument("--official", action="store_true", help="also the official nino_no_posw.pt (reference)")
-    p.add_argument("--predictors", nargs="+", help="only these (ours, linefit+, wnn+, official)")
+    p.add_argument("--predictors", nargs="+", help="only these (ours, default, linefit+, wnn+, official)")
+    p.add_argument("--default", action="store_true", help="also the wrapper's default checkpoint (no ckpt)")
+    p.add_argument("--candidates", nargs="+", default=[], metavar="NAME=PATH", help="more checkpoints to compare")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="meta_eval", help="results name under bench/results/")
     args = p.parse_args(argv)
@@ -103,25 +128,42 @@ def main(argv=None) -> int:
     predictors = {"ours": args.ckpt, "linefit+": "linefit+", "wnn+": str(SHARED / "nino_mlp.pt")}
     if args.official:
         predictors["official"] = str(SHARED / "nino_no_posw.pt")
+    if args.default:
+        predictors["default"] = None  # NiNo(...) without ckpt: the bundled checkpoint it picks for the model
+    for item in args.candidates:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--candidates takes NAME=PATH, got {item!r}")
+        predictors[name] = path
     if args.predictors:
         predictors = {k: v for k, v in predictors.items() if k in args.predictors}
     data = demo.load_digits_split()
-    check_copy_matches_demo(data)
+    if set(args.tasks) & set(VISION_TASKS):
+        check_copy_matches_demo(data)
     rows, summary = [], {}
     for task in args.tasks:
+        steps, period = protocol(task, args.steps, args.period)
         for seed in range(args.seeds):
-            base = run(task, data, seed, args.steps, args.lr, "none")
+            base = run(task, data, seed, steps, args.lr, "none", period)
             target = float(np.mean(base["val_loss"][-5:]))
             sb = demo.steps_to(base, target)
-            row = dict(task=task, seed=seed, target=target, steps_adamw=sb, final_loss_adamw=base["val_loss"][-1])
+            row = dict(
+                task=task,
+                seed=seed,
+                steps=steps,
+                period=period,
+                target=target,
+                steps_adamw=sb,
+                final_loss_adamw=base["val_loss"][-1],
+            )
             for name, ckpt in predictors.items():
-                log = run(task, data, seed, args.steps, args.lr, ckpt)
+                log = run(task, data, seed, steps, args.lr, ckpt, period)
                 sn = demo.steps_to(log, target)
                 row[name] = dict(
                     steps=sn,
                     saved_pct=None if sn is None else 100.0 * (1 - sn / sb),
                     final_loss=log["val_loss"][-1],
-                    final_acc=log["val_acc"][-1],
+                    final_acc=log["val_acc"][-1] if "val_acc" in log else None,
                     best_loss=min(log["val_loss"]),
                 )
             rows.append(row)

@@ -130,12 +130,70 @@ def train(
     return log
 
 
+LM_TASK = "lm-gpt2"  # the language-model demo: nino_fast.meta.tasks.HELDOUT_LM_TASKS' GPT-2 on the docs text
+LM_DEFAULTS = dict(steps=1000, period=100, lr=1e-3, batch_size=16, seq=64)
+
+
+def train_lm(
+    task: dict,
+    seed: int,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    eval_every: int = 20,
+    ckpt="none",
+    period: int = 100,
+    schedule: str = "constant",
+) -> dict:
+    """One run of a character-level language model (``task``: a spec of :mod:`nino_fast.meta.tasks` without
+    its training keys, e.g. ``HELDOUT_LM_TASKS['lm-gpt2']``) with AdamW (weight decay 0.01), alone
+    (``ckpt="none"``) or wrapped in NiNo; the validation loss (next-character cross-entropy on 32 evenly spaced
+    windows of the text's validation tenth) every ``eval_every`` steps. The same seed gives the same
+    initialisation and windows with any ``ckpt``. Returns the log of :func:`train` (no accuracy)."""
+    from .meta import tasks
+
+    spec = dict(task, opt="adamw", lr=lr, wd=0.01, seed=seed, batch=batch_size, steps=steps)
+    spec.setdefault("seq", LM_DEFAULTS["seq"])
+    train_loss, val_loss = tasks.task_loop(spec)
+    torch.manual_seed(seed)
+    model = tasks.build_model(spec)
+    base = tasks.make_optimizer(spec, model.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, steps) if schedule == "cosine" else None
+    opt = NiNo(base, model=model, ckpt=ckpt, period=period, max_train_steps=steps)
+    batches = torch.Generator().manual_seed(seed)
+
+    def evaluate_lm() -> float:
+        with torch.no_grad():
+            return val_loss(model).item()
+
+    log = {"step": [0], "val_loss": [evaluate_lm()]}
+    nino_time, t0 = 0.0, time.perf_counter()
+    for i in range(steps):
+        opt.zero_grad()
+        loss = train_loss(model, batches)  # drawn every step (NiNo's too): the same windows in every run
+        if opt.need_grads:
+            loss.backward()
+            opt.step()
+        else:
+            t1 = time.perf_counter()
+            opt.step()
+            nino_time += time.perf_counter() - t1
+        if sched is not None:
+            sched.step()
+        if (i + 1) % eval_every == 0:
+            log["step"].append(i + 1)
+            log["val_loss"].append(evaluate_lm())
+    log["wall"] = time.perf_counter() - t0
+    log["nino_time"] = nino_time
+    return log
+
+
 def steps_to(log: dict, target: float) -> int | None:
     """First evaluated step with validation loss <= target (None if never)."""
     return next((s for s, v in zip(log["step"], log["val_loss"], strict=True) if v <= target), None)
 
 
-def plot(runs: list[tuple[dict, dict]], targets: list[float], label: str, path: Path) -> None:
+def plot(runs: list[tuple[dict, dict]], targets: list[float], label: str, path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,15 +214,20 @@ def plot(runs: list[tuple[dict, dict]], targets: list[float], label: str, path: 
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (cross-entropy)")
-    ax.set_title(f"sklearn digits, 3-layer ConvNet, {len(runs)} seeds")
+    ax.set_title(f"{title or 'sklearn digits, 3-layer ConvNet'}, {len(runs)} seeds")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def pick_predictor(ckpt: str | None) -> tuple[str, str]:
-    """(ckpt argument for NiNo, label to print)."""
+def pick_predictor(ckpt: str | None, task: str = "convnet") -> tuple[str, str]:
+    """(ckpt argument for NiNo, label to print). The language-model task's default is the checkpoint NiNo picks
+    for a transformer by itself (:data:`nino_fast.checkpoints.LM`)."""
+    if ckpt is None and task == "lm":
+        from .checkpoints import LM
+
+        ckpt = str(LM)
     if ckpt is None:
         if DEFAULT_CKPT.is_file():
             ckpt = str(DEFAULT_CKPT)
@@ -185,45 +248,81 @@ def pick_predictor(ckpt: str | None) -> tuple[str, str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nino_fast.demo", description=__doc__.splitlines()[0])
     p.add_argument(
+        "--task",
+        choices=("convnet", "lm"),
+        default="convnet",
+        help="convnet: the ConvNet on digits; lm: a character-level GPT-2 on the standard library's help text",
+    )
+    p.add_argument(
         "--ckpt",
-        help="NiNo checkpoint, or 'linefit' / 'linefit+' (default: ../shared/checkpoints/"
-        "nino_no_posw.pt beside the repository, else linefit+)",
+        help="NiNo checkpoint, or 'linefit' / 'linefit+' (default: convnet: ../shared/checkpoints/nino_no_posw.pt "
+        "beside the repository, else the bundled one, else linefit+; lm: the bundled language-model checkpoint)",
     )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--period", type=int, default=200, help="steps between NiNo steps (snapshots every period/5)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, help="default: 2000 (convnet), 1000 (lm)")
+    p.add_argument(
+        "--period", type=int, help="steps between NiNo steps (snapshots every period/5); default 200 / 100 (lm)"
+    )
+    p.add_argument("--lr", type=float, help="AdamW's learning rate; default 3e-3 / 1e-3 (lm)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning rate")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch threads (1: batches of 64 tiny images gain nothing from more)",
+        help="torch threads (1: batches of 64 tiny images, or of 16 x 64 characters, gain little from more)",
     )
-    p.add_argument("--out", default="demo_out", help="directory for demo_loss.png and demo_results.json")
+    p.add_argument(
+        "--out",
+        default="demo_out",
+        help="directory for demo_loss.png and demo_results.json (--task lm: demo_lm_loss.png, demo_lm_results.json)",
+    )
     args = p.parse_args(argv)
+    lm = args.task == "lm"
+    for name, convnet_default, lm_default in (("steps", 2000, 1000), ("period", 200, 100), ("lr", 3e-3, 1e-3)):
+        if getattr(args, name) is None:
+            setattr(args, name, lm_default if lm else convnet_default)
     logging.basicConfig(level=logging.WARNING)
     with torch_threads(args.threads):  # the caller's thread count is restored after
         return _run(args)
 
 
-def _run(args) -> int:
-    ckpt, label = pick_predictor(args.ckpt)
-    print(f"predictor: {label} [{ckpt}]")
-    print(
-        f"task: sklearn digits, ConvNet; AdamW lr {args.lr} ({args.schedule}), batch 64, {args.steps} steps; "
-        f"NiNo period {args.period} (a snapshot every {args.period // 5} steps)",
-        flush=True,
-    )
+def _task(args):
+    """(run(seed, ckpt, period) -> log, description, plot title) of ``args.task``."""
+    kw = dict(steps=args.steps, lr=args.lr, eval_every=args.eval_every, schedule=args.schedule)
+    if args.task == "lm":
+        from .meta import tasks
 
-    t_start = time.perf_counter()
+        spec = tasks.HELDOUT_LM_TASKS[LM_TASK]
+        text = "the standard library's help topics (pydoc_data)"
+        desc = (
+            f"task: character-level GPT-2 ({spec['width']} wide, {spec['depth']} blocks) on {text}; AdamW lr "
+            f"{args.lr} ({args.schedule}), 16 windows of 64 characters, {args.steps} steps"
+        )
+
+        def run(seed, ckpt="none", period=100):
+            return train_lm(spec, seed, ckpt=ckpt, period=period, **kw)
+
+        return run, desc, "character-level GPT-2 on Python's help text"
     data = load_digits_split()
+    desc = f"task: sklearn digits, ConvNet; AdamW lr {args.lr} ({args.schedule}), batch 64, {args.steps} steps"
+
+    def run(seed, ckpt="none", period=200):
+        return train(data, seed, ckpt=ckpt, period=period, **kw)
+
+    return run, desc, "sklearn digits, 3-layer ConvNet"
+
+
+def _run(args) -> int:
+    ckpt, label = pick_predictor(args.ckpt, args.task)
+    print(f"predictor: {label} [{ckpt}]")
+    t_start = time.perf_counter()
+    run, desc, title = _task(args)
+    print(f"{desc}; NiNo period {args.period} (a snapshot every {args.period // 5} steps)", flush=True)
     runs, targets, rows = [], [], []
     for seed in range(args.seeds):
-        kw = dict(steps=args.steps, lr=args.lr, eval_every=args.eval_every, schedule=args.schedule)
-        base = train(data, seed, **kw)
-        nino = train(data, seed, ckpt=ckpt, period=args.period, **kw)
+        base = run(seed)
+        nino = run(seed, ckpt=ckpt, period=args.period)
         target = float(np.mean(base["val_loss"][-5:]))
         sb, sn = steps_to(base, target), steps_to(nino, target)
         saved = None if sn is None else 100.0 * (1 - sn / sb)
@@ -237,8 +336,8 @@ def _run(args) -> int:
             saved_pct=saved,
             final_loss_adamw=base["val_loss"][-1],
             final_loss_nino=nino["val_loss"][-1],
-            final_acc_adamw=base["val_acc"][-1],
-            final_acc_nino=nino["val_acc"][-1],
+            final_acc_adamw=base["val_acc"][-1] if "val_acc" in base else None,
+            final_acc_nino=nino["val_acc"][-1] if "val_acc" in nino else None,
             wall_adamw=base["wall"],
             wall_nino=nino["wall"],
             nino_steps_time=nino["nino_time"],
@@ -247,8 +346,12 @@ def _run(args) -> int:
         print(
             f"seed {seed}: target {target:.4f}; steps to target: AdamW {sb}, NiNo "
             + (f"{sn} ({saved:.1f}% fewer)" if sn is not None else "not reached")
-            + f"; final val acc {row['final_acc_adamw']:.3f} / {row['final_acc_nino']:.3f}; "
-            f"wall {base['wall']:.1f}s / {nino['wall']:.1f}s",
+            + (
+                f"; final val acc {row['final_acc_adamw']:.3f} / {row['final_acc_nino']:.3f}"
+                if row["final_acc_adamw"] is not None
+                else f"; final val loss {row['final_loss_adamw']:.4f} / {row['final_loss_nino']:.4f}"
+            )
+            + f"; wall {base['wall']:.1f}s / {nino['wall']:.1f}s",
             flush=True,
         )
 
@@ -272,9 +375,10 @@ def _run(args) -> int:
     print(f"NiNo steps took {nino_total:.1f}s in all; total wall time {time.perf_counter() - t_start:.0f}s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(runs, targets, label, out / "demo_loss.png")
-    (out / "demo_results.json").write_text(json.dumps(dict(predictor=ckpt, args=vars(args), seeds=rows), indent=1))
-    print(f"wrote {out / 'demo_loss.png'} and {out / 'demo_results.json'}")
+    prefix = "demo_lm" if args.task == "lm" else "demo"
+    plot(runs, targets, label, out / f"{prefix}_loss.png", title)
+    (out / f"{prefix}_results.json").write_text(json.dumps(dict(predictor=ckpt, args=vars(args), seeds=rows), indent=1))
+    print(f"wrote {out / f'{prefix}_loss.png'} and {out / f'{prefix}_results.json'}")
     return 0
 
 
