@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nino_fast import NiNo, NiNoModel
+from nino_fast import NiNo, NiNoModel, build_graph
 from nino_fast.wrapped import unwrap_model
 
 from golden import ckpt
@@ -451,14 +451,47 @@ def test_load_state_dict_older_layout():
 
 
 # ---- defaults and arguments --------------------------------------------------------------------------------
-def test_no_ckpt_uses_the_bundled_checkpoint(caplog, monkeypatch):
+def test_no_ckpt_picks_the_language_model_checkpoint_for_transformers(caplog, monkeypatch):
+    """Transformers (an architecture nino_fast knows, or any model with a token embedding) get the bundled
+    language-model checkpoint, said at INFO once per process; everything else the vision one."""
+    pytest.importorskip("transformers")
+    from nino_fast.checkpoints import LM, SMALL
+    from nino_fast.meta import tasks
     from nino_fast.optim import predictors
 
-    monkeypatch.setattr(predictors, "_bundled_said", False)
+    monkeypatch.setattr(predictors, "_bundled_said", set())
+    lm_model = tasks.build_model(dict(family="llama", width=16, depth=1, heads=2, kv_heads=1))
+    with caplog.at_level(logging.INFO, logger="nino_fast.optim"):
+        opt = NiNo(torch.optim.AdamW(lm_model.parameters()), model=torch.compile(lm_model), period=10)
+        NiNo(torch.optim.AdamW(lm_model.parameters()), model=lm_model, period=10)
+    assert opt.predictor.wte_pos_enc == NiNoModel.from_checkpoint(LM).wte_pos_enc
+    assert caplog.text.count("a language model / transformer") == 1 and str(LM) in caplog.text
+    embedding = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    assert predictors.default_ckpt(embedding) == LM and predictors.default_ckpt(mlp()) == SMALL
+    assert predictors.default_ckpt(mlp(), arch="gpt2") == LM and predictors.default_ckpt() == SMALL
+    # the transformer default serves any vocabulary (no word-position table to outgrow): a 60k-token Llama
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=60_000, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    big_vocab = transformers.LlamaForCausalLM(cfg)
+    nino = NiNoModel.from_checkpoint(predictors.default_ckpt(big_vocab))
+    graph = build_graph(big_vocab, lpe=nino.lpe)
+    states = torch.randn(graph.num_params, 5).cumsum(1)
+    assert torch.isfinite(nino.nowcast(graph, states, 3)).all()
+
+
+def test_no_ckpt_uses_the_bundled_checkpoint(caplog, monkeypatch):
+    from nino_fast.checkpoints import SMALL
+    from nino_fast.optim import predictors
+
+    monkeypatch.setattr(predictors, "_bundled_said", set())
     model = mlp()
     with caplog.at_level(logging.INFO, logger="nino_fast.optim"):
         opt = NiNo(torch.optim.SGD(model.parameters(), lr=0.1), model=model, period=10)
     assert isinstance(opt.predictor, NiNoModel) and "bundled checkpoint" in caplog.text
+    assert "not a transformer" in caplog.text and str(SMALL) in caplog.text
     assert train(opt, model, 10) == [10] and opt.last_nino_step["ok"]
     plain = NiNo(torch.optim.SGD(model.parameters(), lr=0.1), model=model, ckpt="none")
     assert plain.predictor is None and all(plain.need_grads for _ in range(3))

@@ -17,13 +17,29 @@ slow plan's 48 deep and wide MLPs at lr 1e-4..1e-3, ``cp -r W WS; nino-fast coll
 Its ``train_info`` entry records the configuration, steps and CPU time of the last stage, and under ``init_from``
 (nested) those of the stages before it.
 
+``nino_fast_lm.pt`` (2.2 MB): NiNo for transformers, what :class:`nino_fast.NiNo` uses without a ``ckpt`` for a
+transformer or any model with token embeddings (:func:`nino_fast.optim.predictors.default_ckpt`). The official
+``nino_no_posw.pt`` (MIT, SamsungSAILMontreal/nino; vision and language) fine-tuned on trajectories of 21
+character-level GPT-2 and Llama models (:func:`nino_fast.meta.tasks.lm_plan`; 34.4 CPU-min of collection, 1 GB;
+the 20 under 1M parameters used for training):
+
+    nino-fast collect --out LM --plan lm --families gpt2 --max-runs 9 --steps 2000
+    nino-fast collect --out LM --plan lm --families llama --steps 2000
+    nino-fast train --data LM --out nino_fast_lm.pt --init-from nino_no_posw.pt --hid 128 --steps 400 --lr 1e-3 \
+        --batch 4 --samples-per-traj 1 --stride-steps 20 --seed 31 --max-params 1000000        # 29.2 CPU-min
+
+No word-position encoding (``wte_pos_enc=False``), so it serves any vocabulary size; the official format (loads in
+the official code). How it compares on held-out language models: bench/RESULTS.md, "Transformers: the
+language-model checkpoint".
+
     from nino_fast import NiNoModel
-    from nino_fast.checkpoints import SMALL
-    nino = NiNoModel.from_checkpoint(SMALL)
+    from nino_fast.checkpoints import LM, SMALL
+    nino = NiNoModel.from_checkpoint(SMALL)  # or LM
 """
 
 from pathlib import Path
 
 SMALL = Path(__file__).resolve().with_name("nino_fast_small.pt")
+LM = Path(__file__).resolve().with_name("nino_fast_lm.pt")
 
-__all__ = ["SMALL"]
+__all__ = ["LM", "SMALL"]

@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from ..baselines import make_baseline
 from ..model import NiNoModel
 
 logger = logging.getLogger(__package__)
 
 _NONE = ("", "none", "None")
-_bundled_said = False
+_bundled_said: set[str] = set()
 
 
 def load_predictor(ckpt, ctx: int | None = None):
@@ -36,12 +38,33 @@ def load_predictor(ckpt, ctx: int | None = None):
     )
 
 
-def default_ckpt():
-    """The checkpoint shipped with the package, announced once per process at INFO (never a silent default)."""
-    from ..checkpoints import SMALL
+def is_language_model(module, arch: str | None = None) -> bool:
+    """Whether the bundled language-model checkpoint serves ``module``: a transformer architecture nino_fast
+    knows (``arch``, else :func:`nino_fast.graph.detect_arch`: GPT-2, Llama, BERT, Qwen3, nanoGPT, ViT) or any
+    model with a token embedding (``nn.Embedding``); MLPs, ConvNets and other models get the vision one."""
+    from ..graph import detect_arch
 
-    global _bundled_said
-    if not _bundled_said:
-        logger.info("NiNo: no ckpt given, using the bundled checkpoint %s (ckpt='none' runs the base optimizer)", SMALL)
-        _bundled_said = True
-    return SMALL
+    if module is None:
+        return arch not in (None, "generic")
+    arch = arch or detect_arch(module)[0]
+    return arch != "generic" or any(isinstance(m, torch.nn.Embedding) for m in module.modules())
+
+
+def default_ckpt(module=None, arch: str | None = None):
+    """The checkpoint shipped with the package for ``module`` (announced at INFO, once per process and choice;
+    never a silent default): :data:`nino_fast.checkpoints.LM` for transformers and models with token embeddings
+    (:func:`is_language_model`), :data:`nino_fast.checkpoints.SMALL` otherwise (and when no module is given)."""
+    from ..checkpoints import LM, SMALL
+
+    language = is_language_model(module, arch)
+    path = LM if language else SMALL
+    what = "a language model / transformer" if language else "not a transformer"
+    if str(path) not in _bundled_said:
+        logger.info(
+            "NiNo: no ckpt given; the model is %s: using the bundled checkpoint %s (ckpt='none' runs the base "
+            "optimizer alone)",
+            what,
+            path,
+        )
+        _bundled_said.add(str(path))
+    return path

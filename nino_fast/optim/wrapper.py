@@ -124,8 +124,10 @@ class NiNo(torch.optim.Optimizer):
         model: the module whose parameters NiNo predicts (wrappers such as ``torch.compile`` or DDP are seen
             through).
         ckpt: NiNo checkpoint path or :class:`NiNoModel` (GNN or WNN+), ``'linefit'`` / ``'linefit+'``
-            baselines; None (the default): the bundled checkpoint (:data:`nino_fast.checkpoints.SMALL`, said at
-            INFO); ``'none'``: no NiNo steps (the wrapper is then a pass-through to the base optimizer).
+            baselines; None (the default): the bundled checkpoint for the model, said at INFO
+            (:data:`nino_fast.checkpoints.LM` for transformers and models with token embeddings,
+            :data:`nino_fast.checkpoints.SMALL` otherwise; :func:`nino_fast.optim.predictors.default_ckpt`);
+            ``'none'``: no NiNo steps (the wrapper is then a pass-through to the base optimizer).
         period: counted calls between NiNo steps, a multiple of ``ctx`` (snapshots every ``period // ctx``).
         max_train_steps: the planned number of counted calls, for the k schedule.
         k_decay: power ``p`` of the k schedule (:func:`k_schedule`).
@@ -198,7 +200,9 @@ class NiNo(torch.optim.Optimizer):
         self._dist = Agreement(dist_group, check_distributed(dist_timeout)) if self.distributed else None
         self.snapshot_dtype, self.on_error, self.backend = snapshot_dtype, on_error, backend
         self._graph_args = dict(arch=arch, num_heads=num_heads, num_key_value_heads=num_key_value_heads)
-        self.predictor = load_predictor(default_ckpt() if ckpt is None else ckpt, ctx)
+        if ckpt is None:
+            ckpt = default_ckpt(unwrap_model(model), arch)
+        self.predictor = load_predictor(ckpt, ctx)
         self.step_idx = 0
         self.last_nino_step = None
         self._running = None  # while step() runs: whether this call is a NiNo step (need_grads in closures)
