@@ -45,25 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._env import torch_threads
+from .meta import tasks
+from .meta.tasks import load_digits_split
 from .optim import NiNo
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = REPO.parent / "shared" / "checkpoints" / "nino_no_posw.pt"
 BUNDLED_CKPT = Path(__file__).resolve().parent / "checkpoints" / "nino_fast_small.pt"  # ours: nino-fast train
-
-
-def load_digits_split(split_seed: int = 0):
-    """(x_train, y_train, x_val, y_val): images (N, 1, 8, 8) in [0, 1], a stratified 80/20 split."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:
-        raise SystemExit("the demo needs scikit-learn and matplotlib: pip install 'nino_fast[demo]'") from exc
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(data.target, dtype=torch.long)
-    tr, va = train_test_split(np.arange(len(y)), test_size=0.2, stratify=data.target, random_state=split_seed)
-    return x[tr], y[tr], x[va], y[va]
 
 
 def convnet(width: int = 16) -> nn.Module:
@@ -150,8 +138,6 @@ def train_lm(
     (``ckpt="none"``) or wrapped in NiNo; the validation loss (next-character cross-entropy on 32 evenly spaced
     windows of the text's validation tenth) every ``eval_every`` steps. The same seed gives the same
     initialisation and windows with any ``ckpt``. Returns the log of :func:`train` (no accuracy)."""
-    from .meta import tasks
-
     spec = dict(task, opt="adamw", lr=lr, wd=0.01, seed=seed, batch=batch_size, steps=steps)
     spec.setdefault("seq", LM_DEFAULTS["seq"])
     train_loss, val_loss = tasks.task_loop(spec)
@@ -291,8 +277,6 @@ def _task(args):
     """(run(seed, ckpt, period) -> log, description, plot title) of ``args.task``."""
     kw = dict(steps=args.steps, lr=args.lr, eval_every=args.eval_every, schedule=args.schedule)
     if args.task == "lm":
-        from .meta import tasks
-
         spec = tasks.HELDOUT_LM_TASKS[LM_TASK]
         text = "the standard library's help topics (pydoc_data)"
         desc = (

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,10 +202,22 @@ def graph_args(spec: dict) -> dict:
     )
 
 
+def load_digits_split(split_seed: int = 0):
+    """(x_train, y_train, x_val, y_val): images (N, 1, 8, 8) in [0, 1], a stratified 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise SystemExit("the demo needs scikit-learn and matplotlib: pip install 'nino_fast[demo]'") from exc
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(data.target, dtype=torch.long)
+    tr, va = train_test_split(np.arange(len(y)), test_size=0.2, stratify=data.target, random_state=split_seed)
+    return x[tr], y[tr], x[va], y[va]
+
+
 def digits():
     """The demo's stratified 80/20 split of sklearn digits: (x_train, y_train, x_val, y_val)."""
-    from ..demo import load_digits_split
-
     return load_digits_split()
 
 
