@@ -84,35 +84,53 @@ def train(
     ckpt="none",
     period: int = 200,
     schedule: str = "constant",
+    model_fn=None,
 ) -> dict:
-    """One run (``ckpt="none"``: AdamW alone). Returns evaluated steps, validation losses/accuracies, times."""
+    """One run (``ckpt="none"``: AdamW alone) of the demo's ConvNet, or of the classifier ``model_fn()`` builds
+    (same seeding, batches, evaluation). Returns evaluated steps, validation losses/accuracies, times."""
     x_tr, y_tr, x_va, y_va = data
     torch.manual_seed(seed)
-    model = convnet()
+    model = (model_fn or convnet)()
     base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, steps) if schedule == "cosine" else None
     opt = NiNo(base, model=model, ckpt=ckpt, period=period, max_train_steps=steps)
     batches = torch.Generator().manual_seed(seed)
-    loss, acc = evaluate(model, x_va, y_va)
-    log = {"step": [0], "val_loss": [loss], "val_acc": [acc]}
+
+    def loss_of_step(need_grads: bool) -> torch.Tensor | None:
+        idx = torch.randint(len(y_tr), (batch_size,), generator=batches)  # drawn every step: same batches
+        return F.cross_entropy(model(x_tr[idx]), y_tr[idx]) if need_grads else None  # NiNo steps need none
+
+    def metrics() -> dict[str, float]:
+        loss, acc = evaluate(model, x_va, y_va)
+        return {"val_loss": loss, "val_acc": acc}
+
+    return _loop(opt, sched, steps, eval_every, loss_of_step, metrics)
+
+
+def _loop(opt: NiNo, sched, steps: int, eval_every: int, loss_of_step, metrics) -> dict:
+    """The demo's training loop: ``steps`` calls of ``opt.step()`` (the NiNo steps timed), the scheduler after
+    each, ``metrics()`` at step 0 and every ``eval_every`` steps. ``loss_of_step(need_grads)``: this step's
+    mini-batch loss (called every step, so that every run sees the same batches). Returns the log: ``step``,
+    one list per metric, ``wall`` and ``nino_time`` in seconds."""
+    log: dict = {"step": [0], **{k: [v] for k, v in metrics().items()}}
     nino_time, t0 = 0.0, time.perf_counter()
     for i in range(steps):
-        idx = torch.randint(len(y_tr), (batch_size,), generator=batches)  # drawn every step: same batches
         opt.zero_grad()
-        if opt.need_grads:
-            F.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
+        need_grads = opt.need_grads
+        loss = loss_of_step(need_grads)
+        if need_grads:
+            loss.backward()
             opt.step()
-        else:  # the NiNo step: no forward/backward needed
+        else:
             t1 = time.perf_counter()
             opt.step()
             nino_time += time.perf_counter() - t1
         if sched is not None:
             sched.step()
         if (i + 1) % eval_every == 0:
-            loss, acc = evaluate(model, x_va, y_va)
             log["step"].append(i + 1)
-            log["val_loss"].append(loss)
-            log["val_acc"].append(acc)
+            for k, v in metrics().items():
+                log[k].append(v)
     log["wall"] = time.perf_counter() - t0
     log["nino_time"] = nino_time
     return log
@@ -148,30 +166,23 @@ def train_lm(
     opt = NiNo(base, model=model, ckpt=ckpt, period=period, max_train_steps=steps)
     batches = torch.Generator().manual_seed(seed)
 
-    def evaluate_lm() -> float:
+    def metrics() -> dict[str, float]:
         with torch.no_grad():
-            return val_loss(model).item()
+            return {"val_loss": val_loss(model).item()}
 
-    log = {"step": [0], "val_loss": [evaluate_lm()]}
-    nino_time, t0 = 0.0, time.perf_counter()
-    for i in range(steps):
-        opt.zero_grad()
-        loss = train_loss(model, batches)  # drawn every step (NiNo's too): the same windows in every run
-        if opt.need_grads:
-            loss.backward()
-            opt.step()
-        else:
-            t1 = time.perf_counter()
-            opt.step()
-            nino_time += time.perf_counter() - t1
-        if sched is not None:
-            sched.step()
-        if (i + 1) % eval_every == 0:
-            log["step"].append(i + 1)
-            log["val_loss"].append(evaluate_lm())
-    log["wall"] = time.perf_counter() - t0
-    log["nino_time"] = nino_time
-    return log
+    # the windows are drawn and the loss computed in one call, every step (NiNo's too): the same windows in every run
+    return _loop(opt, sched, steps, eval_every, lambda need_grads: train_loss(model, batches), metrics)
+
+
+def target_loss(log: dict) -> float:
+    """The target of a run: its final validation loss, the mean of its last 5 evaluations (against the noise
+    of a single one)."""
+    return float(np.mean(log["val_loss"][-5:]))
+
+
+def saved_pct(steps_base: int, steps: int | None) -> float | None:
+    """Percent of ``steps_base`` saved by reaching the target in ``steps`` (None: never reached)."""
+    return None if steps is None else 100.0 * (1 - steps / steps_base)
 
 
 def steps_to(log: dict, target: float) -> int | None:
@@ -307,9 +318,9 @@ def _run(args) -> int:
     for seed in range(args.seeds):
         base = run(seed)
         nino = run(seed, ckpt=ckpt, period=args.period)
-        target = float(np.mean(base["val_loss"][-5:]))
+        target = target_loss(base)
         sb, sn = steps_to(base, target), steps_to(nino, target)
-        saved = None if sn is None else 100.0 * (1 - sn / sb)
+        saved = saved_pct(sb, sn)
         runs.append((base, nino))
         targets.append(target)
         row = dict(

@@ -28,6 +28,8 @@ __all__ = [
     "random_csr",
     "tiny_transformer",
     "random_inputs",
+    "assert_meta_paths_agree",
+    "assert_window_matches_nowcast",
     "tolerance",
 ]
 
@@ -271,3 +273,42 @@ def check(op, inp, backend, use_table=True, atol=1e-5):
     assert got.shape == want.shape
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
     torch.testing.assert_close(got, want, atol=atol * scale, rtol=1e-5)
+
+
+def assert_meta_paths_agree(model, batch) -> dict[str, torch.Tensor]:
+    """Meta-training's fused paths (``folded``, ``layerwise``) against the ``oracle`` on one batch: the loss, and
+    the gradient of every parameter that gets one (the same parameters on every path). Returns the oracle's
+    gradients by parameter name."""
+    import pytest
+
+    from .meta.forward import PATHS, loss_fn, predict_pieces
+
+    losses, grads = {}, {}
+    for path in PATHS:
+        model.zero_grad()
+        loss = loss_fn(predict_pieces(model, batch, path), batch)
+        loss.backward()
+        losses[path] = loss.item()
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for path in ("folded", "layerwise"):
+        assert losses[path] == pytest.approx(losses["oracle"], rel=1e-5)
+        assert grads[path].keys() == grads["oracle"].keys()
+        for n, r in grads["oracle"].items():
+            torch.testing.assert_close(grads[path][n], r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=1e-4)
+    return grads["oracle"]
+
+
+def assert_window_matches_nowcast(model, sampler, run: str, graph, horizons=(1, 7, 40)) -> None:
+    """The first window of a trajectory of ``run`` through meta-training's forward (``folded``) equals
+    :meth:`NiNoModel.nowcast` on ``graph`` (the run's model) at each horizon (nowcast rescales its input, which is
+    already scaled: mean 0, std 1 per tensor up to rounding)."""
+    from .meta.data import make_batch
+    from .meta.forward import predict
+
+    info, _, x, _ = sampler.trajectory(run)[0]
+    K = model.seq_len
+    one = make_batch([(info, torch.ones(1, info.graph.lpe.shape[1]), x, torch.zeros(x.shape[0], K))], model.ctx, K)
+    with torch.no_grad():
+        delta = predict(model, one, "folded")
+    for k in horizons:
+        torch.testing.assert_close(x[:, -1] + delta[:, k - 1], model.nowcast(graph, x, k), atol=2e-4, rtol=2e-4)

@@ -14,11 +14,11 @@ from nino_fast._env import torch_threads
 from nino_fast.cli import build_parser
 from nino_fast.meta import tasks
 from nino_fast.meta.collect import collect
-from nino_fast.meta.data import WindowSampler, make_batch, scale_windows
-from nino_fast.meta.forward import PATHS, loss_fn, predict, predict_pieces
+from nino_fast.meta.data import WindowSampler, scale_windows
 from nino_fast.meta.store import TrajectoryStore
 from nino_fast.meta.train import TrainConfig, train
 from nino_fast.scaling import scale_params
+from nino_fast.testing import assert_meta_paths_agree, assert_window_matches_nowcast
 
 PLAN = [
     dict(family="mlp", widths=[12], act="relu", opt="adamw", lr=3e-3, wd=0.01, seed=1),
@@ -154,28 +154,11 @@ def test_forward_paths_agree_and_match_nowcast(store):
     model = NiNoModel(hid=16, wte_pos_enc=False)
     for p in model.parameters():  # the official init (std 0.02) is too small to exercise every branch
         p.data.mul_(8)
-    b = sampler.sample(2)
-    losses, grads = {}, {}
-    for path in PATHS:
-        model.zero_grad()
-        loss = loss_fn(predict_pieces(model, b, path), b)
-        loss.backward()
-        losses[path] = loss.item()
-        grads[path] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    for path in ("folded", "layerwise"):
-        assert losses[path] == pytest.approx(losses["oracle"], rel=1e-5)
-        for g, r in zip(grads[path], grads["oracle"], strict=True):
-            torch.testing.assert_close(g, r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=1e-4)
+    assert_meta_paths_agree(model, sampler.sample(2))
     # one window through the trainer's forward = the inference step at every horizon
-    info, _, x, _ = sampler.trajectory(sampler.runs[1])[0]
-    one = make_batch([(info, torch.ones(1, info.graph.lpe.shape[1]), x, torch.zeros(x.shape[0], 40))], 5, 40)
-    with torch.no_grad():
-        delta = predict(model, one, "folded")
-    graph = build_graph(info.graph.param_shapes)
-    for k in (1, 7, 40):
-        # nowcast rescales its input: x is already scaled (mean 0, std 1 per tensor) up to rounding
-        want = model.nowcast(graph, x, k)
-        torch.testing.assert_close(x[:, -1] + delta[:, k - 1], want, atol=2e-4, rtol=2e-4)
+    run = sampler.runs[1]
+    graph = build_graph(sampler.info(run).graph.param_shapes)
+    assert_window_matches_nowcast(model, sampler, run, graph, horizons=(1, 7, 40))
 
 
 def test_train_loss_finite_and_checkpoint_loads(store, tmp_path):

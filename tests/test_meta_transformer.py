@@ -188,8 +188,7 @@ def test_tied_and_untied_embeddings_build_and_run(family):
 def test_wte_pos_enc_training_paths_agree_and_match_nowcast(store):
     """The paper's word-position embedding in meta-training: the fused paths match the oracle (loss and every
     gradient, the position embedding's included) and one window's prediction is NiNoModel.nowcast's."""
-    from nino_fast.meta.data import make_batch
-    from nino_fast.meta.forward import PATHS, loss_fn, predict, predict_pieces
+    from nino_fast.testing import assert_meta_paths_agree, assert_window_matches_nowcast
 
     sampler = WindowSampler(store, stride_steps=4, samples_per_traj=2, seed=1, runs=[tasks.task_id(GPT2)])
     torch.manual_seed(0)
@@ -198,26 +197,10 @@ def test_wte_pos_enc_training_paths_agree_and_match_nowcast(store):
         p.data.mul_(8)
     b = sampler.sample(2)
     assert int(b.pos_w.max()) == len(tasks.VOCAB)  # the token rows of the embedding, 1-based
-    losses, grads = {}, {}
-    for path in PATHS:
-        model.zero_grad()
-        loss = loss_fn(predict_pieces(model, b, path), b)
-        loss.backward()
-        losses[path] = loss.item()
-        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert grads["oracle"]["wte_pos_enc_layer.weight"].abs().sum() > 0
-    for path in ("folded", "layerwise"):
-        assert losses[path] == pytest.approx(losses["oracle"], rel=1e-5)
-        assert grads[path].keys() == grads["oracle"].keys()
-        for n, r in grads["oracle"].items():
-            torch.testing.assert_close(grads[path][n], r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=1e-4)
-    info, _, x, _ = sampler.trajectory(sampler.runs[0])[0]
-    one = make_batch([(info, torch.ones(1, info.graph.lpe.shape[1]), x, torch.zeros(x.shape[0], 40))], 5, 40)
-    with torch.no_grad():
-        delta = predict(model, one, "folded")
+    grads = assert_meta_paths_agree(model, b)
+    assert grads["wte_pos_enc_layer.weight"].abs().sum() > 0
     graph = build_graph(tasks.build_model(GPT2), lpe=8)
-    for k in (1, 40):
-        torch.testing.assert_close(x[:, -1] + delta[:, k - 1], model.nowcast(graph, x, k), atol=2e-4, rtol=2e-4)
+    assert_window_matches_nowcast(model, sampler, sampler.runs[0], graph, horizons=(1, 40))
 
 
 def test_wte_pos_enc_warm_start_from_a_checkpoint_without_it(store, tmp_path):
