@@ -200,6 +200,11 @@ class _GNN(nn.Module):
         self.edge_update = nn.ModuleList([_EdgeMLP(hid) for _ in range(layers if final_edge_update else layers - 1)])
 
 
+def _embedding(n: int, dim: int, shapes_only: bool) -> nn.Embedding:
+    """``nn.Embedding(n, dim)``, left uninitialised when only its shape matters."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim) if shapes_only else None)
+
+
 class NiNoModel(nn.Module):
     """NiNo (GNN) or WNN+ (per-parameter MLP, ``gnn=False``) with the official hyper-parameters and defaults."""
 
@@ -242,19 +247,22 @@ class NiNoModel(nn.Module):
         self.final_edge_update = final_edge_update
         self.train_info: dict | None = None  # set by from_checkpoint for checkpoints trained by nino-fast train
         n_in = 2 if input_layer != "linear" else 1
+        # Built under torch.device("meta") by from_checkpoint, only the shapes matter: no initialisation there,
+        # since a random init of a meta tensor imports torch._dynamo (1-2 s in a fresh process).
+        shapes_only = torch.empty(()).is_meta
         if edge_types > 0:
-            self.layer_embed = nn.Embedding(edge_types, hid)
+            self.layer_embed = _embedding(edge_types, hid, shapes_only)
         self.edge_proj = _MLP((1 if self.is_mlp else self.max_feat_size) * ctx, hid, n_layers=n_in, act=act_name)
         if self.is_mlp:
             self.edge_mlp = _MLP(hid, hid, seq_len, n_layers=4, act=act_name)
             return
         if self.wte_pos_enc:
-            self.wte_pos_enc_layer = nn.Embedding(vocab_size + 1, hid)  # +1: position 0 means "no token"
+            self.wte_pos_enc_layer = _embedding(vocab_size + 1, hid, shapes_only)  # +1: position 0 means "no token"
         if self.lpe or not self.wte_pos_enc:
             self.node_proj = _MLP(max(1, self.lpe), hid, n_layers=n_in, act=act_name)
         self.gnn = _GNN(hid, layers, final_edge_update)
         self.edge_out = _MLP(hid, hid, self.max_feat_size * seq_len, n_layers=2, act=act_name)
-        for m in self.modules():  # the official initialisation (for training from scratch)
+        for m in self.modules() if not shapes_only else ():  # the official initialisation (training from scratch)
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
                 if isinstance(m, nn.Linear):
@@ -294,8 +302,10 @@ class NiNoModel(nn.Module):
         with torch.device("meta"):  # shapes only: checked against the weights before any memory is spent
             model = cls(**args)
         _check_state(where, model.state_dict(), state, args)
-        model.to_empty(device="cpu")
-        model.load_state_dict(state)
+        # The checkpoint's own tensors become the parameters (fresh float32 CPU copies: a caller's dict is never
+        # aliased); to_empty on a meta model would import sympy (~0.6 s in a fresh process).
+        own = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in state.items()}
+        model.load_state_dict(own, assign=True)
         info = ckpt.get("train_info")  # how a checkpoint of ours was trained (nino-fast train); None otherwise
         model.train_info = info if isinstance(info, dict) else None
         return model.eval()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -68,6 +71,27 @@ def test_checkpoint_args_honoured():
     m = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
     assert not m.wte_pos_enc and len(m.gnn.convs) == 3 and len(m.gnn.edge_update) == 2
     assert m.train_info is None  # official checkpoints carry no nino-fast training record
+
+
+def test_checkpoint_load_is_light_and_owns_its_weights():
+    """Loading builds no randomly initialised model and imports neither torch._dynamo nor sympy (1-2 s in a fresh
+    process, paid by every first NiNo step); the weights are float32 CPU copies, never the caller's tensors."""
+    code = (
+        "import sys; from nino_fast import NiNoModel; "
+        f"NiNoModel.from_checkpoint({str(ckpt('nino_no_posw.pt'))!r}); "
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    sd = torch.load(ckpt("nino_no_posw.pt"), weights_only=True)
+    half = dict(sd, state_dict={k: v.half() for k, v in sd["state_dict"].items()})
+    m = NiNoModel.from_checkpoint(half)
+    w = m.edge_proj.fc[0].weight
+    assert w.dtype == torch.float32 and w.requires_grad and w.is_contiguous()
+    assert torch.equal(w, half["state_dict"]["edge_proj.fc.0.weight"].float())
+    with torch.no_grad():
+        w.zero_()
+    assert half["state_dict"]["edge_proj.fc.0.weight"].abs().sum() > 0  # the caller's dict is untouched
 
 
 def test_checkpoint_errors(tmp_path):
