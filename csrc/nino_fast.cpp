@@ -61,12 +61,13 @@ TORCH_LIBRARY(nino_fast, m) {
       "film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor node_dst, Tensor node_src, "
       "Tensor weight, Tensor bias, Tensor? etype=None, Tensor? type_table=None, "
       "Tensor? feat_index=None) -> Tensor");
-  // Two-GEMM edge MLP with gathers and SiLU (see reference.edge_mlp).
+  // Edge MLP of two to four GEMMs with gathers and SiLU (see reference.edge_mlp).
   m.def(
       "edge_mlp(Tensor feat, Tensor src, Tensor dst, Tensor weight_a, Tensor bias_a, "
       "Tensor weight_b, Tensor bias_b, Tensor? etype=None, Tensor? type_table=None, "
       "Tensor? node_src=None, Tensor? node_dst=None, Tensor? node_src2=None, "
-      "Tensor? node_dst2=None, bool act_out=False) -> Tensor");
+      "Tensor? node_dst2=None, bool act_out=False, Tensor? weight_c=None, Tensor? bias_c=None, "
+      "Tensor? weight_d=None, Tensor? bias_d=None) -> Tensor");
   // Gradients of edge_mlp's inputs for output gradient grad_out, in this
   // order (nino_fast/ops/backward.py, FUSED_OUTPUTS):
   // [feat, weight_a, bias_a, weight_b, bias_b, type_table, node_src, node_dst, node_src2,
@@ -75,7 +76,8 @@ TORCH_LIBRARY(nino_fast, m) {
       "edge_mlp_backward(Tensor grad_out, Tensor feat, Tensor src, Tensor dst, Tensor weight_a, "
       "Tensor bias_a, Tensor weight_b, Tensor bias_b, Tensor? etype, Tensor? type_table, "
       "Tensor? node_src, Tensor? node_dst, Tensor? node_src2, Tensor? node_dst2, bool act_out, "
-      "bool need_feat) -> Tensor[]");
+      "Tensor? weight_c, Tensor? bias_c, Tensor? weight_d, Tensor? bias_d, bool need_feat) -> "
+      "Tensor[]");
   // Edge update fused with the next layer's FiLM message + mean (see reference.edge_film_mean).
   m.def(
       "edge_film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor weight_a, Tensor bias_a, "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .graph.pieces import RowRange
 from .ops import dispatch
 
-HEAD_CHUNK = 1 << 16  # edges per head chunk on CPU: bounds the (chunk, D) intermediate
+HEAD_CHUNK = 1 << 16  # edges per head call on CPU: bounds the gathered copies of a sparse head (the layers run fused)
 HEAD_CHUNK_GPU = 1 << 22  # on a GPU: 4M edges (a 2 GiB fp32 intermediate); small chunks were launch-bound
 DENSE_HEAD = 0.9  # run the head on all edges of a range (no gathers) when at least this fraction of them is used
 
@@ -261,23 +261,13 @@ def head_rows(graph, raw, sh: RowRange, used, hd: Head, fw: Folded, backend=None
         else:
             ids = used[i : i + chunk]
             r_, s_, d_, et = raw[ids], src[ids], dst[ids], types[ids].long()
-        h1 = dispatch.edge_mlp(
-            r_,
-            s_,
-            d_,
-            fw.Wa,
-            fw.ba,
-            fw.Wb1,
-            fw.bb1,
-            et,
-            fw.Ta,
-            hd.s0,
-            hd.t0,
-            hd.s1,
-            hd.t1,
-            act_out=True,
-            backend=backend,
-        )
+        update = (r_, s_, d_, fw.Wa, fw.ba, fw.Wb1, fw.bb1, et, fw.Ta, hd.s0, hd.t0, hd.s1, hd.t1)
+        if raw.device.type == "cpu":  # one pass: each tile's edge state stays in cache between the layers
+            out[i : i + chunk] = dispatch.edge_mlp(
+                *update, weight_c=fw.Wh, bias_c=fw.bh, weight_d=hd.wk, bias_d=hd.bk, backend=backend
+            )
+            continue
+        h1 = dispatch.edge_mlp(*update, act_out=True, backend=backend)
         if h1.dtype != raw.dtype:  # 16-bit edge features (GPU backends): the head reads h1 at that width too
             h1 = h1.to(raw.dtype)
         out[i : i + chunk] = dispatch.edge_mlp(h1, s_, d_, fw.Wh, fw.bh, hd.wk, hd.bk, backend=backend)

@@ -100,7 +100,8 @@ def random_inputs(
     """Random tensors for every fused op on one :func:`random_csr` graph, under short names: ``feat`` (E, C),
     ``etype`` (E,), film_mean's ``W2`` (2D, C), ``b2``, ``T2`` (T, 2D); the edge MLP's ``Wa`` (D, C), ``ba``, ``Ta``
     (T, D), ``Wb`` (D', D), ``bb``; node terms ``nd``, ``ns`` (N, D), ``nd2``, ``ns2`` (N, D'), ``md``, ``ms`` (N, D);
-    edge_film_mean's ``Wsc``, ``Wsh`` (D, D), ``bsc``, ``bsh``. Floats are N(0, scale^2) in ``dtype`` (the weight
+    edge_film_mean's ``Wsc``, ``Wsh`` (D, D), ``bsc``, ``bsh``; edge_mlp's readout layers ``Wc`` (D, D'), ``bc``,
+    ``Wd`` (3, D), ``bd``. Floats are N(0, scale^2) in ``dtype`` (the weight
     matrices N(0, weight_scale^2) if given)."""
     gen = torch.Generator().manual_seed(seed)
     rowptr, src, dst = random_csr(n_nodes, n_edges, hub, gen)
@@ -136,6 +137,10 @@ def random_inputs(
         ns2=r(n_nodes, d_out),
         md=r(n_nodes, d),
         ms=r(n_nodes, d),
+        Wc=r(d, d_out, std=w),
+        bc=r(d),
+        Wd=r(3, d, std=w),
+        bd=r(3),
     )
 
 
@@ -147,27 +152,34 @@ _NAMES = {
 }
 _TABLE = {"etype", "T2", "Ta"}
 _GATHERS = {"ns", "nd", "ns2", "nd2"}
+_READOUT = ("Wc", "bc", "Wd", "bd")  # edge_mlp's arguments after act_out
 
 
-def op_args(op: str, x: dict, table: bool = True, gathers: bool = True, act_out: bool = True) -> tuple:
+def op_args(
+    op: str, x: dict, table: bool = True, gathers: bool = True, act_out: bool = True, readout: bool = False
+) -> tuple:
     """The positional arguments of ``torch.ops.nino_fast.<op>`` from :func:`random_inputs` ``x``, in schema order;
-    without the per-type ``table`` (and etype), without edge_mlp's node ``gathers``; edge_mlp's ``act_out``."""
+    without the per-type ``table`` (and etype), without edge_mlp's node ``gathers``; edge_mlp's ``act_out`` and its
+    ``readout`` layers (``Wc``, ``bc``, ``Wd``, ``bd``)."""
     drop = (set() if table else _TABLE) | (_GATHERS if op == "edge_mlp" and not gathers else set())
     args = tuple(None if k in drop else x[k] for k in _NAMES[op])
-    return (*args, act_out) if op == "edge_mlp" else args
+    if op != "edge_mlp":
+        return args
+    return (*args, act_out, *(x[k] for k in _READOUT)) if readout else (*args, act_out)
 
 
-def grad_names(op: str, table: bool = True, gathers: bool = True, act_out: bool = True) -> list[str]:
+def grad_names(op: str, table: bool = True, gathers: bool = True, act_out: bool = True, readout: bool = False):
     """The short names of ``op``'s differentiable inputs (floating point, present) under the options of
     :func:`op_args` (``act_out`` does not change them)."""
     drop = (set() if table else _TABLE) | (_GATHERS if op == "edge_mlp" and not gathers else set())
-    return [k for k in _NAMES[op] if k not in drop and k not in ("rowptr", "src", "dst", "etype")]
+    names = [k for k in _NAMES[op] if k not in drop and k not in ("rowptr", "src", "dst", "etype")]
+    return names + list(_READOUT) if op == "edge_mlp" and readout else names
 
 
-def call_op(op: str, impl, x: dict, backend: str | None = None, table=True, gathers=True, act_out=True):
+def call_op(op: str, impl, x: dict, backend: str | None = None, table=True, gathers=True, act_out=True, readout=False):
     """``op`` through ``impl`` (:mod:`nino_fast.ops.dispatch` or :mod:`~nino_fast.ops.reference`) on ``x``."""
     kw = {} if impl.__name__.endswith("reference") else {"backend": backend}
-    return getattr(impl, op)(*op_args(op, x, table, gathers, act_out), **kw)
+    return getattr(impl, op)(*op_args(op, x, table, gathers, act_out, readout), **kw)
 
 
 # (op, options of op_args) covering each op with and without its optional inputs
@@ -177,6 +189,8 @@ CASES = [
     ("edge_mlp", dict(table=True, gathers=True, act_out=True)),
     ("edge_mlp", dict(table=False, gathers=False, act_out=False)),
     ("edge_mlp", dict(table=True, gathers=True, act_out=False)),
+    ("edge_mlp", dict(table=True, gathers=True, act_out=False, readout=True)),
+    ("edge_mlp", dict(table=False, gathers=False, act_out=True, readout=True)),
     ("edge_film_mean", dict(table=True)),
     ("edge_film_mean", dict(table=False)),
 ]

@@ -151,6 +151,55 @@ def test_edge_mlp_narrow_output(backend, d_out, plain):
         assert torch.equal(got, one)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    "n_nodes, n_edges, heavy, d_c, d_d, act_out",
+    [
+        (0, 0, 0, 16, 1, False),  # no edges
+        (1, 1, 0, 16, 1, False),  # one edge
+        (60, 2500, 900, 40, 1, False),  # a hub row; the head's shape: a one-value dot-product layer d
+        (60, 700, 0, 33, 3, True),  # act_out: layer d as a GEMM
+        (30, 500, 0, 24, None, False),  # layer c last, 24 wide
+        (30, 500, 0, 3, None, False),  # layer c last and 3 wide: a dot product
+    ],
+)
+def test_edge_mlp_readout(backend, n_nodes, n_edges, heavy, d_c, d_d, act_out):
+    """edge_mlp's readout layers (W_c, then W_d) against the float64 reference; on the CPU, the one fused call is
+    bitwise the two-layer call with act_out followed by a second call on its output, with 1 and 2 threads."""
+    a = make_inputs(n_nodes, n_edges, 7, 40, d_out=24, heavy=heavy, seed=n_edges + d_c)
+    a64 = make_inputs(n_nodes, n_edges, 7, 40, d_out=24, heavy=heavy, seed=n_edges + d_c, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    layers64 = [torch.randn(d_c, 24, generator=gen, dtype=torch.float64) * 0.3, torch.randn(d_c, generator=gen)]
+    layers64 += [None, None] if d_d is None else [torch.randn(d_d, d_c, generator=gen, dtype=torch.float64) * 0.3]
+    layers64 += [] if d_d is None else [torch.randn(d_d, generator=gen, dtype=torch.float64)]
+    dev = _device(backend)
+    layers = [None if t is None else t.float().to(dev) for t in layers64]
+    keys = ("feat", "src", "dst", "Wa", "ba", "Wb", "bb", "etype", "table", "ns", "nd", "ns2", "nd2")
+    x = {k: a[k].to(dev) for k in keys}
+
+    def run():
+        return dispatch.edge_mlp(*(x[k] for k in keys), act_out, *layers, backend=backend)
+
+    got = run()
+    want = reference.edge_mlp(*(a64[k] for k in keys), act_out, *(None if t is None else t.double() for t in layers64))
+    assert got.shape == want.shape == (n_edges + heavy, d_d or d_c) and got.dtype == torch.float32
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-5 * scale, rtol=1e-5)
+    if backend != "cpu":
+        return
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, one)
+    if d_d is not None:  # layers c and d are a two-layer edge MLP on silu(z): the kernel's own SiLU from act_out
+        h = dispatch.edge_mlp(*(x[k] for k in keys), True, backend="cpu")
+        two = dispatch.edge_mlp(h, x["src"], x["dst"], *layers, act_out=act_out, backend="cpu")
+        assert torch.equal(got, two)
+
+
 @pytest.mark.skipif("cpu" not in dispatch.BACKENDS, reason="needs the CPU extension")
 def test_cpu_output_pool_survives_release():
     """Large CPU outputs come from a buffer pool (csrc/cpu/out_pool.h): releasing the pool while an output is alive

@@ -25,6 +25,8 @@ namespace {
 std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
   constexpr const char* op = "nino_fast::edge_mlp_backward";
   const EdgeMlpInputs in(op, b.fwd);
+  // the readout layers' gradients are composed around this kernel (nino_fast/ops/backward.py)
+  NINO_CHECK(!in.has_readout(), op, ": takes no readout layers (weight_c, weight_d)");
   const bool act_out = b.fwd.act_out, need_feat = b.need_feat;
   const AffineStage& stage = in.stage;
   const int64_t e_total = in.e_total, c = in.c, dh = in.dh, dout = in.dout;

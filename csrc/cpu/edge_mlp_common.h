@@ -19,7 +19,9 @@ struct EdgeMlpInputs {
   AffineStage stage;  // weight_a, bias_a, etype, type_table
   int64_t dh;
   at::Tensor wb, bb, ns, nd, ns2, nd2;
-  int64_t dout = 0;
+  int64_t dout = 0;           // W_b's rows
+  at::Tensor wc, bc, wd, bd;  // the optional readout layers (undefined when absent)
+  int64_t dc = 0, dd = 0;     // their widths
 
   EdgeMlpInputs(const char* op, const EdgeMlpArgs& a)
       : feat(f32(op, "feat", a.feat, 2)),
@@ -53,6 +55,25 @@ struct EdgeMlpInputs {
     if (node_src) ns = table("node_src", node_src, dh), nd = table("node_dst", node_dst, dh);
     if (node_src2)
       ns2 = table("node_src2", node_src2, dout), nd2 = table("node_dst2", node_dst2, dout);
+    NINO_CHECK(a.weight_c.has_value() == a.bias_c.has_value() &&
+                   a.weight_d.has_value() == a.bias_d.has_value(),
+               op, ": weight_c/bias_c (and weight_d/bias_d) go together");
+    NINO_CHECK(a.weight_c.has_value() || !a.weight_d.has_value(), op,
+               ": weight_d needs weight_c (the layers come in order)");
+    // layer (w, b) reading `width` features: w must be (rows, width), b (rows,)
+    auto layer = [&](const char* wn, const char* bn, const OptTensor& w_in, const OptTensor& b_in,
+                     int64_t width, at::Tensor& w, at::Tensor& b) -> int64_t {
+      if (!w_in.has_value()) return 0;
+      w = f32(op, wn, *w_in, 2);
+      NINO_CHECK(w.size(1) == width, op, ": ", wn, " must have ", width, " columns, got ",
+                 shape_str(*w_in));
+      b = f32(op, bn, *b_in, 1);
+      NINO_CHECK(b.numel() == w.size(0), op, ": ", bn, " must have ", w.size(0), " entries, got ",
+                 b.numel());
+      return w.size(0);
+    };
+    dc = layer("weight_c", "bias_c", a.weight_c, a.bias_c, dout, wc, bc);
+    dd = layer("weight_d", "bias_d", a.weight_d, a.bias_d, dc, wd, bd);
     if (rows >= 0 && e_total > 0) {
       const int64_t lo = std::min(src.min().item<int32_t>(), dst.min().item<int32_t>());
       const int64_t hi = std::max(src.max().item<int32_t>(), dst.max().item<int32_t>());
@@ -60,6 +81,10 @@ struct EdgeMlpInputs {
                  " rows, got [", lo, ", ", hi, "]");
     }
   }
+
+  bool has_readout() const { return wc.defined(); }
+  // the output's width: the last layer's rows
+  int64_t out_width() const { return wd.defined() ? dd : wc.defined() ? dc : dout; }
 
   static const float* ptr(const at::Tensor& t) {
     return t.defined() ? t.data_ptr<float>() : nullptr;

@@ -167,6 +167,10 @@ at::Tensor edge_mlp_cuda(const EdgeMlpArgs& a) {
   const int64_t e = in.e, c = in.c;
   auto src = index32(op, "src", a.src, e, dev);
   auto dst = index32(op, "dst", a.dst, e, dev);
+  // the readout layers run on the CPU kernel and the reference (the op's CUDA kernel applies them
+  // after this one: nino_fast/ops/library.py)
+  NINO_CHECK(!a.weight_c.has_value() && !a.weight_d.has_value(), op,
+             ": the CUDA kernel takes no readout layers (weight_c, weight_d)");
   const int64_t dh = weight_a_rows(op, a.weight_a, c, dev);
   const int64_t dout = weight_rows(op, "weight_b", a.weight_b, dev);
   FloatArg wa, ba, wb, bb;

@@ -52,14 +52,16 @@ T film_mean(const T& feat, const T& rowptr, const T& src, const T& node_dst, con
 T edge_mlp(const T& feat, const T& src, const T& dst, const T& weight_a, const T& bias_a,
            const T& weight_b, const T& bias_b, const OptT& etype, const OptT& type_table,
            const OptT& node_src, const OptT& node_dst, const OptT& node_src2, const OptT& node_dst2,
-           bool act_out) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("nino_fast::edge_mlp", "")
-                       .typed<T(const T&, const T&, const T&, const T&, const T&, const T&,
-                                const T&, const OptT&, const OptT&, const OptT&, const OptT&,
-                                const OptT&, const OptT&, bool)>();
+           bool act_out, const OptT& weight_c = std::nullopt, const OptT& bias_c = std::nullopt,
+           const OptT& weight_d = std::nullopt, const OptT& bias_d = std::nullopt) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nino_fast::edge_mlp", "")
+          .typed<T(const T&, const T&, const T&, const T&, const T&, const T&, const T&,
+                   const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+                   bool, const OptT&, const OptT&, const OptT&, const OptT&)>();
   return op.call(feat, src, dst, weight_a, bias_a, weight_b, bias_b, etype, type_table, node_src,
-                 node_dst, node_src2, node_dst2, act_out);
+                 node_dst, node_src2, node_dst2, act_out, weight_c, bias_c, weight_d, bias_d);
 }
 
 T edge_film_mean(const T& feat, const T& rowptr, const T& src, const T& weight_a, const T& bias_a,
@@ -368,6 +370,30 @@ void test_edge_mlp(const Graph& g, const Inputs& in, int64_t c, int64_t d, int64
   });
 }
 
+// edge_mlp's readout layers (weight_c, then weight_d of width dd: a dot product when at most 4 wide
+// and plain) in one call == the two-layer call with act_out followed by a second call on its
+// output, bitwise: every layer's tile runs the same FMA sequence either way.
+void test_edge_mlp_readout(const Graph& g, const Inputs& in, int64_t c, int64_t d, int64_t dout,
+                           int64_t dd, bool act_out) {
+  const std::string what = "edge_mlp readout " + shape_name(g, c, d, dout) + " -> " +
+                           std::to_string(dd) + (act_out ? " +act_out" : "");
+  auto r = [](std::vector<int64_t> shape) {
+    return (at::randn(shape, at::kDouble) * 0.3).to(at::kFloat);
+  };
+  const T wc = r({d, dout}), bc = r({d}), wd = r({dd, d}), bd = r({dd});
+  guarded(what, [&] {
+    const T got = on_1_and_2_threads(what, [&] {
+      return edge_mlp(in.feat, g.src, g.dst, in.wa, in.ba, in.wb, in.bb, in.etype, in.table, in.ns,
+                      in.nd, in.ns2, in.nd2, act_out, wc, bc, wd, bd);
+    });
+    const T h = edge_mlp(in.feat, g.src, g.dst, in.wa, in.ba, in.wb, in.bb, in.etype, in.table,
+                         in.ns, in.nd, in.ns2, in.nd2, true);
+    const T want = edge_mlp(h, g.src, g.dst, wc, bc, wd, bd, std::nullopt, std::nullopt,
+                            std::nullopt, std::nullopt, std::nullopt, std::nullopt, act_out);
+    expect(torch::equal(got, want), what + ": == two calls bitwise");
+  });
+}
+
 void test_graph(const Graph& g, const std::vector<std::pair<int64_t, int64_t>>& widths) {
   for (const auto& [c, d] : widths) {
     const int64_t other = d == 128 ? 19 : 128;  // a second output width
@@ -387,6 +413,8 @@ void test_graph(const Graph& g, const std::vector<std::pair<int64_t, int64_t>>& 
                                               {true, true, true, true, true},
                                               {true, false, true, false, false}};
       for (const auto& v : variants) test_edge_mlp(g, in, c, d, dout, v);
+      test_edge_mlp_readout(g, in, c, d, dout, 1, false);
+      test_edge_mlp_readout(g, in, c, d, dout, dout, true);
     }
     // narrow outputs (the model's head: one per feature slot): plain ones run as dot products,
     // with node_src2/dst2 or act_out as a GEMM

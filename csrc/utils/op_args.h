@@ -40,7 +40,9 @@ using OptTensor = std::optional<at::Tensor>;
           NEXT(const OptTensor&, etype) NEXT(const OptTensor&, type_table)                       \
               NEXT(const OptTensor&, node_src) NEXT(const OptTensor&, node_dst)                  \
                   NEXT(const OptTensor&, node_src2) NEXT(const OptTensor&, node_dst2)            \
-                      NEXT(bool, act_out)
+                      NEXT(bool, act_out) NEXT(const OptTensor&, weight_c)                      \
+                          NEXT(const OptTensor&, bias_c) NEXT(const OptTensor&, weight_d)        \
+                              NEXT(const OptTensor&, bias_d)
 
 #define NINO_EDGE_FILM_MEAN_ARGS(FIRST, NEXT)                                                    \
   FIRST(const at::Tensor&, feat)                                                                 \

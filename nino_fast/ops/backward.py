@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from .._env import env_flag
-from .reference import csr_dst, csr_feat
+from .reference import csr_dst, csr_feat, readout
 from .segment import segment_mean_csr as _segment_mean
 
 __all__ = ["GRADIENTS", "fused_backward", "fused_cpu"]
@@ -215,7 +215,32 @@ def film_mean(a: dict, need: set, gout: torch.Tensor) -> dict:
     return _in_feat_order(a, g)
 
 
+_READOUT = ("weight_c", "bias_c", "weight_d", "bias_d")
+
+
+def _edge_mlp_readout(a: dict, need: set, gout: torch.Tensor) -> dict:
+    """edge_mlp with readout layers: their gradients by autograd over :func:`reference.readout` on the two-layer
+    output z (recomputed by the op), z's gradient through the two-layer formula below. The readout's matmuls are
+    ATen's: bitwise repeatable at a fixed thread count, not across thread counts (the fused kernels are)."""
+    base = {**a, **dict.fromkeys(_READOUT), "act_out": False}
+    op = torch.ops.nino_fast.edge_mlp.default
+    with torch.no_grad():
+        z = op(*(base[x.name] for x in op._schema.arguments))
+    with torch.enable_grad():
+        zr = z.detach().requires_grad_()
+        layers = {n: a[n].detach().requires_grad_() for n in _READOUT if a[n] is not None}
+        out = readout(zr, *(layers.get(n) for n in _READOUT))
+        out = F.silu(out) if a["act_out"] else out
+        wanted = [n for n in layers if n in need]
+        got = torch.autograd.grad(out, [zr, *(layers[n] for n in wanted)], gout.to(out.dtype))
+    g = edge_mlp(base, need, got[0])
+    g.update(zip(wanted, got[1:], strict=True))
+    return g
+
+
 def edge_mlp(a: dict, need: set, gout: torch.Tensor) -> dict:
+    if a["weight_c"] is not None:
+        return _edge_mlp_readout(a, need, gout)
     fused = _fused("edge_mlp", a, need, gout)
     if fused is not None:
         return fused

@@ -12,11 +12,15 @@ film_mean: one GNN layer's modulated (FiLM) message + mean aggregation, per-node
 
   ``node_dst = x @ P_dst^T + b_pre`` and ``node_src = x @ P_src^T`` split the official ``pre([x_dst, x_src])``.
 
-edge_mlp: two GEMMs with gathers and activation (the official EdgeMLP, and the output head)::
+edge_mlp: two to four GEMMs with gathers and activation (the official EdgeMLP, and the output head)::
 
     h_e   = act(W_a e_e + b_a (+ table[etype_e]) (+ node_src[src_e] + node_dst[dst_e]))   W_a: (D, C)
-    out_e = W_b h_e + b_b (+ node_src2[src_e] + node_dst2[dst_e]), then act if act_out      W_b: (D', D)
+    out_e = W_b h_e + b_b (+ node_src2[src_e] + node_dst2[dst_e])                        W_b: (D', D)
+    out_e = W_c act(out_e) + b_c   if W_c is given;   out_e = W_d act(out_e) + b_d   if W_d   W_c: (D'', D')
+    then act if act_out
 
+  The optional layers c and d (a per-edge readout, e.g. NiNo's head after its last edge update) keep every
+  intermediate of a tile in the kernel's cache instead of a round trip of an (E, D') tensor through memory.
   Works on any edge list (src, dst): no reduction, so a subset of edges is fine.
 
 edge_film_mean: layer l's edge update fused with layer l+1's message pass; the updated edge state never leaves
@@ -128,15 +132,33 @@ def edge_mlp(
     node_src2: Tensor | None = None,
     node_dst2: Tensor | None = None,
     act_out: bool = False,
+    weight_c: Tensor | None = None,
+    bias_c: Tensor | None = None,
+    weight_d: Tensor | None = None,
+    bias_d: Tensor | None = None,
 ) -> Tensor:
-    """(E, D') ``W_b act(W_a e + b_a + gathers) + b_b (+ gathers)``; see module docstring."""
+    """(E, D_out) ``W_b act(W_a e + b_a + gathers) + b_b (+ gathers)``, then the readout layers c, d if given; see
+    module docstring."""
     h = _affine(feat, weight_a, bias_a, etype, type_table)
     if node_src is not None:
         h = h + gather(node_src, src) + gather(node_dst, dst)
     out = F.linear(F.silu(h), weight_b, bias_b)
     if node_src2 is not None:
         out = out + gather(node_src2, src) + gather(node_dst2, dst)
+    out = readout(out, weight_c, bias_c, weight_d, bias_d)
     return F.silu(out) if act_out else out
+
+
+def readout(z: Tensor, weight_c=None, bias_c=None, weight_d=None, bias_d=None) -> Tensor:
+    """edge_mlp's optional layers after W_b: ``W_c act(z) + b_c``, then ``W_d act(.) + b_d`` (each if given)."""
+    if (weight_c is None) != (bias_c is None) or (weight_d is None) != (bias_d is None):
+        raise ValueError("edge_mlp: weight_c/bias_c (and weight_d/bias_d) go together")
+    if weight_d is not None and weight_c is None:
+        raise ValueError("edge_mlp: weight_d needs weight_c (the layers come in order)")
+    for w, b in ((weight_c, bias_c), (weight_d, bias_d)):
+        if w is not None:
+            z = F.linear(F.silu(z), w, b)
+    return z
 
 
 def edge_film_mean(
