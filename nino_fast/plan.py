@@ -12,7 +12,8 @@ For the official architecture (3 layers, edge updates after layers 0 and 1, line
 5. Only the horizon-k row of the head is computed, and only on edges that carry parameters.
 
 Ops (see :mod:`nino_fast.ops.reference` for their exact maths): ``film_mean`` (layer 0),
-``edge_film_mean`` (edge update 0 fused with layer 1's message), ``edge_mlp`` twice (edge update 1, then head).
+``edge_film_mean`` (edge update 0 fused with layer 1's message), ``edge_mlp`` with its readout layers (edge update 1
+and the head in one pass on CPU; two calls on GPUs, whose kernels run two layers).
 Folded weights are formed in float64 and rounded once to float32.
 """
 
