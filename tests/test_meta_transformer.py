@@ -156,6 +156,18 @@ def test_lm_plan_covers_the_issue_grid_and_holds_out_the_evaluation_tasks():
         tasks.char_corpus("wiki")
 
 
+def test_lm_plan_grows_by_rounds_and_keeps_its_first_runs():
+    """--rounds N: more runs with new seeds; the first rounds are the same specs, so a store is continued."""
+    three, six = tasks.make_plan("lm"), tasks.make_plan("lm", rounds=6)
+    assert len(six) == 54 and six[:27] == three
+    assert len({s["seed"] for s in six}) == 54 and not any(map(tasks.is_held_out, six))
+    with pytest.raises(ValueError, match="has no rounds"):
+        tasks.make_plan("default", rounds=2)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        tasks.make_plan("lm", rounds=0)
+    assert build_parser().parse_args(["collect", "--out", "d", "--plan", "lm", "--rounds", "6"]).rounds == 6
+
+
 def test_cosine_schedule_warms_up_and_decays_to_a_tenth():
     spec = {**GPT2, "sched": "cosine", "steps": 100}
     model = tasks.build_model(spec)

@@ -12,7 +12,9 @@ def _collect(args: argparse.Namespace) -> int:
     from .collect import collect
 
     try:
-        plan = tasks.make_plan(args.plan, steps=args.steps, save_every=args.save_every, families=args.families)
+        plan = tasks.make_plan(
+            args.plan, steps=args.steps, save_every=args.save_every, families=args.families, rounds=args.rounds
+        )
     except ValueError as exc:
         print(f"nino-fast collect: error: {exc}", file=sys.stderr)
         return 2
@@ -73,8 +75,10 @@ def add_parsers(sub) -> None:
         choices=tuple(PLANS),
         default="default",
         help="default: ConvNets + MLPs, lr 1e-3..5e-3; wide: more MLP depths/widths, lr 1e-4..5e-3, and "
-        "transformers (at steps/2); slow: deep and wide MLPs at lr 1e-4..1e-3",
+        "transformers (at steps/2); slow: deep and wide MLPs at lr 1e-4..1e-3; lm: character-level GPT-2 and "
+        "Llama models (widths 32-256, 2-6 blocks) on standard-library sources, in rounds of 9 runs",
     )
+    p.add_argument("--rounds", type=int, help="rounds of the lm plan (default 3; more rounds: new seeds)")
     p.add_argument(
         "--families",
         nargs="+",

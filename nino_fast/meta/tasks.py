@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import math
 import sysconfig
 import time
@@ -591,13 +592,26 @@ PLANS: dict[str, Callable[..., list[dict]]] = {
 
 
 def make_plan(
-    name: str = "default", steps: int = 2400, save_every: int = 20, families: Sequence[str] | None = None
+    name: str = "default",
+    steps: int = 2400,
+    save_every: int = 20,
+    families: Sequence[str] | None = None,
+    rounds: int | None = None,
 ) -> list[dict]:
     """The plan called ``name`` (one of :data:`PLANS`); with ``families``, only its runs of those families (in
-    the plan's order), checked again by :func:`check_plan`."""
+    the plan's order), checked again by :func:`check_plan`; ``rounds``: how many rounds of a plan made of rounds
+    (the lm plan: 9 runs each, new seeds; the first rounds are the same runs whatever the count, so a store grows
+    by rerunning with more)."""
     if name not in PLANS:
         raise ValueError(f"make_plan: unknown plan {name!r} (expected one of {list(PLANS)})")
-    plan = PLANS[name](steps=steps, save_every=save_every)
+    extra = {}
+    if rounds is not None:
+        if "rounds" not in inspect.signature(PLANS[name]).parameters:
+            raise ValueError(f"make_plan: the {name} plan has no rounds")
+        if rounds < 1:
+            raise ValueError(f"make_plan: rounds must be >= 1, got {rounds}")
+        extra["rounds"] = rounds
+    plan = PLANS[name](steps=steps, save_every=save_every, **extra)
     if families is None:
         return plan
     unknown = sorted(set(families) - set(FAMILIES))
