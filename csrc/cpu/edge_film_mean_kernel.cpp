@@ -27,12 +27,11 @@ at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
   const std::vector<float> bscp = padded_copy(in.bsc), bshp = padded_copy(in.bsh);
   const PackedB shift_w(in.wsh.data_ptr<float>(), d, dh);
   float* y = out.data_ptr<float>();
-  const auto tasks = row_tasks(rp, n);
   const int64_t nph = padded(dh), np = padded(d);
+  const FilmRowTasks rows(rp, n, np, nph, shift_w, bshp.data(), y, d);
 
-  run_dynamic(int64_t(tasks.size()) - 1, [&](auto claim) {
-    // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
-    std::vector<float> htile(kTile * nph), part(kTile * np), hpart(kTile * nph), acc, hsum;
+  run_dynamic(rows.count(), [&](auto claim) {
+    std::vector<float> htile(kTile * nph), part(kTile * np), hpart(kTile * nph);
     std::vector<float> gh(kTile * nph), gm(kTile * np);  // the tile's gathered node terms
     std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
@@ -49,36 +48,18 @@ at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
       float* pp = part.data() + tr.seg[i] * np + col0;
       vst16(pp, vfma(v, g, vld16(pp)));
     };
-    auto cursor = claim_cursor(claim, [&](int64_t u) {
-      return std::pair<int64_t, int64_t>{rp[tasks[u]], rp[tasks[u + 1]]};
+    // the shift half is linear in h: its rows sum h (hpart, filled by the first GEMM's epilogue)
+    rows.run(claim, tr, part, hpart, [&](int64_t t0, int64_t m, std::pair<int64_t, int64_t> next) {
+      const auto [p0, n1] = next;
+      pf1.reset(n1), pf2.reset(n1);
+      pf1.add_feat(in, p0), pf1.add(pns, s + p0, dh), pf2.add(pms, s + p0, d);
+      first.e0 = t0;
+      gather_add(pns, s + t0, pnd, tr.dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
+      gather_add(pmd, tr.dsti, pms, s + t0, m, d, gm.data(), np);
+      // h = silu(...) into htile, sum_e h into hpart
+      gemm_ep(in.tile(t0, m, xbuf.data()), c, m, stage.w, first);
+      gemm_ep(htile.data(), nph, m, scale, scale_ep);
     });
-    for (int64_t task; (task = cursor.take()) >= 0;) {
-      const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
-      acc.assign(nr * np, 0.f);
-      hsum.assign(nr * nph, 0.f);
-      int64_t r = r0;
-      bool carry = false;  // slot 0 of the parts continues the last tile's unfinished group
-      for (int64_t t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
-        const int64_t t1 = std::min(t0 + kTile, rp[r1]), m = t1 - t0;
-        tr.build(rp, r, t0, t1);
-        std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
-        std::fill(hpart.begin() + (carry ? nph : 0), hpart.begin() + tr.nseg * nph, 0.f);
-        const auto [p0, n1] = cursor.after(t1, rp[r1]);
-        pf1.reset(n1), pf2.reset(n1);
-        pf1.add_feat(in, p0), pf1.add(pns, s + p0, dh), pf2.add(pms, s + p0, d);
-        first.e0 = t0;
-        gather_add(pns, s + t0, pnd, tr.dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
-        gather_add(pmd, tr.dsti, pms, s + t0, m, d, gm.data(), np);
-        // h = silu(...) into htile, sum_e h into hpart
-        gemm_ep(in.tile(t0, m, xbuf.data()), c, m, stage.w, first);
-        gemm_ep(htile.data(), nph, m, scale, scale_ep);
-        carry = fold_segments(tr, r0, part.data(), acc.data(), np);
-        fold_segments(tr, r0, hpart.data(), hsum.data(), nph);  // the same segments: the same carry
-      }
-      // the shift half, one GEMM over the task's rows: W_sh (sum_e h) + deg b_sh
-      const ShiftMeanEp fin{rp, r0, y, d, acc.data(), np, bshp.data()};
-      gemm_ep(hsum.data(), nph, nr, shift_w, fin);
-    }
   });
   return out;
 }

@@ -34,12 +34,11 @@ at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
   const std::vector<float> bshp = padded_copy(b_sh);
   const PackedB shift_w(w_sh.data_ptr<float>(), d, c);
   float* y = out.data_ptr<float>();
-  const auto tasks = row_tasks(rp, n);
   const int64_t np = padded(d);
+  const FilmRowTasks rows(rp, n, np, c, shift_w, bshp.data(), y, d);
 
-  run_dynamic(int64_t(tasks.size()) - 1, [&](auto claim) {
-    // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
-    std::vector<float> part(kTile * np), fpart(kTile * c), gtile(kTile * np), acc, fsum;
+  run_dynamic(rows.count(), [&](auto claim) {
+    std::vector<float> part(kTile * np), fpart(kTile * c), gtile(kTile * np);
     std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
     NextTilePrefetch pf;
@@ -58,35 +57,17 @@ at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
       float* pp = part.data() + tr.seg[i] * np + col0;
       vst16(pp, vadd(vld16(pp), vfma(v, g, t)));
     };
-    auto cursor = claim_cursor(claim, [&](int64_t u) {
-      return std::pair<int64_t, int64_t>{rp[tasks[u]], rp[tasks[u + 1]]};
+    // the shift half is linear in x: its rows sum x (fpart)
+    rows.run(claim, tr, part, fpart, [&](int64_t t0, int64_t m, std::pair<int64_t, int64_t> next) {
+      const auto [p0, n1] = next;
+      pf.reset(n1);
+      pf.add_feat(in, p0), pf.add(pns, s + p0, d);
+      e0 = t0;
+      gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
+      const float* xt = in.tile(t0, m, xbuf.data());
+      gemm_ep(xt, c, m, scale.w, scale_ep);
+      for (int64_t i = 0; i < m; ++i) add_inplace(fpart.data() + tr.seg[i] * c, xt + i * c, c);
     });
-    for (int64_t task; (task = cursor.take()) >= 0;) {
-      const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
-      acc.assign(nr * np, 0.f);
-      fsum.assign(nr * c, 0.f);
-      int64_t r = r0;
-      bool carry = false;  // slot 0 of the parts continues the last tile's unfinished group
-      for (int64_t t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
-        const int64_t t1 = std::min(t0 + kTile, rp[r1]), m = t1 - t0;
-        tr.build(rp, r, t0, t1);
-        std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
-        std::fill(fpart.begin() + (carry ? c : 0), fpart.begin() + tr.nseg * c, 0.f);
-        const auto [p0, n1] = cursor.after(t1, rp[r1]);
-        pf.reset(n1);
-        pf.add_feat(in, p0), pf.add(pns, s + p0, d);
-        e0 = t0;
-        gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
-        const float* xt = in.tile(t0, m, xbuf.data());
-        gemm_ep(xt, c, m, scale.w, scale_ep);
-        for (int64_t i = 0; i < m; ++i) add_inplace(fpart.data() + tr.seg[i] * c, xt + i * c, c);
-        carry = fold_segments(tr, r0, part.data(), acc.data(), np);
-        fold_segments(tr, r0, fpart.data(), fsum.data(), c);  // the same segments: the same carry
-      }
-      // the shift half, one GEMM over the task's rows: W_sh (sum_e x) + deg b_sh
-      const ShiftMeanEp fin{rp, r0, y, d, acc.data(), np, bshp.data()};
-      gemm_ep(fsum.data(), c, nr, shift_w, fin);
-    }
   });
   return out;
 }

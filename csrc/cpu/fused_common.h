@@ -395,4 +395,63 @@ inline bool fold_segments(const TileRows& tr, int64_t r0, float* part, float* ac
   return false;
 }
 
+// The forward FiLM ops' row tasks (film_mean, edge_film_mean): each task (whole rows, from
+// row_tasks) runs its tiles in edge order. Per tile, tile(t0, m, next) adds its edges into the
+// segment parts (`part`, the message sums, np wide; `lpart`, the sums the shift half is linear in,
+// nl wide), `next` being the tile after it ((first edge, count): for prefetches); the parts are
+// folded into per-row accumulators, then each task's rows are written as (acc + W_sh sum + deg
+// b_sh) / deg.
+struct FilmRowTasks {
+  const int64_t* rp;
+  std::vector<int64_t> tasks;
+  int64_t np, nl;  // the widths of part and lpart
+  const PackedB& shift_w;
+  const float* b_sh;  // padded
+  float* y;
+  int64_t d;
+
+  FilmRowTasks(const int64_t* rp_, int64_t n, int64_t np_, int64_t nl_, const PackedB& shift_w_,
+               const float* b_sh_, float* y_, int64_t d_)
+      : rp(rp_),
+        tasks(row_tasks(rp_, n)),
+        np(np_),
+        nl(nl_),
+        shift_w(shift_w_),
+        b_sh(b_sh_),
+        y(y_),
+        d(d_) {}
+
+  int64_t count() const { return int64_t(tasks.size()) - 1; }
+
+  // One worker's tasks (claim: run_dynamic's); part / lpart hold kTile segments each.
+  template <class Claim, class Tile>
+  void run(Claim& claim, TileRows& tr, std::vector<float>& part, std::vector<float>& lpart,
+           Tile&& tile) const {
+    // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
+    std::vector<float> acc, sum;
+    auto cursor = claim_cursor(claim, [&](int64_t u) {
+      return std::pair<int64_t, int64_t>{rp[tasks[u]], rp[tasks[u + 1]]};
+    });
+    for (int64_t task; (task = cursor.take()) >= 0;) {
+      const int64_t r0 = tasks[task], r1 = tasks[task + 1], nr = r1 - r0;
+      acc.assign(nr * np, 0.f);
+      sum.assign(nr * nl, 0.f);
+      int64_t r = r0;
+      bool carry = false;  // slot 0 of the parts continues the last tile's unfinished group
+      for (int64_t t0 = rp[r0]; t0 < rp[r1]; t0 += kTile) {
+        const int64_t t1 = std::min(t0 + kTile, rp[r1]);
+        tr.build(rp, r, t0, t1);
+        std::fill(part.begin() + (carry ? np : 0), part.begin() + tr.nseg * np, 0.f);
+        std::fill(lpart.begin() + (carry ? nl : 0), lpart.begin() + tr.nseg * nl, 0.f);
+        tile(t0, t1 - t0, cursor.after(t1, rp[r1]));
+        carry = fold_segments(tr, r0, part.data(), acc.data(), np);
+        fold_segments(tr, r0, lpart.data(), sum.data(), nl);  // the same segments: the same carry
+      }
+      // the shift half, one GEMM over the task's rows: W_sh (sum) + deg b_sh
+      const ShiftMeanEp fin{rp, r0, y, d, acc.data(), np, b_sh};
+      gemm_ep(sum.data(), nl, nr, shift_w, fin);
+    }
+  }
+};
+
 }  // namespace nino_fast::cpu
