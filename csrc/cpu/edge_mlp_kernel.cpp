@@ -17,20 +17,20 @@ constexpr int64_t kDotOut = 4;  // last layers this narrow (and plain) run as do
 // head: one output per feature slot) -- dot products over each input row, not a GEMM whose panel
 // would be 16 columns wide.
 struct Layer {
-  const float* w = nullptr;  // (rows, k) row-major
-  int64_t rows = 0, k = 0;
+  int64_t rows = 0, k = 0;  // the weight's shape
   std::vector<float> bias;  // zero-padded
   bool dot = false;
   PackedB packed;            // GEMM layers
   std::vector<float> wrows;  // dot layers: the rows zero-padded to padded(k)
 
   Layer() = default;
-  Layer(const at::Tensor& w_, const at::Tensor& b_, bool last_plain)
-      : w(w_.data_ptr<float>()),
-        rows(w_.size(0)),
-        k(w_.size(1)),
+  // weight (rows, k) row-major, bias (rows,)
+  Layer(const at::Tensor& weight, const at::Tensor& b_, bool last_plain)
+      : rows(weight.size(0)),
+        k(weight.size(1)),
         bias(padded_copy(b_)),
         dot(last_plain && rows <= kDotOut) {
+    const float* w = weight.data_ptr<float>();
     if (!dot) {
       packed = PackedB(w, rows, k);
       return;

@@ -229,8 +229,7 @@ def _edge_mlp_readout(a: dict, need: set, gout: torch.Tensor) -> dict:
     with torch.enable_grad():
         zr = z.detach().requires_grad_()
         layers = {n: a[n].detach().requires_grad_() for n in _READOUT if a[n] is not None}
-        out = readout(zr, *(layers.get(n) for n in _READOUT))
-        out = F.silu(out) if a["act_out"] else out
+        out = readout(zr, *(layers.get(n) for n in _READOUT), act_out=a["act_out"])
         wanted = [n for n in layers if n in need]
         got = torch.autograd.grad(out, [zr, *(layers[n] for n in wanted)], gout.to(out.dtype))
     g = edge_mlp(base, need, got[0])

@@ -49,10 +49,26 @@ def _fake_film_mean(feat, rowptr, src, node_dst, node_src, weight, bias, etype=N
     return feat.new_empty(rowptr.shape[0] - 1, node_dst.shape[1], dtype=_out_dtype(feat))
 
 
-def _fake_edge_mlp(feat, src, dst, weight_a, bias_a, weight_b, bias_b, *rest, **kwargs):
-    # rest: etype, type_table, node_src, node_dst, node_src2, node_dst2, act_out, weight_c, bias_c, weight_d, ...
-    weight_c = rest[7] if len(rest) > 7 else kwargs.get("weight_c")
-    weight_d = rest[9] if len(rest) > 9 else kwargs.get("weight_d")
+def _fake_edge_mlp(
+    feat,
+    src,
+    dst,
+    weight_a,
+    bias_a,
+    weight_b,
+    bias_b,
+    etype=None,
+    type_table=None,
+    node_src=None,
+    node_dst=None,
+    node_src2=None,
+    node_dst2=None,
+    act_out=False,
+    weight_c=None,
+    bias_c=None,
+    weight_d=None,
+    bias_d=None,
+):
     last = next(w for w in (weight_d, weight_c, weight_b) if w is not None)
     return feat.new_empty(feat.shape[0], last.shape[0], dtype=_out_dtype(feat))
 
@@ -154,29 +170,33 @@ def _without_feat_index(name: str):
     return strip
 
 
-def _split_readout(args: tuple, pos: int):
-    """For the GPU kernels, which run edge_mlp's first two layers only: ``(args, after)`` with the readout layers
-    (and act_out) taken out of ``args``, ``after(out)`` applying them with the reference's ops; ``after`` None
-    when there are none. ``pos``: act_out's position (the readout layers follow it)."""
-    tail = args[pos + 1 :]
-    if not any(t is not None for t in tail):
-        return args, None
-    act_out = args[pos]
+def _without_readout(name: str):
+    """For the implementations that run edge_mlp's first two layers only (CUDA, Triton): ``args -> (args, after)``
+    with the readout layers (and act_out) taken out of ``args`` and ``after(out)`` applying them with the
+    reference's ops (None when the call has none); None for an op without readout layers."""
+    names = [a.name for a in getattr(torch.ops.nino_fast, name).default._schema.arguments]
+    if "weight_c" not in names:
+        return None
+    pos = names.index("act_out")  # the readout layers follow it
 
-    def after(z):
-        with torch.no_grad():
-            out = reference.readout(z, *tail)
-            return torch.nn.functional.silu(out) if act_out else out
+    def split(args):
+        tail = args[pos + 1 :]
+        if all(t is None for t in tail):
+            return args, None
 
-    return (*args[:pos], False), after
+        def after(z):
+            with torch.no_grad():
+                return reference.readout(z, *tail, act_out=args[pos])  # (trailing defaults may be absent)
+
+        return (*args[:pos], False), after
+
+    return split
 
 
 def _register_kernel(name: str, key: str) -> None:
     """The op's kernel for dispatch ``key`` ('CPU' / 'CUDA'): the implementation the switch selects."""
     device = key.lower()
-    strip = _without_feat_index(name)
-    names = [a.name for a in getattr(torch.ops.nino_fast, name).default._schema.arguments]
-    act_out_pos = names.index("act_out") if "act_out" in names else None
+    strip, split = _without_feat_index(name), _without_readout(name)
     impls = {"reference": _reference_impl(name)}
     if device in dispatch.BACKENDS:  # the compiled kernel, kept callable under the kernel registered here
         impls[device] = torch.library.get_kernel(f"nino_fast::{name}", key)
@@ -189,8 +209,8 @@ def _register_kernel(name: str, key: str) -> None:
         after = None
         if strip is not None and choice in ("cuda", "triton"):
             args = strip(args)
-        if name == "edge_mlp" and choice in ("cuda", "triton"):
-            args, after = _split_readout(args, act_out_pos)
+        if split is not None and choice in ("cuda", "triton"):
+            args, after = split(args)
         if choice == device:
             out = impls[device].call_boxed(keyset, *args)
         else:

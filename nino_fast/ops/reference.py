@@ -145,12 +145,12 @@ def edge_mlp(
     out = F.linear(F.silu(h), weight_b, bias_b)
     if node_src2 is not None:
         out = out + gather(node_src2, src) + gather(node_dst2, dst)
-    out = readout(out, weight_c, bias_c, weight_d, bias_d)
-    return F.silu(out) if act_out else out
+    return readout(out, weight_c, bias_c, weight_d, bias_d, act_out)
 
 
-def readout(z: Tensor, weight_c=None, bias_c=None, weight_d=None, bias_d=None) -> Tensor:
-    """edge_mlp's optional layers after W_b: ``W_c act(z) + b_c``, then ``W_d act(.) + b_d`` (each if given)."""
+def readout(z: Tensor, weight_c=None, bias_c=None, weight_d=None, bias_d=None, act_out: bool = False) -> Tensor:
+    """edge_mlp after W_b: its optional layers ``W_c act(z) + b_c``, then ``W_d act(.) + b_d`` (each if given),
+    then act if ``act_out``."""
     if (weight_c is None) != (bias_c is None) or (weight_d is None) != (bias_d is None):
         raise ValueError("edge_mlp: weight_c/bias_c (and weight_d/bias_d) go together")
     if weight_d is not None and weight_c is None:
@@ -158,7 +158,7 @@ def readout(z: Tensor, weight_c=None, bias_c=None, weight_d=None, bias_d=None) -
     for w, b in ((weight_c, bias_c), (weight_d, bias_d)):
         if w is not None:
             z = F.linear(F.silu(z), w, b)
-    return z
+    return F.silu(z) if act_out else z
 
 
 def edge_film_mean(
