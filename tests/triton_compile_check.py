@@ -130,7 +130,8 @@ def _usage(name, kwargs, kernel) -> dict:
         "num_warps": kernel.metadata.num_warps,
         "shared": kernel.metadata.shared,
         "dot": "wgmma" if "wgmma" in kernel.asm["ptx"] else "mma" if "mma.sync" in kernel.asm["ptx"] else "fma",
-        **{k: str(v) for k, v in kwargs.items() if k in ("BLOCK_E", "BLOCK_K", "BLOCK_KH", "DOT_DTYPE")},
+        **{k: str(v) for k, v in kwargs.items() if k in ("BLOCK_E", "BLOCK_K", "BLOCK_KH")},
+        **({"dot_dtype": str(kwargs["DOT"][0])} if "DOT" in kwargs else {}),
     }
     if cuobjdump.exists():
         with tempfile.TemporaryDirectory() as tmp:

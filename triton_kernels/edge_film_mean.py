@@ -30,36 +30,22 @@ OP = "edge_film_mean"
 
 @triton.jit
 def edge_film_mean_kernel(
-    feat_ptr,
-    stride_fe,
-    stride_fc,
+    feat,
     rowptr_ptr,
     src_ptr,
-    wa_ptr,
-    stride_wao,
-    stride_wai,
+    wa,
     ba_ptr,
     et_ptr,
-    tab_ptr,
-    stride_tab,
-    ns_ptr,
-    stride_ns,
-    nd_ptr,
-    stride_nd,
-    md_ptr,
-    stride_md,
-    ms_ptr,
-    stride_ms,
-    wsc_ptr,
-    stride_wso,
-    stride_wsi,
+    tab,
+    ns,
+    nd,
+    md,
+    ms,
+    wsc,
     bsc_ptr,
-    wsh_ptr,
-    stride_who,
-    stride_whi,
+    wsh,
     bsh_ptr,
-    out_ptr,
-    stride_out,
+    out,
     ws_ptr,
     win_rows_ptr,
     N,
@@ -75,10 +61,17 @@ def edge_film_mean_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EMULATE: tl.constexpr,
+    DOT: tl.constexpr,
 ):
+    """feat, wa, wsc, wsh: ``(ptr, stride_row, stride_col)``; tab, ns, nd, md, ms, out: ``(ptr, stride_row)``."""
+    tab_ptr, stride_tab = tab
+    out_ptr, stride_out = out
+    ns_ptr, stride_ns = ns
+    nd_ptr, stride_nd = nd
+    md_ptr, stride_md = md
+    ms_ptr, stride_ms = ms
+    wsc_ptr, stride_wso, stride_wsi = wsc
+    wsh_ptr, stride_who, stride_whi = wsh
     pid = tl.program_id(0)
     is_win, w0, w1, r_a, r_b = program_rows(pid, rowptr_ptr, N, E, n_windows, CHUNK, LOG2N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -93,7 +86,7 @@ def edge_film_mean_kernel(
             # per BLOCK_E edges: ~1/BLOCK_E of the scale dot's work).
             offs_j = tl.arange(0, BLOCK_KH)
             d_mask = offs_d < D
-            md = tl.load(md_ptr + row * stride_md + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            md_row = tl.load(md_ptr + row * stride_md + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             bsc = tl.load(bsc_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             acc = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)  # per-lane message sums, reduced once after the loop
             shift = tl.full((BLOCK_D,), 0.0, tl.float32)
@@ -111,21 +104,15 @@ def edge_film_mean_kernel(
                     # h[:, cols] = silu(feat W_a[cols]^T + b_a + node_dst[n] + node_src[s] (+ table[ty])), K steps on C
                     h = mm_k(
                         tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32),
-                        feat_ptr,
+                        feat,
                         e_idx,
                         e_mask,
-                        stride_fe,
-                        stride_fc,
-                        wa_ptr,
+                        wa,
                         cols,
                         c_mask,
-                        stride_wao,
-                        stride_wai,
                         C,
                         BLOCK_K,
-                        DOT_DTYPE,
-                        PRECISION,
-                        EMULATE,
+                        DOT,
                     )
                     hrow = tl.load(nd_ptr + row * stride_nd + cols, mask=c_mask, other=0.0).to(tl.float32) + tl.load(
                         ba_ptr + cols, mask=c_mask, other=0.0
@@ -143,19 +130,19 @@ def edge_film_mean_kernel(
                         mask=c_mask[:, None] & d_mask[None, :],
                         other=0.0,
                     )
-                    scale += mm(h, w_sc, DOT_DTYPE, PRECISION, EMULATE)
+                    scale += mm(h, w_sc, DOT)
                     w_sh = tl.load(
                         wsh_ptr + offs_d[None, :] * stride_who + cols[:, None] * stride_whi,
                         mask=c_mask[:, None] & d_mask[None, :],
                         other=0.0,
                     ).to(tl.float32)
                     shift += tl.sum(tl.sum(h, axis=0)[:, None] * w_sh, axis=0)
-                ms = tl.load(
+                ms_rows = tl.load(
                     ms_ptr + s[:, None] * stride_ms + offs_d[None, :],
                     mask=e_mask[:, None] & d_mask[None, :],
                     other=0.0,
                 ).to(tl.float32)
-                acc += tl.where(e_mask[:, None], (scale + bsc[None, :]) * (md[None, :] + ms), 0.0)
+                acc += tl.where(e_mask[:, None], (scale + bsc[None, :]) * (md_row[None, :] + ms_rows), 0.0)
             total = tl.sum(acc, axis=0) + shift
             deg = (end - start).to(tl.float32)
             store_result(total + deg * bsh, D, out_ptr, stride_out, ws_ptr, is_win, pid, t, row, deg, BLOCK_D)
@@ -221,36 +208,22 @@ def edge_film_mean(
     split = csr_split.plan(n, e, utils.split_chunk(e, dev, block_e, chunk), d, dev)
     out = torch.empty(n, d, dtype=torch.float32, device=dev)
     edge_film_mean_kernel[split.grid](
-        feat,
-        feat.stride(0),
-        feat.stride(1),
+        utils.mat(feat),
         rowptr,
         src,
-        weight_a,
-        weight_a.stride(0),
-        weight_a.stride(1),
+        utils.mat(weight_a),
         bias_a,
         etype if has_tab else src,
-        type_table if has_tab else bias_a,
-        utils.row_stride(type_table),
-        node_src,
-        node_src.stride(0),
-        node_dst,
-        node_dst.stride(0),
-        msg_dst,
-        msg_dst.stride(0),
-        msg_src,
-        msg_src.stride(0),
-        weight_scale,
-        weight_scale.stride(0),
-        weight_scale.stride(1),
+        utils.table(type_table, bias_a),
+        utils.table(node_src, bias_a),
+        utils.table(node_dst, bias_a),
+        utils.table(msg_dst, bias_a),
+        utils.table(msg_src, bias_a),
+        utils.mat(weight_scale),
         bias_scale,
-        weight_shift,
-        weight_shift.stride(0),
-        weight_shift.stride(1),
+        utils.mat(weight_shift),
         bias_shift,
-        out,
-        out.stride(0),
+        (out, out.stride(0)),
         split.ws,
         split.win_rows,
         n,
@@ -266,7 +239,7 @@ def edge_film_mean(
         BLOCK_K=block_k,
         BLOCK_KH=min(block_kh or 32, utils.pow2(dh)),
         BLOCK_D=block_d,
-        **utils.dot_args(feat, weight_a),
+        DOT=utils.dot_args(feat, weight_a),
         num_warps=num_warps or 8,
         maxnreg=maxnreg,
     )

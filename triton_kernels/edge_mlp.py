@@ -23,32 +23,20 @@ OP = "edge_mlp"
 
 @triton.jit
 def edge_mlp_kernel(
-    feat_ptr,
-    stride_fe,
-    stride_fc,
+    feat,
     src_ptr,
     dst_ptr,
-    wa_ptr,
-    stride_wao,
-    stride_wai,
+    wa,
     ba_ptr,
     et_ptr,
-    tab_ptr,
-    stride_tab,
-    ns_ptr,
-    stride_ns,
-    nd_ptr,
-    stride_nd,
-    wb_ptr,
-    stride_wbo,
-    stride_wbi,
+    tab,
+    ns,
+    nd,
+    wb,
     bb_ptr,
-    ns2_ptr,
-    stride_ns2,
-    nd2_ptr,
-    stride_nd2,
-    out_ptr,
-    stride_out,
+    ns2,
+    nd2,
+    out,
     E,
     C,
     DH,
@@ -61,10 +49,16 @@ def edge_mlp_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_O: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EMULATE: tl.constexpr,
+    DOT: tl.constexpr,
 ):
+    """feat, wa, wb: ``(ptr, stride_row, stride_col)``; tab, ns, nd, ns2, nd2, out: ``(ptr, stride_row)``."""
+    tab_ptr, stride_tab = tab
+    ns_ptr, stride_ns = ns
+    nd_ptr, stride_nd = nd
+    ns2_ptr, stride_ns2 = ns2
+    nd2_ptr, stride_nd2 = nd2
+    wb_ptr, stride_wbo, stride_wbi = wb
+    out_ptr, stride_out = out
     pid = tl.program_id(0)
     e_idx = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = e_idx < E
@@ -84,24 +78,7 @@ def edge_mlp_kernel(
         c_mask = cols < DH
         ec_mask = e_mask[:, None] & c_mask[None, :]
         # h[:, cols] = silu(feat W_a[cols]^T + b_a (+ table[t]) (+ node_src[s] + node_dst[d])), K steps over C
-        h = mm_k(
-            tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32),
-            feat_ptr,
-            e_idx,
-            e_mask,
-            stride_fe,
-            stride_fc,
-            wa_ptr,
-            cols,
-            c_mask,
-            stride_wao,
-            stride_wai,
-            C,
-            BLOCK_K,
-            DOT_DTYPE,
-            PRECISION,
-            EMULATE,
-        )
+        h = mm_k(tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32), feat, e_idx, e_mask, wa, cols, c_mask, C, BLOCK_K, DOT)
         h += tl.load(ba_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_TAB:
             h += tl.load(tab_ptr + t[:, None] * stride_tab + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
@@ -109,12 +86,12 @@ def edge_mlp_kernel(
             h += tl.load(ns_ptr + s[:, None] * stride_ns + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
             h += tl.load(nd_ptr + d[:, None] * stride_nd + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
         h = tl.where(c_mask[None, :], h / (1.0 + tl.exp(-h)), 0.0)  # silu; padded columns are 0
-        wb = tl.load(
+        wb_tile = tl.load(
             wb_ptr + offs_o[None, :] * stride_wbo + cols[:, None] * stride_wbi,
             mask=c_mask[:, None] & o_mask[None, :],
             other=0.0,
         )
-        y += mm(h, wb, DOT_DTYPE, PRECISION, EMULATE)
+        y += mm(h, wb_tile, DOT)
 
     # out = h W_b^T + b_b (+ node_src2[s] + node_dst2[d]) (then silu)
     y += tl.load(bb_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
@@ -184,32 +161,20 @@ def edge_mlp(
     block_o = utils.pow2(do)
     block_e = block_e or 64
     edge_mlp_kernel[(triton.cdiv(e, block_e),)](
-        feat,
-        feat.stride(0),
-        feat.stride(1),
+        utils.mat(feat),
         src,
         dst,
-        weight_a,
-        weight_a.stride(0),
-        weight_a.stride(1),
+        utils.mat(weight_a),
         bias_a,
         etype if has_tab else src,
-        type_table if has_tab else bias_a,
-        utils.row_stride(type_table),
-        node_src if has_node else bias_a,
-        utils.row_stride(node_src),
-        node_dst if has_node else bias_a,
-        utils.row_stride(node_dst),
-        weight_b,
-        weight_b.stride(0),
-        weight_b.stride(1),
+        utils.table(type_table, bias_a),
+        utils.table(node_src, bias_a),
+        utils.table(node_dst, bias_a),
+        utils.mat(weight_b),
         bias_b,
-        node_src2 if has_node2 else bias_b,
-        utils.row_stride(node_src2),
-        node_dst2 if has_node2 else bias_b,
-        utils.row_stride(node_dst2),
-        out,
-        out.stride(0),
+        utils.table(node_src2, bias_b),
+        utils.table(node_dst2, bias_b),
+        (out, out.stride(0)),
         e,
         c,
         dh,
@@ -222,7 +187,7 @@ def edge_mlp(
         BLOCK_K=block_k or utils.k_step(c),
         BLOCK_KH=min(block_kh or 32, utils.pow2(dh)),
         BLOCK_O=block_o,
-        **utils.dot_args(feat, weight_a),
+        DOT=utils.dot_args(feat, weight_a),
         num_warps=num_warps or (8 if block_o >= 64 else 4),
         maxnreg=maxnreg,
     )

@@ -27,24 +27,16 @@ OP = "film_mean"
 
 @triton.jit
 def film_mean_kernel(
-    feat_ptr,
-    stride_fe,
-    stride_fc,
+    feat,
     rowptr_ptr,
     src_ptr,
-    nd_ptr,
-    stride_nd,
-    ns_ptr,
-    stride_ns,
-    w_ptr,
-    stride_wo,
-    stride_wi,
+    nd,
+    ns,
+    w,
     b_ptr,
     et_ptr,
-    tab_ptr,
-    stride_tab,
-    out_ptr,
-    stride_out,
+    tab,
+    out,
     ws_ptr,
     win_rows_ptr,
     N,
@@ -62,10 +54,15 @@ def film_mean_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EMULATE: tl.constexpr,
+    DOT: tl.constexpr,
 ):
+    """feat, w: ``(ptr, stride_row, stride_col)``; nd, ns, tab, out: ``(ptr, stride_row)``."""
+    feat_ptr, stride_fe, stride_fc = feat
+    nd_ptr, stride_nd = nd
+    ns_ptr, stride_ns = ns
+    w_ptr, stride_wo, stride_wi = w
+    tab_ptr, stride_tab = tab
+    out_ptr, stride_out = out
     pid = tl.program_id(0)
     is_win, w0, w1, r_a, r_b = program_rows(pid, rowptr_ptr, N, E, n_windows, CHUNK, LOG2N)
     for t in range(0, tl.where(is_win, 2, 1)):  # a runtime loop: one copy of the segment code
@@ -79,7 +76,7 @@ def film_mean_kernel(
             offs_t = tl.arange(0, BLOCK_T)
             c_mask = offs_c < C
             d_mask = offs_d < D
-            nd = tl.load(nd_ptr + row * stride_nd + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            nd_row = tl.load(nd_ptr + row * stride_nd + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             b_sc = tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             w_mask = c_mask[:, None] & d_mask[None, :]
             # per-lane accumulators, reduced over the edge axis once after the loop
@@ -99,28 +96,22 @@ def film_mean_kernel(
                     other=0.0,
                 )
                 if BLOCK_K >= BLOCK_C:  # C <= BLOCK_K (C = 5 in NiNo): one product
-                    w = tl.load(
+                    w_tile = tl.load(
                         w_ptr + offs_d[None, :] * stride_wo + offs_c[:, None] * stride_wi, mask=w_mask, other=0.0
                     )
-                    scale = mm(x, w, DOT_DTYPE, PRECISION, EMULATE)
+                    scale = mm(x, w_tile, DOT)
                 else:  # the chunks are re-read from L1
                     scale = mm_k(
                         tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32),
-                        feat_ptr,
+                        feat,
                         e_idx,
                         e_mask,
-                        stride_fe,
-                        stride_fc,
-                        w_ptr,
+                        w,
                         offs_d,
                         d_mask,
-                        stride_wo,
-                        stride_wi,
                         C,
                         BLOCK_K,
-                        DOT_DTYPE,
-                        PRECISION,
-                        EMULATE,
+                        DOT,
                     )
                 scale += b_sc[None, :]
                 fsum += x.to(tl.float32)
@@ -133,8 +124,10 @@ def film_mean_kernel(
                     else:
                         tsum += tl.load(tab_ptrs + D, mask=ed_mask, other=0.0).to(tl.float32)
                 s = tl.load(src_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
-                ns = tl.load(ns_ptr + s[:, None] * stride_ns + offs_d[None, :], mask=ed_mask, other=0.0).to(tl.float32)
-                acc += tl.where(e_mask[:, None], scale * (nd[None, :] + ns), 0.0)
+                ns_rows = tl.load(ns_ptr + s[:, None] * stride_ns + offs_d[None, :], mask=ed_mask, other=0.0).to(
+                    tl.float32
+                )
+                acc += tl.where(e_mask[:, None], scale * (nd_row[None, :] + ns_rows), 0.0)
             # shift half, once per task: W_sh sum_e x_e + n b_sh (+ type counts @ table_sh)
             w_sh = tl.load(
                 w_ptr + (D + offs_d[None, :]) * stride_wo + offs_c[:, None] * stride_wi, mask=w_mask, other=0.0
@@ -153,17 +146,7 @@ def film_mean_kernel(
                 else:
                     total += tl.sum(tsum, axis=0)
             store_result(
-                total,
-                D,
-                out_ptr,
-                stride_out,
-                ws_ptr,
-                is_win,
-                pid,
-                t,
-                row,
-                (end - start).to(tl.float32),
-                BLOCK_D,
+                total, D, out_ptr, stride_out, ws_ptr, is_win, pid, t, row, (end - start).to(tl.float32), BLOCK_D
             )
 
 
@@ -211,24 +194,16 @@ def film_mean(
     split = csr_split.plan(n, e, utils.split_chunk(e, dev, block_e, chunk), d, dev)
     out = torch.empty(n, d, dtype=torch.float32, device=dev)
     film_mean_kernel[split.grid](
-        feat,
-        feat.stride(0),
-        feat.stride(1),
+        utils.mat(feat),
         rowptr,
         src,
-        node_dst,
-        node_dst.stride(0),
-        node_src,
-        node_src.stride(0),
-        weight,
-        weight.stride(0),
-        weight.stride(1),
+        utils.table(node_dst, bias),
+        utils.table(node_src, bias),
+        utils.mat(weight),
         bias,
         etype if has_tab else src,
-        type_table if has_tab else bias,
-        utils.row_stride(type_table),
-        out,
-        out.stride(0),
+        utils.table(type_table, bias),
+        (out, out.stride(0)),
         split.ws,
         split.win_rows,
         n,
@@ -246,7 +221,7 @@ def film_mean(
         BLOCK_K=block_k or utils.k_step(c),
         BLOCK_D=block_d,
         BLOCK_T=block_t,
-        **utils.dot_args(feat, weight),
+        DOT=utils.dot_args(feat, weight),
         num_warps=num_warps or 8,
         maxnreg=maxnreg,
     )

@@ -1,10 +1,12 @@
-"""The dot product shared by the kernels: operand rounding per input dtype, fp32 accumulation.
+"""The dot products shared by the kernels: operand rounding per input dtype, fp32 accumulation.
 
-Conventions of the kernels that call it: weights are PyTorch ``(out, in)`` matrices read transposed as
-``(in, out)`` tiles through their strides (no host-side transposes or padding copies); tiles are zero-padded
-to power-of-two blocks by masks; all arithmetic outside the dots is float32. Loads are written inline in the
-kernels' edge loops: a helper call costs nothing on the GPU but a lot in Triton's interpreter (the tests);
-``mm_k``, the K-stepped first product of every kernel, is the exception: one call covers a whole K loop.
+Conventions of the kernels that call them: a 2-D operand travels as one tuple ``(ptr, stride_row, stride_col)``
+and a gathered node table as ``(ptr, stride_row)`` (unit column stride: the launchers make it so); weights are
+PyTorch ``(out, in)`` matrices read transposed as ``(in, out)`` tiles through their strides (no host-side
+transposes or padding copies); tiles are zero-padded to power-of-two blocks by masks; all arithmetic outside the
+dots is float32; ``DOT`` is the constexpr tuple ``(operand dtype, fp32 precision, emulate)`` of
+``utils.dot_args``. Loads are written inline in the kernels' edge loops: a helper call costs nothing on the GPU but
+a lot in Triton's interpreter (the tests); ``mm_k`` is the exception: one call covers a whole K loop.
 """
 
 from __future__ import annotations
@@ -14,45 +16,31 @@ import triton.language as tl
 
 
 @triton.jit
-def mm(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-    """float32 ``a @ b`` with both operands rounded to DOT_DTYPE.
+def mm(a, b, DOT: tl.constexpr):
+    """float32 ``a @ b`` with both operands rounded to ``DOT[0]``.
 
-    float32: IEEE (FMA) or tf32x3 dots (PRECISION); bfloat16 / float16: tensor cores with fp32 accumulation.
-    EMULATE (Triton's interpreter, which has no bf16 matmul) rounds the operands to DOT_DTYPE and multiplies
+    float32: IEEE (FMA) or tf32x3 dots (``DOT[1]``); bfloat16 / float16: tensor cores with fp32 accumulation.
+    ``DOT[2]`` (Triton's interpreter, which has no bf16 matmul) rounds the operands to the dtype and multiplies
     exactly in fp32: the products of a tensor-core dot, summed in a possibly different order."""
-    if DOT_DTYPE == tl.float32:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    elif EMULATE:
-        out = tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(DOT_DTYPE).to(tl.float32), input_precision="ieee")
+    if DOT[0] == tl.float32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT[1])
+    elif DOT[2]:
+        out = tl.dot(a.to(DOT[0]).to(tl.float32), b.to(DOT[0]).to(tl.float32), input_precision="ieee")
     else:
-        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+        out = tl.dot(a.to(DOT[0]), b.to(DOT[0]))
     return out
 
 
 @triton.jit
-def mm_k(
-    acc,
-    a_ptr,
-    rows,
-    row_mask,
-    stride_ar,
-    stride_ak,
-    b_ptr,
-    cols,
-    col_mask,
-    stride_bc,
-    stride_bk,
-    K,
-    BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    EMULATE: tl.constexpr,
-):
+def mm_k(acc, a, rows, row_mask, b, cols, col_mask, K, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
     """``acc + A[rows, :K] @ B[cols, :K]^T``, K in BLOCK_K steps, summed in step order.
 
-    A is the (edges, K) input tile (feat), B a PyTorch ``(out, in)`` weight read transposed; masked rows,
-    columns and the K tail are zeros. Small K steps keep the fp32 (FMA) dots' operands in registers; every
-    kernel's first product goes through here, so all of them round and sum the same way."""
+    ``a`` is the (edges, K) input (feat), ``b`` a PyTorch ``(out, in)`` weight read transposed, both
+    ``(ptr, stride_row, stride_col)``; masked rows, columns and the K tail are zeros. Small K steps keep the fp32
+    (FMA) dots' operands in registers; every kernel's first product goes through here, so all of them round and
+    sum the same way."""
+    a_ptr, stride_ar, stride_ak = a
+    b_ptr, stride_bc, stride_bk = b
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
@@ -66,5 +54,5 @@ def mm_k(
             mask=(ks[:, None] < K) & col_mask[None, :],
             other=0.0,
         )
-        acc += mm(x, w, DOT_DTYPE, PRECISION, EMULATE)
+        acc += mm(x, w, DOT)
     return acc

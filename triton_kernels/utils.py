@@ -105,8 +105,15 @@ def vec(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def row_stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.stride(0)
+def mat(t: torch.Tensor) -> tuple:
+    """A 2-D operand as the kernels take it: ``(ptr, stride_row, stride_col)``."""
+    return (t, t.stride(0), t.stride(1))
+
+
+def table(t: torch.Tensor | None, absent: torch.Tensor) -> tuple:
+    """A gathered row table as the kernels take it, ``(ptr, stride_row)`` (unit column stride, see ``rowmajor``);
+    an absent optional table is ``(absent, 0)``, never read (its HAS_* flag is off)."""
+    return (absent, 0) if t is None else (t, t.stride(0))
 
 
 # ----------------------------------------------------------------------------------------------- dot settings
@@ -123,9 +130,10 @@ def dot_precision() -> str:
     return FP32_PRECISION
 
 
-def dot_args(*ts: torch.Tensor) -> dict:
-    """The dot settings every kernel takes (``mm``'s constexprs) for operands ``ts`` (feat, then the weights)."""
-    return {"DOT_DTYPE": dot_dtype(*ts), "PRECISION": dot_precision(), "EMULATE": INTERPRET}
+def dot_args(*ts: torch.Tensor) -> tuple:
+    """The kernels' constexpr ``DOT`` for operands ``ts`` (feat, then the weights): (operand dtype, fp32
+    precision, emulate in the interpreter), as ``tiles.mm`` reads it."""
+    return (dot_dtype(*ts), dot_precision(), INTERPRET)
 
 
 # ------------------------------------------------------------------------------------------------ block sizes
