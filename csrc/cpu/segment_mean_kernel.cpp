@@ -13,14 +13,7 @@ namespace nino_fast {
 namespace {
 
 at::Tensor segment_mean_csr_cpu(const at::Tensor& src_in, const at::Tensor& rowptr_in) {
-  constexpr const char* op = "nino_fast::segment_mean_csr";
-  check_dim(op, "src", src_in, 2);
-  NINO_CHECK(at::isFloatingType(src_in.scalar_type()), op, ": src must be floating point, got ",
-             c10::toString(src_in.scalar_type()));
-  check_device(op, "rowptr", rowptr_in, src_in.device());
-  auto src = src_in.contiguous();
-  auto rowptr = rowptr_in.contiguous();
-  check_rowptr(op, rowptr, src.size(0));
+  const auto [src, rowptr] = segment_mean_inputs("nino_fast::segment_mean_csr", src_in, rowptr_in);
   const int64_t n = rowptr.numel() - 1, d = src.size(1);
   auto out = at::zeros({n, d}, src.options());
   if (n == 0 || d == 0) return out;

@@ -100,22 +100,13 @@ __global__ void __launch_bounds__(kThreads) edge_film_mean_kernel(const EdgeFilm
     stage_rows(s_row, p.rowptr, p.tile_row, t, p.tiles, p.n, e0, len, p.e);
     if (int(threadIdx.x) < len) {
       const int64_t e = e0 + threadIdx.x;
-      const int s = p.src[e];
-      CUDA_KERNEL_ASSERT_MSG(
-          s >= 0 && s < p.src_rows,
-          "nino_fast::edge_film_mean: src value out of range of node_src / msg_src");
-      s_src[threadIdx.x] = s;
-      if (p.table != nullptr) {
-        const int64_t ty = p.etype[e];
-        CUDA_KERNEL_ASSERT_MSG(ty >= 0 && ty < p.types,
-                               "nino_fast::edge_film_mean: etype value out of range of type_table");
-        s_et[threadIdx.x] = int(ty);
-      }
+      stage_index(s_src, p.src, e, p.src_rows,
+                  "nino_fast::edge_film_mean: src value out of range of node_src / msg_src");
+      if (p.table != nullptr)
+        stage_index(s_et, p.etype, e, p.types,
+                    "nino_fast::edge_film_mean: etype value out of range of type_table");
     }
-    stage_feat<T>(s_x, L.ldx, feat, e0, len, p.c, p.cp);
-    __syncthreads();
-    warp_gemm<T>(s_x, L.ldx, s_wa, L.lda, p.cp, p.hp, s_c, L.ldc);
-    __syncthreads();
+    first_gemm<T>(s_x, L.ldx, feat, e0, len, p.c, p.cp, s_wa, L.lda, p.hp, s_c, L.ldc);
 
     // epilogue 1: h (fp32) -> s_x as T (zeros in the padding and past the last edge) and its row
     // sums
@@ -126,12 +117,10 @@ __global__ void __launch_bounds__(kThreads) edge_film_mean_kernel(const EdgeFilm
       const int i = a + k;
       v[k] = f4_zero();
       if (i >= len || c4 >= p.dh) continue;
-      float4 pre = f4_add(read4(s_c + i * L.ldc + c4), read4(s_ba + c4));
-      pre = f4_add(pre, f4_add(load4(ns + int64_t(s_src[i]) * p.dh, c4, p.dh, p.vec_h),
-                               load4(nd + int64_t(row[i]) * p.dh, c4, p.dh, p.vec_h)));
-      if (p.table != nullptr)
-        pre = f4_add(pre, load4(p.table + int64_t(s_et[i]) * p.dh, c4, p.dh, p.vec_h));
-      v[k] = f4_silu(pre);  // padding columns: silu(0) = 0
+      const float* type_row = p.table != nullptr ? p.table + int64_t(s_et[i]) * p.dh : nullptr;
+      v[k] = f4_silu(edge_pre(s_c + i * L.ldc, s_ba, ns + int64_t(s_src[i]) * p.dh,
+                              nd + int64_t(row[i]) * p.dh, type_row, c4, p.dh,
+                              p.vec_h));  // padding columns: silu(0) = 0
     }
     if (c4 < p.hp) {
 #pragma unroll

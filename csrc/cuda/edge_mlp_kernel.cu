@@ -90,24 +90,16 @@ __global__ void __launch_bounds__(kThreads) edge_mlp_kernel(const EdgeMlpParams 
     if (int(threadIdx.x) < len) {
       const int64_t e = e0 + threadIdx.x;
       if (gather) {
-        const int s = p.src[e], d = p.dst[e];
-        CUDA_KERNEL_ASSERT_MSG(
-            s >= 0 && s < p.node_rows && d >= 0 && d < p.node_rows,
-            "nino_fast::edge_mlp: src/dst value out of range of the node tables");
-        s_src[threadIdx.x] = s;
-        s_dst[threadIdx.x] = d;
+        stage_index(s_src, p.src, e, p.node_rows,
+                    "nino_fast::edge_mlp: src value out of range of the node tables");
+        stage_index(s_dst, p.dst, e, p.node_rows,
+                    "nino_fast::edge_mlp: dst value out of range of the node tables");
       }
-      if (p.table != nullptr) {
-        const int64_t ty = p.etype[e];
-        CUDA_KERNEL_ASSERT_MSG(ty >= 0 && ty < p.types,
-                               "nino_fast::edge_mlp: etype value out of range of type_table");
-        s_et[threadIdx.x] = int(ty);
-      }
+      if (p.table != nullptr)
+        stage_index(s_et, p.etype, e, p.types,
+                    "nino_fast::edge_mlp: etype value out of range of type_table");
     }
-    stage_feat<T>(s_x, L.ldx, feat, e0, len, p.c, p.cp);
-    __syncthreads();
-    warp_gemm<T>(s_x, L.ldx, s_wa, L.lda, p.cp, p.hp, s_c, L.ldc);
-    __syncthreads();
+    first_gemm<T>(s_x, L.ldx, feat, e0, len, p.c, p.cp, s_wa, L.lda, p.hp, s_c, L.ldc);
 
     // epilogue 1: h -> s_x as T (zeros in the padding and past the last edge)
     float4 h[kEdgesPerWarp];
@@ -117,13 +109,11 @@ __global__ void __launch_bounds__(kThreads) edge_mlp_kernel(const EdgeMlpParams 
       const int i = a + k;
       h[k] = f4_zero();
       if (i >= len || c4 >= p.dh) continue;
-      float4 pre = f4_add(read4(s_c + i * L.ldc + c4), read4(s_ba + c4));
-      if (ns != nullptr)
-        pre = f4_add(pre, f4_add(load4(ns + int64_t(s_src[i]) * p.dh, c4, p.dh, p.vec1),
-                                 load4(nd + int64_t(s_dst[i]) * p.dh, c4, p.dh, p.vec1)));
-      if (p.table != nullptr)
-        pre = f4_add(pre, load4(p.table + int64_t(s_et[i]) * p.dh, c4, p.dh, p.vec1));
-      h[k] = f4_silu(pre);  // padding columns: silu(0) = 0
+      const float* type_row = p.table != nullptr ? p.table + int64_t(s_et[i]) * p.dh : nullptr;
+      const G* ns_row = ns != nullptr ? ns + int64_t(s_src[i]) * p.dh : nullptr;
+      const G* nd_row = ns != nullptr ? nd + int64_t(s_dst[i]) * p.dh : nullptr;
+      h[k] = f4_silu(edge_pre(s_c + i * L.ldc, s_ba, ns_row, nd_row, type_row, c4, p.dh,
+                              p.vec1));  // padding columns: silu(0) = 0
     }
     if (c4 < p.hp) {
 #pragma unroll

@@ -88,21 +88,13 @@ __global__ void __launch_bounds__(kThreads) film_mean_kernel(const FilmParams p)
     stage_rows(s_row, p.rowptr, p.tile_row, t, p.tiles, p.n, e0, len, p.e);
     if (int(threadIdx.x) < len) {
       const int64_t e = e0 + threadIdx.x;
-      const int s = p.src[e];
-      CUDA_KERNEL_ASSERT_MSG(s >= 0 && s < p.src_rows,
-                             "nino_fast::film_mean: src value out of range of node_src");
-      s_src[threadIdx.x] = s;
-      if (p.table != nullptr) {
-        const int64_t ty = p.etype[e];
-        CUDA_KERNEL_ASSERT_MSG(ty >= 0 && ty < p.types,
-                               "nino_fast::film_mean: etype value out of range of type_table");
-        s_et[threadIdx.x] = int(ty);
-      }
+      stage_index(s_src, p.src, e, p.src_rows,
+                  "nino_fast::film_mean: src value out of range of node_src");
+      if (p.table != nullptr)
+        stage_index(s_et, p.etype, e, p.types,
+                    "nino_fast::film_mean: etype value out of range of type_table");
     }
-    stage_feat<T>(s_a, L.lda, feat, e0, len, p.c, p.cp);
-    __syncthreads();
-    warp_gemm<T>(s_a, L.lda, s_w, L.lda, p.cp, p.dp, s_c, L.ldc);
-    __syncthreads();
+    first_gemm<T>(s_a, L.lda, feat, e0, len, p.c, p.cp, s_w, L.lda, p.dp, s_c, L.ldc);
 
     // messages (columns of D) and raw features (columns of C) of this warp's 8 edges; loads first
     float4 vm[kEdgesPerWarp], vf[kEdgesPerWarp];

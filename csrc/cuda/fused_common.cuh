@@ -202,6 +202,31 @@ __device__ void stage_feat(T* dst, int ld, const T* feat, int64_t e0, int len, i
   }
 }
 
+// This thread's edge e of the tile being staged: its index idx[e] (a node, or with int64 an edge
+// type) into s_idx[threadIdx.x], checked against the rows of the table it selects; msg names the op
+// in the device assert.
+template <typename I>
+__device__ __forceinline__ void stage_index(int* s_idx, const I* idx, int64_t e, int64_t rows,
+                                            const char* msg) {
+  const int64_t v = idx[e];
+  CUDA_KERNEL_ASSERT_MSG(v >= 0 && v < rows, msg);
+  s_idx[threadIdx.x] = int(v);
+}
+
+// The edge layer's pre-activation at 4 columns [c4, c4+4) of one edge: its GEMM row + bias + the
+// gathered per-node rows (node_src[s] + node_dst[d]; both null when absent) + its type-table row
+// (null when absent).
+template <typename G>
+__device__ __forceinline__ float4 edge_pre(const float* gemm_row, const float* bias,
+                                           const G* ns_row, const G* nd_row, const float* type_row,
+                                           int c4, int width, bool vec) {
+  float4 pre = f4_add(read4(gemm_row + c4), read4(bias + c4));
+  if (ns_row != nullptr)
+    pre = f4_add(pre, f4_add(load4(ns_row, c4, width, vec), load4(nd_row, c4, width, vec)));
+  if (type_row != nullptr) pre = f4_add(pre, load4(type_row, c4, width, vec));
+  return pre;
+}
+
 // Padding (in elements) added to shared-memory leading dimensions against bank conflicts; keeps
 // every WMMA fragment pointer 32-byte aligned and ldm a multiple of 16 bytes.
 template <typename T>
@@ -298,6 +323,18 @@ __device__ void warp_gemm(const T* a, int lda, const T* w, int ldw, int kp, int 
         wmma::store_matrix_sync(c + (wm * 32 + i * 16) * ldc + (wn + 4 * j) * 16, acc[i][j], ldc,
                                 wmma::mem_row_major);
 #endif
+}
+
+// A tile's first product, shared by the kernels: its feature rows e0 .. e0+len staged into s_x as
+// T, then s_c = s_x * W^T over kp columns into np (W staged in s_w); the block is synchronised
+// before and after.
+template <typename T>
+__device__ void first_gemm(T* s_x, int ldx, const T* feat, int64_t e0, int len, int c, int kp,
+                           const T* s_w, int ldw, int np, float* s_c, int ldc) {
+  stage_feat<T>(s_x, ldx, feat, e0, len, c, kp);
+  __syncthreads();
+  warp_gemm<T>(s_x, ldx, s_w, ldw, kp, np, s_c, ldc);
+  __syncthreads();
 }
 
 // Attributes of the current device, queried once per device.

@@ -40,14 +40,8 @@ __global__ void segment_mean_csr_kernel(const scalar_t* __restrict__ src,
 
 at::Tensor segment_mean_csr_cuda(const at::Tensor& src_in, const at::Tensor& rowptr_in) {
   constexpr const char* op = "nino_fast::segment_mean_csr";
-  check_dim(op, "src", src_in, 2);
-  NINO_CHECK(at::isFloatingType(src_in.scalar_type()), op, ": src must be floating point, got ",
-             c10::toString(src_in.scalar_type()));
-  check_device(op, "rowptr", rowptr_in, src_in.device());
   const c10::cuda::CUDAGuard guard(src_in.device());
-  auto src = src_in.contiguous();
-  auto rowptr = rowptr_in.contiguous();
-  check_rowptr(op, rowptr, src.size(0), src.device());
+  const auto [src, rowptr] = segment_mean_inputs(op, src_in, rowptr_in);
   const int64_t n = rowptr.numel() - 1, d = src.size(1);
   // Every element is written by the kernel (empty rows write 0), so no zero-fill pass is needed.
   auto out = at::empty({n, d}, src.options());

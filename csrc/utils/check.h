@@ -99,6 +99,22 @@ inline void check_rowptr(const char* op, const at::Tensor& rowptr, int64_t num_e
              ": rowptr must be non-decreasing (a CSR of edges sorted by destination)");
 }
 
+// segment_mean_csr's inputs, checked the same on every device: src (E, D) floating point, rowptr a
+// CSR of E edges on src's device; both returned contiguous.
+struct SegmentMeanInputs {
+  at::Tensor src, rowptr;
+};
+inline SegmentMeanInputs segment_mean_inputs(const char* op, const at::Tensor& src,
+                                             const at::Tensor& rowptr) {
+  check_dim(op, "src", src, 2);
+  NINO_CHECK(at::isFloatingType(src.scalar_type()), op, ": src must be floating point, got ",
+             c10::toString(src.scalar_type()));
+  check_device(op, "rowptr", rowptr, src.device());
+  SegmentMeanInputs in{src.contiguous(), rowptr.contiguous()};
+  check_rowptr(op, in.rowptr, in.src.size(0), in.src.device());
+  return in;
+}
+
 // An edge index vector (src, dst): (len,) int32, or int64 with values that fit int32 (PyG's
 // edge_index dtype), as int32 contiguous: the kernels read 4-byte indices.
 inline at::Tensor as_index32(const char* op, const char* arg, const at::Tensor& t, int64_t len) {
