@@ -56,6 +56,11 @@ TORCH_LIBRARY(nino_fast, m) {
   m.def("_cpu_pool_release() -> ()", &cpu_pool_release);
   // out[n] = mean(src[rowptr[n]:rowptr[n+1]]), 0 for an empty row.
   m.def("segment_mean_csr(Tensor src, Tensor rowptr) -> Tensor");
+  // A NiNo step's raw edge features: the scaled history rows of edge slots (-1: a zero row), see
+  // nino_fast/scaling.py, scaled_history_reference. Not differentiable.
+  m.def(
+      "scaled_history(Tensor states, Tensor slots, Tensor? rows, Tensor scales, Tensor? ends) -> "
+      "Tensor");
   // FiLM message + mean aggregation over destination-sorted CSR (see reference.film_mean).
   m.def(
       "film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor node_dst, Tensor node_src, "

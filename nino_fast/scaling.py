@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from ._extension import has_ext
+
 METHODS = ("std", "std-param", "min-max", "min-max-param")
 EPS = 1e-6
 ROWS = 1 << 20  # history rows per elementwise chunk: bounds the temporaries to a few (ROWS, C) tensors
@@ -72,6 +74,44 @@ def scale_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tor
 def scale_rows_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """:func:`scale_rows` in place on ``x`` (the same operations, bitwise the same values)."""
     return x.sub_(shift).div_(scale + EPS)
+
+
+def scaled_history_reference(
+    states: torch.Tensor,
+    slots: torch.Tensor,
+    rows: torch.Tensor | None,
+    scales: torch.Tensor,
+    ends: torch.Tensor | None,
+) -> torch.Tensor:
+    """Specification of the ``nino_fast::scaled_history`` op: (S, C) float32 scaled history rows of edge slots.
+
+    Slot i holds parameter ``p = slots[i]`` (-1: none, a zero row); its history row is ``r = rows[p]`` (None: p),
+    its scales ``scales[t]`` with ``t`` the parameter tensor holding row r (``ends``: the tensors' cumulative row
+    counts) or, without ``ends``, ``t = r`` (per-parameter scales). The row is :func:`scale_rows_` of
+    ``states[r]`` in float32."""
+    out = torch.zeros(slots.numel(), states.shape[1], dtype=torch.float32, device=states.device)
+    where = (slots >= 0).nonzero().squeeze(1)
+    r = slots[where].long()
+    if rows is not None:
+        r = rows.index_select(0, r).long()
+    t = torch.searchsorted(ends, r, right=True) if ends is not None else r
+    sc = scales.index_select(0, t)
+    x = scale_rows_(states.index_select(0, r).to(torch.float32), sc[:, :1], sc[:, 1:])
+    return out.index_copy_(0, where, x)
+
+
+def scaled_history(
+    states: torch.Tensor,
+    slots: torch.Tensor,
+    rows: torch.Tensor | None,
+    scales: torch.Tensor,
+    ends: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`scaled_history_reference`, by the compiled CPU kernel (one pass, no temporaries) where the extension
+    has it and everything is on the CPU; bitwise the same values either way."""
+    if states.device.type == "cpu" and slots.device.type == "cpu" and has_ext():
+        return torch.ops.nino_fast.scaled_history(states, slots, rows, scales, ends)
+    return scaled_history_reference(states, slots, rows, scales, ends)
 
 
 def unscale_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

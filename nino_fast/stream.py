@@ -48,7 +48,7 @@ from .graph.neural_graph import row_ranges
 from .graph.pieces import GraphPart, RowRange
 from .history import NonFiniteHistory
 from .ops import dispatch
-from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats
+from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats, scaled_history
 
 log = logging.getLogger(__name__)
 DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 GiB (larger tiles gain nothing)
@@ -225,6 +225,22 @@ class History:
         """(e1 - e0, F * C) float32: ``graph.to_edges(scale_params(states)[0])[e0:e1]``, bitwise. Built in chunks
         of ``CHUNK`` edges, so that its index and scaling temporaries stay small beside the output."""
         F, C = self.F, self.states.shape[1]
+        if self.device.type == "cpu" and self.states.device.type == "cpu":  # one pass in C++, no temporaries
+            ends = self.ends if self.per_tensor else None
+            out = scaled_history(self.states, self.inv[e0 * F : e1 * F], self.rows, self.scales, ends)
+        else:
+            out = self._features_chunked(e0, e1)
+        # slot-0 constants of the structural edges (NeuralGraph.edge_constants): 2 on self-loops, 1 on
+        # residual/head edges; they are few (about one per node), so index them
+        t = self.graph.edge_type_u8[e0:e1]
+        const = ((t == SELF_LOOP) | (t == RESIDUAL) | (t == HEAD)).nonzero().squeeze(1)
+        value = torch.where(t[const] == SELF_LOOP, 2.0, 1.0).to(torch.float32)
+        out.view(e1 - e0, F * C)[const, :C] = value.unsqueeze(1)
+        return out.view(e1 - e0, F * C)
+
+    def _features_chunked(self, e0: int, e1: int) -> torch.Tensor:
+        """The scaled rows of :meth:`features` ((e1 - e0) * F, C) by tensor ops, ``CHUNK`` edges at a time."""
+        F, C = self.F, self.states.shape[1]
         out = torch.zeros((e1 - e0) * F, C, dtype=torch.float32, device=self.device)
         chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
         for a in range(e0, e1, chunk):
@@ -236,13 +252,7 @@ class History:
             x = scale_rows_(self._rows(rows, slice(None)), shift.unsqueeze(1), scale.unsqueeze(1))
             out[(a - e0) * F : (b - e0) * F].index_copy_(0, where, x)
             del slots, where, rows, shift, scale, x
-        # slot-0 constants of the structural edges (NeuralGraph.edge_constants): 2 on self-loops, 1 on
-        # residual/head edges; they are few (about one per node), so index them
-        t = self.graph.edge_type_u8[e0:e1]
-        const = ((t == SELF_LOOP) | (t == RESIDUAL) | (t == HEAD)).nonzero().squeeze(1)
-        value = torch.where(t[const] == SELF_LOOP, 2.0, 1.0).to(torch.float32)
-        out.view(e1 - e0, F * C)[const, :C] = value.unsqueeze(1)
-        return out.view(e1 - e0, F * C)
+        return out
 
     def used_edges(self, e0: int, e1: int) -> torch.Tensor:
         """Positions within ``[e0, e1)`` of the edges that carry at least one parameter (sorted, int64)."""

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from nino_fast import NiNoModel, build_graph, stream
+from nino_fast._extension import has_ext
 from nino_fast.graph.pieces import RowRange
 from nino_fast.ops import dispatch
-from nino_fast.scaling import scale_params
+from nino_fast.scaling import scale_params, scaled_history_reference
 
 from golden import ckpt
 
@@ -159,11 +160,69 @@ def test_features_and_scale_methods(method):
     scaled, _ = scale_params(states, graph.param_shapes, method)
     want = graph.to_edges(scaled)
     assert torch.equal(hist.features(0, graph.num_edges), want)
+    # the tensor-op path (GPU histories) on the CPU: the rows the kernel gives (before the structural constants)
+    ends = hist.ends if method in ("std", "min-max") else None
+    rows = scaled_history_reference(states, hist.inv, None, hist.scales, ends)
+    assert torch.equal(hist._features_chunked(0, graph.num_edges), rows)
     tiles = stream.row_tiles(graph, 40)
     assert torch.equal(torch.cat([hist.features(t.edge_lo, t.edge_hi) for t in tiles]), want)
     nino = NiNoModel(scale_method=method).eval()
     got = stream.nowcast_streamed(nino, graph, states, 3, tile_edges=40)
     torch.testing.assert_close(got, in_memory(nino, graph, states, 3), rtol=0, atol=0)
+
+
+needs_ext = pytest.mark.skipif(not has_ext(), reason="needs the compiled extension (nino_fast._C)")
+
+
+@needs_ext
+@pytest.mark.parametrize("states_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("scaling", ["per tensor", "per row", "rows mapped"])
+def test_scaled_history_op_equals_reference(states_dtype, slot_dtype, scaling):
+    """The CPU kernel of ``nino_fast::scaled_history``: bitwise its specification on slots without a parameter,
+    repeated parameters, a column-sliced (strided) history, one to many threads."""
+    gen = torch.Generator().manual_seed(11)
+    P, C = 700, 6
+    states = (torch.randn(P, C + 2, generator=gen) * 3)[:, 1 : C + 1].to(states_dtype)  # row stride C + 2
+    slots = torch.randint(-1, P, (2000,), generator=gen).to(slot_dtype)
+    slots[:5] = -1
+    rows = ends = None
+    if scaling == "per tensor":
+        ends = torch.tensor([1, 300, 301, 650, 700])
+        scales = torch.rand(5, 2, generator=gen) + 0.1
+    else:
+        scales = torch.rand(P, 2, generator=gen) + 0.1
+        if scaling == "rows mapped":  # a process's parameters -> their rows of the full history
+            rows = torch.randperm(P, generator=gen)
+    want = scaled_history_reference(states, slots, rows, scales, ends)
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, threads}:
+            torch.set_num_threads(n)
+            got = torch.ops.nino_fast.scaled_history(states, slots, rows, scales, ends)
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(want[:5], torch.zeros(5, C))
+    empty = torch.ops.nino_fast.scaled_history(states, slots[:0], rows, scales, ends)
+    assert empty.shape == (0, C)
+    torch.library.opcheck(torch.ops.nino_fast.scaled_history, (states, slots, rows, scales, ends))  # schema, fake
+
+
+@needs_ext
+def test_scaled_history_op_rejects_bad_input():
+    states, scales = torch.randn(10, 5), torch.rand(10, 2)
+    op = torch.ops.nino_fast.scaled_history
+    with pytest.raises(RuntimeError, match="slot value 10 out of range"):
+        op(states, torch.tensor([0, 10]), None, scales, None)
+    with pytest.raises(RuntimeError, match="row 12 out of range of states"):
+        op(states, torch.tensor([1]), torch.tensor([0, 12]), scales, None)
+    with pytest.raises(RuntimeError, match="has no scales"):
+        op(states, torch.tensor([9]), None, scales[:4], None)
+    with pytest.raises(RuntimeError, match="slots must be int32 or int64"):
+        op(states, torch.tensor([0.0]), None, scales, None)
+    with pytest.raises(RuntimeError, match=r"scales must be \(T, 2\)"):
+        op(states, torch.tensor([0]), None, torch.rand(10, 3), None)
 
 
 def test_bfloat16_history_and_reference_backend():

@@ -9,7 +9,8 @@ For every fused op (``film_mean``, ``edge_mlp``, ``edge_film_mean``) this module
   (:mod:`nino_fast.ops.dispatch`): the compiled kernel registered by the extension (``torch.library.get_kernel``
   keeps it callable), the Triton launcher, or the reference.
 
-``segment_mean_csr`` gets its fake and autograd (it has one implementation per device). The fused kernels'
+``segment_mean_csr`` gets its fake and autograd (it has one implementation per device), ``scaled_history`` (a NiNo
+step's input features, CPU kernel; spec :func:`nino_fast.scaling.scaled_history_reference`) its fake. The fused kernels'
 backward ops (``<op>_backward``, float32 CPU) get fakes, so traced backward graphs hold them too.
 
 Without the compiled extension the fused ops are defined here from the specification's signatures
@@ -84,11 +85,16 @@ def _fake_segment_mean_csr(src, rowptr):
     return src.new_empty(rowptr.shape[0] - 1, src.shape[1])
 
 
+def _fake_scaled_history(states, slots, rows, scales, ends):
+    return states.new_empty(slots.shape[0], states.shape[1], dtype=torch.float32)
+
+
 _FAKES = {
     "film_mean": _fake_film_mean,
     "edge_mlp": _fake_edge_mlp,
     "edge_film_mean": _fake_edge_film_mean,
     "segment_mean_csr": _fake_segment_mean_csr,
+    "scaled_history": _fake_scaled_history,
 }
 
 
@@ -239,6 +245,8 @@ def _register() -> None:
     if _has_schema("segment_mean_csr"):
         torch.library.register_fake("nino_fast::segment_mean_csr", _FAKES["segment_mean_csr"], lib=_lib)
         _register_autograd("segment_mean_csr")
+    if _has_schema("scaled_history"):  # a NiNo step's input features: no autograd
+        torch.library.register_fake("nino_fast::scaled_history", _FAKES["scaled_history"], lib=_lib)
 
 
 _register()
