@@ -57,10 +57,16 @@ TORCH_LIBRARY(nino_fast, m) {
   // out[n] = mean(src[rowptr[n]:rowptr[n+1]]), 0 for an empty row.
   m.def("segment_mean_csr(Tensor src, Tensor rowptr) -> Tensor");
   // A NiNo step's raw edge features: the scaled history rows of edge slots (-1: a zero row), see
-  // nino_fast/scaling.py, scaled_history_reference. Not differentiable.
+  // nino_fast/scaling.py, scaled_history_reference. Not differentiable (nor is finish_history_).
   m.def(
       "scaled_history(Tensor states, Tensor slots, Tensor? rows, Tensor scales, Tensor? ends) -> "
       "Tensor");
+  // The step's predictions written back: result[p] = (last + delta * upd_scale) * scale + shift for
+  // each slot's parameter p (out_index[p] when given); returns the count of NaN/Inf before
+  // unscaling. See nino_fast/finish.py, finish_history_reference. Not differentiable.
+  m.def(
+      "finish_history_(Tensor(a!) result, Tensor delta, Tensor states, Tensor slots, Tensor? rows, "
+      "Tensor scales, Tensor? ends, Tensor? out_index, bool residual, float upd_scale) -> int");
   // FiLM message + mean aggregation over destination-sorted CSR (see reference.film_mean).
   m.def(
       "film_mean(Tensor feat, Tensor rowptr, Tensor src, Tensor node_dst, Tensor node_src, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .scaling import unscale_rows
+from .scaling import scale_rows, unscale_rows
 
 
 class NonFinitePrediction(ValueError):
@@ -41,3 +41,36 @@ def raise_if_bad(bad: int, where: str) -> None:
     """:class:`NonFinitePrediction` naming ``where`` when ``bad`` values of the prediction are NaN/Inf."""
     if bad:
         raise NonFinitePrediction(f"{where}: the prediction has {bad} NaN/Inf values")
+
+
+def finish_history_reference(
+    result: torch.Tensor,
+    delta: torch.Tensor,
+    states: torch.Tensor,
+    slots: torch.Tensor,
+    rows: torch.Tensor | None,
+    scales: torch.Tensor,
+    ends: torch.Tensor | None,
+    out_index: torch.Tensor | None,
+    residual: bool,
+    upd_scale: float,
+) -> int:
+    """Specification of the ``nino_fast::finish_history_`` op (the CPU kernel a streamed step's finish runs):
+    :func:`finish_rows` of the parameters of edge slots, written into ``result``; returns the NaN/Inf count.
+
+    ``delta`` (S,) float32: the scaled prediction of each slot; slot i holds parameter ``p = slots[i]`` (-1: none,
+    skipped), its history row ``r = rows[p]`` (None: p) of ``states`` (P, C), its scales ``scales[t]`` with ``t``
+    the parameter tensor holding row r (``ends``: the tensors' cumulative row counts) or ``t = r`` without
+    ``ends``; ``last`` is the scaled last column of row r (``residual``). Writes ``result[out_index[p]]`` (None:
+    ``result[p]``) in ``result``'s dtype."""
+    mine = (slots >= 0).nonzero().squeeze(1)
+    params = slots[mine].long()
+    r = params if rows is None else rows.index_select(0, params).long()
+    t = torch.searchsorted(ends, r, right=True) if ends is not None else r
+    sc = scales.index_select(0, t)
+    shift, scale = sc[:, 0], sc[:, 1]
+    last = scale_rows(states[:, -1].index_select(0, r).to(torch.float32), shift, scale) if residual else None
+    values, bad = finish_rows(delta[mine], shift, scale, last, upd_scale)
+    at = params if out_index is None else out_index.index_select(0, params).long()
+    result[at.to(result.device)] = values.to(device=result.device, dtype=result.dtype)
+    return bad

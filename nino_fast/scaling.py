@@ -20,8 +20,6 @@ import math
 
 import torch
 
-from ._extension import has_ext
-
 METHODS = ("std", "std-param", "min-max", "min-max-param")
 EPS = 1e-6
 ROWS = 1 << 20  # history rows per elementwise chunk: bounds the temporaries to a few (ROWS, C) tensors
@@ -98,20 +96,6 @@ def scaled_history_reference(
     sc = scales.index_select(0, t)
     x = scale_rows_(states.index_select(0, r).to(torch.float32), sc[:, :1], sc[:, 1:])
     return out.index_copy_(0, where, x)
-
-
-def scaled_history(
-    states: torch.Tensor,
-    slots: torch.Tensor,
-    rows: torch.Tensor | None,
-    scales: torch.Tensor,
-    ends: torch.Tensor | None,
-) -> torch.Tensor:
-    """:func:`scaled_history_reference`, by the compiled CPU kernel (one pass, no temporaries) where the extension
-    has it and everything is on the CPU; bitwise the same values either way."""
-    if states.device.type == "cpu" and slots.device.type == "cpu" and has_ext():
-        return torch.ops.nino_fast.scaled_history(states, slots, rows, scales, ends)
-    return scaled_history_reference(states, slots, rows, scales, ends)
 
 
 def unscale_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

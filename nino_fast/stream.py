@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from . import plan
-from ._extension import release_cpu_buffers
+from ._extension import has_ext, release_cpu_buffers
 from .finish import (
     NonFinitePrediction,  # noqa: F401  (re-exported: raised by nowcast_streamed)
     finish_rows,
@@ -48,7 +48,7 @@ from .graph.neural_graph import row_ranges
 from .graph.pieces import GraphPart, RowRange
 from .history import NonFiniteHistory
 from .ops import dispatch
-from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats, scaled_history
+from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats
 
 log = logging.getLogger(__name__)
 DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 GiB (larger tiles gain nothing)
@@ -222,12 +222,14 @@ class History:
         return x.to(device=self.device, dtype=torch.float32)
 
     def features(self, e0: int, e1: int) -> torch.Tensor:
-        """(e1 - e0, F * C) float32: ``graph.to_edges(scale_params(states)[0])[e0:e1]``, bitwise. Built in chunks
-        of ``CHUNK`` edges, so that its index and scaling temporaries stay small beside the output."""
+        """(e1 - e0, F * C) float32: ``graph.to_edges(scale_params(states)[0])[e0:e1]``, bitwise. On the CPU one C++
+        pass (``scaled_history``, spec :func:`nino_fast.scaling.scaled_history_reference`), else tensor ops in
+        chunks of ``CHUNK`` edges, so that their index and scaling temporaries stay small beside the output."""
         F, C = self.F, self.states.shape[1]
-        if self.device.type == "cpu" and self.states.device.type == "cpu":  # one pass in C++, no temporaries
+        if self._native():  # one pass in C++, no temporaries
             ends = self.ends if self.per_tensor else None
-            out = scaled_history(self.states, self.inv[e0 * F : e1 * F], self.rows, self.scales, ends)
+            slots = self.inv[e0 * F : e1 * F]
+            out = torch.ops.nino_fast.scaled_history(self.states, slots, self.rows, self.scales, ends)
         else:
             out = self._features_chunked(e0, e1)
         # slot-0 constants of the structural edges (NeuralGraph.edge_constants): 2 on self-loops, 1 on
@@ -259,11 +261,27 @@ class History:
         has = self.inv[e0 * self.F : e1 * self.F].view(e1 - e0, self.F) >= 0
         return (has.any(1) if self.F > 1 else has.squeeze(1)).nonzero().squeeze(1)
 
+    def _native(self, *tensors) -> bool:
+        """Whether the compiled CPU ops (scaled_history, finish_history_) run this history: everything on the CPU."""
+        return has_ext() and self.device.type == "cpu" and all(t.device.type == "cpu" for t in (self.states, *tensors))
+
     def finish(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
         """Residual, unscaling and write-back of the parameters on edges ``e0 + used`` with scaled deltas ``pred``
         (len(used), F) into ``result`` (one value per parameter of the graph, in ``param_pos`` order), by
         :func:`nino_fast.finish.finish_rows` as ``NiNoModel._finish`` does; returns the count of non-finite values.
-        Runs in chunks of ``CHUNK`` edges (small temporaries)."""
+        On the CPU one C++ pass (``finish_history_``), else tensor ops in chunks of ``CHUNK`` edges."""
+        if not self._native(result):
+            return self._finish_chunked(e0, used, pred, model, result)
+        F = self.F
+        ids = used + e0
+        slots = self.inv[ids] if F == 1 else self.inv[(ids * F).unsqueeze(1) + torch.arange(F)].flatten()
+        ends = self.ends if self.per_tensor else None
+        args = (result, pred.flatten(), self.states, slots, self.rows, self.scales, ends, self.out)
+        return int(torch.ops.nino_fast.finish_history_(*args, bool(model.residual), float(model.upd_scale)))
+
+    def _finish_chunked(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
+        """:meth:`finish` by tensor ops (a history or result off the CPU), in chunks of ``CHUNK`` edges (small
+        temporaries)."""
         F, bad = self.F, 0
         cols = torch.arange(F, device=self.device)
         chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU

@@ -7,6 +7,7 @@ import torch
 
 from nino_fast import NiNoModel, build_graph, stream
 from nino_fast._extension import has_ext
+from nino_fast.finish import finish_history_reference
 from nino_fast.graph.pieces import RowRange
 from nino_fast.ops import dispatch
 from nino_fast.scaling import scale_params, scaled_history_reference
@@ -166,6 +167,12 @@ def test_features_and_scale_methods(method):
     assert torch.equal(hist._features_chunked(0, graph.num_edges), rows)
     tiles = stream.row_tiles(graph, 40)
     assert torch.equal(torch.cat([hist.features(t.edge_lo, t.edge_hi) for t in tiles]), want)
+    # the tensor-op finish (GPU histories) on the CPU writes what the kernel writes
+    used, pred = hist.used_edges(0, graph.num_edges), torch.randn(graph.num_edges, graph.max_feat_size)
+    model = NiNoModel(scale_method=method)
+    fast, slow = torch.zeros(graph.num_params), torch.zeros(graph.num_params)
+    assert hist.finish(0, used, pred[used], model, fast) == hist._finish_chunked(0, used, pred[used], model, slow) == 0
+    assert torch.equal(fast, slow)
     nino = NiNoModel(scale_method=method).eval()
     got = stream.nowcast_streamed(nino, graph, states, 3, tile_edges=40)
     torch.testing.assert_close(got, in_memory(nino, graph, states, 3), rtol=0, atol=0)
@@ -207,6 +214,54 @@ def test_scaled_history_op_equals_reference(states_dtype, slot_dtype, scaling):
     empty = torch.ops.nino_fast.scaled_history(states, slots[:0], rows, scales, ends)
     assert empty.shape == (0, C)
     torch.library.opcheck(torch.ops.nino_fast.scaled_history, (states, slots, rows, scales, ends))  # schema, fake
+
+
+@needs_ext
+@pytest.mark.parametrize("result_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("residual, upd_scale", [(True, 1.0), (True, 0.37), (False, 1.0)])
+@pytest.mark.parametrize("scaling", ["per tensor", "per row", "rows mapped"])
+def test_finish_history_op_equals_reference(result_dtype, residual, upd_scale, scaling):
+    """The CPU kernel of ``nino_fast::finish_history_``: the same values written to the same places as its
+    specification (slots without a parameter skipped, an output index, NaN/Inf counted), one to many threads."""
+    gen = torch.Generator().manual_seed(12)
+    P, C, S = 600, 5, 900
+    states = torch.randn(P, C, generator=gen) * 2
+    slots = torch.full((S,), -1, dtype=torch.int32)
+    slots[torch.randperm(S, generator=gen)[:P]] = torch.randperm(P, generator=gen).int()  # each parameter once
+    delta = torch.randn(S, generator=gen)
+    delta[slots.nonzero()[:3, 0]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    rows = ends = None
+    if scaling == "per tensor":
+        ends, scales = torch.tensor([1, 200, 201, 599, 600]), torch.rand(5, 2, generator=gen) + 0.1
+    else:
+        scales = torch.rand(P, 2, generator=gen) + 0.1
+        rows = torch.randperm(P, generator=gen) if scaling == "rows mapped" else None
+    out_index = torch.randperm(P + 7, generator=gen)[:P]  # parameter p -> result[out_index[p]]
+    args = (delta, states, slots, rows, scales, ends, out_index, residual, upd_scale)
+    want = torch.full((P + 7,), 7.0, dtype=result_dtype)
+    want_bad = finish_history_reference(want, *args)
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, threads}:
+            torch.set_num_threads(n)
+            got = torch.full((P + 7,), 7.0, dtype=result_dtype)
+            assert torch.ops.nino_fast.finish_history_(got, *args) == want_bad == 3
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+    finally:
+        torch.set_num_threads(threads)
+    assert (want == 7.0).sum() == 7  # the result entries no parameter maps to are left alone
+
+
+@needs_ext
+def test_finish_history_op_rejects_bad_input():
+    states, scales, result = torch.randn(10, 5), torch.rand(10, 2), torch.zeros(10)
+    op = torch.ops.nino_fast.finish_history_
+    with pytest.raises(RuntimeError, match="delta must have one value per slot"):
+        op(result, torch.zeros(3), states, torch.tensor([0, 1]), None, scales, None, None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"writes result\[12\], out of range"):
+        op(result, torch.zeros(1), states, torch.tensor([1]), None, scales, None, torch.arange(10) + 11, True, 1.0)
+    with pytest.raises(RuntimeError, match="slot value 10 out of range"):
+        op(result, torch.zeros(1), states, torch.tensor([10]), None, scales, None, None, True, 1.0)
 
 
 @needs_ext
