@@ -74,10 +74,14 @@ def step(args: argparse.Namespace) -> int:
             history=args.history,
             max_memory=args.max_memory,
             progress=args.progress,
+            resume=args.resume,
         )
     except (StepError, ValueError, OSError) as exc:  # user errors: a message, never a traceback
         print(f"nino-fast step: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("nino-fast step: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     peak = f", peak memory {summary['peak_rss'] / 2**30:.2f} GiB" if summary.get("peak_rss") else ""
     if summary["ranks"] > 1 and summary["rank"] != 0:
         print(f"rank {summary['rank']}/{summary['ranks']}: its part of the step is done{peak}")
@@ -163,6 +167,13 @@ def _add_step_parser(sub) -> None:
         metavar="SIZE",
         help="memory for the step's tiles beyond its inputs and output, e.g. 4GB (default: half the available "
         "memory, at most 2 GiB)",
+    )
+    p.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="start over instead of resuming an interrupted run of the same step (with the history on disk, one "
+        "process, a step keeps what its passes finish in OUT.nino-step/ until the prediction is written)",
     )
     progress = p.add_mutually_exclusive_group()
     progress.add_argument(

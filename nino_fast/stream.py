@@ -409,6 +409,7 @@ def nowcast_layout(
     tile_edges=None,
     split: RankSplit | None = None,
     where: str = "nowcast_layout",
+    state=None,
 ) -> torch.Tensor:
     """The folded NiNo step over a graph kept as its layout (:class:`~nino_fast.graph.pieces.GraphLayout`) on a
     history read tensor by tensor (:class:`~nino_fast.history.TensorHistory`): the predicted parameters (P,) in
@@ -421,7 +422,12 @@ def nowcast_layout(
 
     ``split``: this process's share of a step run by several (:class:`RankSplit`): its rows' tiles only, the
     aggregations summed after each message pass, and the returned result summed over the processes (every
-    process gets all predictions, bitwise those of one process at the same thread count)."""
+    process gets all predictions, bitwise those of one process at the same thread count).
+
+    ``state``: a :class:`~nino_fast.resume.StepState` for this step (one process): what a previous, interrupted
+    run of it finished is loaded instead of recomputed, and the result is its file (bitwise the same prediction)."""
+    if state is not None and split is not None:
+        raise ValueError(f"{where}: a step split over processes cannot resume (state is for one process)")
     device, width = model.device, layout.max_feat_size * history.ctx
     if not supports_layout(model):
         raise ValueError(f"{where}: needs a NiNo model with the official architecture (the folded plan)")
@@ -442,10 +448,14 @@ def nowcast_layout(
     bar = _progress_bar(progress, sum(r.edge_hi - r.edge_lo for r in ranges), device)
     tiles = _LayoutTiles(layout, history, scales, method, ranges, torch.float32, 0.0, bar, device)
     # a split step's parts are summed at the end: zeros where other processes' parameters go
-    result = (torch.zeros if split else torch.empty)(layout.num_params, dtype=history.dtype)
+    if state is not None:
+        result = state.result(layout.num_params, history.dtype, [(r.edge_lo, r.edge_hi) for r in ranges])
+    else:
+        result = (torch.zeros if split else torch.empty)(layout.num_params, dtype=history.dtype)
     nodes = layout.nodes.to(device)
     combine = split.combine if split else None
-    times = _run(model, nodes, k, tiles, _weights(model, width, torch.float32), backend, combine, result, where)
+    fw = _weights(model, width, torch.float32)
+    times = _run(model, nodes, k, tiles, fw, backend, combine, result, where, state)
     _log_stats(tiles, fit.budget, times)
     if split:
         split.reduce(_bits(result))  # each value comes from one process, zeros from the others: exact
@@ -502,11 +512,11 @@ def _weights(model, width: int, edge_dtype) -> plan.Folded:
     return fw if edge_dtype == torch.float32 else plan.split_raw_weights(fw)  # see plan.split_raw
 
 
-def _run(model, nodes, k: int, tiles: _Tiles, fw, backend, combine, result, where: str) -> list[float]:
+def _run(model, nodes, k: int, tiles: _Tiles, fw, backend, combine, result, where: str, state=None) -> list[float]:
     """:func:`_run_passes`, then the kernels' buffers and the tiles' kept data let go (also on errors), and
     :class:`NonFinitePrediction` for NaN/Inf predictions; returns the passes' end times."""
     try:
-        bad, times = _run_passes(model, nodes, k, tiles, fw, backend, combine, result)
+        bad, times = _run_passes(model, nodes, k, tiles, fw, backend, combine, result, state)
     finally:
         tiles.close()
         release_cpu_buffers()
@@ -660,40 +670,75 @@ def _layer1_pass(model, nodes, l1: plan.Layer1, tiles: _Tiles, fw, backend, comb
     return agg if combine is None else combine(agg)
 
 
-def _head_pass(model, hd: plan.Head, tiles: _Tiles, fw, backend, result: torch.Tensor) -> int:
+def _head_pass(model, hd: plan.Head, tiles: _Tiles, fw, backend, result: torch.Tensor, state=None) -> int:
     """Edge update 1, the head and the finish of every tile's parameters, written into ``result``; returns the
-    count of non-finite predictions."""
-    bad = 0
+    count of non-finite predictions. ``state`` (:class:`~nino_fast.resume.StepState`): the tiles a previous run
+    wrote are skipped, and each tile is recorded as written when it is."""
+    start, bad = state.head_progress() if state else (0, 0)
     for i, sh in enumerate(tiles.ranges):
+        if i < start:
+            tiles.advance(PASSES[2], sh)
+            continue
         tile = tiles.open(i, last=True)
         e0, e1 = tile.rows.edge_lo, tile.rows.edge_hi
         used = tile.hist.used_edges(e0, e1)
         pred = plan.head_rows(tile.graph, tile.raw, tile.rows, used, hd, fw, backend)
         bad += tile.hist.finish(e0, used, pred, model, result)
         del tile, pred
+        if state:
+            state.head_done(i + 1, bad)
         tiles.advance(PASSES[2], sh)
     return bad
 
 
-def _run_passes(model, nodes, k: int, tiles: _Tiles, fw, backend, combine, result) -> tuple[int, list]:
+def _run_passes(model, nodes, k: int, tiles: _Tiles, fw, backend, combine, result, state=None) -> tuple[int, list]:
     """The folded plan's stages over ``tiles``, the predictions written into ``result``: ``(bad, times)``, the
     non-finite count and the passes' end times. ``nodes``: the graph whose node arrays (LPE, word positions) the
     node terms read; ``combine``: None (one process) or what turns a process's rows of an aggregation into all
     nodes'. Each (N, D) node term is handed over (no reference kept here), so that the node updates free it as
-    soon as they can."""
+    soon as they can. ``state`` (:class:`~nino_fast.resume.StepState`): each message pass's aggregation is saved
+    when it ends and loaded instead of recomputed when a previous run saved it; the head pass resumes at its
+    first unwritten tile."""
     times = [time.perf_counter()]
-    l1 = plan.after_layer0(model, _layer0_pass(model, nodes, tiles, fw, backend, combine))
+    agg0 = _resumed(state, "agg0", tiles, PASSES[0], model.device)
+    if agg0 is None:
+        inputs = _layer0_pass(model, nodes, tiles, fw, backend, combine)
+        _save(state, "agg0", inputs[1])
+    else:
+        inputs = [plan.layer0_nodes(model, nodes)[0], agg0]
+    l1 = plan.after_layer0(model, inputs)
     release_cpu_buffers()  # the kernels' cached output buffers: reused within a pass, freed after it
     times.append(time.perf_counter())
-    inputs = [l1.x1, _layer1_pass(model, nodes, l1, tiles, fw, backend, combine)]
+    agg1 = _resumed(state, "agg1", tiles, PASSES[1], model.device)
+    if agg1 is None:
+        agg1 = _layer1_pass(model, nodes, l1, tiles, fw, backend, combine)
+        _save(state, "agg1", agg1)
+    inputs = [l1.x1, agg1]
+    del agg1
     release_cpu_buffers()
     times.append(time.perf_counter())
     l1 = l1._replace(x1=None, nd=None, ns=None)  # layer 1's message terms: not needed by the node update
     hd = plan.after_layer1(model, nodes, l1, inputs, k)
     del l1
-    bad = _head_pass(model, hd, tiles, fw, backend, result)
+    bad = _head_pass(model, hd, tiles, fw, backend, result, state)
     times.append(time.perf_counter())
     return bad, times
+
+
+def _resumed(state, name: str, tiles: _Tiles, pass_name: str, device) -> torch.Tensor | None:
+    """The aggregation a previous run of this step saved as ``name`` (its pass skipped), or None."""
+    agg = state.load(name) if state is not None else None
+    if agg is None:
+        return None
+    for sh in tiles.ranges:
+        tiles.advance(pass_name, sh)
+    log.info("streamed NiNo step: %s loaded from %s (pass skipped)", name, state.root)
+    return agg.to(device)
+
+
+def _save(state, name: str, agg: torch.Tensor) -> None:
+    if state is not None:
+        state.save(name, agg)
 
 
 # ---- the official per-block subgraph approximation -----------------------------------------------------------

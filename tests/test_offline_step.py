@@ -549,7 +549,84 @@ def test_history_from_disk_torch_files_and_errors(tmp_path, nino_path, capsys):
     torch.save(sd, paths[2])
     assert main([*argv, "--out", str(tmp_path / "x.pt"), "--history", "disk"]) == 2
     assert "0.weight" in capsys.readouterr().err
-    assert not (tmp_path / "x.pt").exists()
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.pt.nino-step").exists()  # nothing to resume
+
+
+def test_history_from_disk_resumes_after_an_interrupt(sharded_llama, nino_path, tmp_path, monkeypatch, capsys):
+    """An interrupted --history disk step keeps its finished passes and head-pass tiles in OUT.nino-step/; the same
+    command continues from there and writes the bytes of an uninterrupted run; --no-resume, another k or a failed
+    input start over / leave nothing."""
+    from nino_fast import plan, stream
+
+    _, dirs, _ = sharded_llama
+    argv = ["step", *map(str, dirs), "--nino", nino_path, "--k", "5", "--history", "disk", "--max-memory", "4500KB"]
+    assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
+    out, state = tmp_path / "out", tmp_path / "out.nino-step"
+    assert not (tmp_path / "ref.nino-step").exists()  # removed once the prediction is written
+
+    def interrupt_after(fn, calls):
+        seen = []
+
+        def wrapped(*args, **kwargs):
+            if len(seen) == calls:
+                raise KeyboardInterrupt
+            seen.append(1)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished pass ran again")
+
+    head_rows, layer0, layer1 = plan.head_rows, stream._layer0_pass, stream._layer1_pass
+    # interrupted in the head pass, after two tiles
+    monkeypatch.setattr(plan, "head_rows", interrupt_after(head_rows, 2))
+    assert main([*argv, "--out", str(out)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert not out.exists() and (state / "agg0.pt").is_file() and (state / "agg1.pt").is_file()
+    assert json.loads((state / "head.json").read_text())["tiles"] == 2
+    tiles = []
+    monkeypatch.setattr(plan, "head_rows", lambda *a, **kw: tiles.append(1) or head_rows(*a, **kw))
+    monkeypatch.setattr(stream, "_layer0_pass", forbidden)
+    monkeypatch.setattr(stream, "_layer1_pass", forbidden)
+    assert main([*argv, "--out", str(out)]) == 0
+    _files_equal(tmp_path / "ref", out)
+    assert not state.exists() and len(tiles) >= 1
+    # interrupted in the second message pass: the first one's aggregation is kept
+    shutil.rmtree(out)
+    monkeypatch.setattr(stream, "_layer0_pass", layer0)
+    monkeypatch.setattr(stream, "_layer1_pass", interrupt_after(layer1, 0))
+    assert main([*argv, "--out", str(out)]) == 130
+    assert (state / "agg0.pt").is_file() and not (state / "agg1.pt").exists()
+    monkeypatch.setattr(stream, "_layer0_pass", forbidden)
+    monkeypatch.setattr(stream, "_layer1_pass", layer1)
+    assert main([*argv, "--out", str(out)]) == 0
+    _files_equal(tmp_path / "ref", out)
+    # --no-resume, or another step (k), starts over
+    monkeypatch.setattr(stream, "_layer1_pass", interrupt_after(layer1, 0))
+    monkeypatch.setattr(stream, "_layer0_pass", layer0)
+    shutil.rmtree(out)
+    assert main([*argv, "--out", str(out)]) == 130 and (state / "agg0.pt").is_file()
+    monkeypatch.setattr(stream, "_layer1_pass", layer1)
+    passes = []
+    monkeypatch.setattr(stream, "_layer0_pass", lambda *a, **kw: passes.append(1) or layer0(*a, **kw))
+    assert main([*argv, "--out", str(out), "--no-resume"]) == 0 and passes == [1]
+    _files_equal(tmp_path / "ref", out)
+    monkeypatch.setattr(stream, "_layer1_pass", interrupt_after(layer1, 0))
+    shutil.rmtree(out)
+    assert main([*argv, "--out", str(out)]) == 130 and passes == [1, 1]
+    monkeypatch.setattr(stream, "_layer1_pass", layer1)
+    assert main([*argv[:-6], "--k", "6", *argv[-4:], "--out", str(out)]) == 0 and passes == [1, 1, 1]
+    assert not state.exists()
+    # interrupted in the head pass, resumed with another tiling (the default one follows the free memory): the
+    # aggregations are kept, the head pass starts over
+    shutil.rmtree(out)
+    monkeypatch.setattr(plan, "head_rows", interrupt_after(head_rows, 2))
+    assert main([*argv, "--out", str(out)]) == 130
+    monkeypatch.setattr(plan, "head_rows", head_rows)
+    monkeypatch.setattr(stream, "_layer0_pass", forbidden)
+    assert main([*argv[:-1], "10MB", "--out", str(out)]) == 0
+    _files_equal(tmp_path / "ref", out)
 
 
 def test_safetensors_read_without_memory_map(tmp_path):

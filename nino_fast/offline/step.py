@@ -13,6 +13,7 @@ import torch
 
 from ..history import TensorHistory
 from ..optim import k_schedule, load_predictor
+from ..resume import StepState
 from ..stream import available_memory, in_memory_bytes, parse_memory, supports_layout
 from .errors import StepError
 from .files import Snapshot, check_series, load_snapshot
@@ -41,6 +42,7 @@ def nowcast_checkpoints(
     history="auto",
     max_memory=None,
     progress=None,
+    resume=True,
 ) -> dict:
     """Apply one NiNo step to the snapshots ``paths`` (sorted by step number when all names have one, else
     oldest first as given), write the prediction to ``out``; return a summary. Raises :class:`StepError` for
@@ -52,7 +54,11 @@ def nowcast_checkpoints(
     history read from the snapshot files when a pass reaches it (:func:`nino_fast.stream.nowcast_layout`; NiNo
     checkpoints only), bitwise the same prediction. ``"auto"``: disk when the in-memory history and graph would
     take more than half the available memory. ``max_memory``: bytes (or ``"6GB"``) for the step's tiles (see
-    ``NiNoModel.nowcast``); ``progress``: a progress bar with ETA (None: on a terminal, for long steps)."""
+    ``NiNoModel.nowcast``); ``progress``: a progress bar with ETA (None: on a terminal, for long steps).
+
+    ``resume``: a step with the history on disk (one process) keeps what its passes finish in ``<out>.nino-step/``
+    (:class:`~nino_fast.resume.StepState`, removed once the prediction is written); rerunning the same step after an
+    interrupt continues from there, bitwise the prediction of an uninterrupted run. ``resume=False`` starts over."""
     device = check_device(device)
     compile_exclude(exclude)
     if max_memory is not None:
@@ -79,12 +85,22 @@ def nowcast_checkpoints(
     spec = model_spec(last, config, order_from, exclude, arch, num_heads, num_key_value_heads)
     where = choose_history(history, predictor, spec, len(snaps))
     split = _rank_split() if where == "disk" else None
+    state = None
+    if where == "disk" and split is None:
+        state = _step_state(out, snaps, nino, k, device, resume)
     if where == "disk":
-        pred = _predict_from_disk(predictor, spec, snaps, k, device, max_memory, progress, split)
+        try:
+            pred = _predict_from_disk(predictor, spec, snaps, k, device, max_memory, progress, split, state)
+        except StepError:  # bad inputs fail the same way again: nothing to resume
+            if state is not None:
+                state.clear()
+            raise
     else:
         pred = _predict(predictor, spec, snaps, k, device, max_memory, progress)
     if split is None or split.rank == 0:  # a step split over processes is written once
         write_prediction(last, split_prediction(pred, spec), out)
+    if state is not None:
+        state.clear()
     return dict(
         history=where,
         rank=split.rank if split else 0,
@@ -219,7 +235,36 @@ def _rank_split():
     return RankSplit(dist.get_rank(), dist.get_world_size(), dist.all_reduce, local)
 
 
-def _predict_from_disk(predictor, spec, snaps, k: int, device, max_memory, progress, split=None) -> torch.Tensor:
+def state_dir(out: Path) -> Path:
+    """Where an interrupted step to ``out`` keeps its progress."""
+    return out.with_name(out.name + ".nino-step")
+
+
+def _step_state(out: Path, snaps: list[Snapshot], nino, k: int, device, resume: bool) -> StepState:
+    """The :class:`StepState` of this step: what identifies it (the snapshots' files with their sizes and
+    modification times, the NiNo checkpoint, k, the device, this version) is its key."""
+    from .. import __version__
+
+    def ident(path: Path) -> list:
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+    files = [ident(f.path) for snap in snaps for f in snap.files]
+    nino_id = ident(Path(nino)) if isinstance(nino, (str, os.PathLike)) and Path(nino).is_file() else str(nino)
+    key = dict(version=__version__, snapshots=files, nino=nino_id, k=k, device=str(device))
+    root = state_dir(out)
+    if not resume and root.exists():
+        StepState(root, key).clear()
+    state = StepState(root, key)
+    done = [name for name in ("agg0", "agg1") if (root / f"{name}.pt").is_file()]
+    if done:
+        logger.info("resuming an interrupted step from %s (%s saved)", root, ", ".join(done))
+    return state
+
+
+def _predict_from_disk(
+    predictor, spec, snaps, k: int, device, max_memory, progress, split=None, state=None
+) -> torch.Tensor:
     """The prediction (P,) in the snapshots' dtype, the history read from the files tile by tile."""
     from .. import stream
     from ..graph import build_graph_layout
@@ -233,7 +278,7 @@ def _predict_from_disk(predictor, spec, snaps, k: int, device, max_memory, progr
     history = SnapshotHistory(snaps, spec)
     try:
         where = "nino-fast step" + (f" (rank {split.rank}/{split.world})" if split else "")
-        opts = dict(max_memory=max_memory, progress=progress, split=split, where=where)
+        opts = dict(max_memory=max_memory, progress=progress, split=split, where=where, state=state)
         return stream.nowcast_layout(predictor, layout, history, k, **opts)
     except NonFiniteHistory as exc:
         raise StepError(f"the snapshots cannot be used: {exc}") from exc
