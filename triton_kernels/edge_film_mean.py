@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import csr_split, utils
 from .csr_split import program_rows, store_result, task
-from .tiles import mm, mm_k
+from .tiles import mm, mm_k, row_at, rows_at
 
 OP = "edge_film_mean"
 
@@ -64,12 +64,7 @@ def edge_film_mean_kernel(
     DOT: tl.constexpr,
 ):
     """feat, wa, wsc, wsh: ``(ptr, stride_row, stride_col)``; tab, ns, nd, md, ms, out: ``(ptr, stride_row)``."""
-    tab_ptr, stride_tab = tab
     out_ptr, stride_out = out
-    ns_ptr, stride_ns = ns
-    nd_ptr, stride_nd = nd
-    md_ptr, stride_md = md
-    ms_ptr, stride_ms = ms
     wsc_ptr, stride_wso, stride_wsi = wsc
     wsh_ptr, stride_who, stride_whi = wsh
     pid = tl.program_id(0)
@@ -86,7 +81,7 @@ def edge_film_mean_kernel(
             # per BLOCK_E edges: ~1/BLOCK_E of the scale dot's work).
             offs_j = tl.arange(0, BLOCK_KH)
             d_mask = offs_d < D
-            md_row = tl.load(md_ptr + row * stride_md + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            md_row = row_at(md, row, offs_d, d_mask)
             bsc = tl.load(bsc_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             acc = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)  # per-lane message sums, reduced once after the loop
             shift = tl.full((BLOCK_D,), 0.0, tl.float32)
@@ -114,16 +109,10 @@ def edge_film_mean_kernel(
                         BLOCK_K,
                         DOT,
                     )
-                    hrow = tl.load(nd_ptr + row * stride_nd + cols, mask=c_mask, other=0.0).to(tl.float32) + tl.load(
-                        ba_ptr + cols, mask=c_mask, other=0.0
-                    ).to(tl.float32)
-                    h += hrow[None, :] + tl.load(
-                        ns_ptr + s[:, None] * stride_ns + cols[None, :], mask=ec_mask, other=0.0
-                    ).to(tl.float32)
+                    hrow = row_at(nd, row, cols, c_mask) + tl.load(ba_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+                    h += hrow[None, :] + rows_at(ns, s, cols, ec_mask)
                     if HAS_TAB:
-                        h += tl.load(tab_ptr + ty[:, None] * stride_tab + cols[None, :], mask=ec_mask, other=0.0).to(
-                            tl.float32
-                        )
+                        h += rows_at(tab, ty, cols, ec_mask)
                     h = tl.where(ec_mask, h / (1.0 + tl.exp(-h)), 0.0)  # silu; padded lanes and columns are 0
                     w_sc = tl.load(
                         wsc_ptr + offs_d[None, :] * stride_wso + cols[:, None] * stride_wsi,
@@ -137,11 +126,7 @@ def edge_film_mean_kernel(
                         other=0.0,
                     ).to(tl.float32)
                     shift += tl.sum(tl.sum(h, axis=0)[:, None] * w_sh, axis=0)
-                ms_rows = tl.load(
-                    ms_ptr + s[:, None] * stride_ms + offs_d[None, :],
-                    mask=e_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                ).to(tl.float32)
+                ms_rows = rows_at(ms, s, offs_d, e_mask[:, None] & d_mask[None, :])
                 acc += tl.where(e_mask[:, None], (scale + bsc[None, :]) * (md_row[None, :] + ms_rows), 0.0)
             total = tl.sum(acc, axis=0) + shift
             deg = (end - start).to(tl.float32)
@@ -211,12 +196,7 @@ def edge_film_mean(
         utils.mat(feat),
         rowptr,
         src,
-        utils.mat(weight_a),
-        bias_a,
-        etype if has_tab else src,
-        utils.table(type_table, bias_a),
-        utils.table(node_src, bias_a),
-        utils.table(node_dst, bias_a),
+        *utils.edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, src),
         utils.table(msg_dst, bias_a),
         utils.table(msg_src, bias_a),
         utils.mat(weight_scale),

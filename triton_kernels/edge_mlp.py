@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .tiles import mm, mm_k
+from .tiles import mm, mm_k, rows_at
 
 OP = "edge_mlp"
 
@@ -52,11 +52,6 @@ def edge_mlp_kernel(
     DOT: tl.constexpr,
 ):
     """feat, wa, wb: ``(ptr, stride_row, stride_col)``; tab, ns, nd, ns2, nd2, out: ``(ptr, stride_row)``."""
-    tab_ptr, stride_tab = tab
-    ns_ptr, stride_ns = ns
-    nd_ptr, stride_nd = nd
-    ns2_ptr, stride_ns2 = ns2
-    nd2_ptr, stride_nd2 = nd2
     wb_ptr, stride_wbo, stride_wbi = wb
     out_ptr, stride_out = out
     pid = tl.program_id(0)
@@ -81,10 +76,10 @@ def edge_mlp_kernel(
         h = mm_k(tl.full((BLOCK_E, BLOCK_KH), 0.0, tl.float32), feat, e_idx, e_mask, wa, cols, c_mask, C, BLOCK_K, DOT)
         h += tl.load(ba_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_TAB:
-            h += tl.load(tab_ptr + t[:, None] * stride_tab + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
+            h += rows_at(tab, t, cols, ec_mask)
         if HAS_NODE:
-            h += tl.load(ns_ptr + s[:, None] * stride_ns + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
-            h += tl.load(nd_ptr + d[:, None] * stride_nd + cols[None, :], mask=ec_mask, other=0.0).to(tl.float32)
+            h += rows_at(ns, s, cols, ec_mask)
+            h += rows_at(nd, d, cols, ec_mask)
         h = tl.where(c_mask[None, :], h / (1.0 + tl.exp(-h)), 0.0)  # silu; padded columns are 0
         wb_tile = tl.load(
             wb_ptr + offs_o[None, :] * stride_wbo + cols[:, None] * stride_wbi,
@@ -96,8 +91,8 @@ def edge_mlp_kernel(
     # out = h W_b^T + b_b (+ node_src2[s] + node_dst2[d]) (then silu)
     y += tl.load(bb_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_NODE2:
-        y += tl.load(ns2_ptr + s[:, None] * stride_ns2 + offs_o[None, :], mask=eo_mask, other=0.0).to(tl.float32)
-        y += tl.load(nd2_ptr + d[:, None] * stride_nd2 + offs_o[None, :], mask=eo_mask, other=0.0).to(tl.float32)
+        y += rows_at(ns2, s, offs_o, eo_mask)
+        y += rows_at(nd2, d, offs_o, eo_mask)
     if ACT_OUT:
         y = y / (1.0 + tl.exp(-y))
     tl.store(out_ptr + e_idx[:, None] * stride_out + offs_o[None, :], y, mask=eo_mask)
@@ -164,12 +159,7 @@ def edge_mlp(
         utils.mat(feat),
         src,
         dst,
-        utils.mat(weight_a),
-        bias_a,
-        etype if has_tab else src,
-        utils.table(type_table, bias_a),
-        utils.table(node_src, bias_a),
-        utils.table(node_dst, bias_a),
+        *utils.edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, src),
         utils.mat(weight_b),
         bias_b,
         utils.table(node_src2, bias_b),

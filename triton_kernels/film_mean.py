@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import csr_split, utils
 from .csr_split import program_rows, store_result, task
-from .tiles import mm, mm_k
+from .tiles import mm, mm_k, row_at, rows_at
 
 OP = "film_mean"
 
@@ -58,8 +58,6 @@ def film_mean_kernel(
 ):
     """feat, w: ``(ptr, stride_row, stride_col)``; nd, ns, tab, out: ``(ptr, stride_row)``."""
     feat_ptr, stride_fe, stride_fc = feat
-    nd_ptr, stride_nd = nd
-    ns_ptr, stride_ns = ns
     w_ptr, stride_wo, stride_wi = w
     tab_ptr, stride_tab = tab
     out_ptr, stride_out = out
@@ -76,7 +74,7 @@ def film_mean_kernel(
             offs_t = tl.arange(0, BLOCK_T)
             c_mask = offs_c < C
             d_mask = offs_d < D
-            nd_row = tl.load(nd_ptr + row * stride_nd + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            nd_row = row_at(nd, row, offs_d, d_mask)
             b_sc = tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             w_mask = c_mask[:, None] & d_mask[None, :]
             # per-lane accumulators, reduced over the edge axis once after the loop
@@ -124,9 +122,7 @@ def film_mean_kernel(
                     else:
                         tsum += tl.load(tab_ptrs + D, mask=ed_mask, other=0.0).to(tl.float32)
                 s = tl.load(src_ptr + e_idx, mask=e_mask, other=0).to(tl.int64)
-                ns_rows = tl.load(ns_ptr + s[:, None] * stride_ns + offs_d[None, :], mask=ed_mask, other=0.0).to(
-                    tl.float32
-                )
+                ns_rows = rows_at(ns, s, offs_d, ed_mask)
                 acc += tl.where(e_mask[:, None], scale * (nd_row[None, :] + ns_rows), 0.0)
             # shift half, once per task: W_sh sum_e x_e + n b_sh (+ type counts @ table_sh)
             w_sh = tl.load(

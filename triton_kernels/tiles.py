@@ -6,7 +6,8 @@ PyTorch ``(out, in)`` matrices read transposed as ``(in, out)`` tiles through th
 transposes or padding copies); tiles are zero-padded to power-of-two blocks by masks; all arithmetic outside the
 dots is float32; ``DOT`` is the constexpr tuple ``(operand dtype, fp32 precision, emulate)`` of
 ``utils.dot_args``. Loads are written inline in the kernels' edge loops: a helper call costs nothing on the GPU but
-a lot in Triton's interpreter (the tests); ``mm_k`` is the exception: one call covers a whole K loop.
+a lot in Triton's interpreter (the tests), so the helpers here are few: ``mm_k`` covers a whole K loop, ``rows_at``
+and ``row_at`` the gathers of node and type rows.
 """
 
 from __future__ import annotations
@@ -56,3 +57,18 @@ def mm_k(acc, a, rows, row_mask, b, cols, col_mask, K, BLOCK_K: tl.constexpr, DO
         )
         acc += mm(x, w, DOT)
     return acc
+
+
+@triton.jit
+def rows_at(table, idx, cols, mask):
+    """float32 ``table[idx][:, cols]`` of a gathered table ``(ptr, stride_row)``: one row per index (a node or an
+    edge type), zeros where ``mask`` is off."""
+    ptr, stride = table
+    return tl.load(ptr + idx[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def row_at(table, i, cols, mask):
+    """float32 ``table[i, cols]``: one row of a table ``(ptr, stride_row)``, zeros where ``mask`` is off."""
+    ptr, stride = table
+    return tl.load(ptr + i * stride + cols, mask=mask, other=0.0).to(tl.float32)

@@ -110,6 +110,21 @@ def mat(t: torch.Tensor) -> tuple:
     return (t, t.stride(0), t.stride(1))
 
 
+def edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, index) -> tuple:
+    """The launch arguments of the edge layer ``act(W_a e + b_a + table[etype] + node_src[s] + node_dst[d])`` that
+    edge_mlp and edge_film_mean share: W_a, b_a, the type index (``index`` stands in when there is no table) and
+    the three gathered tables."""
+    has_tab = type_table is not None
+    return (
+        mat(weight_a),
+        bias_a,
+        etype if has_tab else index,
+        table(type_table, bias_a),
+        table(node_src, bias_a),
+        table(node_dst, bias_a),
+    )
+
+
 def table(t: torch.Tensor | None, absent: torch.Tensor) -> tuple:
     """A gathered row table as the kernels take it, ``(ptr, stride_row)`` (unit column stride, see ``rowmajor``);
     an absent optional table is ``(absent, 0)``, never read (its HAS_* flag is off)."""
