@@ -88,6 +88,8 @@ def nowcast_checkpoints(
     state = None
     if where == "disk" and split is None:
         state = _step_state(out, snaps, nino, k, device, resume)
+    elif split is not None and split.rank == 0:
+        logger.info("a step split over %d processes is not resumable: after an interrupt it starts over", split.world)
     if where == "disk":
         try:
             pred = _predict_from_disk(predictor, spec, snaps, k, device, max_memory, progress, split, state)
