@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .scaling import scale_rows, unscale_rows
+from .scaling import history_rows, scale_rows, slot_lookup, unscale_rows
 
 
 class NonFinitePrediction(ValueError):
@@ -63,13 +63,8 @@ def finish_history_reference(
     the parameter tensor holding row r (``ends``: the tensors' cumulative row counts) or ``t = r`` without
     ``ends``; ``last`` is the scaled last column of row r (``residual``). Writes ``result[out_index[p]]`` (None:
     ``result[p]``) in ``result``'s dtype."""
-    mine = (slots >= 0).nonzero().squeeze(1)
-    params = slots[mine].long()
-    r = params if rows is None else rows.index_select(0, params).long()
-    t = torch.searchsorted(ends, r, right=True) if ends is not None else r
-    sc = scales.index_select(0, t)
-    shift, scale = sc[:, 0], sc[:, 1]
-    last = scale_rows(states[:, -1].index_select(0, r).to(torch.float32), shift, scale) if residual else None
+    mine, params, r, shift, scale = slot_lookup(slots, rows, scales, ends)
+    last = scale_rows(history_rows(states, r, -1), shift, scale) if residual else None
     values, bad = finish_rows(delta[mine], shift, scale, last, upd_scale)
     at = params if out_index is None else out_index.index_select(0, params).long()
     result[at.to(result.device)] = values.to(device=result.device, dtype=result.dtype)

@@ -74,6 +74,34 @@ def scale_rows_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> to
     return x.sub_(shift).div_(scale + EPS)
 
 
+def slot_lookup(slots: torch.Tensor, rows: torch.Tensor | None, scales: torch.Tensor, ends: torch.Tensor | None):
+    """``(where, params, r, shift, scale)`` of the edge slots that hold a parameter: their positions in ``slots``,
+    the parameters ``p = slots[where]``, their history rows ``r = rows[p]`` (None: p) and the (shift, scale) of the
+    parameter tensor holding each row (``ends``: the tensors' cumulative row counts) or, without ``ends``, of the
+    row itself (all int64 / float32 on ``slots``' device). The lookup of :func:`scaled_history_reference` and
+    :func:`nino_fast.finish.finish_history_reference`."""
+    where = (slots >= 0).nonzero().squeeze(1)
+    params = slots[where].long()
+    r = params if rows is None else rows.index_select(0, params).long()
+    t = torch.searchsorted(ends, r, right=True) if ends is not None else r
+    sc = scales.index_select(0, t)
+    return where, params, r, sc[:, 0], sc[:, 1]
+
+
+def history_rows(states: torch.Tensor, r: torch.Tensor, cols: slice = slice(None)) -> torch.Tensor:
+    """``states[r, cols]`` as float32 on ``r``'s device, gathered where ``states`` lives (a CPU history may feed a
+    GPU step)."""
+    x = torch.index_select(states[:, cols], 0, r.to(states.device))
+    return x.to(device=r.device, dtype=torch.float32)
+
+
+def scaled_slot_rows(states, slots, rows, scales, ends) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(where, x)``: the positions of the slots holding a parameter and their scaled history rows (the rows of
+    :func:`scaled_history_reference`, for a caller that writes them into its own buffer)."""
+    where, _, r, shift, scale = slot_lookup(slots, rows, scales, ends)
+    return where, scale_rows_(history_rows(states, r), shift.unsqueeze(1), scale.unsqueeze(1))
+
+
 def scaled_history_reference(
     states: torch.Tensor,
     slots: torch.Tensor,
@@ -87,15 +115,8 @@ def scaled_history_reference(
     its scales ``scales[t]`` with ``t`` the parameter tensor holding row r (``ends``: the tensors' cumulative row
     counts) or, without ``ends``, ``t = r`` (per-parameter scales). The row is :func:`scale_rows_` of
     ``states[r]`` in float32."""
-    out = torch.zeros(slots.numel(), states.shape[1], dtype=torch.float32, device=states.device)
-    where = (slots >= 0).nonzero().squeeze(1)
-    r = slots[where].long()
-    if rows is not None:
-        r = rows.index_select(0, r).long()
-    t = torch.searchsorted(ends, r, right=True) if ends is not None else r
-    sc = scales.index_select(0, t)
-    x = scale_rows_(states.index_select(0, r).to(torch.float32), sc[:, :1], sc[:, 1:])
-    return out.index_copy_(0, where, x)
+    out = torch.zeros(slots.numel(), states.shape[1], dtype=torch.float32, device=slots.device)
+    return out.index_copy_(0, *scaled_slot_rows(states, slots, rows, scales, ends))
 
 
 def unscale_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from . import plan
 from ._extension import has_ext, release_cpu_buffers
 from .finish import (
     NonFinitePrediction,  # noqa: F401  (re-exported: raised by nowcast_streamed)
-    finish_rows,
+    finish_history_reference,
     raise_if_bad,
 )
 from .graph.checks import check_int
@@ -48,7 +48,7 @@ from .graph.neural_graph import row_ranges
 from .graph.pieces import GraphPart, RowRange
 from .history import NonFiniteHistory
 from .ops import dispatch
-from .scaling import per_tensor, scale_rows, scale_rows_, scale_stats
+from .scaling import per_tensor, scale_stats, scaled_slot_rows
 
 log = logging.getLogger(__name__)
 DEFAULT_CAP = 2 << 30  # default budget: half the available memory, at most 2 GiB (larger tiles gain nothing)
@@ -207,29 +207,14 @@ class History:
             ends = sizes.cumsum(0)
         self.ends = ends.to(device)  # parameter tensor t holds rows [ends[t-1], ends[t])
 
-    def state_rows(self, params: torch.Tensor) -> torch.Tensor:
-        """The rows of ``states`` (int64) holding the graph's parameters ``params`` (int64, on the device)."""
-        return params if self.rows is None else self.rows.index_select(0, params).long()
-
-    def _shift_scale(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n,) shift and scale of the rows ``rows`` of ``states`` (int64, on the device)."""
-        at = torch.searchsorted(self.ends, rows, right=True) if self.per_tensor else rows
-        sc = torch.index_select(self.scales, 0, at)
-        return sc[:, 0], sc[:, 1]
-
-    def _rows(self, rows: torch.Tensor, cols: slice) -> torch.Tensor:
-        x = torch.index_select(self.states[:, cols], 0, rows.to(self.states.device))
-        return x.to(device=self.device, dtype=torch.float32)
-
     def features(self, e0: int, e1: int) -> torch.Tensor:
         """(e1 - e0, F * C) float32: ``graph.to_edges(scale_params(states)[0])[e0:e1]``, bitwise. On the CPU one C++
         pass (``scaled_history``, spec :func:`nino_fast.scaling.scaled_history_reference`), else tensor ops in
         chunks of ``CHUNK`` edges, so that their index and scaling temporaries stay small beside the output."""
         F, C = self.F, self.states.shape[1]
         if self._native():  # one pass in C++, no temporaries
-            ends = self.ends if self.per_tensor else None
             slots = self.inv[e0 * F : e1 * F]
-            out = torch.ops.nino_fast.scaled_history(self.states, slots, self.rows, self.scales, ends)
+            out = torch.ops.nino_fast.scaled_history(self.states, slots, self.rows, self.scales, self._ends())
         else:
             out = self._features_chunked(e0, e1)
         # slot-0 constants of the structural edges (NeuralGraph.edge_constants): 2 on self-loops, 1 on
@@ -248,12 +233,9 @@ class History:
         for a in range(e0, e1, chunk):
             b = min(e1, a + chunk)
             slots = self.inv[a * F : b * F]
-            where = (slots >= 0).nonzero().squeeze(1)
-            rows = self.state_rows(slots[where].long())
-            shift, scale = self._shift_scale(rows)
-            x = scale_rows_(self._rows(rows, slice(None)), shift.unsqueeze(1), scale.unsqueeze(1))
+            where, x = scaled_slot_rows(self.states, slots, self.rows, self.scales, self._ends())
             out[(a - e0) * F : (b - e0) * F].index_copy_(0, where, x)
-            del slots, where, rows, shift, scale, x
+            del slots, where, x
         return out
 
     def used_edges(self, e0: int, e1: int) -> torch.Tensor:
@@ -265,41 +247,29 @@ class History:
         """Whether the compiled CPU ops (scaled_history, finish_history_) run this history: everything on the CPU."""
         return has_ext() and self.device.type == "cpu" and all(t.device.type == "cpu" for t in (self.states, *tensors))
 
+    def _ends(self) -> torch.Tensor | None:
+        """The tensors' cumulative row counts where the scales are per tensor (None: per row)."""
+        return self.ends if self.per_tensor else None
+
     def finish(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
         """Residual, unscaling and write-back of the parameters on edges ``e0 + used`` with scaled deltas ``pred``
         (len(used), F) into ``result`` (one value per parameter of the graph, in ``param_pos`` order), by
         :func:`nino_fast.finish.finish_rows` as ``NiNoModel._finish`` does; returns the count of non-finite values.
-        On the CPU one C++ pass (``finish_history_``), else tensor ops in chunks of ``CHUNK`` edges."""
-        if not self._native(result):
-            return self._finish_chunked(e0, used, pred, model, result)
-        F = self.F
-        ids = used + e0
-        slots = self.inv[ids] if F == 1 else self.inv[(ids * F).unsqueeze(1) + torch.arange(F)].flatten()
-        ends = self.ends if self.per_tensor else None
-        args = (result, pred.flatten(), self.states, slots, self.rows, self.scales, ends, self.out)
-        return int(torch.ops.nino_fast.finish_history_(*args, bool(model.residual), float(model.upd_scale)))
-
-    def _finish_chunked(self, e0: int, used, pred, model, result: torch.Tensor) -> int:
-        """:meth:`finish` by tensor ops (a history or result off the CPU), in chunks of ``CHUNK`` edges (small
+        On the CPU one C++ pass (``finish_history_``), else its specification in chunks of ``CHUNK`` edges (small
         temporaries)."""
+        native = self._native(result)
         F, bad = self.F, 0
         cols = torch.arange(F, device=self.device)
-        chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
+        if native:  # no temporaries to bound
+            chunk = max(used.numel(), 1)
+        else:
+            chunk = CHUNK if self.device.type == "cpu" else CHUNK_GPU
         for a in range(0, used.numel(), chunk):
-            ids = used[a : a + chunk]
-            if F == 1:  # one slot per edge, and every used edge has its parameter: no masks
-                params, out = self.inv[ids + e0].long(), pred[a : a + chunk, 0]
-            else:
-                slots = self.inv[((ids + e0) * F).unsqueeze(1) + cols]
-                mine = slots >= 0
-                params, out = slots[mine].long(), pred[a : a + chunk][mine]
-            rows = self.state_rows(params)
-            shift, scale = self._shift_scale(rows)
-            last = scale_rows(self._rows(rows, slice(-1, None)).squeeze(1), shift, scale) if model.residual else None
-            values, n_bad = finish_rows(out, shift, scale, last, model.upd_scale)
-            bad += n_bad
-            at = params if self.out is None else self.out.index_select(0, params).long()
-            result[at.to(result.device)] = values.to(device=result.device, dtype=result.dtype)
+            ids = used[a : a + chunk] + e0
+            slots = self.inv[ids] if F == 1 else self.inv[(ids * F).unsqueeze(1) + cols].flatten()
+            args = (result, pred[a : a + chunk].flatten(), self.states, slots, self.rows, self.scales, self._ends())
+            args += (self.out, bool(model.residual), float(model.upd_scale))
+            bad += int(torch.ops.nino_fast.finish_history_(*args)) if native else finish_history_reference(*args)
         return bad
 
 
