@@ -4,7 +4,7 @@ A NiNo step over a graph kept as its layout (:func:`nino_fast.stream.nowcast_lay
 checkpoints on disk) runs three passes over the graph's tiles: two message passes, each ending in an (N, D) node
 aggregation, and the head pass, which writes each tile's predicted parameters. A :class:`StepState` keeps
 
-- ``key.json``: what the step is (its inputs, horizon, tiling, code version); a directory holding another step's
+- ``key.json``: what the step is (its inputs, horizon, device, code version); a directory holding another step's
   state is cleared, never reused;
 - ``agg0.pt``, ``agg1.pt``: the two aggregations, saved (atomically) when their pass ends;
 - ``result.bin``: the prediction, a file the head pass writes through a shared memory map, and ``head.json``: how
@@ -36,11 +36,13 @@ log = logging.getLogger(__name__)
 class StepState:
     """The state directory ``root`` of one step described by ``key`` (a JSON-serialisable dict)."""
 
-    def __init__(self, root: str | os.PathLike, key: dict):
+    def __init__(self, root: str | os.PathLike, key: dict, fresh: bool = False):
+        """``fresh``: drop what a previous run of the same step saved."""
         self.root = Path(root)
         self.key = json.loads(json.dumps(key, sort_keys=True))  # as it reads back
-        if self.root.exists() and self._read_json("key.json") != self.key:
-            log.info("%s: the state of another step (inputs, k or tiling changed); starting over", self.root)
+        if self.root.exists() and (fresh or self._read_json("key.json") != self.key):
+            if not fresh:
+                log.info("%s: the state of another step (inputs, k or code changed); starting over", self.root)
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._tiling = None
@@ -62,13 +64,17 @@ class StepState:
     def save(self, name: str, tensor: torch.Tensor) -> None:
         self._atomic(f"{name}.pt", lambda f: torch.save(tensor.detach().cpu(), f))
 
+    def saved(self) -> list[str]:
+        """The names of the saved tensors."""
+        return sorted(p.stem for p in self.root.glob("*.pt"))
+
     # ---- the head pass --------------------------------------------------------------------------------------
     def result(self, numel: int, dtype: torch.dtype, tiling: list[tuple[int, int]]) -> torch.Tensor:
         """The (numel,) prediction as a tensor backed by ``result.bin``: the tiles a previous run wrote are kept
         when it ran the same ``tiling`` (the head pass's (edge_lo, edge_hi) per tile: the default tiling follows
         the free memory, which may change between runs); otherwise the head pass starts over."""
         path = self.root / "result.bin"
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         self._tiling = hashlib.sha256(json.dumps(tiling).encode()).hexdigest()
         head = self._read_json("head.json") or {}
         if not path.is_file() or path.stat().st_size != nbytes or head.get("tiling") != self._tiling:

@@ -254,13 +254,9 @@ def _step_state(out: Path, snaps: list[Snapshot], nino, k: int, device, resume: 
     files = [ident(f.path) for snap in snaps for f in snap.files]
     nino_id = ident(Path(nino)) if isinstance(nino, (str, os.PathLike)) and Path(nino).is_file() else str(nino)
     key = dict(version=__version__, snapshots=files, nino=nino_id, k=k, device=str(device))
-    root = state_dir(out)
-    if not resume and root.exists():
-        StepState(root, key).clear()
-    state = StepState(root, key)
-    done = [name for name in ("agg0", "agg1") if (root / f"{name}.pt").is_file()]
-    if done:
-        logger.info("resuming an interrupted step from %s (%s saved)", root, ", ".join(done))
+    state = StepState(state_dir(out), key, fresh=not resume)
+    if state.saved():
+        logger.info("resuming an interrupted step from %s (%s saved)", state.root, ", ".join(state.saved()))
     return state
 
 
