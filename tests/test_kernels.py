@@ -99,12 +99,18 @@ def test_hypothesis_random_graphs(n_nodes, n_edges, c, d, op, seed):
         check(op, inp, backend)
 
 
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b in ("cuda", "triton")])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("op", [o for o in OPS if o != "edge_mlp_plain"])
 def test_bf16_error_bound(backend, op):
-    """bf16 inputs: error vs the fp64 reference within 2x of PyTorch's own bf16 computation's error."""
-    if INTERPRET:
+    """bf16 inputs: error vs the fp64 reference within 2x of PyTorch's own bf16 computation's error (the CPU
+    kernels read them as float32: the same result as float32 copies of the bf16 values, bit for bit)."""
+    if backend == "triton" and INTERPRET:
         pytest.skip("too slow under the Triton interpreter (runs on GPU; small cases in test_triton.py)")
+    if backend == "cpu":
+        inp = make_inputs(20, 300, 5, 24, seed=5)
+        rounded = {k: (v.bfloat16().float() if v.is_floating_point() else v) for k, v in inp.items()}
+        got = run_op(op, inp, backend, dtype=torch.bfloat16)
+        torch.testing.assert_close(got, run_op(op, rounded, backend), rtol=0, atol=0)
     inp = make_inputs(64, 4000, 16, 128, seed=5)
     exact = run_op(op, {k: (v.double() if v.is_floating_point() else v) for k, v in inp.items()}, "reference")
     torch_bf16 = run_op(op, inp, "reference", dtype=torch.bfloat16)
@@ -112,6 +118,16 @@ def test_bf16_error_bound(backend, op):
     err_torch = (torch_bf16 - exact).abs().max().item()
     err_ours = (got - exact).abs().max().item()
     assert err_ours <= 2 * err_torch + 1e-6
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_float64_runs_the_spec(backend, op):
+    """float64 inputs are computed in float64 on every backend (the kernels compute in float32): the op's result
+    is the reference's, bit for bit."""
+    inp = {k: (v.double() if v.is_floating_point() else v) for k, v in make_inputs(20, 300, 5, 24, seed=6).items()}
+    got = run_op(op, inp, backend)
+    torch.testing.assert_close(got, run_op(op, inp, "reference"), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
