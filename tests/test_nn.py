@@ -119,6 +119,76 @@ def test_csr_input_and_cache():
     torch.testing.assert_close(up(x, CSRGraph.from_edge_index(ei, 12), ea), up(x, ei, ea))
 
 
+def test_cache_never_stale():
+    """Writes the version counter does not see (numpy, ``.data``) still rebuild the CSR: results always equal those
+    of a fresh tensor of the same values; the same values keep the cached CSR."""
+    from nino_fast.nn import graph as g
+
+    np = pytest.importorskip("numpy")
+    conv, up = EdgeFiLMConv(6, 8, 5), EdgeUpdate(6, 5, 7)
+    x, ea = torch.randn(12, 6), torch.randn(40, 5)
+    buf = graph("random").numpy().copy()
+    ei = torch.from_numpy(buf)
+    first = g.csr_of(ei, 12, "t")
+    assert g.csr_of(ei, 12, "t") is first
+    conv(x, ei, ea), up(x, ei, ea)
+    buf[1] = np.roll(buf[1], 1)  # through numpy
+    for layer in (conv, up):
+        torch.testing.assert_close(layer(x, ei, ea), layer(x, ei.clone(), ea), rtol=0, atol=0)
+    ei.data[0, :5] = 0  # through .data
+    torch.testing.assert_close(conv(x, ei, ea), conv(x, ei.clone(), ea), rtol=0, atol=0)
+
+
+def test_cache_inference_mode_and_release():
+    """Under torch.inference_mode (inference tensors have no version counter) the layers run; a freed edge_index
+    takes its cached CSR with it."""
+    import gc
+
+    from nino_fast.nn import graph as g
+
+    conv, x, ea = EdgeFiLMConv(6, 8, 5), torch.randn(12, 6), torch.randn(40, 5)
+    want = conv(x, graph("random"), ea)
+    with torch.inference_mode():
+        ei = graph("random")
+        torch.testing.assert_close(conv(x, ei, ea), want)
+    ei = graph("random")
+    conv(x, ei, ea)
+    key = (id(ei), 12, ei.device)
+    assert key in g._CACHE
+    del ei
+    gc.collect()
+    assert key not in g._CACHE
+
+
+@pytest.mark.parametrize("make", ["bf16", "float64"])
+def test_dtypes(make):
+    """A float64 layer computes in float64 (gradcheck holds: the ops run their exact spec); a bf16 layer on the CPU
+    returns float32 computed by the float32 kernels from its bf16 inputs."""
+    torch.manual_seed(0)
+    ei = graph("self loops + duplicates")
+    if make == "float64":
+        up = EdgeUpdate(3, 2, 3).double()
+        fused = EdgeUpdateFiLMConv(up, EdgeFiLMConv(3, 2, 3).double())
+        x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+        ea = torch.randn(ei.shape[1], 2, dtype=torch.float64, requires_grad=True)
+        for layer in (fused.conv, up, fused):
+            inputs = (x, ei, ea if layer is not fused.conv else torch.randn(ei.shape[1], 3, dtype=torch.float64))
+            assert layer(*inputs).dtype == torch.float64
+            assert torch.autograd.gradcheck(
+                lambda x, e, layer=layer: layer(x, ei, e), (inputs[0], inputs[2].requires_grad_())
+            )
+        return
+    conv = EdgeFiLMConv(6, 8, 5)
+    x, ea = torch.randn(12, 6), torch.randn(ei.shape[1], 5)
+    half = copy.deepcopy(conv).bfloat16()
+    got = half(x.bfloat16(), ei, ea.bfloat16())
+    assert got.dtype == torch.float32
+    want = copy.deepcopy(half).float()(x.bfloat16().float(), ei, ea.bfloat16().float())
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # node terms are computed in bf16 by F.linear
+    with pytest.raises(TypeError, match=r"EdgeFiLMConv: the inputs are torch.float64 but the layer's parameters are "):
+        conv(x.double(), ei, ea.double())
+
+
 def test_pyg_style_model_trains():
     torch.manual_seed(0)
     n, ei = 30, graph("random", n=30, e=120)
@@ -193,6 +263,49 @@ def test_bad_inputs_raise():
         conv(x.double(), ei, ea)
     with pytest.raises(ValueError, match=r"update.out_channels \(3\) must equal conv.edge_dim \(5\)"):
         EdgeUpdateFiLMConv(EdgeUpdate(6, 5, 3), conv)
+    # edge_index is checked before anything is read from it
+    with pytest.raises(
+        ValueError, match=r"EdgeFiLMConv: edge_index must have shape \(2, E\) \[src; dst\], got \(40, 2\)"
+    ):
+        conv(x, ei.t().contiguous(), ea)
+    with pytest.raises(TypeError, match="EdgeFiLMConv: edge_index must be a \\(2, E\\) tensor or a CSRGraph, got list"):
+        conv(x, ei.tolist(), ea)
+    sparse = torch.sparse_coo_tensor(ei.flip(0), torch.ones(40), (12, 12), check_invariants=True)
+    with pytest.raises(TypeError, match="edge_index must be a dense .* got layout torch.sparse_coo"):
+        conv(x, sparse, ea)
+    fused = EdgeUpdateFiLMConv(EdgeUpdate(6, 5, 5), conv)
+    with pytest.raises(ValueError, match=r"EdgeUpdateFiLMConv: x_conv must have shape \(N, 6\), got \(12, 3\)"):
+        fused(x, ei, ea, x_conv=torch.randn(12, 3))
+    with pytest.raises(ValueError, match=r"x_conv must have one row per node of x \(12\), got 2"):
+        fused(x, ei, ea, x_conv=torch.randn(2, 6))
+    for bad_size in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            EdgeUpdate(6, 5, 3, hidden_channels=bad_size)
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            EdgeFiLMConv(6, bad_size, 5)
+
+
+def test_reset_parameters():
+    fused = EdgeUpdateFiLMConv(EdgeUpdate(6, 5, 5), EdgeFiLMConv(6, 8, 5))
+    before = [p.detach().clone() for p in fused.parameters()]
+    fused.reset_parameters()
+    assert all(not torch.equal(a, b) for a, b in zip(before, fused.parameters(), strict=True))
+
+
+def test_compile_empty_graph_and_edge_index_subclass():
+    """torch.compile(fullgraph=True) with no edges (zeros, as eager), and with PyG's EdgeIndex where installed."""
+    conv = EdgeFiLMConv(6, 8, 5)
+    x = torch.randn(12, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    empty = torch.empty(2, 0, dtype=torch.int64)
+    torch.testing.assert_close(compiled(x, empty, torch.randn(0, 5)), torch.zeros(12, 8))
+    pyg = pytest.importorskip("torch_geometric")
+    ei = graph("random")
+    ea = torch.randn(40, 5)
+    edge_index = pyg.EdgeIndex(ei, sparse_size=(12, 12))
+    torch.testing.assert_close(compiled(x, edge_index, ea), conv(x, ei, ea))
+    torch.testing.assert_close(conv(x, edge_index, ea), conv(x, ei, ea))
 
 
 def test_matches_torch_geometric():

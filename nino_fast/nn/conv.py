@@ -14,35 +14,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import dispatch
-from .graph import CSRGraph, csr_of
+from .graph import CSRGraph, check_edge_index_shape, csr_of
 
 __all__ = ["EdgeFiLMConv", "EdgeUpdate", "EdgeUpdateFiLMConv"]
 
 
-def _check(op: str, x: torch.Tensor, in_channels: int, edge_attr: torch.Tensor, edge_dim: int, num_edges) -> None:
+def _check(op: str, module: nn.Module, x, in_channels: int, edge_attr, edge_dim: int, edge_index, x_name="x") -> None:
     """Shapes, dtypes and devices of a layer's inputs; errors name the layer, the argument, expected and got."""
+    num_edges = _num_edges(op, edge_index)
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != in_channels:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{op}: x must have shape (N, {in_channels}), got {got}")
+        raise ValueError(f"{op}: {x_name} must have shape (N, {in_channels}), got {got}")
     if not isinstance(edge_attr, torch.Tensor) or edge_attr.dim() != 2 or edge_attr.shape[1] != edge_dim:
         got = tuple(edge_attr.shape) if isinstance(edge_attr, torch.Tensor) else type(edge_attr).__name__
         raise ValueError(f"{op}: edge_attr must have shape (E, {edge_dim}), got {got}")
     if edge_attr.shape[0] != num_edges:
         raise ValueError(f"{op}: edge_attr must have one row per edge ({num_edges}), got {edge_attr.shape[0]} rows")
     if not x.is_floating_point() or x.dtype != edge_attr.dtype:
-        raise TypeError(f"{op}: x and edge_attr must share one floating dtype, got {x.dtype} and {edge_attr.dtype}")
+        raise TypeError(
+            f"{op}: {x_name} and edge_attr must share one floating dtype, got {x.dtype} and {edge_attr.dtype}"
+        )
+    weight = next(module.parameters())
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{op}: the inputs are {x.dtype} but the layer's parameters are {weight.dtype}; convert one to the "
+            f"other (e.g. layer.to({x.dtype}))"
+        )
     if x.device != edge_attr.device:
-        raise ValueError(f"{op}: x and edge_attr must be on one device, got {x.device} and {edge_attr.device}")
+        raise ValueError(f"{op}: {x_name} and edge_attr must be on one device, got {x.device} and {edge_attr.device}")
 
 
-def _num_edges(edge_index) -> int:
-    return edge_index.num_edges if isinstance(edge_index, CSRGraph) else edge_index.shape[-1]
+def _num_edges(op: str, edge_index) -> int:
+    if isinstance(edge_index, CSRGraph):
+        return edge_index.num_edges
+    check_edge_index_shape(edge_index, op)
+    return edge_index.shape[1]
 
 
 def _graph(op: str, x: torch.Tensor, edge_index) -> CSRGraph:
     if isinstance(edge_index, torch.Tensor) and edge_index.device != x.device:
         raise ValueError(f"{op}: edge_index must be on x's device {x.device}, got {edge_index.device}")
     return csr_of(edge_index, x.shape[0], op)
+
+
+def _check_sizes(op: str, **sizes) -> None:
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {v!r}")
+
+
+def _reset(*linears: nn.Linear) -> None:
+    for lin in linears:
+        lin.reset_parameters()
 
 
 class EdgeFiLMConv(nn.Module):
@@ -62,9 +85,14 @@ class EdgeFiLMConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, edge_dim: int):
         super().__init__()
+        _check_sizes(type(self).__name__, in_channels=in_channels, out_channels=out_channels, edge_dim=edge_dim)
         self.in_channels, self.out_channels, self.edge_dim = in_channels, out_channels, edge_dim
         self.lin = nn.Linear(2 * in_channels, out_channels)
         self.lin_edge = nn.Linear(edge_dim, 2 * out_channels)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise ``lin`` and ``lin_edge`` (``nn.Linear``'s initialisation)."""
+        _reset(self.lin, self.lin_edge)
 
     def node_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lin([x_i, x_j]) = node_dst[i] + node_src[j]``: lin split per node, (N, out_channels) each."""
@@ -73,7 +101,7 @@ class EdgeFiLMConv(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index, edge_attr: torch.Tensor) -> torch.Tensor:
         op = type(self).__name__
-        _check(op, x, self.in_channels, edge_attr, self.edge_dim, _num_edges(edge_index))
+        _check(op, self, x, self.in_channels, edge_attr, self.edge_dim, edge_index)
         g = _graph(op, x, edge_index)
         node_dst, node_src = self.node_terms(x)
         w, b = self.lin_edge.weight, self.lin_edge.bias
@@ -100,12 +128,20 @@ class EdgeUpdate(nn.Module):
 
     def __init__(self, in_channels: int, edge_dim: int, out_channels: int, hidden_channels: int | None = None):
         super().__init__()
-        hidden = hidden_channels or out_channels
+        hidden = out_channels if hidden_channels is None else hidden_channels
+        _check_sizes(
+            type(self).__name__, in_channels=in_channels, edge_dim=edge_dim, out_channels=out_channels,
+            hidden_channels=hidden,
+        )  # fmt: skip
         self.in_channels, self.edge_dim, self.out_channels = in_channels, edge_dim, out_channels
         self.lin_edge = nn.Linear(edge_dim, hidden)
         self.lin_src = nn.Linear(in_channels, hidden)
         self.lin_dst = nn.Linear(in_channels, hidden)
         self.lin_out = nn.Linear(hidden, out_channels)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the four linear maps (``nn.Linear``'s initialisation)."""
+        _reset(self.lin_edge, self.lin_src, self.lin_dst, self.lin_out)
 
     def pre_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(bias, node_src, node_dst): the pre-activation is ``W_edge e + bias + node_src[j] + node_dst[i]``."""
@@ -114,7 +150,7 @@ class EdgeUpdate(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index, edge_attr: torch.Tensor) -> torch.Tensor:
         op = type(self).__name__
-        _check(op, x, self.in_channels, edge_attr, self.edge_dim, _num_edges(edge_index))
+        _check(op, self, x, self.in_channels, edge_attr, self.edge_dim, edge_index)
         bias, node_src, node_dst = self.pre_terms(x)
         w, b = self.lin_out.weight, self.lin_out.bias
         if isinstance(edge_index, CSRGraph):  # per edge, no reduction: run in CSR order, then back
@@ -158,12 +194,19 @@ class EdgeUpdateFiLMConv(nn.Module):
             )
         self.update, self.conv = update, conv
 
+    def reset_parameters(self) -> None:
+        """Re-initialise ``update`` and ``conv``."""
+        self.update.reset_parameters()
+        self.conv.reset_parameters()
+
     def forward(self, x: torch.Tensor, edge_index, edge_attr: torch.Tensor, x_conv: torch.Tensor | None = None):
         op = type(self).__name__
         up, conv = self.update, self.conv
         x_conv = x if x_conv is None else x_conv
-        _check(op, x, up.in_channels, edge_attr, up.edge_dim, _num_edges(edge_index))
-        _check(op, x_conv, conv.in_channels, edge_attr, up.edge_dim, _num_edges(edge_index))
+        _check(op, self, x, up.in_channels, edge_attr, up.edge_dim, edge_index)
+        _check(op, self, x_conv, conv.in_channels, edge_attr, up.edge_dim, edge_index, x_name="x_conv")
+        if x_conv.shape[0] != x.shape[0]:
+            raise ValueError(f"{op}: x_conv must have one row per node of x ({x.shape[0]}), got {x_conv.shape[0]}")
         g = _graph(op, x, edge_index)
         bias, node_src, node_dst = up.pre_terms(x)
         msg_dst, msg_src = conv.node_terms(x_conv)

@@ -4,8 +4,10 @@ CSR the fused ops need, once per static graph.
 ``CSRGraph.from_edge_index`` sorts the edges by destination (stable: edges into one node keep their order) and keeps
 the permutation: the fused ops read edge features in the caller's order through it (their ``feat_index``: no copy
 in CSR order is made or kept for the backward), and per-edge outputs go back with :meth:`CSRGraph.to_edge_order`.
-The layers call :func:`csr_of`, which caches the result keyed on the edge_index tensor itself (its identity and
-version counter: an in-place change rebuilds) so a model of several layers on a static graph sorts once.
+The layers call :func:`csr_of`, which caches the result per edge_index tensor so a model of several layers on a
+static graph sorts once. A cached CSR is used only while the tensor still holds the values it was built from
+(compared with a copy kept beside it: one O(E) comparison per call, against the sort's O(E log E)), so no write —
+in place, through ``.data``, numpy or DLPack — can make it stale; it is dropped when the tensor is freed.
 Inside torch.compile the CSR is built in the graph instead (no cache, no Python-side checks); pass a
 :class:`CSRGraph` built outside to keep it out of the compiled region.
 """
@@ -95,47 +97,78 @@ class CSRGraph:
             dst=dst_sorted.to(torch.int32),
             perm=perm,
             inv_perm=inv_perm,
-            in_order=not torch.compiler.is_compiling() and bool(torch.equal(perm, positions)),
+            in_order=not torch.compiler.is_compiling()
+            and perm.device.type != "meta"
+            and bool(torch.equal(perm, positions)),
         )
+
+
+def check_edge_index_shape(edge_index, op: str) -> None:
+    """A (2, E) tensor (PyG's layout), else an error that names the layer and says what was got."""
+    if not isinstance(edge_index, torch.Tensor):
+        raise TypeError(f"{op}: edge_index must be a (2, E) tensor or a CSRGraph, got {type(edge_index).__name__}")
+    if edge_index.layout != torch.strided:
+        raise TypeError(f"{op}: edge_index must be a dense (2, E) [src; dst] tensor, got layout {edge_index.layout}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"{op}: edge_index must have shape (2, E) [src; dst], got {tuple(edge_index.shape)}")
 
 
 def check_edge_index(edge_index: torch.Tensor, num_nodes: int, op: str) -> None:
     """Shape, dtype and range of an edge_index, with errors that name the layer, the argument and what was got."""
-    if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        shape = tuple(edge_index.shape) if isinstance(edge_index, torch.Tensor) else type(edge_index).__name__
-        raise ValueError(f"{op}: edge_index must have shape (2, E) [src; dst], got {shape}")
+    check_edge_index_shape(edge_index, op)
     if edge_index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: edge_index must be int64 or int32, got {edge_index.dtype}")
+    if edge_index.shape[1] == 0 or edge_index.device.type == "meta":  # nothing to check / no values
+        return
     if torch.compiler.is_compiling():
         # no data-dependent Python branch in a traced graph: the check runs as an op when the graph runs
-        ok = (edge_index.numel() == 0) | ((edge_index.min() >= 0) & (edge_index.max() < num_nodes))
+        ok = (edge_index.min() >= 0) & (edge_index.max() < num_nodes)
         torch._assert_async(ok, f"{op}: edge_index has entries outside [0, num_nodes)")
         return
-    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+    if int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes:
         lo, hi = int(edge_index.min()), int(edge_index.max())
         raise IndexError(f"{op}: edge_index entries must lie in [0, {num_nodes}) (num_nodes), got [{lo}, {hi}]")
 
 
-_CACHE: dict[tuple, tuple] = {}  # (id, version, N, device) -> (weakref to the edge_index, CSRGraph)
+_CACHE: dict[tuple, tuple] = {}  # (id, N, device) -> (copy of the edge_index's values, CSRGraph, finalizer)
 _CACHE_SIZE = 16
 
 
+def _plain(edge_index: torch.Tensor) -> torch.Tensor:
+    """A tensor subclass (PyG's ``EdgeIndex``) as the plain tensor of its values: the CSR is built by plain ops,
+    also inside torch.compile, which cannot trace the subclass's conversions."""
+    if type(edge_index) is torch.Tensor:
+        return edge_index
+    if hasattr(type(edge_index), "as_tensor"):  # EdgeIndex's own conversion (torch.compile traces it)
+        return edge_index.as_tensor()
+    return edge_index.as_subclass(torch.Tensor)
+
+
 def csr_of(edge_index: torch.Tensor | CSRGraph, num_nodes: int, op: str) -> CSRGraph:
-    """The :class:`CSRGraph` of ``edge_index`` (a CSRGraph passes through), cached per edge_index tensor."""
+    """The :class:`CSRGraph` of ``edge_index`` (a CSRGraph passes through), cached per edge_index tensor while it
+    holds the same values."""
     if isinstance(edge_index, CSRGraph):
         if edge_index.num_nodes != num_nodes:
             raise ValueError(f"{op}: the CSRGraph has {edge_index.num_nodes} nodes but x has {num_nodes} rows")
         return edge_index
-    if torch.compiler.is_compiling():
-        return CSRGraph.from_edge_index(edge_index, num_nodes, op)
-    if not isinstance(edge_index, torch.Tensor):
-        raise TypeError(f"{op}: edge_index must be a (2, E) tensor or a CSRGraph, got {type(edge_index).__name__}")
-    key = (id(edge_index), edge_index._version, num_nodes, edge_index.device)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is edge_index:
+    check_edge_index_shape(edge_index, op)
+    if torch.compiler.is_compiling() or edge_index.device.type == "meta":  # no values to key on
+        return CSRGraph.from_edge_index(_plain(edge_index), num_nodes, op)
+    # keyed on the tensor's identity; its finalizer drops the entry when it is freed, so an id is never reused
+    # while its entry lives
+    key = (id(edge_index), num_nodes, edge_index.device)
+    hit = _CACHE.pop(key, None)
+    if hit is not None and _same_values(hit[0], _plain(edge_index)):
+        _CACHE[key] = hit  # now the newest
         return hit[1]
-    graph = CSRGraph.from_edge_index(edge_index, num_nodes, op)
+    values = _plain(edge_index).detach().clone()
+    graph = CSRGraph.from_edge_index(values, num_nodes, op)
     if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))  # the oldest entry
-    _CACHE[key] = (weakref.ref(edge_index), graph)
+        _CACHE.pop(next(iter(_CACHE)))[2].detach()  # the least recently used entry
+    finalizer = hit[2] if hit is not None else weakref.finalize(edge_index, _CACHE.pop, key, None)
+    _CACHE[key] = (values, graph, finalizer)
     return graph
+
+
+def _same_values(kept: torch.Tensor, edge_index: torch.Tensor) -> bool:
+    return kept.dtype == edge_index.dtype and kept.shape == edge_index.shape and torch.equal(kept, edge_index)
