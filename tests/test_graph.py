@@ -173,3 +173,20 @@ def test_detects_hf_modules(kind, case):
 def test_bert_detection():
     arch, heads, kv = detect_arch(_tiny("bert"))
     assert (arch, heads) == ("bert", 3)
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Gemma"])
+def test_llama_like_decoders(family):
+    """Decoders with Llama's parameter names (Mistral, Qwen2 with q/k/v biases, Gemma) are detected as llama with
+    their config's head counts; a given arch="llama" takes the counts from the config too; the graph is Llama's."""
+    transformers = pytest.importorskip("transformers")
+    cfg = getattr(transformers, f"{family}Config")(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=4, vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg)
+    assert detect_arch(model) == ("llama", 4, 2)
+    named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    want = build_graph(named, arch="llama", num_heads=4, num_key_value_heads=2, lpe=0)
+    for got in (build_graph(model, lpe=0), build_graph(model, arch="llama", lpe=0)):
+        assert torch.equal(got.edge_index(), want.edge_index())

@@ -1,7 +1,7 @@
 """Neural graphs: model parameters as edges between neurons (the official NiNo construction), in CSR form."""
 
 from .blocks import Block
-from .build import build_graph, build_graph_layout, detect_arch
+from .build import build_graph, build_graph_layout, config_heads, detect_arch
 from .checks import InputTypeError, fingerprint
 from .lpe import block_lpe, compute_lpe, laplacian_eigs, normalized_laplacian
 from .neural_graph import NeuralGraph
@@ -16,6 +16,7 @@ __all__ = [
     "build_graph",
     "build_graph_layout",
     "compute_lpe",
+    "config_heads",
     "detect_arch",
     "fingerprint",
     "laplacian_eigs",

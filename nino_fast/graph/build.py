@@ -36,6 +36,8 @@ def detect_arch(module: torch.nn.Module) -> tuple[str, int | None, int | None]:
             return "llama", cfg.num_attention_heads, cfg.num_key_value_heads
         if hasattr(tf, "Qwen3PreTrainedModel") and isinstance(module, tf.Qwen3PreTrainedModel):
             return "qwen3", cfg.num_attention_heads, cfg.num_key_value_heads
+        if _llama_like(module):  # Mistral, Qwen2, Gemma, ...: Llama's parameters, heads and names
+            return "llama", *config_heads(module)
     if cls_module.startswith("torchvision"):
         from torchvision.models import VisionTransformer
 
@@ -46,6 +48,26 @@ def detect_arch(module: torch.nn.Module) -> tuple[str, int | None, int | None]:
         heads = next((m.num_heads for m in module.modules() if hasattr(m, "num_heads")), None)
         return "nanogpt", heads, None
     return "generic", None, None
+
+
+def config_heads(module: torch.nn.Module) -> tuple[int | None, int | None]:
+    """(num_heads, num_key_value_heads) as a Hugging Face style ``module.config`` has them, else None each."""
+    cfg = getattr(module, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    kv = getattr(cfg, "num_key_value_heads", None)
+    return (heads if isinstance(heads, int) else None), (kv if isinstance(kv, int) else None)
+
+
+_LLAMA_PARTS = ("embed_tokens.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight")  # fmt: skip
+
+
+def _llama_like(module: torch.nn.Module) -> bool:
+    """A transformers decoder with Llama's parameter names (separate q/k/v projections, a gated MLP) and head
+    counts in its config."""
+    names = [n for n, _ in module.named_parameters()]
+    has = all(any(n.endswith(part) for n in names) for part in _LLAMA_PARTS)
+    return has and config_heads(module)[0] is not None
 
 
 def _validate(named: list[tuple[str, tuple[int, ...]]], arch: str) -> None:
@@ -75,8 +97,9 @@ def _arch_and_heads(model, arch, num_heads, num_key_value_heads) -> tuple[str, i
     """The architecture and head counts to build with: the arguments, completed from the module's config when
     ``arch`` is not given (explicit counts win); ``origin`` says where each count came from."""
     origin = {"num_heads": "passed", "num_key_value_heads": "passed"}
-    if isinstance(model, torch.nn.Module) and arch is None:
-        arch, heads, kv = detect_arch(model)
+    if isinstance(model, torch.nn.Module) and (arch is None or arch in TRANSFORMERS):
+        # a given transformer arch takes its head counts from the config (e.g. a Llama-like model as "llama")
+        arch, heads, kv = detect_arch(model) if arch is None else (arch, *config_heads(model))
         if num_heads is None:
             num_heads, origin["num_heads"] = heads, "detected from the model config"
         if num_key_value_heads is None:
