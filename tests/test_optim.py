@@ -235,6 +235,42 @@ def test_param_groups_and_missing_params_warning(caplog):
     assert "not in the base optimizer" in caplog.text
 
 
+def test_kernels_wider_than_the_checkpoint_are_left_to_the_base(nino_gnn, caplog):
+    """A 5x5 conv has 25 values per edge, the checkpoint 9: NiNo predicts the rest, says so at construction, and
+    its steps leave that tensor as it is (the base optimizer trains it between them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 3))
+    with caplog.at_level(logging.WARNING, logger="nino_fast.optim"):
+        opt = NiNo(torch.optim.AdamW(model.parameters(), lr=1e-2), model, ckpt=nino_gnn, period=5)
+    assert "'0.weight' of shape (4, 1, 5, 5)" in caplog.text and "NiNo does not predict them" in caplog.text
+    assert [n for n, _ in opt.graph.param_shapes][0] == "0.bias"
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    wide, rest = model[0].weight.detach().clone(), flat(model[2]).clone()
+    opt.step()
+    assert opt.last_nino_step["ok"]
+    assert torch.equal(model[0].weight, wide) and not torch.equal(flat(model[2]), rest)
+
+
+def test_meta_model_refused_before_anything_moves(nino_gnn):
+    with torch.device("meta"):
+        model = mlp()
+    device = next(nino_gnn.parameters()).device
+    with pytest.raises(ValueError, match="parameters are on the meta device .* materialise the model"):
+        NiNo(torch.optim.AdamW(model.parameters()), model, ckpt=nino_gnn, period=5)
+    assert next(nino_gnn.parameters()).device == device
+
+
+def test_optimizer_params_outside_the_model_warn(caplog):
+    model, extra = mlp(), nn.Parameter(torch.ones(2))
+    with caplog.at_level(logging.WARNING, logger="nino_fast.optim"):
+        NiNo(torch.optim.SGD([*model.parameters(), extra], lr=0.1), model=model, ckpt=Recorder(), period=5)
+    assert "1 parameters of the base optimizer are not parameters of the model" in caplog.text
+
+
 def test_keeps_dtype_and_storage():
     model = mlp().to(torch.float64)
     ptrs = [p.data_ptr() for p in model.parameters()]
@@ -293,6 +329,15 @@ def test_bad_arguments():
         NiNo(sgd, model=model, ckpt="linefit", period=3)
     with pytest.raises(FileNotFoundError):
         NiNo(sgd, model=model, ckpt="/nonexistent/nino.pt")
+    opt = NiNo(sgd, model=model, ckpt=Recorder(seq_len=40), period=5)
+    x, y = data()
+    run(opt, model, 4, x, y)
+    for bad, err in ((0, ValueError), (41, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="k must be"):
+            opt.step(k=bad)
+        assert opt.num_snapshots == 4 and opt.step_idx == 4  # checked before anything happened
+    with pytest.raises(ValueError, match=r"k must be in \[1, 40\]"):
+        opt.after_step(k=100)
 
 
 # ---- snapshots in bf16, checkpoint and resume --------------------------------------------------------------

@@ -85,7 +85,8 @@ import torch
 from .. import plan
 from ..baselines import Linefit
 from ..distributed import GraphShard, build_graph_shard
-from ..graph import GraphLayout, build_graph, build_graph_layout, detect_arch, fingerprint
+from ..graph import GraphLayout, build_graph, build_graph_layout, config_heads, detect_arch, fingerprint
+from ..graph.entries import TRANSFORMERS
 from ..history import ColumnsHistory
 from ..model import NiNoModel
 from ..stream import available_memory, in_memory_bytes, supports_layout
@@ -301,8 +302,8 @@ class NiNo(torch.optim.Optimizer):
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def _predicted(self, model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Parameter]], list[str]]:
-        """(name, parameter) of the trainable parameters of ``model`` that the base optimizer holds, in module
-        order; and the names of the trainable ones it does not hold."""
+        """(name, parameter) of the trainable parameters of ``model`` that the base optimizer holds and the
+        predictor can represent, in module order; and the names of the trainable ones it does not hold."""
         held = {id(p) for g in self.param_groups for p in g["params"]}
         named, missing = [], []
         for n, p in model.named_parameters():
@@ -312,16 +313,23 @@ class NiNo(torch.optim.Optimizer):
                 named.append((n, p))
             else:
                 missing.append(n)
-        return named, missing
+        wide = self._too_wide(named)
+        return [(n, p) for n, p in named if n not in wide], missing
+
+    def _too_wide(self, named) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of the tensors with more values per edge (a kernel's spatial size: prod(shape[2:]))
+        than the NiNo checkpoint's edge features hold (9: 3x3 kernels); NiNo cannot predict them."""
+        limit = self.predictor.max_feat_size if isinstance(self.predictor, NiNoModel) else None
+        if limit is None:
+            return {}
+        return {n: tuple(p.shape) for n, p in named if p.dim() > 2 and math.prod(p.shape[2:]) > limit}
 
     def _set_params(self, model: torch.nn.Module) -> None:
         self.model = model
         self.module = unwrap_model(model)
         named, missing = self._predicted(self.module)
-        if not named and self.predictor is not None:
-            raise ValueError(
-                "NiNo: none of the model's trainable parameters (requires_grad=True) is in the base optimizer"
-            )
+        if self.predictor is not None:
+            self._check_predicted(named)
         if missing and self.predictor is not None:
             logger.warning(
                 "NiNo: %d trainable parameters of the model are not in the base optimizer (e.g. %s); NiNo steps "
@@ -333,6 +341,40 @@ class NiNo(torch.optim.Optimizer):
         self._params = [p for _, p in named]
         self.num_params = sum(p.numel() for p in self._params)
         self.fingerprint = fingerprint([(n, tuple(p.shape)) for n, p in named])
+
+    def _check_predicted(self, named) -> None:
+        """Errors and warnings about what NiNo will predict, before anything is built or moved."""
+        if not named:
+            raise ValueError(
+                "NiNo: none of the model's trainable parameters (requires_grad=True) is in the base optimizer"
+                + (" and fits the NiNo checkpoint" if self._too_wide(self.module.named_parameters()) else "")
+            )
+        meta = [n for n, p in named if p.device.type == "meta"]
+        if meta:
+            raise ValueError(
+                f"NiNo: {len(meta)} parameters are on the meta device (e.g. {meta[0]!r}: shapes without values); "
+                "materialise the model (load its weights, or to_empty() and initialise) before wrapping it"
+            )
+        trainable = {id(p) for p in self.module.parameters()}
+        outside = sum(1 for g in self.param_groups for p in g["params"] if id(p) not in trainable)
+        if outside:
+            logger.warning(
+                "NiNo: %d parameters of the base optimizer are not parameters of the model; NiNo does not predict "
+                "them, so on NiNo steps they are not updated",
+                outside,
+            )
+        wide = self._too_wide([(n, p) for n, p in self.module.named_parameters() if p.requires_grad])
+        if wide:
+            name = next(iter(wide))
+            logger.warning(
+                "NiNo: %d tensors have more values per edge than the NiNo checkpoint holds (%d: kernels up to 3x3), "
+                "e.g. %r of shape %s; NiNo does not predict them: the base optimizer trains them and NiNo steps "
+                "leave them as they are",
+                len(wide),
+                self.predictor.max_feat_size,
+                name,
+                wide[name],
+            )
 
     def set_model(self, model: torch.nn.Module, graph=None) -> None:
         """(Re)read the predicted parameters of ``model`` and build their neural graph; drops kept snapshots.
@@ -360,7 +402,11 @@ class NiNo(torch.optim.Optimizer):
             self._dist.setup(device, self.predictor, graph)
 
     def _arch_args(self) -> dict:
-        arch, heads, kv = detect_arch(self.module)
+        given = self._graph_args["arch"]
+        if given is None:
+            arch, heads, kv = detect_arch(self.module)
+        else:  # a given transformer arch takes its head counts from the config when they are not given
+            arch, heads, kv = (given, *config_heads(self.module)) if given in TRANSFORMERS else (given, None, None)
         args = dict(self._graph_args)
         for key, detected in (("arch", arch), ("num_heads", heads), ("num_key_value_heads", kv)):
             if args[key] is None:  # given values win, and are checked by the graph builder (0 is refused)
@@ -368,8 +414,9 @@ class NiNo(torch.optim.Optimizer):
         cls = type(self.module)
         if args["arch"] == "generic" and cls.__module__.split(".")[0] in ("transformers", "torchvision"):
             logger.warning(
-                "NiNo: %s.%s is not an architecture nino_fast knows (gpt2, llama, bert, qwen3, vit): the neural "
-                "graph is the generic one (no attention-head edges); pass arch=/num_heads= to choose",
+                "NiNo: %s.%s is not an architecture nino_fast knows (GPT-2, Llama and Llama-like decoders, BERT, "
+                "Qwen3, torchvision's ViT): the neural graph is the generic one (no attention-head edges); pass "
+                "arch=/num_heads= to choose",
                 cls.__module__,
                 cls.__name__,
             )
@@ -512,6 +559,7 @@ class NiNo(torch.optim.Optimizer):
         do. ``k`` overrides the scheduled horizon of this call if it is a NiNo step. Returns the closure's
         loss or None. Whatever it raises, the wrapper is as before the call.
         """
+        self._check_k(k)
         if not self._counts():
             return self.base_opt.step(closure)  # an accumulation micro-batch: the base does nothing either
         if self.predictor is None:
@@ -548,6 +596,7 @@ class NiNo(torch.optim.Optimizer):
         snapshots are in, replace them by the prediction. Returns True if it applied a NiNo step. (Unlike
         :meth:`step`, no base step is saved: the NiNo step comes on top of the step that completed the
         window.) Whatever it raises, the wrapper is as before the call."""
+        self._check_k(k)
         at = self.step_idx + 1
         if self.predictor is None or at % self.interval:
             self.step_idx = at
@@ -587,14 +636,21 @@ class NiNo(torch.optim.Optimizer):
             raise ValueError(f"the prediction has {bad} NaN/Inf values")
         return pred
 
+    def _check_k(self, k) -> None:
+        """A horizon given to step() / after_step(): None (scheduled) or an int in [1, the predictor's horizons]."""
+        if k is None or self.predictor is None:
+            return
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"NiNo.step: k must be an int, got {k!r}")
+        horizons = int(self.predictor.seq_len)
+        if not 1 <= k <= horizons:
+            raise ValueError(f"NiNo.step: k must be in [1, {horizons}] (the predictor's horizons), got {k}")
+
     def _nino_step(self, k, at: int) -> bool:
         """Predict from the ``ctx`` snapshots and write the parameters, then count call ``at`` as done; False if
         the prediction failed and was skipped. Ctrl-C during the prediction leaves everything unwritten; during
         the write (and the counters' update) it is held back until both are complete."""
-        if isinstance(k, np.integer):
-            k = int(k)
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"NiNo.step: k must be an int, got {k!r}")
+        k = int(k)
         t0 = time.perf_counter()
         try:
             pred, failure = self._predict(k), None
