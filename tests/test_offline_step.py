@@ -308,6 +308,47 @@ def test_failed_write_leaves_existing_out_directory_untouched(sharded_llama, nin
 # ------------------------------------------------------------------------------------- 4. tied parameters
 
 
+def test_kernels_wider_than_the_checkpoint_keep_their_values(tmp_path, nino_path, caplog):
+    """A 5x5 conv (25 values per edge, the checkpoint holds 9): the other tensors are predicted as the wrapper
+    predicts them, the conv is written as in the last snapshot, and a warning says so (before any file is read)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 3))
+    paths, sds = save_torch_series(model, tmp_path)
+    out = tmp_path / "pred.pt"
+    with caplog.at_level(logging.WARNING):
+        assert main(["step", *paths, "--nino", nino_path, "--k", "5", "--out", str(out)]) == 0
+    assert "'0.weight'" in caplog.text and "not predicted" in caplog.text
+    pred = torch.load(out, weights_only=True)
+    assert torch.equal(pred["0.weight"], sds[-1]["0.weight"])
+    names = [n for n, _ in model.named_parameters() if n != "0.weight"]
+    graph = build_graph([(n, tuple(sds[0][n].shape)) for n in names])
+    expected = NiNoModel.from_checkpoint(nino_path).nowcast(graph, history(sds, names), 5)
+    assert torch.equal(torch.cat([pred[n].reshape(-1) for n in names]), expected)
+
+
+def test_hf_directory_with_legacy_names(tmp_path, nino_path):
+    """save_pretrained may store a model's legacy tensor names (transformers 5 writes GPT-NeoX's head as
+    ``embed_out``): read as the parameters they load into, predicted as the in-memory model is, written back under
+    the stored names (the output loads with from_pretrained)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    cfg = transformers.GPTNeoXConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=40
+    )
+    model = transformers.GPTNeoXForCausalLM(cfg)
+    paths, sds = [], []
+    for j in walk(model):
+        model.save_pretrained(tmp_path / f"step_{j + 1}")
+        paths.append(str(tmp_path / f"step_{j + 1}"))
+        sds.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    out = tmp_path / "pred"
+    assert main(["step", *paths, "--nino", nino_path, "--k", "5", "--out", str(out)]) == 0
+    loaded = transformers.GPTNeoXForCausalLM.from_pretrained(out)
+    names, expected = nino_expected(nino_path, model, sds, 5)
+    got = dict(loaded.named_parameters())
+    assert torch.equal(torch.cat([got[n].detach().reshape(-1) for n in names]), expected)
+
+
 def test_tied_llama_torch_state_dict(tmp_path, nino_path):
     """A tied Llama saved with torch.save(model.state_dict()): one parameter in the graph (the HF model's), the
     one prediction written to both names, which stay one storage."""
@@ -443,6 +484,31 @@ def _error(capsys, argv):
     err = capsys.readouterr().err
     assert "error: " in err
     return err
+
+
+def test_mixed_formats_said_first(series, tmp_path, capsys):
+    """A directory among torch files: the error names the mixed formats (not what --out should be)."""
+    folder = tmp_path / "step_600"
+    folder.mkdir()
+    safetensors.torch.save_file(
+        {n: t.contiguous() for n, t in torch.load(series[-1]).items()}, folder / "model.safetensors"
+    )
+    (folder / "config.json").write_text("{}")
+    err = _error(capsys, [*series[1:], str(folder), "--nino", "linefit", "--k", "1", "--out", str(tmp_path / "o")])
+    assert "the snapshots mix formats" in err
+
+
+def test_transformer_names_without_config_warn(tmp_path, nino_path, caplog):
+    torch.manual_seed(7)
+    paths, _ = save_torch_series(llama(), tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert main(["step", *paths, "--nino", nino_path, "--k", "5", "--out", str(tmp_path / "p.pt")]) == 0
+    assert "look like a transformer's" in caplog.text and "--arch" in caplog.text
+    caplog.clear()
+    argv = ["--arch", "llama", "--num-heads", "4", "--num-kv-heads", "2", "--out", str(tmp_path / "q.pt")]
+    with caplog.at_level(logging.WARNING):
+        assert main(["step", *paths, "--nino", nino_path, "--k", "5", *argv]) == 0
+    assert "look like a transformer's" not in caplog.text
 
 
 def test_bad_exclude_regex(series, tmp_path, capsys):

@@ -24,6 +24,7 @@ from .files import HF_WEIGHTS_RE, Snapshot, open_torch
 logger = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"(?:step|checkpoint|ckpt|iter|iteration|epoch)[-_=]?(\d+)", re.IGNORECASE)
+_ATTENTION_RE = re.compile(r"(^|\.)(self_attn|attn|attention)\.")
 _BUFFER_RE = re.compile(r"(running_mean|running_var|num_batches_tracked)$")
 ORDER_METADATA_KEY = "nino_fast_order"
 _HOW_TO_ORDER = (
@@ -96,6 +97,12 @@ def model_spec(snap, config=None, order_from=None, exclude=None, arch=None, num_
         spec = config_spec(snap, config_path)
     else:
         spec = plain_spec(snap, Path(order_from) if order_from is not None else None, exclude, dict(explicit))
+        if arch is None and any(_ATTENTION_RE.search(n) for n, _ in spec.named):
+            logger.warning(
+                "%s: the tensor names look like a transformer's, but without a config.json the graph is the generic "
+                "one (no attention-head edges); pass --arch and --num-heads (and --num-kv-heads) for its own graph",
+                snap.path,
+            )
     spec.graph_args.update({a: v for a, v in explicit.items() if v is not None})
     return spec
 
@@ -131,34 +138,69 @@ def hf_model_spec(path: Path, keys) -> tuple[list[tuple[str, tuple[int, ...]]], 
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise StepError(f"{path}: not a readable Hugging Face config.json ({type(exc).__name__}: {exc})") from exc
-    model = _build_meta_model(transformers, config, set(keys), path)
+    model, legacy = _build_meta_model(transformers, config, set(keys), path)
     named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     arch, heads, kv = detect_arch(model)
-    return named, _model_aliases(model), dict(arch=arch, num_heads=heads, num_key_value_heads=kv)
+    return named, {**_model_aliases(model), **legacy}, dict(arch=arch, num_heads=heads, num_key_value_heads=kv)
 
 
 def _build_meta_model(transformers, config, keys: set[str], path: Path):
-    """The first candidate model class whose parameters are all stored (under some name of their tie group):
+    """``(model, legacy)``: the first candidate model class whose parameters are all stored (under some name of
+    their tie group, or a legacy name transformers renames when loading: ``legacy`` = {stored key: parameter});
     a base model's checkpoint has no LM head, so AutoModelForCausalLM would not match it."""
     archs = getattr(config, "architectures", None) or []
     named_cls = getattr(transformers, archs[0], None) if archs else None
     builders = [named_cls] if named_cls is not None else []
     builders += [transformers.AutoModelForCausalLM.from_config, transformers.AutoModel.from_config]
-    first_missing = None
+    first_missing, converted = None, False
     for build in builders:
         try:
             with torch.device("meta"):
                 model = build(config)
         except (ValueError, TypeError):  # e.g. no causal-LM head for this config
             continue
-        members = _tie_members(_model_aliases(model))
+        legacy, converts = _legacy_names(model, keys)
+        members = _tie_members({**_model_aliases(model), **legacy})
         missing = [n for n, _ in model.named_parameters() if not keys.intersection(members(n))]
         if not missing:
-            return model
-        first_missing = first_missing or missing
-    raise StepError(
-        f"{path}: the model built from config.json has parameters missing from the weights: {(first_missing or [])[:5]}"
+            return model, legacy
+        first_missing, converted = first_missing or missing, converted or converts
+    hint = (
+        " (transformers converts this model's stored tensors when loading them, e.g. merges per-expert weights; "
+        "nino-fast step predicts tensors as stored: save the snapshots as torch state dicts, "
+        "torch.save(model.state_dict(), ...))"
+        if converted
+        else ""
     )
+    raise StepError(
+        f"{path}: the model built from config.json has parameters missing from the weights: "
+        f"{(first_missing or [])[:5]}{hint}"
+    )
+
+
+def _legacy_names(model, keys: set[str]) -> tuple[dict[str, str], bool]:
+    """``({stored key: parameter name}, converts)``: the stored keys that transformers' checkpoint conversion renames
+    to one of ``model``'s parameters when loading (save_pretrained may write a model's legacy names, e.g.
+    GPT-NeoX's ``embed_out``), and whether the model has conversions that change tensors (not only names)."""
+    try:  # transformers >= 5
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}, False
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converts = any(isinstance(t, WeightConverter) for t in transforms)
+    params = dict(model.named_parameters())
+    legacy = {}
+    for key in keys - params.keys():
+        try:
+            renamed, _ = rename_source_key(key, renamings, [], model.base_model_prefix, dict(model.state_dict()))
+        except (TypeError, ValueError, re.error):
+            continue
+        if renamed in params:
+            legacy[key] = renamed
+    return legacy, converts
 
 
 def _model_aliases(model: torch.nn.Module) -> dict[str, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..history import TensorHistory
+from ..model import NiNoModel
 from ..optim import k_schedule, load_predictor
 from ..resume import StepState
 from ..stream import available_memory, in_memory_bytes, parse_memory, supports_layout
@@ -78,11 +79,13 @@ def nowcast_checkpoints(
     if len(paths) != predictor.ctx:
         raise StepError(f"{type(predictor).__name__} takes ctx={predictor.ctx} snapshots, got {len(paths)}")
     snaps = [load_snapshot(p) for p in paths]
+    check_series(snaps)  # first: what --out must be depends on the snapshots' one format
     check_out(out, snaps, [nino if isinstance(nino, (str, os.PathLike)) else None, config, order_from])
-    check_series(snaps)
     last = snaps[-1]
     k = resolve_k(k, period, max_train_steps, step, int(predictor.seq_len), k_decay, last.path)
-    spec = model_spec(last, config, order_from, exclude, arch, num_heads, num_key_value_heads)
+    spec = without_too_wide(
+        model_spec(last, config, order_from, exclude, arch, num_heads, num_key_value_heads), predictor
+    )
     where = choose_history(history, predictor, spec, len(snaps))
     split = _rank_split() if where == "disk" else None
     state = None
@@ -116,6 +119,34 @@ def nowcast_checkpoints(
         format=last.kind,
         order=spec.order_from,
         snapshots=[str(p) for p in paths],
+    )
+
+
+def without_too_wide(spec: ModelSpec, predictor) -> ModelSpec:
+    """``spec`` without the tensors with more values per edge (prod(shape[2:]), a kernel's spatial size) than a NiNo
+    checkpoint's edge features hold (9: 3x3 kernels): written as in the last snapshot, said at WARNING (the wrapper
+    leaves them to the base optimizer the same way)."""
+    limit = getattr(predictor, "max_feat_size", None) if isinstance(predictor, NiNoModel) else None
+    wide = {n for n, shape in spec.named if limit is not None and len(shape) > 2 and math.prod(shape[2:]) > limit}
+    if not wide:
+        return spec
+    first = next(n for n, _ in spec.named if n in wide)
+    logger.warning(
+        "%d tensors have more values per edge than the NiNo checkpoint holds (%d: kernels up to 3x3), e.g. %r; they "
+        "are not predicted: the output keeps their values from the last snapshot",
+        len(wide),
+        limit,
+        first,
+    )
+    named = [(n, shape) for n, shape in spec.named if n not in wide]
+    if not named:
+        raise StepError(f"no tensor fits the NiNo checkpoint (every one has more than {limit} values per edge)")
+    return ModelSpec(
+        named,
+        {alias: n for alias, n in spec.aliases.items() if n not in wide},
+        spec.graph_args,
+        spec.order_from,
+        {n: alias for n, alias in spec.read_as.items() if n not in wide},
     )
 
 
