@@ -33,12 +33,7 @@ def edge_film_mean_kernel(
     feat,
     rowptr_ptr,
     src_ptr,
-    wa,
-    ba_ptr,
-    et_ptr,
-    tab,
-    ns,
-    nd,
+    edge,
     md,
     ms,
     wsc,
@@ -63,7 +58,9 @@ def edge_film_mean_kernel(
     BLOCK_D: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """feat, wa, wsc, wsh: ``(ptr, stride_row, stride_col)``; tab, ns, nd, md, ms, out: ``(ptr, stride_row)``."""
+    """edge: the edge layer's ``(wa, ba_ptr, et_ptr, tab, ns, nd)`` (``utils.edge_layer``); feat, wa, wsc, wsh:
+    ``(ptr, stride_row, stride_col)``; tab, ns, nd, md, ms, out: ``(ptr, stride_row)``."""
+    wa, ba_ptr, et_ptr, tab, ns, nd = edge
     out_ptr, stride_out = out
     wsc_ptr, stride_wso, stride_wsi = wsc
     wsh_ptr, stride_who, stride_whi = wsh
@@ -196,7 +193,7 @@ def edge_film_mean(
         utils.mat(feat),
         rowptr,
         src,
-        *utils.edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, src),
+        utils.edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, src),
         utils.table(msg_dst, bias_a),
         utils.table(msg_src, bias_a),
         utils.mat(weight_scale),

@@ -26,12 +26,7 @@ def edge_mlp_kernel(
     feat,
     src_ptr,
     dst_ptr,
-    wa,
-    ba_ptr,
-    et_ptr,
-    tab,
-    ns,
-    nd,
+    edge,
     wb,
     bb_ptr,
     ns2,
@@ -51,7 +46,9 @@ def edge_mlp_kernel(
     BLOCK_O: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """feat, wa, wb: ``(ptr, stride_row, stride_col)``; tab, ns, nd, ns2, nd2, out: ``(ptr, stride_row)``."""
+    """edge: the edge layer's ``(wa, ba_ptr, et_ptr, tab, ns, nd)`` (``utils.edge_layer``); feat, wa, wb:
+    ``(ptr, stride_row, stride_col)``; tab, ns, nd, ns2, nd2, out: ``(ptr, stride_row)``."""
+    wa, ba_ptr, et_ptr, tab, ns, nd = edge
     wb_ptr, stride_wbo, stride_wbi = wb
     out_ptr, stride_out = out
     pid = tl.program_id(0)
@@ -159,7 +156,7 @@ def edge_mlp(
         utils.mat(feat),
         src,
         dst,
-        *utils.edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, src),
+        utils.edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, src),
         utils.mat(weight_b),
         bias_b,
         utils.table(node_src2, bias_b),

@@ -111,9 +111,9 @@ def mat(t: torch.Tensor) -> tuple:
 
 
 def edge_layer(weight_a, bias_a, etype, type_table, node_src, node_dst, index) -> tuple:
-    """The launch arguments of the edge layer ``act(W_a e + b_a + table[etype] + node_src[s] + node_dst[d])`` that
-    edge_mlp and edge_film_mean share: W_a, b_a, the type index (``index`` stands in when there is no table) and
-    the three gathered tables."""
+    """The edge layer ``act(W_a e + b_a + table[etype] + node_src[s] + node_dst[d])`` that edge_mlp and
+    edge_film_mean share, as their one ``edge`` argument: W_a, b_a, the type index (``index`` stands in when there
+    is no table) and the three gathered tables."""
     has_tab = type_table is not None
     return (
         mat(weight_a),
