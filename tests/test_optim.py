@@ -242,7 +242,10 @@ def test_kernels_wider_than_the_checkpoint_are_left_to_the_base(nino_gnn, caplog
     model = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 3))
     with caplog.at_level(logging.WARNING, logger="nino_fast.optim"):
         opt = NiNo(torch.optim.AdamW(model.parameters(), lr=1e-2), model, ckpt=nino_gnn, period=5)
-    assert "'0.weight' of shape (4, 1, 5, 5)" in caplog.text and "NiNo does not predict them" in caplog.text
+    assert (
+        "'0.weight', shape (4, 1, 5, 5): more values per edge" in caplog.text
+        and "NiNo does not predict them" in caplog.text
+    )
     assert [n for n, _ in opt.graph.param_shapes][0] == "0.bias"
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     for _ in range(4):
@@ -253,6 +256,31 @@ def test_kernels_wider_than_the_checkpoint_are_left_to_the_base(nino_gnn, caplog
     opt.step()
     assert opt.last_nino_step["ok"]
     assert torch.equal(model[0].weight, wide) and not torch.equal(flat(model[2]), rest)
+
+
+def test_scalar_parameters_are_left_to_the_base(nino_gnn, caplog):
+    """A learnable scalar (a temperature, CLIP's logit_scale) does not fit a neural graph: NiNo predicts the rest."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.scale = mlp(), nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            return self.net(x) * self.scale
+
+    model = Scaled()
+    with caplog.at_level(logging.WARNING, logger="nino_fast.optim"):
+        opt = NiNo(torch.optim.AdamW(model.parameters(), lr=1e-2), model, ckpt=nino_gnn, period=5)
+    assert "'scale', shape (): neural graphs take 1-D to 4-D tensors" in caplog.text
+    x, y = data()
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    scale = model.scale.detach().clone()
+    opt.step()
+    assert opt.last_nino_step["ok"] and torch.equal(model.scale, scale)
 
 
 def test_meta_model_refused_before_anything_moves(nino_gnn):

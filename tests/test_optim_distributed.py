@@ -116,6 +116,15 @@ def _worker(rank, world, init_file, out_dir, scenario, ckpt_path):
             _to_nino(opt, ddp, x, y)
             opt.on_error = "skip"
             out["silent"] = _stopped(opt, model, rank, lambda: time.sleep(TIMEOUT + 2))
+        elif scenario == "unsynced":  # rank 1's parameters drift from rank 0's (no DDP sync of parameters)
+            _train(opt, ddp, x, y, 1)  # the window's first snapshot is taken at the next call
+            if rank == 1:
+                with torch.no_grad():
+                    model[0].weight[0, 0] += 1e-3
+            _to_nino(opt, ddp, x, y)
+            out["before"] = flat(model)
+            out["error"] = _nino(opt)
+            out["after"], out["snapshots"] = flat(model), opt.num_snapshots
         else:  # rank 1 dies in the middle of the NiNo step; rank 0 must neither hang nor change anything
             out["dead"] = _stopped(opt, model, rank, lambda: os._exit(3))
     except Exception as exc:
@@ -197,6 +206,16 @@ def test_ddp_nino_steps_agree_and_match_one_process(tmp_path):
     # 4. a silent rank 1: rank 0 gives up after the timeout, rank 1 when it finds rank 0 gone; both skip the step
     _check_skipped(r0["silent"])
     _check_skipped(r1["silent"])
+
+
+def test_ranks_holding_different_parameters_fail_the_step(tmp_path):
+    """Processes that do not train the same model (their snapshots differ) would each predict their share from
+    their own values: every rank skips the step instead, nothing written."""
+    res = _spawn(tmp_path, "unsynced")
+    for r in (res[0], res[1]):
+        assert "crash" not in r, r.get("crash")
+        assert r["error"] is None and torch.equal(r["after"], r["before"]) and r["snapshots"] == 0
+    assert not torch.equal(res[0]["before"], res[1]["before"])
 
 
 def _check_skipped(r):

@@ -233,7 +233,7 @@ def test_plain_accumulation_counts_optimizer_steps():
 
 
 @pytest.mark.parametrize("order", ["prepare_nino", "nino_of_prepared"])
-def test_accelerate_accumulation(order):
+def test_accelerate_accumulation(order, caplog):
     """Accelerator(gradient_accumulation_steps=2), 40 micro-batches = 20 optimizer steps: NiNo steps at 10 and
     20 and AdamW steps 18 times, whichever object wraps the other."""
     accelerate = pytest.importorskip("accelerate")
@@ -250,7 +250,9 @@ def test_accelerate_accumulation(order):
         assert opt.optimizer is nino
     else:
         model, prepared = acc.prepare(model, base)
-        nino = opt = NiNo(prepared, model=model, ckpt="linefit", period=10, max_train_steps=20)
+        with caplog.at_level(logging.WARNING, logger="nino_fast.optim"):
+            nino = opt = NiNo(prepared, model=model, ckpt="linefit", period=10, max_train_steps=20)
+        assert "accelerator.register_for_checkpointing(opt)" in caplog.text  # save_state would lose NiNo's state
     xs, ys = batches(40)
     at = []
     for i in range(40):
@@ -568,3 +570,72 @@ def test_graph_of_another_model_with_the_same_count_is_refused():
     nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
     with pytest.raises(ValueError, match="another model"):
         NiNo(torch.optim.SGD(a.parameters(), lr=0.1), model=a, ckpt=nino, period=5, graph=build_graph(c, lpe=8))
+
+
+@pytest.mark.parametrize("change", ["add_param_group", "freeze"])
+def test_resume_inside_a_window_whose_parameter_set_changed(change):
+    """A state saved after a group was added (or a layer frozen) inside a window, before the next one began,
+    resumes bitwise into a wrapper built the natural way (with the new set from the start): that window is
+    predicted over the set it was taken of, the next one over the new set, as in the uninterrupted run."""
+    xs, ys = batches(40)
+
+    def build(changed):
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+        torch.manual_seed(0)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.3)
+        late = list(model[4].parameters())
+        held = [p for p in model.parameters() if change == "freeze" or all(p is not q for q in late)]
+        groups = [{"params": held}]
+        if changed:
+            if change == "freeze":
+                model[2].requires_grad_(False)
+            else:
+                groups.append({"params": late})  # the group added at call 12, here from the start
+        nino = NiNoModel.from_checkpoint(ckpt("nino_no_posw.pt"))
+        return model, NiNo(torch.optim.Adam(groups, lr=0.01), model=model, ckpt=nino, period=10)
+
+    def run(model, opt, a, b):
+        for i in range(a, b):
+            if i == 12:  # inside the second window (snapshots at calls 2, 4, ...)
+                if change == "freeze":
+                    model[2].requires_grad_(False)
+                else:
+                    opt.add_param_group({"params": list(model[4].parameters())})
+            train(opt, model, 1, xs[i : i + 1], ys[i : i + 1])
+
+    model, opt = build(False)
+    run(model, opt, 0, 40)
+    want = flat(model)
+    model, opt = build(False)
+    run(model, opt, 0, 15)
+    assert opt.num_snapshots == 2
+    state, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    model2, opt2 = build(True)
+    model2.load_state_dict(weights)
+    opt2.load_state_dict(state)
+    for i in range(15, 40):
+        train(opt2, model2, 1, xs[i : i + 1], ys[i : i + 1])
+    assert torch.equal(flat(model2), want)
+
+
+def test_load_a_base_optimizer_state_and_into_a_plain_wrapper(caplog):
+    """The base optimizer's own state (a run without NiNo): loaded into the base, the step count taken from it,
+    a new window, said at WARNING. A NiNo state into ckpt='none': the base part and the step count."""
+    model = mlp()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    xs, ys = batches(7)
+    for i in range(7):
+        adam.zero_grad()
+        F.cross_entropy(model(xs[i]), ys[i]).backward()
+        adam.step()
+    opt = NiNo(torch.optim.Adam(model.parameters(), lr=0.01), model=model, ckpt="linefit", period=10)
+    with caplog.at_level(logging.WARNING, logger="nino_fast.optim"):
+        opt.load_state_dict(adam.state_dict())
+    assert "NiNo counts from step 7" in caplog.text
+    assert opt.step_idx == 7 and opt.num_snapshots == 0
+    assert torch.equal(opt.base_opt.state_dict()["state"][0]["exp_avg"], adam.state_dict()["state"][0]["exp_avg"])
+    model, opt = _opt_pair()
+    plain = NiNo(torch.optim.Adam(model.parameters(), lr=0.01), model=model, ckpt="none")
+    plain.load_state_dict(opt.state_dict())
+    assert plain.step_idx == opt.step_idx == 5

@@ -93,13 +93,18 @@ class Agreement:
             self.broken = f"{type(exc).__name__}: {exc}"
             raise
 
-    def agree(self, failure: Exception | None, step_idx: int) -> Exception | None:
-        """One all-reduce of (failed, step, -step): every process fails the step if any did, or if the processes
-        are not at the same step. After a failed collective the group is out of step: no further collective."""
+    def agree(self, failure: Exception | None, step_idx: int, checksum: int = 0) -> Exception | None:
+        """One all-reduce of (failed, step, -step, checksum parts and their negatives): every process fails the step
+        if any did, if the processes are not at the same step, or if their snapshots differ (``checksum``: an exact
+        digest of them; processes that do not train the same model would each predict their share from their own
+        values). After a failed collective the group is out of step: no further collective."""
         if self.broken is not None:
             return failure or RuntimeError(f"NiNo: the process group failed ({self.broken})")
         where = f"NiNo: rank {self.rank}/{self.world}"
-        flag = torch.tensor([float(failure is not None), step_idx, -step_idx], dtype=torch.float64, device=self.device)
+        digest = checksum % (1 << 62)
+        parts = [digest >> 31, digest & ((1 << 31) - 1)]  # each exact in float64
+        values = [float(failure is not None), step_idx, -step_idx, *parts, *(-v for v in parts)]
+        flag = torch.tensor(values, dtype=torch.float64, device=self.device)
         try:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         except Exception as exc:  # a peer died or timed out between the prediction and here
@@ -113,5 +118,10 @@ class Agreement:
             return RuntimeError(
                 f"{where}: the processes are at different steps ({int(-flag[2])}..{int(flag[1])}); parameters left "
                 "unchanged"
+            )
+        if failure is None and (flag[3] != -flag[5] or flag[4] != -flag[6]):
+            return RuntimeError(
+                f"{where}: the processes hold different parameters (their snapshots differ); NiNo(distributed=True) "
+                "needs every process to train the same model (DDP); parameters left unchanged"
             )
         return failure

@@ -51,6 +51,13 @@ class SnapshotBuffer:
         """The full history's per-tensor scaling statistics, one parameter tensor at a time."""
         return scale_stats_of_columns(self.data, param_shapes, method, dtype=self.work_dtype)
 
+    def checksum(self) -> int:
+        """An exact digest of the kept snapshots: the sum of their bit patterns as integers, independent of the
+        summation order and thread count (processes holding the same values get the same number)."""
+        flat = self.data[: self.count].reshape(-1)
+        bits = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        return sum(int(chunk.sum(dtype=torch.int64)) for chunk in bits.split(1 << 22))
+
     def saved(self) -> torch.Tensor | None:
         """A copy of the kept snapshots (None when there are none)."""
         return self.data[: self.count].clone() if self.count else None

@@ -216,6 +216,12 @@ class NiNo(torch.optim.Optimizer):
             self._k_schedule = []
             self._set_params(model)
             return
+        if type(base_opt).__module__.startswith("accelerate"):
+            logger.warning(
+                "NiNo: the base optimizer is prepared by Accelerate: accelerator.save_state saves the prepared "
+                "optimizer only; register this wrapper (accelerator.register_for_checkpointing(opt)) to keep NiNo's "
+                "counters and snapshots, or prepare NiNo(base) instead"
+            )
         self.ctx = int(self.predictor.ctx)
         self.interval = snapshot_interval(self.period, self.ctx)
         self._k_schedule = k_schedule(int(self.predictor.seq_len), self.max_train_steps, self.period, self.k_decay)
@@ -313,21 +319,31 @@ class NiNo(torch.optim.Optimizer):
                 named.append((n, p))
             else:
                 missing.append(n)
-        wide = self._too_wide(named)
-        return [(n, p) for n, p in named if n not in wide], missing
+        left_out = self._unpredictable(named)
+        return [(n, p) for n, p in named if n not in left_out], missing
 
-    def _too_wide(self, named) -> dict[str, tuple[int, ...]]:
-        """``{name: shape}`` of the tensors with more values per edge (a kernel's spatial size: prod(shape[2:]))
-        than the NiNo checkpoint's edge features hold (9: 3x3 kernels); NiNo cannot predict them."""
-        limit = self.predictor.max_feat_size if isinstance(self.predictor, NiNoModel) else None
-        if limit is None:
+    def _unpredictable(self, named) -> dict[str, str]:
+        """``{name: why}`` of the tensors the predictor's neural graph cannot hold: shapes a graph does not take
+        (scalars, empty or over 4-D tensors), and more values per edge (a kernel's spatial size, prod(shape[2:]))
+        than a NiNo checkpoint's edge features hold (9: 3x3 kernels). NiNo does not predict them."""
+        if self.predictor is None or not getattr(self.predictor, "needs_graph", True):
             return {}
-        return {n: tuple(p.shape) for n, p in named if p.dim() > 2 and math.prod(p.shape[2:]) > limit}
+        limit = self.predictor.max_feat_size if isinstance(self.predictor, NiNoModel) else None
+        out = {}
+        for n, p in named:
+            if p.dim() == 0 or p.dim() > 4 or p.numel() == 0:
+                out[n] = f"shape {tuple(p.shape)}: neural graphs take 1-D to 4-D tensors"
+            elif limit is not None and p.dim() > 2 and math.prod(p.shape[2:]) > limit:
+                out[n] = f"shape {tuple(p.shape)}: more values per edge than the checkpoint's {limit} (3x3 kernels)"
+        return out
 
-    def _set_params(self, model: torch.nn.Module) -> None:
+    def _set_params(self, model: torch.nn.Module, names: list[str] | None = None) -> None:
         self.model = model
         self.module = unwrap_model(model)
         named, missing = self._predicted(self.module)
+        if names is not None:  # a saved window's set (see _window_of), whatever is trainable or held now
+            wanted = set(names)
+            named, missing = [(n, p) for n, p in self.module.named_parameters() if n in wanted], []
         if self.predictor is not None:
             self._check_predicted(named)
         if missing and self.predictor is not None:
@@ -347,7 +363,7 @@ class NiNo(torch.optim.Optimizer):
         if not named:
             raise ValueError(
                 "NiNo: none of the model's trainable parameters (requires_grad=True) is in the base optimizer"
-                + (" and fits the NiNo checkpoint" if self._too_wide(self.module.named_parameters()) else "")
+                + (" and fits the neural graph" if self._unpredictable(self.module.named_parameters()) else "")
             )
         meta = [n for n, p in named if p.device.type == "meta"]
         if meta:
@@ -363,23 +379,22 @@ class NiNo(torch.optim.Optimizer):
                 "them, so on NiNo steps they are not updated",
                 outside,
             )
-        wide = self._too_wide([(n, p) for n, p in self.module.named_parameters() if p.requires_grad])
-        if wide:
-            name = next(iter(wide))
+        left_out = self._unpredictable([(n, p) for n, p in self.module.named_parameters() if p.requires_grad])
+        if left_out:
+            name = next(iter(left_out))
             logger.warning(
-                "NiNo: %d tensors have more values per edge than the NiNo checkpoint holds (%d: kernels up to 3x3), "
-                "e.g. %r of shape %s; NiNo does not predict them: the base optimizer trains them and NiNo steps "
-                "leave them as they are",
-                len(wide),
-                self.predictor.max_feat_size,
+                "NiNo: %d tensors do not fit the neural graph (e.g. %r, %s); NiNo does not predict them: the base "
+                "optimizer trains them and NiNo steps leave them as they are",
+                len(left_out),
                 name,
-                wide[name],
+                left_out[name],
             )
 
-    def set_model(self, model: torch.nn.Module, graph=None) -> None:
+    def set_model(self, model: torch.nn.Module, graph=None, names: list[str] | None = None) -> None:
         """(Re)read the predicted parameters of ``model`` and build their neural graph; drops kept snapshots.
-        (Done by itself at the start of a window when the trainable parameters of the optimizer changed.)"""
-        self._set_params(model)
+        (Done by itself at the start of a window when the trainable parameters of the optimizer changed.)
+        ``names``: predict exactly these parameters of ``model`` (a saved window's set) instead."""
+        self._set_params(model, names)
         if self.predictor is None:
             return
         if isinstance(self.predictor, torch.nn.Module):  # official default: NiNo runs where the model is
@@ -657,7 +672,7 @@ class NiNo(torch.optim.Optimizer):
         except Exception as exc:
             pred, failure = None, exc
         if self.distributed:  # every process learns whether all succeeded before any of them writes
-            failure = self._dist.agree(failure, self.step_idx)
+            failure = self._dist.agree(failure, self.step_idx, self.snapshots.checksum())
         if failure is not None and self.on_error == "raise":
             self.last_nino_step = dict(step=at, k=k, seconds=time.perf_counter() - t0, update_norm=0.0, ok=False)
             raise failure
@@ -714,6 +729,7 @@ class NiNo(torch.optim.Optimizer):
             "ctx": self.ctx,
             "period": self.period,
             "fingerprint": self.fingerprint,
+            "names": list(self._names),
         }
 
     def state_dict(self) -> dict:
@@ -731,7 +747,36 @@ class NiNo(torch.optim.Optimizer):
 
     def load_nino_state_dict(self, saved: dict) -> None:
         """Restore :meth:`nino_state_dict`'s output (snapshots cast to ``snapshot_dtype``); all checked first."""
-        self._apply_nino_state(*check_nino_state(saved, self))
+        with self._window_of(saved):
+            checked = check_nino_state(saved, self)
+        self._apply_nino_state(*checked)
+
+    _MODEL_ATTRS = ("model", "module", "_names", "_params", "num_params", "fingerprint", "graph", "snapshots")
+
+    @contextlib.contextmanager
+    def _window_of(self, saved):
+        """Predict the parameter set the saved state's window was taken of, when it differs from the one this
+        wrapper reads now (groups added, parameters frozen or unfrozen since that window began): the saving run
+        predicted that set until its next window, where :meth:`_refresh_params` switches to the current one, as
+        it did there. Undone if the block raises."""
+        names = saved.get("names") if isinstance(saved, dict) else None
+        if self.predictor is None or not isinstance(names, list) or names == self._names:
+            yield
+            return
+        params = dict(self.module.named_parameters())
+        if any(n not in params for n in names) or saved.get("fingerprint") != fingerprint(
+            [(n, tuple(params[n].shape)) for n in names]
+        ):  # not a subset of this model's parameters: the checks say what differs
+            yield
+            return
+        before = {k: getattr(self, k) for k in self._MODEL_ATTRS}
+        try:
+            self.set_model(self.model, names=names)
+            yield
+        except BaseException:
+            for k, v in before.items():
+                setattr(self, k, v)
+            raise
 
     def _apply_nino_state(self, step_idx: int, count: int, snaps) -> None:
         if self.snapshots is not None:
@@ -751,14 +796,45 @@ class NiNo(torch.optim.Optimizer):
             base = state_dict
         elif "base" in state_dict:  # the layout before NiNo was a torch Optimizer
             saved, base = state_dict, state_dict["base"]
+        elif "state" in state_dict and "param_groups" in state_dict:  # the base optimizer's own state dict
+            saved, base = None, state_dict
         else:
             raise ValueError("NiNo.load_state_dict: missing key 'nino' (not a NiNo state_dict?)")
-        checked = check_nino_state(saved, self)
-        check_base_groups(self.param_groups, base)
-        self.base_opt.load_state_dict(base)
-        self._apply_nino_state(*checked)
+        if saved is None or self.predictor is None:
+            check_base_groups(self.param_groups, base)
+            self._load_without_window(saved, base)
+        else:
+            with self._window_of(saved):
+                checked = check_nino_state(saved, self)
+                check_base_groups(self.param_groups, base)
+            self.base_opt.load_state_dict(base)
+            self._apply_nino_state(*checked)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _load_without_window(self, saved, base) -> None:
+        """The base optimizer's state and the step count only: a state without NiNo's part (e.g. a run trained
+        with the base optimizer alone; the step count then from the base's per-parameter ``step``, if it keeps
+        one), or any state into a wrapper without NiNo steps (``ckpt='none'``)."""
+        if saved is not None:
+            step_idx = check_int("NiNo.load_state_dict", "step_idx", saved.get("step_idx"), 0)
+            logger.info(
+                "NiNo.load_state_dict: no NiNo steps in this wrapper (ckpt='none'): its saved snapshots dropped"
+            )
+        else:
+            steps = [int(v["step"]) for v in base["state"].values() if isinstance(v, dict) and "step" in v]
+            step_idx = max(steps, default=0)
+            if self.predictor is not None:
+                logger.warning(
+                    "NiNo.load_state_dict: a state without NiNo's part (the base optimizer's own): loaded into the "
+                    "base optimizer; NiNo counts from step %d%s and starts a new snapshot window",
+                    step_idx,
+                    "" if steps else " (the base keeps no step count: set opt.step_idx to the step reached)",
+                )
+        self.base_opt.load_state_dict(base)
+        if self.snapshots is not None:
+            self.snapshots.count = 0
+        self.step_idx = step_idx
 
     def __repr__(self) -> str:
         pred = (
