@@ -254,12 +254,13 @@ def _validate(model, gs: GraphPart, states, k) -> bool:
 
 
 def _checksums(states: torch.Tensor) -> tuple[float, float]:
-    """float64 sum and sum of |x| of ``states``, in row chunks (no float64 copy of the whole history)."""
+    """float64 sum and sum of |x| of ``states``, in row chunks (no float64 copy of the whole history; never in
+    place: for float64 states ``.double()`` is the caller's tensor itself)."""
     s = a = 0.0
     for i in range(0, states.shape[0], CHUNK):
         x = states[i : i + CHUNK].double()
         s += x.sum().item()
-        a += x.abs_().sum().item()
+        a += x.abs().sum().item()
     return s, a
 
 
