@@ -434,6 +434,7 @@ def nowcast_sharded(
         error = exc
     if _agree_on_inputs(comm, model, graph, states, k, full, error, scales is not None, digest):
         gs = _rank0_lpe(comm, gs)
+    states = states.contiguous()  # torch orders a reduction's sums by the layout: same values, same bits
 
     P, shard = gs.num_params, gs
     failure: Exception | None = None

@@ -473,6 +473,7 @@ class NiNoModel(nn.Module):
             opts = dict(fused=fused, ratio=edge_sample_ratio, subgraph=subgraph, edge_dtype=edge_dtype)
             return self._nowcast_layout(graph, states, k, backend, max_memory, progress, named_shapes, **opts)
         k = self._check_inputs(graph, states, k, "NiNoModel.nowcast", named_shapes)
+        states = states.contiguous()  # torch orders a reduction's sums by the layout: same values, same bits
         path = self._path(backend, fused, max_memory, edge_sample_ratio, subgraph, edge_dtype)
         graph = graph.to(self.device)
         if path == "in-memory":
@@ -505,7 +506,7 @@ class NiNoModel(nn.Module):
         history = states
         if isinstance(states, torch.Tensor):
             self._check_layout_states(layout, states, who)
-            history = MemoryHistory(states, layout.param_shapes)
+            history = MemoryHistory(states.contiguous(), layout.param_shapes)  # (as nowcast: same bits)
         elif not isinstance(states, TensorHistory):
             raise InputTypeError(
                 f"{who}: states must be a (n_params, ctx) tensor or a TensorHistory, got {describe(states)}"

@@ -145,6 +145,17 @@ def test_bad_inputs(llama_case, mutate, k, match):
         model.nowcast(graph, mutate(states.clone()), k)
 
 
+@pytest.mark.parametrize("max_memory", [None, "4MB"])
+def test_states_layout_does_not_change_the_bits(llama_case, max_memory):
+    """The same values in another memory layout (column-major, a strided view) give the same bits: torch's
+    reductions order their sums by the layout, so the step reads a contiguous history."""
+    model, graph, states = llama_case
+    want = model.nowcast(graph, states, 7, max_memory=max_memory)
+    for other in (states.t().contiguous().t(), torch.stack([states, states], 2)[:, :, 0]):
+        assert torch.equal(other, states) and not other.is_contiguous()
+        assert torch.equal(model.nowcast(graph, other, 7, max_memory=max_memory), want)
+
+
 def test_graph_model_mismatch(llama_case):
     model, graph, states = llama_case
     no_lpe = build_graph(load("llama")["named"], arch="llama", num_heads=6, num_key_value_heads=2, lpe=0)
