@@ -11,6 +11,7 @@ import platform
 import sys
 from collections.abc import Sequence
 
+from ._args import NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT
 from .meta.cli import add_parsers as add_meta_parsers
 from .metanet.cli import add_parsers as add_metanet_parsers
 
@@ -121,23 +122,25 @@ def _add_step_parser(sub) -> None:
         help="output file, or directory for Hugging Face directories and sharded index files (its parent must "
         "exist; an existing --out is replaced atomically)",
     )
-    p.add_argument("--k", type=int, help="horizon in snapshot spacings (1..40 for NiNo)")
-    p.add_argument("--period", type=int, help="steps between NiNo steps (k from the schedule, with --max-train-steps)")
-    p.add_argument("--max-train-steps", type=int, help="planned training steps, for the k schedule")
+    p.add_argument("--k", type=POSITIVE, help="horizon in snapshot spacings (1..40 for NiNo)")
+    p.add_argument(
+        "--period", type=POSITIVE, help="steps between NiNo steps (k from the schedule, with --max-train-steps)"
+    )
+    p.add_argument("--max-train-steps", type=NON_NEGATIVE, help="planned training steps, for the k schedule")
     p.add_argument(
         "--step",
-        type=int,
+        type=NON_NEGATIVE,
         help="optimizer steps done at the last snapshot (default: parsed from its "
         "name, e.g. step_3000 or checkpoint-3000)",
     )
-    p.add_argument("--k-decay", type=float, default=2.0, help="power of the k schedule (default 2)")
+    p.add_argument("--k-decay", type=POSITIVE_FLOAT, default=2.0, help="power of the k schedule (default 2)")
     p.add_argument(
         "--arch",
         help="graph architecture for plain state dicts (generic, gpt2, llama, qwen3, bert, "
         "vit, nanogpt; default generic)",
     )
-    p.add_argument("--num-heads", type=int, help="attention heads (transformer state dicts)")
-    p.add_argument("--num-kv-heads", type=int, help="key/value heads (grouped-query attention)")
+    p.add_argument("--num-heads", type=POSITIVE, help="attention heads (transformer state dicts)")
+    p.add_argument("--num-kv-heads", type=POSITIVE, help="key/value heads (grouped-query attention)")
     p.add_argument("--exclude", help="regex of tensor names to leave unchanged (plain state dicts)")
     p.add_argument(
         "--config",
@@ -184,7 +187,11 @@ def _add_step_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nino-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nino-fast",
+        description="NiNo from the command line: one NiNo step on saved checkpoints (step), meta-training data and "
+        "training (collect, train), metanetworks (metanet zoo|train|eval), and what this install can run (info).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions and available backends").set_defaults(func=info)
     _add_step_parser(sub)

@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._args import POSITIVE, POSITIVE_FLOAT
 from ._env import torch_threads
 from .meta import tasks
 from .meta.tasks import load_digits_split
@@ -243,7 +245,12 @@ def pick_predictor(ckpt: str | None, task: str = "convnet") -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nino_fast.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nino_fast.demo",
+        description="A small model trained with AdamW alone and with AdamW + NiNo (a ConvNet on scikit-learn's "
+        "digits, or --task lm a character-level GPT-2): how many steps does each need to reach AdamW's final "
+        "validation loss (the mean of its last 5 evaluations)?",
+    )
     p.add_argument(
         "--task",
         choices=("convnet", "lm"),
@@ -255,17 +262,19 @@ def main(argv=None) -> int:
         help="NiNo checkpoint, or 'linefit' / 'linefit+' (default: convnet: ../shared/checkpoints/nino_no_posw.pt "
         "beside the repository, else the bundled one, else linefit+; lm: the bundled language-model checkpoint)",
     )
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, help="default: 2000 (convnet), 1000 (lm)")
+    p.add_argument("--seeds", type=POSITIVE, default=3)
+    p.add_argument("--steps", type=POSITIVE, help="default: 2000 (convnet), 1000 (lm)")
     p.add_argument(
-        "--period", type=int, help="steps between NiNo steps (snapshots every period/5); default 200 / 100 (lm)"
+        "--period",
+        type=POSITIVE,
+        help="steps between NiNo steps, a multiple of 5 (snapshots every period/5); default 200 / 100 (lm)",
     )
-    p.add_argument("--lr", type=float, help="AdamW's learning rate; default 3e-3 / 1e-3 (lm)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, help="AdamW's learning rate; default 3e-3 / 1e-3 (lm)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning rate")
-    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-every", type=POSITIVE, default=20)
     p.add_argument(
         "--threads",
-        type=int,
+        type=POSITIVE,
         default=1,
         help="torch threads (1: batches of 64 tiny images, or of 16 x 64 characters, gain little from more)",
     )
@@ -279,9 +288,17 @@ def main(argv=None) -> int:
     for name, convnet_default, lm_default in (("steps", 2000, 1000), ("period", 200, 100), ("lr", 3e-3, 1e-3)):
         if getattr(args, name) is None:
             setattr(args, name, lm_default if lm else convnet_default)
+    if args.period % 5:
+        p.error(f"argument --period: must be a multiple of 5 (NiNo's ctx), got {args.period}")
+    if args.period > args.steps:
+        p.error(f"argument --period: {args.period} is more than --steps {args.steps}: no NiNo step would happen")
     logging.basicConfig(level=logging.WARNING)
-    with torch_threads(args.threads):  # the caller's thread count is restored after
-        return _run(args)
+    try:
+        with torch_threads(args.threads):  # the caller's thread count is restored after
+            return _run(args)
+    except (ValueError, OSError) as exc:  # a checkpoint that is not one, an --out that cannot be written
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _task(args):

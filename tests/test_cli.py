@@ -230,3 +230,54 @@ def test_hf_directory_with_bin_and_tied_weights(tmp_path):
     assert (out / "config.json").is_file() and not (out / "model.safetensors").exists()
     for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "lm_head.weight"):
         torch.testing.assert_close(pred[name], sd[name] + 7 * delta[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["collect", "--out", "{tmp}/s", "--save-every", "0"], "argument --save-every: must be an integer >= 1, got 0"),
+        (["collect", "--out", "{tmp}/s", "--max-runs", "-1"], "argument --max-runs: must be an integer >= 0, got -1"),
+        (["collect", "--out", "{tmp}/s", "--threads", "0"], "argument --threads: must be an integer >= 1"),
+        (["collect", "--out", "{tmp}/file"], "nino-fast collect: error: "),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/n.pt", "--batch", "0"], "argument --batch: must be an integer"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/n.pt", "--lr", "nan"], "argument --lr: must be a finite number"),
+        (
+            ["train", "--data", "{tmp}", "--out", "{tmp}/n.pt", "--backend", "bogus"],
+            "--backend 'bogus' is not available",
+        ),
+        (["metanet", "zoo", "--out", "{tmp}/file"], "nino-fast metanet zoo: error: "),
+        (["metanet", "train", "--zoo", "{tmp}", "--out", "{tmp}/m.pt", "--epochs", "0"], "argument --epochs: must be"),
+        (["step", "a", "b", "--nino", "linefit", "--out", "o", "--k", "0"], "argument --k: must be an integer >= 1"),
+    ],
+)
+def test_bad_options_are_usage_errors(tmp_path, capsys, argv, said):
+    """Every subcommand: a bad value is a one-line error with status 2 that names it, never a traceback."""
+    (tmp_path / "file").write_text("not a directory")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["--period", "33"], "must be a multiple of 5"),
+        (["--period", "500", "--steps", "100"], "no NiNo step would happen"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1"),
+        (["--lr", "-1"], "argument --lr: must be a finite number > 0"),
+        (["--ckpt", "{tmp}/missing.pt", "--steps", "10", "--period", "5", "--seeds", "1"], "no such file"),
+    ],
+)
+def test_demo_bad_options(tmp_path, capsys, argv, said):
+    from nino_fast import demo
+
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "out")]
+    try:
+        code = demo.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and said in capsys.readouterr().err

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from .._args import NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT
+
 
 def _zoo(args: argparse.Namespace) -> int:
     from .zoo import accuracy_spread, build_zoo, load_zoo
@@ -53,7 +55,7 @@ def _run(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
+        except (ValueError, TypeError, OSError) as exc:
             print(f"nino-fast metanet {args.metanet_command}: error: {exc}", file=sys.stderr)
             return 2
 
@@ -78,9 +80,9 @@ def add_parsers(sub) -> None:
         "store each model's weights and held-out test accuracy. Resumable: rerun to continue.",
     )
     p.add_argument("--out", required=True, help="zoo directory (created; an existing zoo is continued)")
-    p.add_argument("--size", type=int, default=1500, help="number of models (default 1500, ~10 min on one core)")
+    p.add_argument("--size", type=POSITIVE, default=1500, help="number of models (default 1500, ~10 min on one core)")
     p.add_argument("--seed", type=int, default=0, help="zoo seed (model i is a function of seed and i)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=POSITIVE, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run(_zoo))
 
@@ -92,17 +94,19 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--zoo", required=True, help="zoo directory made by `nino-fast metanet zoo`")
     p.add_argument("--out", required=True, help="metanet checkpoint to write (MetaNet.load reads it)")
-    p.add_argument("--hid", type=int, default=128, help="node channels")
-    p.add_argument("--edge-dim", type=int, default=16, help="edge channels")
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--hid", type=POSITIVE, default=128, help="node channels")
+    p.add_argument("--edge-dim", type=POSITIVE, default=16, help="edge channels")
+    p.add_argument("--layers", type=POSITIVE, default=3)
     p.add_argument("--pool", choices=("mean", "sum", "attention"), default="mean")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch", type=int, default=32, help="graphs per step (one block-diagonal batch)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--wd", type=float, default=1e-4)
-    p.add_argument("--rank-weight", type=float, default=1.0, help="weight of the pairwise ranking term beside the MSE")
+    p.add_argument("--epochs", type=POSITIVE, default=40)
+    p.add_argument("--batch", type=POSITIVE, default=32, help="graphs per step (one block-diagonal batch)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
+    p.add_argument("--wd", type=NON_NEGATIVE_FLOAT, default=1e-4)
+    p.add_argument(
+        "--rank-weight", type=NON_NEGATIVE_FLOAT, default=1.0, help="weight of the pairwise ranking term beside the MSE"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=POSITIVE, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run(_train))
 
@@ -116,5 +120,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="metanet checkpoint from `nino-fast metanet train`")
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--seed", type=int, default=0, help="StatNN's seed")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=POSITIVE, default=1)
     p.set_defaults(func=_run(_eval))
