@@ -195,6 +195,16 @@ def test_resume_equals_uninterrupted(store, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_changed_options(store, tmp_path):
+    """A state continues only its own run: another --steps (its cosine schedule), lr or seed is refused, while
+    where to stop and how many threads may change."""
+    train(cfg(store, tmp_path / "c.pt", stop_at=2), log=lambda *_: None)
+    for change in (dict(steps=20), dict(lr=1e-2), dict(seed=5)):
+        with pytest.raises(ValueError, match=f"continues a run with {next(iter(change))}="):
+            train(cfg(store, tmp_path / "c.pt", **change), log=lambda *_: None)
+    assert train(cfg(store, tmp_path / "c.pt", stop_at=4, threads=2), log=lambda *_: None)["step"] == 4
+
+
 def test_nan_loss_is_skipped_and_nan_params_restored(store, tmp_path):
     seen = {}
 

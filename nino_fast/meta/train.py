@@ -167,15 +167,37 @@ class _Trainer:
         self.cpu_seconds, self.graphs = 0.0, 0
         if self.state_path.is_file():
             st = torch.load(self.state_path, map_location="cpu", weights_only=True)
-            was = st.get("config", {}).get("arch", "nino")
-            if was != cfg.arch:
-                raise ValueError(
-                    f"train: {self.state_path} continues an arch={was!r} run, not arch={cfg.arch!r}; "
-                    "use another --out or delete the state file"
-                )
+            self._check_same_run(st.get("config", {}))
             self._load(st)
             log(f"train: resumed from {self.state_path} at step {self.step}")
         self.good = self._state()
+
+    # what may change between a run and its continuation: where things are, when to stop, how fast to run
+    _RESUMABLE_CHANGES = (
+        "data",
+        "out",
+        "init_from",
+        "ckpt_every",
+        "log_every",
+        "stop_at",
+        "max_minutes",
+        "threads",
+        "backend",
+        "path",
+    )
+
+    def _check_same_run(self, saved: dict) -> None:
+        """A state continues only the run it was saved by: every option that shapes the result (steps and hence
+        the schedule, lr, batch, seed, ...) as it was."""
+        now = dataclasses.asdict(self.cfg)
+        saved = {"arch": "nino", **saved}  # (states saved before the other options were kept)
+        changed = [k for k in now if k not in self._RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
+        if changed:
+            said = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed)
+            raise ValueError(
+                f"train: {self.state_path} continues a run with {said}; rerun with the same options, or use another "
+                "--out or delete the state file to start over"
+            )
 
     def _warm_start(self, path: str) -> None:
         """Copy the weights of checkpoint ``path`` (fine-tuning; the optimizer and schedule start fresh). A
