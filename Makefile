@@ -17,7 +17,6 @@ EXT_STAMP := build/.nino_fast-ext
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h)
 PY_SRC := nino_fast tests bench triton_kernels setup.py
 CLANG_SRC = $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
-CLANG_FORMAT = $(firstword $(wildcard $(VENV)/bin/clang-format) $(shell command -v clang-format 2> /dev/null))
 
 CUDA_VENV ?= $(HOME)/.cache/nino_fast/venv-cu130
 CUDA_TORCH ?= torch==2.14.1
@@ -97,18 +96,21 @@ bench: $(EXT_STAMP) $(BENCH_STAMP)
 bench-quick: $(EXT_STAMP) $(BENCH_STAMP)
 	$(PY) -m bench --quick $(BENCH_ARGS)
 
+# The formatters are pinned (another version formats differently) and run from the venv they were just installed
+# into (a $(wildcard ...) of them would be expanded before the install, and skip the C++ on a fresh clone).
+LINTERS = "ruff==0.17.6" "clang-format==23.1.5"
+
 lint: $(STAMP)
-	$(PIP) install -q ruff clang-format
+	$(PIP) install -q $(LINTERS)
 	$(VENV)/bin/ruff check $(PY_SRC)
 	$(VENV)/bin/ruff format --check $(PY_SRC)
-	@if [ -n "$(CLANG_FORMAT)" ]; then $(CLANG_FORMAT) --dry-run --Werror $(CLANG_SRC); \
-	else echo "lint: clang-format not found (pip install clang-format), C++ not checked"; fi
+	$(VENV)/bin/clang-format --dry-run --Werror $(CLANG_SRC)
 
 format: $(STAMP)
-	$(PIP) install -q ruff clang-format
+	$(PIP) install -q $(LINTERS)
 	$(VENV)/bin/ruff check --fix $(PY_SRC)
 	$(VENV)/bin/ruff format $(PY_SRC)
-	@if [ -n "$(CLANG_FORMAT)" ]; then $(CLANG_FORMAT) -i $(CLANG_SRC); fi
+	$(VENV)/bin/clang-format -i $(CLANG_SRC)
 
 # Compile-only check of the CUDA extension against a CUDA build of torch, in a venv outside the checkout
 # (created when missing; the first torch install takes minutes). The result goes to $(CUDA_BUILD)/lib: the CPU
