@@ -283,6 +283,8 @@ class NiNoModel(nn.Module):
             else "NiNoModel.from_checkpoint"
         )
         if isinstance(path_or_dict, (str, os.PathLike)):
+            if os.path.isdir(path_or_dict):
+                raise IsADirectoryError(f"{where}: a directory, not a checkpoint file")
             if not os.path.isfile(path_or_dict):
                 raise FileNotFoundError(f"{where}: no such file")
             try:
@@ -295,9 +297,10 @@ class NiNoModel(nn.Module):
             raise ValueError(f"{where}: expected a dict checkpoint, got {type(ckpt).__name__}")
         state = ckpt.get("state_dict", ckpt)
         args = ckpt.get("model_args")
-        args = {} if args is None else args
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{where}: 'state_dict' must map names to tensors")
+        if args is None:  # a bare state_dict: what its keys say (nino_no_posw.pt's weights have no wte_pos_enc)
+            args = {} if "wte_pos_enc_layer.weight" in state else {"wte_pos_enc": False}
         check_model_args(args, where)  # before anything is allocated
         with torch.device("meta"):  # shapes only: checked against the weights before any memory is spent
             model = cls(**args)

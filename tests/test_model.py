@@ -116,6 +116,17 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="must map names to tensors"):
         NiNoModel.from_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(IsADirectoryError, match="a directory, not a checkpoint file"):
+        NiNoModel.from_checkpoint(tmp_path)
+
+
+def test_bare_state_dict_says_its_own_args():
+    """A bare state_dict (no model_args) of nino_no_posw.pt has no wte_pos_enc weights: loaded without it."""
+    sd = torch.load(ckpt("nino_no_posw.pt"), weights_only=True)
+    bare = NiNoModel.from_checkpoint(sd["state_dict"])
+    assert not bare.wte_pos_enc
+    full = NiNoModel.from_checkpoint(sd)
+    assert all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(), full.state_dict().values(), strict=True))
 
 
 @pytest.fixture(scope="module")
