@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 
 import pytest
 import torch
@@ -190,3 +191,20 @@ def test_llama_like_decoders(family):
     want = build_graph(named, arch="llama", num_heads=4, num_key_value_heads=2, lpe=0)
     for got in (build_graph(model, lpe=0), build_graph(model, arch="llama", lpe=0)):
         assert torch.equal(got.edge_index(), want.edge_index())
+
+
+def test_lpe_must_be_finite_and_given_heads_that_differ_from_the_config_warn(caplog):
+    named = [("0.weight", (8, 6)), ("0.bias", (8,)), ("2.weight", (3, 8))]
+    n = build_graph(named, lpe=0).num_nodes
+    bad = torch.zeros(n, 4)
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="lpe has 1 NaN/Inf values"):
+        build_graph(named, lpe=bad)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=40,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="nino_fast.graph"):
+        build_graph(transformers.LlamaForCausalLM(cfg), num_heads=8, lpe=0)
+    assert "num_heads=8 given, the model's config has 4" in caplog.text

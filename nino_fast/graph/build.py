@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
@@ -17,6 +18,8 @@ from .neural_graph import NeuralGraph, assemble, assemble_rows, csr_rowptr, row_
 from .pieces import GraphLayout, RowRange
 
 NamedShapes = Iterable[tuple[str, "torch.Size | tuple[int, ...] | torch.Tensor"]]
+
+logger = logging.getLogger(__name__)
 
 
 def detect_arch(module: torch.nn.Module) -> tuple[str, int | None, int | None]:
@@ -100,6 +103,11 @@ def _arch_and_heads(model, arch, num_heads, num_key_value_heads) -> tuple[str, i
     if isinstance(model, torch.nn.Module) and (arch is None or arch in TRANSFORMERS):
         # a given transformer arch takes its head counts from the config (e.g. a Llama-like model as "llama")
         arch, heads, kv = detect_arch(model) if arch is None else (arch, *config_heads(model))
+        for name, given, found in (("num_heads", num_heads, heads), ("num_key_value_heads", num_key_value_heads, kv)):
+            if given is not None and found is not None and given != found:
+                logger.warning(
+                    "build_graph: %s=%s given, the model's config has %s; the graph uses %s", name, given, found, given
+                )
         if num_heads is None:
             num_heads, origin["num_heads"] = heads, "detected from the model config"
         if num_key_value_heads is None:
@@ -215,6 +223,9 @@ def _lpe(blocks, n_nodes: int, lpe, cache: bool | None) -> torch.Tensor | None:
         t = torch.as_tensor(lpe, dtype=torch.float32)
         if t.dim() != 2 or t.shape[0] != n_nodes:
             raise ValueError(f"build_graph: lpe must be (num_nodes={n_nodes}, k), got {tuple(t.shape)}")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"build_graph: lpe has {bad} NaN/Inf values")
         return t.contiguous()
     if not is_int(lpe) or lpe < 0:
         err = ValueError if is_int(lpe) else InputTypeError
