@@ -262,3 +262,13 @@ def test_bundled_checkpoint_is_finished_and_continues_a_trend():
         assert torch.nn.functional.cosine_similarity(delta, direction, dim=0) > 0.8
         moved.append(float(delta.norm() / direction.norm()))
     assert 0.2 < moved[0] < moved[1] < moved[2]
+
+
+def test_collect_refuses_a_store_of_other_runs(store, tmp_path):
+    """A store holding a run of the same id but another length (or save spacing) is not silently continued."""
+
+    spec = next(iter(TrajectoryStore(store).runs.values()))["spec"]
+    with pytest.raises(ValueError, match="with steps="):
+        collect(str(store), [dict(spec, steps=spec["steps"] + spec["save_every"])], log=lambda *_: None)
+    with pytest.raises(ValueError, match="is not a trajectory store"):
+        train(cfg(tmp_path / "nothing", tmp_path / "n.pt"), log=lambda *_: None)

@@ -40,12 +40,24 @@ def collect(
         return _collect(out, plan, budget_min, max_runs, dtype, log)
 
 
+def _check_same_runs(store: TrajectoryStore, plan: list[dict], out) -> None:
+    """A run the store holds already must be the one the plan asks for (its id does not say how long it ran or
+    how often it was saved): a store is continued, never silently mixed."""
+    for spec in plan:
+        kept = store.runs.get(tasks.task_id(spec), {}).get("spec", {})
+        changed = [k for k in ("steps", "save_every") if k in kept and kept[k] != spec[k]]
+        if changed:
+            said = ", ".join(f"{k}={kept[k]} (now {spec[k]})" for k in changed)
+            raise ValueError(f"collect: {out} holds run {tasks.task_id(spec)} with {said}; use another --out")
+
+
 def _collect(out, plan, budget_min, max_runs, dtype, log) -> dict:
     plan = tasks.default_plan() if plan is None else plan
     tasks.check_plan(plan)
     if max_runs is not None:
         plan = plan[:max_runs]
     store = TrajectoryStore(out, dtype)
+    _check_same_runs(store, plan, out)
     sizes = {}
     for spec in plan:
         n_params = sum(math.prod(s) for _, s in tasks.named_shapes(spec))

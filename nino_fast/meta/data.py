@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -211,6 +212,10 @@ class WindowSampler:
     def __init__(
         self, store, ctx=5, K=40, stride_steps=40, samples_per_traj=4, lpe=8, seed=0, runs=None, max_params=None
     ):
+        if not isinstance(store, TrajectoryStore) and not (Path(store) / "manifest.json").is_file():
+            raise ValueError(
+                f"WindowSampler: {store} is not a trajectory store (no manifest.json; `nino-fast collect` makes one)"
+            )
         self.store = store if isinstance(store, TrajectoryStore) else TrajectoryStore(store)
         self.ctx, self.K, self.spt, self.lpe = ctx, K, samples_per_traj, lpe
         self.gen = torch.Generator().manual_seed(seed)

@@ -604,6 +604,10 @@ def make_plan(
     by rerunning with more)."""
     if name not in PLANS:
         raise ValueError(f"make_plan: unknown plan {name!r} (expected one of {list(PLANS)})")
+    if save_every > steps:
+        raise ValueError(
+            f"make_plan: save_every ({save_every}) is more than steps ({steps}): a run would keep one state"
+        )
     extra = {}
     if rounds is not None:
         if "rounds" not in inspect.signature(PLANS[name]).parameters:
