@@ -243,3 +243,10 @@ def test_transformer_graph():
     model = tiny_transformer("gpt2")
     out = metanet.predict(model)
     assert isinstance(out, float) and out == out
+
+
+def test_too_small_a_zoo_is_refused(tmp_path):
+    """Four models leave one for validation: no spread (R^2 would be NaN, the 'best' epoch meaningless): refused."""
+    tiny = build_zoo(tmp_path / "tiny", size=4, seed=4, progress=False, max_steps=40)  # 2/1/1
+    with pytest.raises(ValueError, match="at least 2 of each are needed"):
+        train_metanet(tiny, TrainConfig(epochs=1), progress=False)

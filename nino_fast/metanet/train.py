@@ -97,6 +97,11 @@ def train_metanet(zoo: str | os.PathLike, cfg: TrainConfig, progress: bool = Tru
     torch.set_num_threads(cfg.threads)
     try:
         train_set, val_set = load_zoo(zoo, ("train",)), load_zoo(zoo, ("val",))
+        if len(train_set) < 2 or len(val_set) < 2:  # R^2 needs a spread of targets on both sides
+            raise ValueError(
+                f"train_metanet: {zoo} has {len(train_set)} train and {len(val_set)} validation models; at least 2 "
+                "of each are needed (build a larger zoo: nino-fast metanet zoo --size N)"
+            )
         torch.manual_seed(cfg.seed)
         net = MetaNet(cfg.hid, cfg.edge_dim, cfg.layers, cfg.pool)
         cache = GraphCache()
