@@ -639,3 +639,62 @@ def test_load_a_base_optimizer_state_and_into_a_plain_wrapper(caplog):
     plain = NiNo(torch.optim.Adam(model.parameters(), lr=0.01), model=model, ckpt="none")
     plain.load_state_dict(opt.state_dict())
     assert plain.step_idx == opt.step_idx == 5
+
+
+def test_sparse_embedding_keeps_sparse_gradients_across_a_nino_step():
+    """zero_grad leaves a zero gradient for the NiNo step (GradScaler needs one); it is taken back after the step,
+    so a sparse embedding (SparseAdam) never meets a dense gradient, also with zero_grad(set_to_none=False)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+            self.emb = nn.Embedding(10, 4, sparse=True)  # registered last: the parameter zero_grad picks
+
+        def forward(self, idx):
+            return self.head(self.emb(idx).mean(1))
+
+    torch.manual_seed(0)
+    model = Net()
+    base = torch.optim.SparseAdam([model.emb.weight], lr=1e-2)
+    other = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    opt = NiNo(base, model=model, ckpt="linefit+", period=5)
+    idx, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    for i in range(12):
+        if i == 4:  # as in a run resumed just before the NiNo step: no gradient yet
+            model.emb.weight.grad = None
+        opt.zero_grad(set_to_none=False)
+        other.zero_grad()
+        if opt.need_grads:
+            F.cross_entropy(model(idx), y).backward()
+            other.step()
+        opt.step()
+        assert model.emb.weight.grad is None or model.emb.weight.grad.layout == torch.sparse_coo
+    assert opt.last_nino_step["ok"] and opt.step_idx == 12
+
+
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
+def test_fsdp_sharded_parameters_are_refused(tmp_path, kind):
+    """FSDP gives each process a piece of each tensor: no graph or common prediction can come of it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = mlp()
+        try:
+            if kind == "fsdp1":
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                model = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+            else:
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(model)
+        except Exception as exc:  # this torch build cannot shard on the CPU
+            pytest.skip(f"{kind} on the CPU: {type(exc).__name__}: {exc}")
+        with pytest.raises(ValueError, match="sharded by FSDP"):
+            NiNo(torch.optim.AdamW(model.parameters()), model=model, ckpt="linefit+", period=5)
+    finally:
+        dist.destroy_process_group()

@@ -100,6 +100,17 @@ from .state import check_base_groups, check_nino_state
 logger = logging.getLogger(__package__)
 
 
+def _fsdp_sharded(model: torch.nn.Module, named) -> str | None:
+    """The name of a parameter FSDP shards (FSDP2's DTensors, FSDP1's flat parameters or the parameters of a
+    FullyShardedDataParallel module), else None."""
+    for n, p in named:
+        if type(p).__name__ in ("DTensor", "FlatParameter") or "_flat_param" in n or "_fsdp_wrapped_module" in n:
+            return n
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        return named[0][0] if named else "?"
+    return None
+
+
 @contextlib.contextmanager
 def _interrupts_held():
     """Hold Ctrl-C back while the block runs (re-delivered after it): the parameters are written all or none.
@@ -207,6 +218,7 @@ class NiNo(torch.optim.Optimizer):
         self.step_idx = 0
         self.last_nino_step = None
         self._running = None  # while step() runs: whether this call is a NiNo step (need_grads in closures)
+        self._planted = None  # (parameter, zero gradient) that zero_grad left for a NiNo step
         self.graph = None
         self.snapshots: SnapshotBuffer | None = None
         self.nino_device = nino_device
@@ -281,6 +293,13 @@ class NiNo(torch.optim.Optimizer):
             p = next((p for p in reversed(self._params) if p.requires_grad), None)
             if p is not None and p.grad is None:
                 p.grad = torch.zeros_like(p)
+                self._planted = (p, p.grad)  # taken back after the NiNo step (a sparse parameter wants no dense grad)
+
+    def _unplant(self) -> None:
+        """Remove the zero gradient :meth:`zero_grad` left for the NiNo step, if nothing replaced it since."""
+        planted, self._planted = getattr(self, "_planted", None), None
+        if planted is not None and planted[0].grad is planted[1]:
+            planted[0].grad = None
 
     @property
     def num_snapshots(self) -> int:
@@ -364,6 +383,13 @@ class NiNo(torch.optim.Optimizer):
             raise ValueError(
                 "NiNo: none of the model's trainable parameters (requires_grad=True) is in the base optimizer"
                 + (" and fits the neural graph" if self._unpredictable(self.module.named_parameters()) else "")
+            )
+        sharded = _fsdp_sharded(self.model, named)
+        if sharded:
+            raise ValueError(
+                f"NiNo: the model's parameters are sharded by FSDP (e.g. {sharded!r}): each process holds a piece of "
+                "each tensor, so neither the neural graph nor one prediction for all processes can be made from "
+                "them; train with DDP (NiNo(..., distributed=True) splits the step over the processes)"
             )
         meta = [n for n, p in named if p.device.type == "meta"]
         if meta:
@@ -597,6 +623,7 @@ class NiNo(torch.optim.Optimizer):
                     loss = closure()
             self._record()
             self._nino_step(self.get_k() if k is None else k, at=self.step_idx + 1)
+            self._unplant()
             return loss
         except BaseException:
             if not self._committed:
