@@ -693,6 +693,17 @@ def test_history_from_disk_resumes_after_an_interrupt(sharded_llama, nino_path, 
     monkeypatch.setattr(stream, "_layer0_pass", forbidden)
     assert main([*argv[:-1], "10MB", "--out", str(out)]) == 0
     _files_equal(tmp_path / "ref", out)
+    # interrupted, then rerun with other graph options (head counts): another step, started over, not the saved
+    # aggregations of another graph
+    heads = ["--num-heads", "8", "--num-kv-heads", "4"]
+    monkeypatch.setattr(stream, "_layer0_pass", layer0)
+    assert main([*argv, *heads, "--out", str(tmp_path / "ref8")]) == 0
+    shutil.rmtree(out)
+    monkeypatch.setattr(stream, "_layer1_pass", interrupt_after(layer1, 0))
+    assert main([*argv, "--out", str(out)]) == 130 and (state / "agg0.pt").is_file()
+    monkeypatch.setattr(stream, "_layer1_pass", layer1)
+    assert main([*argv, *heads, "--out", str(out)]) == 0
+    _files_equal(tmp_path / "ref8", out)
 
 
 def test_safetensors_read_without_memory_map(tmp_path):

@@ -90,7 +90,7 @@ def nowcast_checkpoints(
     split = _rank_split() if where == "disk" else None
     state = None
     if where == "disk" and split is None:
-        state = _step_state(out, snaps, nino, k, device, resume)
+        state = _step_state(out, snaps, nino, k, device, resume, spec)
     elif split is not None and split.rank == 0:
         logger.info("a step split over %d processes is not resumable: after an interrupt it starts over", split.world)
     if where == "disk":
@@ -273,10 +273,12 @@ def state_dir(out: Path) -> Path:
     return out.with_name(out.name + ".nino-step")
 
 
-def _step_state(out: Path, snaps: list[Snapshot], nino, k: int, device, resume: bool) -> StepState:
+def _step_state(out: Path, snaps: list[Snapshot], nino, k: int, device, resume: bool, spec: ModelSpec) -> StepState:
     """The :class:`StepState` of this step: what identifies it (the snapshots' files with their sizes and
-    modification times, the NiNo checkpoint, k, the device, this version) is its key."""
+    modification times, the NiNo checkpoint, k, the device, this version, and the graph: the predicted tensors,
+    their ties and the graph options, e.g. --num-heads or --exclude) is its key."""
     from .. import __version__
+    from ..graph import fingerprint
 
     def ident(path: Path) -> list:
         st = path.stat()
@@ -284,7 +286,12 @@ def _step_state(out: Path, snaps: list[Snapshot], nino, k: int, device, resume: 
 
     files = [ident(f.path) for snap in snaps for f in snap.files]
     nino_id = ident(Path(nino)) if isinstance(nino, (str, os.PathLike)) and Path(nino).is_file() else str(nino)
-    key = dict(version=__version__, snapshots=files, nino=nino_id, k=k, device=str(device))
+    graph = dict(
+        tensors=fingerprint(spec.named),
+        aliases=sorted(spec.aliases.items()),
+        options={a: v for a, v in sorted(spec.graph_args.items())},
+    )
+    key = dict(version=__version__, snapshots=files, nino=nino_id, k=k, device=str(device), graph=graph)
     state = StepState(state_dir(out), key, fresh=not resume)
     if state.saved():
         logger.info("resuming an interrupted step from %s (%s saved)", state.root, ", ".join(state.saved()))
