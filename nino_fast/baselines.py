@@ -17,8 +17,9 @@ whose closed form (weighted mean ``t_bar = sum_j w_j t_j / W``, ``W = sum_j w_j`
 
     pred_p = sum_j c_j y_pj,   c_j = w_j / W + w_j (t_j - t_bar) (t* - t_bar) / S
 
-so one ``(P, C) @ (C,)`` product predicts every parameter (no loop over parameters or tensors). The filter is
-exact for linear trajectories, whatever the weights (sum_j c_j = 1 and sum_j c_j t_j = t*).
+so C multiply-adds over the ``(P, C)`` history predict every parameter (no loop over parameters or tensors; in
+the order j = 0..C-1, elementwise, so the bits do not depend on the thread count as a BLAS product's would). The
+filter is exact for linear trajectories, whatever the weights (sum_j c_j = 1 and sum_j c_j t_j = t*).
 
 - ``Linefit``  (``weights='uniform'``): ordinary least squares, ``w_j = 1``.
 - ``Linefit+`` (``weights='linear'``): later snapshots weigh more, ``w_j = j + 1`` (1, 2, ..., C), so the line
@@ -34,6 +35,15 @@ from collections.abc import Sequence
 import torch
 
 WEIGHTINGS = ("uniform", "linear")
+
+
+def apply_filter(states: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``sum_j states[:, j] * c[j]`` (``states @ c``), summed in the order j = 0..C-1 one column at a time: the
+    same bits at any thread count."""
+    out = states[:, 0] * c[0]
+    for j in range(1, states.shape[1]):
+        out += states[:, j] * c[j]
+    return out
 
 
 def linefit_coefficients(ctx: int, k: float, weights: str | Sequence[float] = "uniform") -> torch.Tensor:
@@ -111,7 +121,7 @@ class Linefit:
         # float64 history keeps float64; anything narrower is computed in float32 (bf16 filters lose the fit)
         work = torch.float64 if states.dtype == torch.float64 else torch.float32
         c = linefit_coefficients(self.ctx, k, self.weights).to(device=states.device, dtype=work)
-        out = states.to(work) @ c
+        out = apply_filter(states.to(work), c)
         bad = (~torch.isfinite(out)).sum().item()
         if bad:
             raise ValueError(f"{name}.nowcast: the prediction has {bad} NaN/Inf values")

@@ -79,3 +79,17 @@ def test_bad_inputs():
         Linefit(weights=[1, 2, 3, 4, -1])
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline("linefit++")
+
+
+def test_same_bits_at_any_thread_count():
+    """The filter is applied column by column (elementwise ops), not as a BLAS product whose split depends on the
+    thread count: the same bits at 1 and 2 threads, within float32 rounding of ``states @ c``."""
+    from nino_fast._env import torch_threads
+
+    states = torch.randn(6922, 5, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            runs.append(LinefitPlus().nowcast(None, states, 7))
+    assert torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs[0], states @ linefit_coefficients(5, 7, "linear").float())
