@@ -24,14 +24,18 @@ Notes.
 - ``model=self`` predicts every trainable parameter of the module. When the module wraps a transformers model
   (``self.model = GPT2LMHeadModel(...)``), pass ``model=self.model`` so that its architecture is detected for the
   neural graph (parameters outside it are then left to the base optimizer alone).
-- ``max_train_steps`` feeds the k schedule: use the Trainer's ``max_steps`` (optimizer steps).
+- ``max_train_steps`` feeds the k schedule: use ``self.trainer.estimated_stepping_batches`` (optimizer steps, with
+  ``max_steps`` or ``max_epochs``).
 - Checkpoints need nothing more: Lightning saves ``optimizer.state_dict()``, which holds NiNo's counter and
   kept snapshots, and restores it on ``fit(ckpt_path=...)``.
 - :class:`NiNoLogCallback` logs each NiNo step as ``nino/k``, ``nino/seconds``, ``nino/update_norm`` and
-  ``nino/ok`` through ``LightningModule.log`` (so every Lightning logger sees them).
+  ``nino/ok`` to every logger of the Trainer, once, at the optimizer step it happened (``LightningModule.log`` from
+  a callback would repeat them at every later step), and keeps them in ``trainer.callback_metrics``.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .optim import NiNo
 
@@ -68,4 +72,8 @@ class NiNoLogCallback(_Base):
         if logs is None or nino.last_nino_step is self._logged:
             return
         self._logged = nino.last_nino_step
-        pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+        # straight to the loggers, once: a value logged with pl_module.log from a callback is logged again at every
+        # later step until a new one replaces it; callback_metrics keeps it for monitors and the progress bar
+        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in logs.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics({k: float(v) for k, v in logs.items()}, step=trainer.global_step)

@@ -75,7 +75,7 @@ def data():
     return torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)
 
 
-def fit(*callbacks):
+def fit(*callbacks, logger=False):
     model = Lit()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -85,16 +85,36 @@ def fit(*callbacks):
         callbacks=list(callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
     )
     trainer.fit(model, data())
     return trainer, model
 
 
+class Metrics(L.pytorch.loggers.Logger):
+    """A logger that keeps every log_metrics call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    name, version = "metrics", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
 def test_recipe_nino_steps_at_exact_optimizer_steps():
-    rec = Record()
-    trainer, model = fit(rec, nl.NiNoLogCallback())
+    rec, metrics = Record(), Metrics()
+    trainer, model = fit(rec, nl.NiNoLogCallback(), logger=metrics)
+    # each NiNo step reaches the loggers once, at its optimizer step
+    assert [(step, m["nino/k"]) for step, m in metrics.calls if "nino/k" in m] == [
+        (s, k) for s, k in zip((10, 20, 30), k_schedule(40, STEPS, PERIOD), strict=True)
+    ]
     nino = nl.find_nino(trainer)
     assert isinstance(nino, NiNo) and nino.step_idx == STEPS == trainer.global_step
     # (NiNo's step, Lightning's global step, micro-batches so far, ok): at optimizer steps 10, 20, 30 = the
