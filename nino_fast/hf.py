@@ -57,6 +57,7 @@ import weakref
 import torch
 
 from .optim import NiNo
+from .optim.wrapper import STATE_SAVED_ELSEWHERE
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +209,13 @@ class NiNoCallback(_TrainerLink):
                 "optimizers=(NiNo(...), scheduler), add NiNoLogCallback() for the logs)"
             )
         steps = self.max_train_steps or state.max_steps
-        self.nino = NiNo(
-            optimizer, model=model, ckpt=self.ckpt, period=self.period, max_train_steps=steps, **self.kwargs
-        )
+        saved_here = STATE_SAVED_ELSEWHERE.set(True)  # nino_state.pt in every checkpoint: no Accelerate advice
+        try:
+            self.nino = NiNo(
+                optimizer, model=model, ckpt=self.ckpt, period=self.period, max_train_steps=steps, **self.kwargs
+            )
+        finally:
+            STATE_SAVED_ELSEWHERE.reset(saved_here)
         self._logged = None
         self.nino.step_idx = state.global_step
         if state.global_step:

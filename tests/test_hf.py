@@ -186,6 +186,14 @@ class Stash(transformers.TrainerCallback):
         shutil.copytree(os.path.join(args.output_dir, name), os.path.join(self.to, name))
 
 
+def test_callback_in_a_trainer_gives_no_accelerate_advice(tmp_path, caplog):
+    """The callback saves NiNo's state itself (nino_state.pt): the wrapper's advice for Accelerate-prepared bases
+    (register it for save_state) is not for its users."""
+    with caplog.at_level(logging.WARNING, logger="nino_fast.optim"):
+        make_trainer(tmp_path, [hf.NiNoCallback("linefit", period=PERIOD)]).train()
+    assert "prepared by Accelerate" not in caplog.text
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """The uninterrupted run (saves every 7 steps and at the end, ``save_total_limit=1``) with a copy of each

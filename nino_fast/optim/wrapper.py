@@ -69,6 +69,7 @@ Distributed data parallel training (``distributed=True``): see :mod:`nino_fast.o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
@@ -98,6 +99,12 @@ from .snapshots import DTYPES, SnapshotBuffer
 from .state import check_base_groups, check_nino_state
 
 logger = logging.getLogger(__package__)
+
+
+# set by wrappers' owners that save NiNo's state themselves (the Hugging Face callback's nino_state.pt)
+STATE_SAVED_ELSEWHERE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nino_state_saved_elsewhere", default=False
+)
 
 
 def _fsdp_sharded(model: torch.nn.Module, named) -> str | None:
@@ -228,7 +235,7 @@ class NiNo(torch.optim.Optimizer):
             self._k_schedule = []
             self._set_params(model)
             return
-        if type(base_opt).__module__.startswith("accelerate"):
+        if type(base_opt).__module__.startswith("accelerate") and not STATE_SAVED_ELSEWHERE.get():
             logger.warning(
                 "NiNo: the base optimizer is prepared by Accelerate: accelerator.save_state saves the prepared "
                 "optimizer only; register this wrapper (accelerator.register_for_checkpointing(opt)) to keep NiNo's "
