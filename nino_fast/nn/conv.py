@@ -80,7 +80,7 @@ class EdgeFiLMConv(nn.Module):
     ``[x_dst, x_src]``; ``lin_edge = Linear(edge_dim, 2 * out_channels)``, scale (gamma) first.
 
     Shapes: x (N, in_channels), edge_index (2, E) or CSRGraph, edge_attr (E, edge_dim) -> (N, out_channels), in
-    ``promote_types(x.dtype, float32)`` (float32 from bf16 inputs).
+    x's dtype (16-bit inputs are accumulated in float32 by the kernels, the result cast back, as torch's layers).
     """
 
     def __init__(self, in_channels: int, out_channels: int, edge_dim: int):
@@ -106,7 +106,8 @@ class EdgeFiLMConv(nn.Module):
         node_dst, node_src = self.node_terms(x)
         w, b = self.lin_edge.weight, self.lin_edge.bias
         # edge_attr stays in the caller's order: the kernel reads its rows through the CSR permutation
-        return dispatch.film_mean(edge_attr, g.rowptr, g.src, node_dst, node_src, w, b, feat_index=g.feat_index)
+        out = dispatch.film_mean(edge_attr, g.rowptr, g.src, node_dst, node_src, w, b, feat_index=g.feat_index)
+        return out.to(x.dtype)  # (the ops give 16-bit inputs a float32 result)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, edge_dim={self.edge_dim}"
@@ -123,7 +124,7 @@ class EdgeUpdate(nn.Module):
     ``lin_out = Linear(hidden, out_channels)``; ``hidden_channels`` defaults to ``out_channels``.
 
     Shapes: x (N, in_channels), edge_index (2, E) or CSRGraph, edge_attr (E, edge_dim) -> (E, out_channels) in the
-    order of edge_index, ``promote_types(x.dtype, float32)``.
+    order of edge_index, in x's dtype.
     """
 
     def __init__(self, in_channels: int, edge_dim: int, out_channels: int, hidden_channels: int | None = None):
@@ -159,12 +160,13 @@ class EdgeUpdate(nn.Module):
                 g.to_csr_order(edge_attr), g.src, g.dst, self.lin_edge.weight, bias, w, b,
                 node_src=node_src, node_dst=node_dst,
             )  # fmt: skip
-            return g.to_edge_order(out)
+            return g.to_edge_order(out).to(x.dtype)
         g = _graph(op, x, edge_index)  # validated and cached; the int32 indices in the caller's order:
         src, dst = g.src.index_select(0, g.inv_perm), g.dst.index_select(0, g.inv_perm)
-        return dispatch.edge_mlp(
+        out = dispatch.edge_mlp(
             edge_attr, src, dst, self.lin_edge.weight, bias, w, b, node_src=node_src, node_dst=node_dst
         )
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, edge_dim={self.edge_dim}, out_channels={self.out_channels}"
@@ -214,7 +216,8 @@ class EdgeUpdateFiLMConv(nn.Module):
         w_enc, b_enc = conv.lin_edge.weight, conv.lin_edge.bias
         w_fold = w_enc @ up.lin_out.weight  # (2D, hidden): lin_edge(lin_out(h)) = w_fold h + b_fold
         b_fold = torch.addmv(b_enc, w_enc, up.lin_out.bias)
-        return dispatch.edge_film_mean(
+        out = dispatch.edge_film_mean(
             edge_attr, g.rowptr, g.src, up.lin_edge.weight, bias, None, None, node_src, node_dst, msg_dst, msg_src,
             w_fold[:d], b_fold[:d], w_fold[d:], b_fold[d:], feat_index=g.feat_index,
         )  # fmt: skip
+        return out.to(x.dtype)
