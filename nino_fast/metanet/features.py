@@ -217,10 +217,13 @@ def edge_features(graph: NeuralGraph, params, buffers: dict, max_feat_size: int)
     """(E, max_feat_size + 2) float32 edge features, CSR order: parameter values per slot, BatchNorm running
     mean / std on the edges of the BatchNorm weight."""
     if graph.max_feat_size > max_feat_size:
+        name, shape = next(
+            ((n, tuple(p.shape)) for n, p in params if p.dim() > 2 and math.prod(p.shape[2:]) > max_feat_size),
+            ("?", ()),
+        )
         raise ValueError(
-            f"metanet: the model has parameters of {graph.max_feat_size} elements per edge (e.g. a "
-            f"{math.isqrt(graph.max_feat_size)}x{math.isqrt(graph.max_feat_size)} kernel); this metanetwork takes "
-            f"at most max_feat_size={max_feat_size}"
+            f"metanet: {name!r} of shape {shape} has {graph.max_feat_size} elements per edge (a kernel larger than "
+            f"3x3); this metanetwork takes at most max_feat_size={max_feat_size}"
         )
     flat = torch.cat([p.detach().reshape(-1).float().cpu() for _, p in params])
     slots = graph.to_edges(flat)  # (E, F)
