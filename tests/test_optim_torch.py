@@ -463,21 +463,20 @@ def test_load_state_dict_older_layout():
 
 
 # ---- defaults and arguments --------------------------------------------------------------------------------
-def test_no_ckpt_picks_the_language_model_checkpoint_for_transformers(caplog, monkeypatch):
+def test_no_ckpt_picks_the_language_model_checkpoint_for_transformers(caplog):
     """Transformers (an architecture nino_fast knows, or any model with a token embedding) get the bundled
-    language-model checkpoint, said at INFO once per process; everything else the vision one."""
+    language-model checkpoint, said at INFO each time; everything else the vision one."""
     pytest.importorskip("transformers")
     from nino_fast.checkpoints import LM, SMALL
     from nino_fast.meta import tasks
     from nino_fast.optim import predictors
 
-    monkeypatch.setattr(predictors, "_bundled_said", set())
     lm_model = tasks.build_model(dict(family="llama", width=16, depth=1, heads=2, kv_heads=1))
     with caplog.at_level(logging.INFO, logger="nino_fast.optim"):
         opt = NiNo(torch.optim.AdamW(lm_model.parameters()), model=torch.compile(lm_model), period=10)
         NiNo(torch.optim.AdamW(lm_model.parameters()), model=lm_model, period=10)
     assert opt.predictor.wte_pos_enc == NiNoModel.from_checkpoint(LM).wte_pos_enc
-    assert caplog.text.count("a language model / transformer") == 1 and str(LM) in caplog.text
+    assert caplog.text.count("a language model / transformer") == 2 and str(LM) in caplog.text
     embedding = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3))
     assert predictors.default_ckpt(embedding) == LM and predictors.default_ckpt(mlp()) == SMALL
     assert predictors.default_ckpt(mlp(), arch="gpt2") == LM and predictors.default_ckpt() == SMALL
@@ -494,11 +493,9 @@ def test_no_ckpt_picks_the_language_model_checkpoint_for_transformers(caplog, mo
     assert torch.isfinite(nino.nowcast(graph, states, 3)).all()
 
 
-def test_no_ckpt_uses_the_bundled_checkpoint(caplog, monkeypatch):
+def test_no_ckpt_uses_the_bundled_checkpoint(caplog):
     from nino_fast.checkpoints import SMALL
-    from nino_fast.optim import predictors
 
-    monkeypatch.setattr(predictors, "_bundled_said", set())
     model = mlp()
     with caplog.at_level(logging.INFO, logger="nino_fast.optim"):
         opt = NiNo(torch.optim.SGD(model.parameters(), lr=0.1), model=model, period=10)

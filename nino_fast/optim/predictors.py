@@ -15,7 +15,6 @@ from ..model import NiNoModel
 logger = logging.getLogger(__package__)
 
 _NONE = ("", "none", "None")
-_bundled_said: set[str] = set()
 
 
 def load_predictor(ckpt, ctx: int | None = None):
@@ -51,20 +50,18 @@ def is_language_model(module, arch: str | None = None) -> bool:
 
 
 def default_ckpt(module=None, arch: str | None = None):
-    """The checkpoint shipped with the package for ``module`` (announced at INFO, once per process and choice;
-    never a silent default): :data:`nino_fast.checkpoints.LM` for transformers and models with token embeddings
+    """The checkpoint shipped with the package for ``module`` (announced at INFO each time: never a silent
+    default): :data:`nino_fast.checkpoints.LM` for transformers and models with token embeddings
     (:func:`is_language_model`), :data:`nino_fast.checkpoints.SMALL` otherwise (and when no module is given)."""
     from ..checkpoints import LM, SMALL
 
     language = is_language_model(module, arch)
     path = LM if language else SMALL
     what = "a language model / transformer" if language else "not a transformer"
-    if str(path) not in _bundled_said:
-        logger.info(
-            "NiNo: no ckpt given; the model is %s: using the bundled checkpoint %s (ckpt='none' runs the base "
-            "optimizer alone)",
-            what,
-            path,
-        )
-        _bundled_said.add(str(path))
+    logger.info(
+        "NiNo: no ckpt given; the model is %s: using the bundled checkpoint %s (ckpt='none' runs the base "
+        "optimizer alone)",
+        what,
+        path,
+    )
     return path
