@@ -767,3 +767,14 @@ def test_history_from_disk_split_over_two_processes(sharded_llama, nino_path, tm
     assert res.returncode != 0
     assert res.stderr.count("NaN/Inf") >= 2, res.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_names_with_numbers_that_are_not_step_numbers_warn(tmp_path, caplog):
+    """model_3000.pt ... given out of order: its numbers are not read as step numbers (no step/checkpoint/... before
+    them), the given order is kept and a WARNING says so."""
+    torch.manual_seed(2)
+    paths, _ = save_torch_series(mlp(), tmp_path, stem="model_")
+    shuffled = [paths[2], *paths[:2], *paths[3:]]
+    with caplog.at_level(logging.WARNING):
+        assert main(["step", *shuffled, "--nino", "linefit", "--k", "1", "--out", str(tmp_path / "p.pt")]) == 0
+    assert "carry numbers but not step numbers" in caplog.text

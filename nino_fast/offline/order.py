@@ -52,6 +52,13 @@ def order_snapshots(paths: list[Path]) -> list[Path]:
     before ``checkpoint-200``); the given order otherwise. Equal step numbers are an error."""
     steps = [parse_step(p) for p in paths]
     if any(s is None for s in steps):
+        numbers = [re.findall(r"\d+", Path(p).name) for p in paths]
+        if all(numbers) and [int(n[-1]) for n in numbers] != sorted(int(n[-1]) for n in numbers):
+            logger.warning(
+                "the snapshots' names carry numbers but not step numbers (step, checkpoint, ckpt, iter, iteration "
+                "or epoch followed by a number): they are taken oldest first in the order given, %s",
+                ", ".join(Path(p).name for p in paths),
+            )
         return paths
     seen: dict[int, Path] = {}
     for s, p in zip(steps, paths, strict=True):
