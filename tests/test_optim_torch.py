@@ -670,6 +670,29 @@ def test_sparse_embedding_keeps_sparse_gradients_across_a_nino_step():
     assert opt.last_nino_step["ok"] and opt.step_idx == 12
 
 
+def test_a_gradient_computed_on_a_nino_step_is_kept():
+    """A loop that runs backward on the NiNo step anyway (to log a gradient norm) accumulates into the zero gradient
+    zero_grad left: that gradient is the user's, not taken back."""
+    model = mlp()
+    opt = NiNo(torch.optim.Adam(model.parameters(), lr=0.01), model=model, ckpt="linefit+", period=5)
+    xs, ys = batches(5)
+    for i in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(xs[i]), ys[i]).backward()
+        opt.step()
+    assert opt.last_nino_step["ok"] and all(p.grad is not None for p in model.parameters())
+
+
+def test_names_like_fsdp_are_not_fsdp():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.my_flat_params = nn.Linear(6, 3)
+
+    net = Net()
+    assert NiNo(torch.optim.AdamW(net.parameters()), model=net, ckpt="linefit+", period=5).num_params == 21
+
+
 @pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
 def test_fsdp_sharded_parameters_are_refused(tmp_path, kind):
     """FSDP gives each process a piece of each tensor: no graph or common prediction can come of it."""

@@ -111,7 +111,12 @@ def _fsdp_sharded(model: torch.nn.Module, named) -> str | None:
     """The name of a parameter FSDP shards (FSDP2's DTensors, FSDP1's flat parameters or the parameters of a
     FullyShardedDataParallel module), else None."""
     for n, p in named:
-        if type(p).__name__ in ("DTensor", "FlatParameter") or "_flat_param" in n or "_fsdp_wrapped_module" in n:
+        parts = n.split(".")
+        if (
+            type(p).__name__ in ("DTensor", "FlatParameter")
+            or "_flat_param" in parts
+            or "_fsdp_wrapped_module" in parts
+        ):
             return n
     if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
         return named[0][0] if named else "?"
@@ -300,12 +305,14 @@ class NiNo(torch.optim.Optimizer):
             p = next((p for p in reversed(self._params) if p.requires_grad), None)
             if p is not None and p.grad is None:
                 p.grad = torch.zeros_like(p)
-                self._planted = (p, p.grad)  # taken back after the NiNo step (a sparse parameter wants no dense grad)
+                # taken back after the NiNo step (a sparse parameter wants no dense grad)
+                self._planted = (p, p.grad, p.grad._version)
 
     def _unplant(self) -> None:
-        """Remove the zero gradient :meth:`zero_grad` left for the NiNo step, if nothing replaced it since."""
+        """Remove the zero gradient :meth:`zero_grad` left for the NiNo step, if it is still that untouched zero (a
+        backward run anyway accumulates into it: that gradient is the user's)."""
         planted, self._planted = getattr(self, "_planted", None), None
-        if planted is not None and planted[0].grad is planted[1]:
+        if planted is not None and planted[0].grad is planted[1] and planted[1]._version == planted[2]:
             planted[0].grad = None
 
     @property
