@@ -420,6 +420,8 @@ def nowcast_sharded(
         raise RuntimeError(
             "nowcast_sharded: torch.distributed is not initialised (use torchrun / init_process_group first)"
         )
+    if isinstance(states, torch.Tensor):  # torch orders a reduction's sums by the layout: same values, same bits
+        states = states.contiguous()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     comm = _Comm(group, rank, world)
     device = model.device
@@ -434,7 +436,6 @@ def nowcast_sharded(
         error = exc
     if _agree_on_inputs(comm, model, graph, states, k, full, error, scales is not None, digest):
         gs = _rank0_lpe(comm, gs)
-    states = states.contiguous()  # torch orders a reduction's sums by the layout: same values, same bits
 
     P, shard = gs.num_params, gs
     failure: Exception | None = None
