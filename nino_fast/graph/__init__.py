@@ -2,7 +2,7 @@
 
 from .blocks import Block
 from .build import build_graph, build_graph_layout, config_heads, detect_arch
-from .checks import InputTypeError, fingerprint
+from .checks import InputTypeError, fingerprint, values_per_edge
 from .lpe import block_lpe, compute_lpe, laplacian_eigs, normalized_laplacian
 from .neural_graph import NeuralGraph
 from .pieces import GraphLayout
@@ -21,4 +21,5 @@ __all__ = [
     "fingerprint",
     "laplacian_eigs",
     "normalized_laplacian",
+    "values_per_edge",
 ]

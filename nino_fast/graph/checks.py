@@ -42,6 +42,12 @@ def check_int(value, who: str, arg: str, lo: int | None = None, hi: int | None =
     return v
 
 
+def values_per_edge(shape) -> int:
+    """The edge-feature slots a parameter tensor of ``shape`` fills in the neural graph: a kernel's spatial size
+    ``prod(shape[2:])`` (9 for a 3x3 conv), 1 for vectors and matrices."""
+    return math.prod(shape[2:]) if len(shape) > 2 else 1
+
+
 def check_not_meta(t: torch.Tensor | None, who: str, what: str) -> None:
     """Meta tensors have shapes but no values: fine for building a graph, never for a prediction."""
     if isinstance(t, torch.Tensor) and t.is_meta:

@@ -15,11 +15,10 @@ edit keeps a block a contiguous range. ``materialize()`` gives the explicit edge
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .blocks import Block, materialize, split_by_runs
+from .checks import values_per_edge
 from .entries import FIRST_DIM_OUT, NAMES, Entry
 
 # edge types (the official numbering)
@@ -96,8 +95,7 @@ class Layout:
         self.by_name.setdefault(layer, {})[key] = block
         self.same.setdefault(c_off, []).append((weight, layer, key))
         self.types.append(t)
-        if len(shape) > 2:
-            self.max_feat = max(self.max_feat, math.prod(shape[2:]))
+        self.max_feat = max(self.max_feat, values_per_edge(shape))
 
     def run(self) -> Layout:
         (self._place_generic if self.arch == "generic" else self._place_transformer)()

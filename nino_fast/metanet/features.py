@@ -18,13 +18,12 @@ The edge type is passed separately (an embedding in the model).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..graph import NeuralGraph, build_graph, detect_arch
+from ..graph import NeuralGraph, build_graph, detect_arch, values_per_edge
 from ..graph.layout import SELF_LOOP
 from ..nn import CSRGraph
 
@@ -218,7 +217,7 @@ def edge_features(graph: NeuralGraph, params, buffers: dict, max_feat_size: int)
     mean / std on the edges of the BatchNorm weight."""
     if graph.max_feat_size > max_feat_size:
         name, shape = next(
-            ((n, tuple(p.shape)) for n, p in params if p.dim() > 2 and math.prod(p.shape[2:]) > max_feat_size),
+            ((n, tuple(p.shape)) for n, p in params if values_per_edge(p.shape) > max_feat_size),
             ("?", ()),
         )
         raise ValueError(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..graph import values_per_edge
 from ..history import TensorHistory
 from ..model import NiNoModel
 from ..optim import k_schedule, load_predictor
@@ -127,7 +128,7 @@ def without_too_wide(spec: ModelSpec, predictor) -> ModelSpec:
     checkpoint's edge features hold (9: 3x3 kernels): written as in the last snapshot, said at WARNING (the wrapper
     leaves them to the base optimizer the same way)."""
     limit = getattr(predictor, "max_feat_size", None) if isinstance(predictor, NiNoModel) else None
-    wide = {n for n, shape in spec.named if limit is not None and len(shape) > 2 and math.prod(shape[2:]) > limit}
+    wide = {n for n, shape in spec.named if limit is not None and values_per_edge(shape) > limit}
     if not wide:
         return spec
     first = next(n for n, _ in spec.named if n in wide)

@@ -86,7 +86,15 @@ import torch
 from .. import plan
 from ..baselines import Linefit
 from ..distributed import GraphShard, build_graph_shard
-from ..graph import GraphLayout, build_graph, build_graph_layout, config_heads, detect_arch, fingerprint
+from ..graph import (
+    GraphLayout,
+    build_graph,
+    build_graph_layout,
+    config_heads,
+    detect_arch,
+    fingerprint,
+    values_per_edge,
+)
 from ..graph.entries import TRANSFORMERS
 from ..history import ColumnsHistory
 from ..model import NiNoModel
@@ -366,7 +374,7 @@ class NiNo(torch.optim.Optimizer):
         for n, p in named:
             if p.dim() == 0 or p.dim() > 4 or p.numel() == 0:
                 out[n] = f"shape {tuple(p.shape)}: neural graphs take 1-D to 4-D tensors"
-            elif limit is not None and p.dim() > 2 and math.prod(p.shape[2:]) > limit:
+            elif limit is not None and values_per_edge(p.shape) > limit:
                 out[n] = f"shape {tuple(p.shape)}: more values per edge than the checkpoint's {limit} (3x3 kernels)"
         return out
 
