@@ -152,16 +152,17 @@ def csr_of(edge_index: torch.Tensor | CSRGraph, num_nodes: int, op: str) -> CSRG
             raise ValueError(f"{op}: the CSRGraph has {edge_index.num_nodes} nodes but x has {num_nodes} rows")
         return edge_index
     check_edge_index_shape(edge_index, op)
+    plain = _plain(edge_index)
     if torch.compiler.is_compiling() or edge_index.device.type == "meta":  # no values to key on
-        return CSRGraph.from_edge_index(_plain(edge_index), num_nodes, op)
+        return CSRGraph.from_edge_index(plain, num_nodes, op)
     # keyed on the tensor's identity; its finalizer drops the entry when it is freed, so an id is never reused
     # while its entry lives
     key = (id(edge_index), num_nodes, edge_index.device)
     hit = _CACHE.pop(key, None)
-    if hit is not None and _same_values(hit[0], _plain(edge_index)):
+    if hit is not None and _same_values(hit[0], plain):
         _CACHE[key] = hit  # now the newest
         return hit[1]
-    values = _plain(edge_index).detach().clone()
+    values = plain.detach().clone()
     graph = CSRGraph.from_edge_index(values, num_nodes, op)
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))[2].detach()  # the least recently used entry
