@@ -142,7 +142,7 @@ inline void colsum_acc(const float* g, int64_t ldg, int64_t n, int64_t m, float*
 struct ChunkPartials {
   std::vector<int64_t> off;  // offset of each gradient within a chunk's block
   int64_t block = 0, chunks = 0;
-  std::vector<float> data;
+  Floats data;
 
   ChunkPartials(const std::vector<int64_t>& sizes, int64_t n_chunks) : chunks(n_chunks) {
     for (int64_t s : sizes) off.push_back(block), block += padded(s);
@@ -163,7 +163,7 @@ struct ChunkPartials {
 // summed
 inline at::Tensor reduced(const ChunkPartials& parts, int64_t which, int64_t rows, int64_t cols,
                           int64_t ld, const at::TensorOptions& opt) {
-  std::vector<float> flat(rows * ld);
+  Floats flat(rows * ld);
   parts.reduce(which, rows * ld, flat.data());
   auto out = at::empty({rows, cols}, opt);
   float* o = out.data_ptr<float>();
@@ -193,7 +193,7 @@ struct MeanGrad {
   const int64_t* rp;
   const float* go;
   int64_t n, d, np;
-  std::vector<float> gn;
+  Floats gn;
 
   MeanGrad(const int64_t* rp_, const float* go_, int64_t n_, int64_t d_)
       : rp(rp_), go(go_), n(n_), d(d_), np(padded(d_)), gn(n_ * padded(d_), 0.f) {
@@ -205,9 +205,9 @@ struct MeanGrad {
   const float* row(int64_t r) const { return gn.data() + r * np; }
 
   // gn W_sh, (n x padded(k)): the shift half's term of each edge's input gradient (by its row)
-  std::vector<float> times(const at::Tensor& w_sh) const {
+  Floats times(const at::Tensor& w_sh) const {
     const int64_t k = w_sh.size(1), npk = padded(k);
-    std::vector<float> out(n * npk, 0.f);
+    Floats out(n * npk, 0.f);
     const auto w_t = w_sh.t().contiguous();
     const PackedB packed(w_t.data_ptr<float>(), k, d);
     auto ep = [&](int64_t i, int64_t col0, V16 v)
@@ -218,7 +218,7 @@ struct MeanGrad {
   // dW_sh (d x k) = gn^T sums, sums: the rows' sums of the shift half's input (n x padded(k))
   void weight_grad(const float* sums, int64_t k, float* out) const {
     const int64_t npk = padded(k);
-    std::vector<float> acc(d * npk, 0.f);
+    Floats acc(d * npk, 0.f);
     outer_acc(gn.data(), np, d, sums, npk, k, n, acc.data(), npk);
     for (int64_t j = 0; j < d; ++j) std::copy(&acc[j * npk], &acc[j * npk] + k, out + j * k);
   }
@@ -279,7 +279,7 @@ constexpr int64_t kWaveEdges = int64_t(1) << 16;
 struct WaveRows {
   int64_t d = 0, e0 = 0, e1 = 0;
   std::vector<ScatterTarget> targets;
-  std::vector<float> data;
+  Floats data;
 
   WaveRows(int64_t d_, std::vector<ScatterTarget> targets_) : d(d_), targets(std::move(targets_)) {}
   void start(int64_t first, int64_t end) {

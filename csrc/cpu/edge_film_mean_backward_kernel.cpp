@@ -51,9 +51,9 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
 
   // per row: gn = grad_out / deg and G = gn W_sh (the shift half's edge term)
   const MeanGrad mg(rp, gout.data_ptr<float>(), n, d);
-  const std::vector<float> gsh = mg.times(in.wsh);
+  const Floats gsh = mg.times(in.wsh);
   // per-row sums, each row owned by one task
-  std::vector<float> hsum(n * nph, 0.f), scsum(n * np, 0.f), dasum(n * nph, 0.f);
+  Floats hsum(n * nph, 0.f), scsum(n * np, 0.f), dasum(n * nph, 0.f);
   const auto tasks = row_tasks(rp, n);
   const int64_t n_tasks = int64_t(tasks.size()) - 1;
   enum { kWa, kWsc, kBa, kBsc };
@@ -66,7 +66,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   if (e_total > 0) {
     const float *pns = in.ns.data_ptr<float>(), *pnd = in.nd.data_ptr<float>();
     const float *pmd = in.md.data_ptr<float>(), *pms = in.ms.data_ptr<float>();
-    const std::vector<float> bscp = padded_copy(in.bsc);
+    const Floats bscp = padded_copy(in.bsc);
     const PackedB wsc_p(in.wsc.data_ptr<float>(), d, dh);
     const auto wsc_t = in.wsc.t().contiguous();
     const PackedB wsc_tp(wsc_t.data_ptr<float>(), dh, d);
@@ -76,9 +76,9 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
     auto task_lo = [&](int64_t u) { return rp[tasks[u]]; };
 
     run_waves(n_tasks, task_lo, {&da, &gsc}, [&](auto claim) {
-      std::vector<float> atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
-      std::vector<float> gh(kTile * nph), gv(kTile * np), dsct(kTile * np), gsct(kTile * np);
-      std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
+      Floats atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
+      Floats gh(kTile * nph), gv(kTile * np), dsct(kTile * np), gsct(kTile * np);
+      Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
       int64_t dsti[kTile];
       NextTilePrefetch pf;
       AffineEp first(stage, false);

@@ -24,16 +24,16 @@ at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
   const int32_t* s = src.data_ptr<int32_t>();
   const float *pns = in.ns.data_ptr<float>(), *pnd = in.nd.data_ptr<float>();
   const float *pmd = in.md.data_ptr<float>(), *pms = in.ms.data_ptr<float>();
-  const std::vector<float> bscp = padded_copy(in.bsc), bshp = padded_copy(in.bsh);
+  const Floats bscp = padded_copy(in.bsc), bshp = padded_copy(in.bsh);
   const PackedB shift_w(in.wsh.data_ptr<float>(), d, dh);
   float* y = out.data_ptr<float>();
   const int64_t nph = padded(dh), np = padded(d);
   const FilmRowTasks rows(rp, n, np, nph, shift_w, bshp.data(), y, d);
 
   run_dynamic(rows.count(), [&](auto claim) {
-    std::vector<float> htile(kTile * nph), part(kTile * np), hpart(kTile * nph);
-    std::vector<float> gh(kTile * nph), gm(kTile * np);  // the tile's gathered node terms
-    std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
+    Floats htile(kTile * nph), part(kTile * np), hpart(kTile * nph);
+    Floats gh(kTile * nph), gm(kTile * np);                // the tile's gathered node terms
+    Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
     NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);

@@ -69,7 +69,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
     const float* g = gout.data_ptr<float>();
     const float *pns = in.ptr(in.ns), *pnd = in.ptr(in.nd);
     const float *pns2 = in.ptr(in.ns2), *pnd2 = in.ptr(in.nd2);
-    const std::vector<float> bbp = padded_copy(in.bb);
+    const Floats bbp = padded_copy(in.bb);
     const PackedB wb_p = act_out ? PackedB(in.wb.data_ptr<float>(), dout, dh) : PackedB();
     const auto wbt = in.wb.t().contiguous();
     const PackedB wbt_p(wbt.data_ptr<float>(), dh, dout);  // gz W_b: W_b^T as the (N x K) operand
@@ -79,9 +79,9 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
     auto chunk_lo = [&](int64_t u) { return std::min(e_total, u * per_chunk * kTile); };
 
     run_waves(n_chunks, chunk_lo, {&da, &gz_rows}, [&](auto claim) {
-      std::vector<float> atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
-      std::vector<float> gtile(has_ns ? kTile * nph : 0), g2tile(has_ns2 ? kTile * npo : 0);
-      std::vector<float> gztile(act_out ? kTile * npo : 0);
+      Floats atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
+      Floats gtile(has_ns ? kTile * nph : 0), g2tile(has_ns2 ? kTile * npo : 0);
+      Floats gztile(act_out ? kTile * npo : 0);
       NextTilePrefetch pf;
       AffineEp first(stage, false);
       first.out = atile.data(), first.ldo = nph, first.pf = &pf;

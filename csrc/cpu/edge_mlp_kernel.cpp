@@ -18,10 +18,10 @@ constexpr int64_t kDotOut = 4;  // last layers this narrow (and plain) run as do
 // would be 16 columns wide.
 struct Layer {
   int64_t rows = 0, k = 0;  // the weight's shape
-  std::vector<float> bias;  // zero-padded
+  Floats bias;              // zero-padded
   bool dot = false;
-  PackedB packed;            // GEMM layers
-  std::vector<float> wrows;  // dot layers: the rows zero-padded to padded(k)
+  PackedB packed;  // GEMM layers
+  Floats wrows;    // dot layers: the rows zero-padded to padded(k)
 
   Layer() = default;
   // weight (rows, k) row-major, bias (rows,)
@@ -78,9 +78,9 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
 
   run_dynamic(n_tiles, [&](auto claim) {
     const int64_t npo = padded(dout);
-    std::vector<float> htile(kTile * nph), gtile(pns ? kTile * nph : 0);
-    std::vector<float> gtile2(pns2 ? kTile * npo : 0);  // layer b's gathered node terms
-    std::vector<float> tiles[2];                        // the inputs of layers c and d
+    Floats htile(kTile * nph), gtile(pns ? kTile * nph : 0);
+    Floats gtile2(pns2 ? kTile * npo : 0);  // layer b's gathered node terms
+    Floats tiles[2];                        // the inputs of layers c and d
     for (int l = 1; l < n_layers; ++l) tiles[l - 1].resize(kTile * padded(layers[l].k));
     int64_t dsti[kTile];
     // The next tile's rows are prefetched a line per epilogue call, from the layers' long GEMMs

@@ -44,8 +44,8 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
 
   const MeanGrad mg(rp, go, n, d);  // gn = grad_out / deg per row
   // gn W_sh (n x c, padded): the shift half's part of d feat
-  const std::vector<float> gsh = need_feat ? mg.times(in.w_sh) : std::vector<float>();
-  std::vector<float> scsum(n * np, 0.f), fsum(n * npc, 0.f);
+  const Floats gsh = need_feat ? mg.times(in.w_sh) : Floats();
+  Floats scsum(n * np, 0.f), fsum(n * npc, 0.f);
   const auto tasks = row_tasks(rp, n);
   const int64_t n_tasks = int64_t(tasks.size()) - 1;
   enum { kWsc, kBsc, kTsc };
@@ -65,8 +65,8 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
     auto task_lo = [&](int64_t u) { return rp[tasks[u]]; };
 
     run_waves(n_tasks, task_lo, {&gsc}, [&](auto claim) {
-      std::vector<float> gv(kTile * np), dsct(kTile * np);
-      std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
+      Floats gv(kTile * np), dsct(kTile * np);
+      Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
       int64_t dsti[kTile];
       NextTilePrefetch pf;
       int64_t t0 = 0;

@@ -31,15 +31,15 @@ at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
   const float* ptsc = scale.tab();
   const int64_t* pet = scale.et();
   const float* pbsc = scale.bias_p.data();
-  const std::vector<float> bshp = padded_copy(b_sh);
+  const Floats bshp = padded_copy(b_sh);
   const PackedB shift_w(w_sh.data_ptr<float>(), d, c);
   float* y = out.data_ptr<float>();
   const int64_t np = padded(d);
   const FilmRowTasks rows(rp, n, np, c, shift_w, bshp.data(), y, d);
 
   run_dynamic(rows.count(), [&](auto claim) {
-    std::vector<float> part(kTile * np), fpart(kTile * c), gtile(kTile * np);
-    std::vector<float> xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
+    Floats part(kTile * np), fpart(kTile * c), gtile(kTile * np);
+    Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
     NextTilePrefetch pf;
     int64_t e0 = 0;

@@ -71,8 +71,8 @@ inline at::Tensor idx32(const char* op, const char* arg, const at::Tensor& t, in
 }
 
 // A float vector zero-padded to a multiple of kPanel.
-inline std::vector<float> padded_copy(const at::Tensor& v) {
-  std::vector<float> out(padded(v.numel()), 0.f);
+inline Floats padded_copy(const at::Tensor& v) {
+  Floats out(padded(v.numel()), 0.f);
   std::copy(v.data_ptr<float>(), v.data_ptr<float>() + v.numel(), out.begin());
   return out;
 }
@@ -150,7 +150,7 @@ struct CsrInputs {
 struct AffineStage {
   PackedB w;
   at::Tensor bias, table, etype, node_src, node_dst;
-  std::vector<float> bias_p;  // bias zero-padded to Np
+  Floats bias_p;  // bias zero-padded to Np
   int64_t d = 0, c = 0, types = 0;
 
   AffineStage(const char* op, const char* wname, const at::Tensor& weight,
@@ -425,10 +425,9 @@ struct FilmRowTasks {
 
   // One worker's tasks (claim: run_dynamic's); part / lpart hold kTile segments each.
   template <class Claim, class Tile>
-  void run(Claim& claim, TileRows& tr, std::vector<float>& part, std::vector<float>& lpart,
-           Tile&& tile) const {
+  void run(Claim& claim, TileRows& tr, Floats& part, Floats& lpart, Tile&& tile) const {
     // two-level sums (within a tile, then across tiles) keep fp32 rounding error small on long rows
-    std::vector<float> acc, sum;
+    Floats acc, sum;
     auto cursor = claim_cursor(claim, [&](int64_t u) {
       return std::pair<int64_t, int64_t>{rp[tasks[u]], rp[tasks[u + 1]]};
     });

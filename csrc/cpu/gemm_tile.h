@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -57,6 +58,27 @@ inline const char* compiled_isa() {
   return "scalar";
 #endif
 }
+
+// A float buffer whose data starts on a 64-byte (cache line) boundary. The kernels' tiles, packed
+// weights and row sums have rows of multiples of 16 floats, so every 64-byte vector load and store
+// of them stays within one line; with std::vector's 16-byte alignment most of them straddled two
+// lines, and the micro-kernel's B loads alone cost ~8% of its time.
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const {
+    return true;
+  }
+};
+using Floats = std::vector<float, CacheLineAllocator<float>>;
 
 inline int64_t padded(int64_t n) {
   return (n + kPanel - 1) / kPanel * kPanel;
@@ -130,21 +152,42 @@ NINO_FAST_INLINE void prefetch_line(const float* p) {
 #endif
 }
 
-// W (N x K, row-major: the torch Linear layout) packed as panels p = 0..Np/16-1 of K x 16 floats.
+// How many consecutive panels a micro-kernel reads together, for `left` panels still to go: four
+// while four remain, then two, then one (AVX-512); one (AVX2 and scalar builds).
+inline int64_t panel_group(int64_t left) {
+#ifdef NINO_FAST_AVX512
+  return left >= 4 ? 4 : left >= 2 ? 2 : 1;
+#else
+  (void)left;
+  return 1;
+#endif
+}
+
+// W (N x K, row-major: the torch Linear layout) packed as panels p = 0..Np/16-1 of K x 16 floats,
+// zero-padded, in the groups of panel_group: within a group of g panels, row kk of its panel j is
+// at (kk * g + j) * 16 from the group's start, so the micro-kernel reads the g vectors of one k at
+// constant offsets from one pointer (separate panel pointers did not fit in the general registers
+// next to the A rows: the compiler reloaded them from the stack on every k).
 struct PackedB {
   int64_t k = 0, n = 0, np = 0;
-  std::vector<float> data;
+  Floats data;
 
   PackedB() = default;
   PackedB(const float* w, int64_t n_, int64_t k_)
       : k(k_), n(n_), np(padded(n_)), data(np * k_, 0.f) {
-    for (int64_t p = 0; p < np / kPanel; ++p)
+    const int64_t panels = np / kPanel;
+    for (int64_t p0 = 0, g = 0; p0 < panels; p0 += g) {
+      g = panel_group(panels - p0);
+      float* group = data.data() + p0 * k * kPanel;
       for (int64_t kk = 0; kk < k; ++kk)
-        for (int64_t j = 0; j < kPanel; ++j) {
-          const int64_t col = p * kPanel + j;
-          data[(p * k + kk) * kPanel + j] = col < n ? w[col * k + kk] : 0.f;
-        }
+        for (int64_t j = 0; j < g; ++j)
+          for (int64_t lane = 0; lane < kPanel; ++lane) {
+            const int64_t col = (p0 + j) * kPanel + lane;
+            group[(kk * g + j) * kPanel + lane] = col < n ? w[col * k + kk] : 0.f;
+          }
+    }
   }
+  // the start of panel p's group (p must start one)
   const float* panel(int64_t p) const { return data.data() + p * k * kPanel; }
 };
 
@@ -301,56 +344,93 @@ NINO_FAST_INLINE void store16(float* p, int64_t valid, V16 v) {
 
 // ---- micro-kernels ----
 #ifdef NINO_FAST_AVX512
-// Rows [i0, i0 + MR) x NP consecutive panels (columns col0..col0 + 16 NP - 1): MR x NP accumulators
-// (12 x 2 = 24 of the 32 zmm registers), one broadcast of A per row and k, then ep(row, column
-// block) per panel, rows in increasing order. The loops have constant trip counts and are fully
-// unrolled, so the accumulators live in registers.
+// acc[i][p] = sum_k A[i][k] * B_p[k] for rows 0..MR-1 of A and the NP panels of a group (b: its
+// start, PackedB layout): MR x NP accumulators (at most 24 of the 32 zmm registers), one broadcast
+// of A per row and k.
+template <int MR, int NP>
+NINO_FAST_INLINE void block_acc(const float* a, int64_t lda, const float* b, int64_t k,
+                                __m512 (&acc)[MR][NP]) {
+  // in a local array, copied out at the end: __m512 may alias float, so updating acc in place
+  // would store every FMA's result in case a or b read it
+  __m512 c[MR][NP];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) c[i][p] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk, b += NP * kPanel) {
+    __m512 bv[NP];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) bv[p] = _mm512_load_ps(b + p * kPanel);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i * lda + kk]);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) c[i][p] = _mm512_fmadd_ps(x, bv[p], c[i][p]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[i][p] = c[i][p];
+}
+
+// block_acc compiled out of line, once per shape: inlined into the fused kernels, their epilogues'
+// state kept the general registers busy and the compiler reloaded the A row pointers from the
+// stack on every k. Alone, the loop has the registers to itself; the accumulators go back through
+// memory once per block (24 stores and loads against 3,072 FMAs at K = 128; even at K = 5, the
+// film_mean GEMMs, measured no slower than inlined). Hidden: called directly, not through the
+// shared library's PLT.
+template <int MR, int NP>
+__attribute__((noinline, visibility("hidden"))) void block_acc_call(const float* a, int64_t lda,
+                                                                    const float* b, int64_t k,
+                                                                    __m512 (&acc)[MR][NP]) {
+  block_acc<MR, NP>(a, lda, b, k, acc);
+}
+
+// Rows [i0, i0 + MR) x the NP panels of a group (columns col0..col0 + 16 NP - 1): block_acc_call,
+// then ep(row, column block) per panel, rows in increasing order.
 template <int MR, int NP, class Ep>
 NINO_FAST_INLINE void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k,
                                    int64_t i0, int64_t col0, Ep& ep) {
   __m512 acc[MR][NP];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
-  const int64_t pstride = k * kPanel;  // panel p + 1 follows panel p
-  for (int64_t kk = 0; kk < k; ++kk) {
-    __m512 bv[NP];
-#pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p) bv[p] = _mm512_loadu_ps(b + p * pstride + kk * kPanel);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const __m512 x = _mm512_set1_ps(a[i * lda + kk]);
-#pragma GCC unroll 2
-      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_fmadd_ps(x, bv[p], acc[i][p]);
-    }
-  }
-#pragma GCC unroll 2
+  block_acc_call<MR, NP>(a, lda, b, k, acc);
+#pragma GCC unroll 4
   for (int p = 0; p < NP; ++p)
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) ep(i0 + i, col0 + p * kPanel, acc[i][p]);
 }
 
-// Rows 0..m-1 against NP panels starting at b: blocks of 12 rows, then 8, 4, 2, 1.
+// Rows 0..m-1 against NP panels starting at b: blocks of 6 rows for a group of four panels (6 x 4
+// accumulators: 4 B loads and 6 broadcasts per k), else of 12 then 8 rows; then 4, 2, 1.
 template <int NP, class Ep>
 NINO_FAST_INLINE void gemm_panels(const float* a, int64_t lda, int64_t m, const float* b, int64_t k,
                                   int64_t col0, Ep& ep) {
   int64_t i = 0;
-  for (; i + 12 <= m; i += 12) micro_kernel<12, NP>(a + i * lda, lda, b, k, i, col0, ep);
-  if (i + 8 <= m) micro_kernel<8, NP>(a + i * lda, lda, b, k, i, col0, ep), i += 8;
+  if constexpr (NP == 4) {
+    for (; i + 6 <= m; i += 6) micro_kernel<6, NP>(a + i * lda, lda, b, k, i, col0, ep);
+  } else {
+    for (; i + 12 <= m; i += 12) micro_kernel<12, NP>(a + i * lda, lda, b, k, i, col0, ep);
+    if (i + 8 <= m) micro_kernel<8, NP>(a + i * lda, lda, b, k, i, col0, ep), i += 8;
+  }
   if (i + 4 <= m) micro_kernel<4, NP>(a + i * lda, lda, b, k, i, col0, ep), i += 4;
   if (i + 2 <= m) micro_kernel<2, NP>(a + i * lda, lda, b, k, i, col0, ep), i += 2;
   if (i < m) micro_kernel<1, NP>(a + i * lda, lda, b, k, i, col0, ep);
 }
 
-// For each pair of panels (then a last single one), rows 0..m-1 of A (m x K, leading dimension lda)
-// times the panels, handed to ep.
+// For each group of panels (panel_group), rows 0..m-1 of A (m x K, leading dimension lda) times
+// the group, handed to ep.
 template <class Ep>
 inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep& ep) {
   const int64_t panels = w.np / kPanel;
-  int64_t p = 0;
-  for (; p + 2 <= panels; p += 2) gemm_panels<2>(a, lda, m, w.panel(p), w.k, p * kPanel, ep);
-  if (p < panels) gemm_panels<1>(a, lda, m, w.panel(p), w.k, p * kPanel, ep);
+  for (int64_t p = 0, g = 0; p < panels; p += g) {
+    g = panel_group(panels - p);
+    if (g == 4)
+      gemm_panels<4>(a, lda, m, w.panel(p), w.k, p * kPanel, ep);
+    else if (g == 2)
+      gemm_panels<2>(a, lda, m, w.panel(p), w.k, p * kPanel, ep);
+    else
+      gemm_panels<1>(a, lda, m, w.panel(p), w.k, p * kPanel, ep);
+  }
 }
 #else
 // Rows [i0, i0 + MR) x one panel (columns col0..col0+15): acc = sum_k A[i][k] * B[k][:], then
