@@ -38,13 +38,12 @@ inline int64_t chunk_tiles(int64_t n_tiles) {
 NINO_FAST_INLINE V16 vsilu_grad(V16 x) {
 #if defined(NINO_FAST_AVX512)
   const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 sg =
-      _mm512_div_ps(one, _mm512_add_ps(one, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  const __m512 sg = _mm512_div_ps(one, _mm512_add_ps(one, exp_neg_avx512(x)));
   return _mm512_mul_ps(sg, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sg), one));
 #elif defined(NINO_FAST_AVX2)
-  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  const __m256 one = _mm256_set1_ps(1.f);
   auto half = [&](__m256 v) {
-    const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(zero, v))));
+    const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp_neg_avx2(v)));
     return _mm256_mul_ps(sg, _mm256_fmadd_ps(v, _mm256_sub_ps(one, sg), one));
   };
   return V16{half(x.lo), half(x.hi)};

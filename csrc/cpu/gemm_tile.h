@@ -191,60 +191,65 @@ struct PackedB {
   const float* panel(int64_t p) const { return data.data() + p * k * kPanel; }
 };
 
-// ---- SiLU: x * sigmoid(x) with an exp accurate to ~2 ulp (the goldens need ~1e-6 relative
+// ---- SiLU: x / (1 + exp(-x)), with an exp(-x) accurate to ~1 ulp (the goldens need ~1e-6 relative
 // overall). The AVX-512 and AVX2 versions run the same operations on the same constants (the same
-// bits): exp(x) = 2^n * p(r), n = round(x log2 e), r = x - n ln2 (ln2 split in two for accuracy),
-// p a degree-7 polynomial (1 + r + r^2 q(r)). ----
+// bits): exp(-x) = 2^n p(u) with n = round(-x log2 e), taken from the integer grid of a float
+// near 1.5 * 2^23 (one FMA, no round instruction), u = x + n ln2 (ln2 split in two for accuracy)
+// and p(u) = exp(-u) as a degree-6 minimax polynomial (|rel. error| < 4e-9 on |u| <= ln2 / 2),
+// scaled by 2^n with scalef (AVX-512) or exponent bits (AVX2). x is clamped to [-89, 87.3] inside
+// the exp only: n stays in [-126, 128], a normal float or (n = 128, x < -88.38) infinity on both
+// paths; beyond the clamp 1 + exp(-x) is exactly 1 (x > 87.3: SiLU(x) = x) or infinite (SiLU(x) =
+// -0, where the exact value is below 3e-37 in magnitude). ----
 struct ExpConst {
-  static constexpr float lo = -87.3f, hi = 88.3f, log2e = 1.44269504088896341f;
+  static constexpr float lo = -89.f, hi = 87.3f, neg_log2e = -1.44269504088896341f;
+  // 1.5 * 2^23 + 127: fma(x, neg_log2e, shift) rounds to an integer; its low bits are n + 127
+  static constexpr float shift = 12583039.f;
   static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-  static constexpr float q[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                                 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  // exp(-u) = sum_i q[6 - i] u^i (minimax for exp on [-ln2/2, ln2/2], odd powers negated)
+  static constexpr float q[7] = {1.387107535e-3f,
+                                 -8.369540796e-3f,
+                                 4.166741669e-2f,
+                                 -1.666651219e-1f,
+                                 4.999999702e-1f,
+                                 -1.f,
+                                 1.f};
 };
 
 #ifdef NINO_FAST_AVX2
-NINO_FAST_INLINE __m256 exp_avx2(__m256 x) {
+NINO_FAST_INLINE __m256 exp_neg_avx2(__m256 x) {
   using C = ExpConst;
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(C::lo)), _mm256_set1_ps(C::hi));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(C::log2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::ln2_hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::ln2_lo), r);
+  const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(C::neg_log2e), _mm256_set1_ps(C::shift));
+  const __m256 n = _mm256_sub_ps(k, _mm256_set1_ps(C::shift));
+  __m256 u = _mm256_fmadd_ps(n, _mm256_set1_ps(C::ln2_hi), x);
+  u = _mm256_fmadd_ps(n, _mm256_set1_ps(C::ln2_lo), u);
   __m256 p = _mm256_set1_ps(C::q[0]);
-#pragma GCC unroll 5
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C::q[i]));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#pragma GCC unroll 6
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(C::q[i]));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23)));
 }
 
 NINO_FAST_INLINE __m256 silu_avx2(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  return _mm256_div_ps(x, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp_neg_avx2(x)));
 }
 #endif
 
 #ifdef NINO_FAST_AVX512
-NINO_FAST_INLINE __m512 exp_avx512(__m512 x) {
+NINO_FAST_INLINE __m512 exp_neg_avx512(__m512 x) {
   using C = ExpConst;
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(C::lo)), _mm512_set1_ps(C::hi));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(C::log2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::ln2_hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::ln2_lo), r);
+  const __m512 k = _mm512_fmadd_ps(x, _mm512_set1_ps(C::neg_log2e), _mm512_set1_ps(C::shift));
+  const __m512 n = _mm512_sub_ps(k, _mm512_set1_ps(C::shift));
+  __m512 u = _mm512_fmadd_ps(n, _mm512_set1_ps(C::ln2_hi), x);
+  u = _mm512_fmadd_ps(n, _mm512_set1_ps(C::ln2_lo), u);
   __m512 p = _mm512_set1_ps(C::q[0]);
-#pragma GCC unroll 5
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(C::q[i]));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+#pragma GCC unroll 6
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(C::q[i]));
+  return _mm512_scalef_ps(p, n);
 }
 
 NINO_FAST_INLINE __m512 silu_avx512(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_div_ps(x, _mm512_add_ps(one, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp_neg_avx512(x)));
 }
 #endif
 
