@@ -158,6 +158,37 @@ struct ChunkPartials {
   }
 };
 
+// One worker's share of a row task's ChunkPartials block, summed in two levels. A row task is whole
+// rows, so the tiles of a row with 1M in-edges (20K tiles; 1M per-edge type-table terms) would all
+// be added into one float32 block: relative errors up to ~1e-3. Tiles go into `stage` instead,
+// which is added into the task's block every kChunkTiles tiles and at the task's end; the sums then
+// run over at most kChunkTiles tiles (or their edges) plus one term per fold. The fold points
+// depend on the task's tiles alone, so every thread count gives the same bits.
+struct StagedPartials {
+  ChunkPartials& parts;
+  Floats stage;
+  int64_t task = -1, tiles = 0;
+
+  explicit StagedPartials(ChunkPartials& p) : parts(p), stage(p.block, 0.f) {}
+  // gradient `which` of the staging block
+  float* at(int64_t which) { return stage.data() + parts.off[which]; }
+  void start(int64_t t) { task = t, tiles = 0; }
+  // after each tile of the task
+  void tile_done() {
+    if (++tiles % kChunkTiles == 0) fold();
+  }
+  // after the task's last tile
+  void finish() {
+    if (tiles % kChunkTiles != 0) fold();
+  }
+
+ private:
+  void fold() {
+    add_inplace(parts.at(task, 0), stage.data(), parts.block);
+    std::fill(stage.begin(), stage.end(), 0.f);
+  }
+};
+
 // (rows x cols) float32 tensor of gradient `which` (laid out rows x ld in each chunk), chunks
 // summed
 inline at::Tensor reduced(const ChunkPartials& parts, int64_t which, int64_t rows, int64_t cols,

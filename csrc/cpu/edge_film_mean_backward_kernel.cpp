@@ -84,6 +84,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
       AffineEp first(stage, false);
       first.out = atile.data(), first.ldo = nph, first.pf = &pf;
       int64_t t0 = 0;
+      StagedPartials staged(parts);
       auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
         const int64_t r = dsti[i];
         v = vadd(v, vld16(bscp.data() + col0));  // sc
@@ -103,8 +104,9 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
         store16(pdf + (t0 + i) * c + col0, c - col0, v);
       };
       for (int64_t task; (task = claim()) >= 0;) {
-        float *p_wa = parts.at(task, kWa), *p_wsc = parts.at(task, kWsc);
-        float *p_ba = parts.at(task, kBa), *p_bsc = parts.at(task, kBsc);
+        float *p_wa = staged.at(kWa), *p_wsc = staged.at(kWsc);
+        float *p_ba = staged.at(kBa), *p_bsc = staged.at(kBsc);
+        staged.start(task);
         const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
           t0 = t;
@@ -131,7 +133,9 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
           colsum_acc(datile.data(), nph, dh, m, p_ba);
           da.put(datile.data(), nph, t0, m);
           if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
+          staged.tile_done();
         });
+        staged.finish();
       }
     });
   }

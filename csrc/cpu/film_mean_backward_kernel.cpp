@@ -70,7 +70,8 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
       int64_t dsti[kTile];
       NextTilePrefetch pf;
       int64_t t0 = 0;
-      float* p_tsc = nullptr;
+      StagedPartials staged(parts);
+      float* const p_tsc = staged.at(kTsc);
       auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
         const int64_t r = dsti[i], e = t0 + i;
         pf(i, col0);
@@ -92,8 +93,8 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         store16(pdf + (t0 + i) * c + col0, c - col0, v);
       };
       for (int64_t task; (task = claim()) >= 0;) {
-        float *p_wsc = parts.at(task, kWsc), *p_bsc = parts.at(task, kBsc);
-        p_tsc = parts.at(task, kTsc);
+        float *p_wsc = staged.at(kWsc), *p_bsc = staged.at(kBsc);
+        staged.start(task);
         const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
           t0 = t;
@@ -112,7 +113,9 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
           outer_acc(dsct.data(), np, d, xt, c, c, m, p_wsc, npc);
           colsum_acc(dsct.data(), np, d, m, p_bsc);
           if (pdf) gemm_ep(dsct.data(), np, m, wsc_tp, ep_feat);
+          staged.tile_done();
         });
+        staged.finish();
       }
     });
   }
