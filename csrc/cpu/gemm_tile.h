@@ -351,10 +351,16 @@ NINO_FAST_INLINE void store16(float* p, int64_t valid, V16 v) {
 #ifdef NINO_FAST_AVX512
 // acc[i][p] = sum_k A[i][k] * B_p[k] for rows 0..MR-1 of A and the NP panels of a group (b: its
 // start, PackedB layout): MR x NP accumulators (at most 24 of the 32 zmm registers), one broadcast
-// of A per row and k.
+// of A per row and k. Compiled out of line, once per shape: inlined into the fused kernels, their
+// epilogues' state kept the general registers busy and the compiler reloaded the A row pointers
+// from the stack on every k. Alone, the loop has the registers to itself; the accumulators go back
+// through memory once per block (24 stores and loads against 3,072 FMAs at K = 128; even at K = 5,
+// the film_mean GEMMs, measured no slower than inlined). Hidden: called directly, not through the
+// shared library's PLT.
 template <int MR, int NP>
-NINO_FAST_INLINE void block_acc(const float* a, int64_t lda, const float* b, int64_t k,
-                                __m512 (&acc)[MR][NP]) {
+__attribute__((noinline, visibility("hidden"))) void block_acc(const float* a, int64_t lda,
+                                                               const float* b, int64_t k,
+                                                               __m512 (&acc)[MR][NP]) {
   // in a local array, copied out at the end: __m512 may alias float, so updating acc in place
   // would store every FMA's result in case a or b read it
   __m512 c[MR][NP];
@@ -379,26 +385,13 @@ NINO_FAST_INLINE void block_acc(const float* a, int64_t lda, const float* b, int
     for (int p = 0; p < NP; ++p) acc[i][p] = c[i][p];
 }
 
-// block_acc compiled out of line, once per shape: inlined into the fused kernels, their epilogues'
-// state kept the general registers busy and the compiler reloaded the A row pointers from the
-// stack on every k. Alone, the loop has the registers to itself; the accumulators go back through
-// memory once per block (24 stores and loads against 3,072 FMAs at K = 128; even at K = 5, the
-// film_mean GEMMs, measured no slower than inlined). Hidden: called directly, not through the
-// shared library's PLT.
-template <int MR, int NP>
-__attribute__((noinline, visibility("hidden"))) void block_acc_call(const float* a, int64_t lda,
-                                                                    const float* b, int64_t k,
-                                                                    __m512 (&acc)[MR][NP]) {
-  block_acc<MR, NP>(a, lda, b, k, acc);
-}
-
-// Rows [i0, i0 + MR) x the NP panels of a group (columns col0..col0 + 16 NP - 1): block_acc_call,
-// then ep(row, column block) per panel, rows in increasing order.
+// Rows [i0, i0 + MR) x the NP panels of a group (columns col0..col0 + 16 NP - 1): block_acc, then
+// ep(row, column block) per panel, rows in increasing order.
 template <int MR, int NP, class Ep>
 NINO_FAST_INLINE void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k,
                                    int64_t i0, int64_t col0, Ep& ep) {
   __m512 acc[MR][NP];
-  block_acc_call<MR, NP>(a, lda, b, k, acc);
+  block_acc<MR, NP>(a, lda, b, k, acc);
 #pragma GCC unroll 4
   for (int p = 0; p < NP; ++p)
 #pragma GCC unroll 16
