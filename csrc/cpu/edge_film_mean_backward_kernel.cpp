@@ -85,6 +85,8 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
       first.out = atile.data(), first.ldo = nph, first.pf = &pf;
       int64_t t0 = 0;
       StagedPartials staged(parts);
+      float *const p_wa = staged.at(kWa), *const p_wsc = staged.at(kWsc);
+      float *const p_ba = staged.at(kBa), *const p_bsc = staged.at(kBsc);
       auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
         const int64_t r = dsti[i];
         v = vadd(v, vld16(bscp.data() + col0));  // sc
@@ -104,8 +106,6 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
         store16(pdf + (t0 + i) * c + col0, c - col0, v);
       };
       for (int64_t task; (task = claim()) >= 0;) {
-        float *p_wa = staged.at(kWa), *p_wsc = staged.at(kWsc);
-        float *p_ba = staged.at(kBa), *p_bsc = staged.at(kBsc);
         staged.start(task);
         const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {

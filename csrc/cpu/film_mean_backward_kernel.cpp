@@ -71,6 +71,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
       NextTilePrefetch pf;
       int64_t t0 = 0;
       StagedPartials staged(parts);
+      float *const p_wsc = staged.at(kWsc), *const p_bsc = staged.at(kBsc);
       float* const p_tsc = staged.at(kTsc);
       auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
         const int64_t r = dsti[i], e = t0 + i;
@@ -93,7 +94,6 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         store16(pdf + (t0 + i) * c + col0, c - col0, v);
       };
       for (int64_t task; (task = claim()) >= 0;) {
-        float *p_wsc = staged.at(kWsc), *p_bsc = staged.at(kBsc);
         staged.start(task);
         const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
