@@ -80,9 +80,9 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
       Floats gh(kTile * nph), gv(kTile * np), dsct(kTile * np), gsct(kTile * np);
       Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
       int64_t dsti[kTile];
-      NextTilePrefetch pf;
       AffineEp first(stage, false);
-      first.out = atile.data(), first.ldo = nph, first.pf = &pf;
+      first.out = atile.data(), first.ldo = nph;
+      NextTilePrefetch& pf = first.pf;
       int64_t t0 = 0;
       StagedPartials staged(parts);
       float *const p_wa = staged.at(kWa), *const p_wsc = staged.at(kWsc);

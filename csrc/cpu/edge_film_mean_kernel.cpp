@@ -35,29 +35,33 @@ at::Tensor edge_film_mean_cpu(const EdgeFilmMeanArgs& a) {
     Floats gh(kTile * nph), gm(kTile * np);                // the tile's gathered node terms
     Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
-    NextTilePrefetch pf1, pf2;
     AffineEp first(stage, true);
-    first.pf = &pf1;
     first.out = htile.data(), first.ldo = nph;
     first.hpart = hpart.data(), first.seg = tr.seg, first.ldp = nph;
-    // per edge: (W_sc h + b_sc) * (msg_dst[n] + msg_src[src]), summed per row
-    auto scale_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-      pf2(i, col0);
-      v = vadd(v, vld16(bscp.data() + col0));
-      const V16 g = vld16(gm.data() + i * np + col0);  // msg_dst[n] + msg_src[src]
-      float* pp = part.data() + tr.seg[i] * np + col0;
-      vst16(pp, vfma(v, g, vld16(pp)));
-    };
+    const float *bsc = bscp.data(), *g = gm.data();
+    float* pt = part.data();
+    const int32_t* seg = tr.seg;
     // the shift half is linear in h: its rows sum h (hpart, filled by the first GEMM's epilogue)
     rows.run(claim, tr, part, hpart, [&](int64_t t0, int64_t m, std::pair<int64_t, int64_t> next) {
       const auto [p0, n1] = next;
-      pf1.reset(n1), pf2.reset(n1);
-      pf1.add_feat(in, p0), pf1.add(pns, s + p0, dh), pf2.add(pms, s + p0, d);
+      NextTilePrefetch pf;
+      first.pf.reset(n1), pf.reset(n1);
+      first.pf.add_feat(in, p0), first.pf.add(pns, s + p0, dh), pf.add(pms, s + p0, d);
       first.e0 = t0;
       gather_add(pns, s + t0, pnd, tr.dsti, m, dh, gh.data(), nph), first.gsum = gh.data();
       gather_add(pmd, tr.dsti, pms, s + t0, m, d, gm.data(), np);
       // h = silu(...) into htile, sum_e h into hpart
       gemm_ep(in.tile(t0, m, xbuf.data()), c, m, stage.w, first);
+      // per edge: (W_sc h + b_sc) * (msg_dst[n] + msg_src[src]), summed per row; captured by
+      // value (see gemm_ep)
+      auto scale_ep = [pf, bsc, g, pt, seg, np](int64_t i, int64_t col0, V16 v)
+                          NINO_FAST_LAMBDA_INLINE {
+        pf(i, col0);
+        v = vadd(v, vld16(bsc + col0));
+        const V16 gi = vld16(g + i * np + col0);  // msg_dst[n] + msg_src[src]
+        float* pp = pt + seg[i] * np + col0;
+        vst16(pp, vfma(v, gi, vld16(pp)));
+      };
       gemm_ep(htile.data(), nph, m, scale, scale_ep);
     });
   });

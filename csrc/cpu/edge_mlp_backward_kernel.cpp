@@ -82,9 +82,9 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
       Floats atile(kTile * nph), htile(kTile * nph), datile(kTile * nph);
       Floats gtile(has_ns ? kTile * nph : 0), g2tile(has_ns2 ? kTile * npo : 0);
       Floats gztile(act_out ? kTile * npo : 0);
-      NextTilePrefetch pf;
       AffineEp first(stage, false);
-      first.out = atile.data(), first.ldo = nph, first.pf = &pf;
+      first.out = atile.data(), first.ldo = nph;
+      NextTilePrefetch& pf = first.pf;
       int64_t e0 = 0;
       const float* gz = nullptr;  // this tile's gz rows
       int64_t ldg = 0;

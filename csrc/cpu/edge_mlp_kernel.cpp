@@ -85,16 +85,15 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
     int64_t dsti[kTile];
     // The next tile's rows are prefetched a line per epilogue call, from the layers' long GEMMs
     // (layer a's has K = C, often 5: a burst its misses would overflow): pf[l] in layer l's.
-    NextTilePrefetch pf1, pf[3];
+    AffineEp first(stage, true);
+    NextTilePrefetch pf[3];
     // the epilogue issuing prefetches for layer l's gathers: layer l's own if it is a GEMM, else
     // the nearest earlier one (layer a's last)
     auto slot = [&](int l) -> NextTilePrefetch& {
       for (l = std::min(l, n_layers - 1); l >= 0; --l)
         if (!layers[l].dot) return pf[l];
-      return pf1;
+      return first.pf;
     };
-    AffineEp first(stage, true);
-    first.pf = &pf1;
     first.out = htile.data(), first.ldo = nph;
     int64_t e0 = 0;
     // Layer l's epilogue: v + bias (+ s2[src] + t2[dst] for layer b), then SiLU and into the next
@@ -103,16 +102,20 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
       const Layer& L = layers[l];
       const bool last = l == n_layers - 1;
       if (L.dot) return L.dots(in_tile, m, y + e0 * d_final);
-      float* next = last ? nullptr : tiles[l].data();
+      float* next = last ? nullptr : tiles[l].data();  // else y's rows
       const int64_t ldn = last ? 0 : padded(L.rows);
       const float* g2 = l == 0 && pns2 ? gtile2.data() : nullptr;
-      auto ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        pf[l](i, col0);
-        v = vadd(v, vld16(L.bias.data() + col0));
+      const float* bias = L.bias.data();
+      float* yt = y + e0 * d_final;
+      // captured by value (see gemm_ep)
+      auto ep = [pf = pf[l], bias, g2, npo, next, ldn, act_out, yt, d_final](
+                    int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+        pf(i, col0);
+        v = vadd(v, vld16(bias + col0));
         if (g2) v = vadd(v, vld16(g2 + i * npo + col0));
-        if (!last) return vst16(next + i * ldn + col0, vsilu(v));
+        if (next) return vst16(next + i * ldn + col0, vsilu(v));
         if (act_out) v = vsilu(v);
-        store16(y + (e0 + i) * d_final + col0, d_final - col0, v);
+        store16(yt + i * d_final + col0, d_final - col0, v);
       };
       gemm_ep(in_tile, padded(L.k), m, L.packed, ep);
     };
@@ -126,9 +129,9 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
       // the next tile's rows (each unit is one tile: the next unit's): x, and the src-indexed
       // tables (dst rows repeat: mostly cached)
       const auto [n0, n1] = cursor.after(e0 + m, e0 + m);
-      pf1.reset(n1);
+      first.pf.reset(n1);
       for (auto& p : pf) p.reset(n1);
-      pf1.add(x + n0 * c, nullptr, c);
+      first.pf.add(x + n0 * c, nullptr, c);
       slot(0).add(pns, s + n0, dh);
       slot(1).add(pns2, s + n0, dout);
       first.e0 = e0;

@@ -41,30 +41,34 @@ at::Tensor film_mean_cpu(const FilmMeanArgs& a) {
     Floats part(kTile * np), fpart(kTile * c), gtile(kTile * np);
     Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
     TileRows tr;
-    NextTilePrefetch pf;
-    int64_t e0 = 0;
-    // per edge: (W_sc x + b_sc + T_sc[t]) * (node_dst[n] + node_src[src]) + T_sh[t], summed per row
-    auto scale_ep = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-      const int64_t e = e0 + i, valid = d - col0;
-      pf(i, col0);
-      V16 t = vzero16();
-      v = vadd(v, vld16(pbsc + col0));
-      if (ptsc) {
-        v = vadd(v, load16(ptsc + pet[e] * d + col0, valid));
-        t = load16(ptsh + pet[e] * d + col0, valid);
-      }
-      const V16 g = vld16(gtile.data() + i * np + col0);  // node_dst[n] + node_src[src]
-      float* pp = part.data() + tr.seg[i] * np + col0;
-      vst16(pp, vadd(vld16(pp), vfma(v, g, t)));
-    };
+    const float* g = gtile.data();
+    float* pt = part.data();
+    const int32_t* seg = tr.seg;
     // the shift half is linear in x: its rows sum x (fpart)
     rows.run(claim, tr, part, fpart, [&](int64_t t0, int64_t m, std::pair<int64_t, int64_t> next) {
       const auto [p0, n1] = next;
+      NextTilePrefetch pf;
       pf.reset(n1);
       pf.add_feat(in, p0), pf.add(pns, s + p0, d);
-      e0 = t0;
       gather_add(pnd, tr.dsti, pns, s + t0, m, d, gtile.data(), np);
       const float* xt = in.tile(t0, m, xbuf.data());
+      const int64_t* et = pet ? pet + t0 : nullptr;  // the tile's edge types
+      // per edge: (W_sc x + b_sc + T_sc[t]) * (node_dst[n] + node_src[src]) + T_sh[t], summed per
+      // row; captured by value (see gemm_ep)
+      auto scale_ep = [pf, pbsc, ptsc, ptsh, et, g, pt, seg, d, np](int64_t i, int64_t col0, V16 v)
+                          NINO_FAST_LAMBDA_INLINE {
+        const int64_t valid = d - col0;
+        pf(i, col0);
+        V16 t = vzero16();
+        v = vadd(v, vld16(pbsc + col0));
+        if (ptsc) {
+          v = vadd(v, load16(ptsc + et[i] * d + col0, valid));
+          t = load16(ptsh + et[i] * d + col0, valid);
+        }
+        const V16 gi = vld16(g + i * np + col0);  // node_dst[n] + node_src[src]
+        float* pp = pt + seg[i] * np + col0;
+        vst16(pp, vadd(vld16(pp), vfma(v, gi, t)));
+      };
       gemm_ep(xt, c, m, scale.w, scale_ep);
       for (int64_t i = 0; i < m; ++i) add_inplace(fpart.data() + tr.seg[i] * c, xt + i * c, c);
     });

@@ -303,14 +303,14 @@ struct AffineEp {
   float* hpart = nullptr;
   const int32_t* seg = nullptr;
   int64_t ldp = 0;
-  const NextTilePrefetch* pf = nullptr;
+  NextTilePrefetch pf;  // the next tile's lines, one per call (held by value: see gemm_ep)
 
   AffineEp(const AffineStage& st, bool act_)
       : bias(st.bias_p.data()), tab(st.tab()), et(st.et()), d(st.d), act(act_) {}
 
   NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V16 v) const {
     const int64_t e = e0 + i, valid = d - col0;
-    if (pf) (*pf)(i, col0);
+    pf(i, col0);
     v = vadd(v, vld16(bias + col0));
     if (tab) v = vadd(v, load16(tab + et[e] * d + col0, valid));
     if (gsum) v = vadd(v, vld16(gsum + i * ldo + col0));

@@ -418,7 +418,11 @@ NINO_FAST_INLINE void gemm_panels(const float* a, int64_t lda, int64_t m, const 
 // For each group of panels (panel_group), rows 0..m-1 of A (m x K, leading dimension lda) times
 // the group, handed to ep.
 template <class Ep>
-inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep& ep) {
+inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, const Ep& ep_in) {
+  // A local copy: the epilogue's vector stores may alias any memory, so the caller's functor
+  // (behind a reference) would have its fields reloaded after every store; a copy whose address
+  // never escapes keeps them in registers.
+  Ep ep = ep_in;
   const int64_t panels = w.np / kPanel;
   for (int64_t p = 0, g = 0; p < panels; p += g) {
     g = panel_group(panels - p);
@@ -499,9 +503,11 @@ inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k
 }
 #endif
 
-// For each panel, rows 0..m-1 of A (m x K, leading dimension lda) times the panel, handed to ep.
+// For each panel, rows 0..m-1 of A (m x K, leading dimension lda) times the panel, handed to ep
+// (copied, as in the AVX-512 version).
 template <class Ep>
-inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, Ep& ep) {
+inline void gemm_ep(const float* a, int64_t lda, int64_t m, const PackedB& w, const Ep& ep_in) {
+  Ep ep = ep_in;
   for (int64_t p = 0; p < w.np / kPanel; ++p) {
     const float* b = w.panel(p);
     const int64_t col0 = p * kPanel;
