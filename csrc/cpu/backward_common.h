@@ -240,8 +240,8 @@ struct MeanGrad {
     Floats out(n * npk, 0.f);
     const auto w_t = w_sh.t().contiguous();
     const PackedB packed(w_t.data_ptr<float>(), k, d);
-    auto ep = [&](int64_t i, int64_t col0, V16 v)
-                  NINO_FAST_LAMBDA_INLINE { vst16(out.data() + i * npk + col0, v); };
+    auto ep = [o = out.data(), npk](int64_t i, int64_t col0, V16 v)
+                  NINO_FAST_LAMBDA_INLINE { vst16(o + i * npk + col0, v); };
     gemm_ep(gn.data(), np, n, packed, ep);
     return out;
   }

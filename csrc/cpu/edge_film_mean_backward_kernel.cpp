@@ -83,33 +83,34 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
       AffineEp first(stage, false);
       first.out = atile.data(), first.ldo = nph;
       NextTilePrefetch& pf = first.pf;
-      int64_t t0 = 0;
       StagedPartials staged(parts);
       float *const p_wa = staged.at(kWa), *const p_wsc = staged.at(kWsc);
       float *const p_ba = staged.at(kBa), *const p_bsc = staged.at(kBsc);
-      auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        const int64_t r = dsti[i];
-        v = vadd(v, vld16(bscp.data() + col0));  // sc
-        row_add(scsum.data() + r * np + col0, v);
-        const V16 gm = vld16(mg.row(r) + col0);
-        vst16(dsct.data() + i * np + col0, vmul(gm, vld16(gv.data() + i * np + col0)));
-        vst16(gsct.data() + i * np + col0, vmul(gm, v));
+      // the epilogues, their operands held by value (see gemm_ep)
+      const int64_t* const di = dsti;
+      auto ep_sc = [di, bsc = bscp.data(), scs = scsum.data(), gm0 = mg.row(0), gvt = gv.data(),
+                    dsc_t = dsct.data(), gsc_t = gsct.data(), np](int64_t i, int64_t col0, V16 v)
+                       NINO_FAST_LAMBDA_INLINE {
+        const int64_t r = di[i];
+        v = vadd(v, vld16(bsc + col0));  // sc
+        row_add(scs + r * np + col0, v);
+        const V16 gm = vld16(gm0 + r * np + col0);
+        vst16(dsc_t + i * np + col0, vmul(gm, vld16(gvt + i * np + col0)));
+        vst16(gsc_t + i * np + col0, vmul(gm, v));
       };
-      auto ep_a = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        const int64_t r = dsti[i];
-        v = vadd(v, vld16(gsh.data() + r * nph + col0));
-        v = vmul(v, vsilu_grad(vld16(atile.data() + i * nph + col0)));
-        vst16(datile.data() + i * nph + col0, v);
-        row_add(dasum.data() + r * nph + col0, v);
-      };
-      auto ep_feat = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        store16(pdf + (t0 + i) * c + col0, c - col0, v);
+      auto ep_a = [di, gsh0 = gsh.data(), pre = atile.data(), dat = datile.data(),
+                   das = dasum.data(), nph](int64_t i, int64_t col0, V16 v)
+                      NINO_FAST_LAMBDA_INLINE {
+        const int64_t r = di[i];
+        v = vadd(v, vld16(gsh0 + r * nph + col0));
+        v = vmul(v, vsilu_grad(vld16(pre + i * nph + col0)));
+        vst16(dat + i * nph + col0, v);
+        row_add(das + r * nph + col0, v);
       };
       for (int64_t task; (task = claim()) >= 0;) {
         staged.start(task);
         const int64_t end = rp[tasks[task + 1]];
-        for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
-          t0 = t;
+        for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t0, int64_t m) {
           first.e0 = t0;
           pf.reset(std::min(kTile, end - (t0 + m)));  // the task's next tile
           pf.add_feat(in, t0 + m), pf.add(pns, s + t0 + m, dh);
@@ -132,7 +133,12 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
           outer_acc(datile.data(), nph, dh, xt, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
           da.put(datile.data(), nph, t0, m);
-          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
+          if (pdf) {
+            auto ep_feat =
+                [pdf_t = pdf + t0 * c, c](int64_t i, int64_t col0, V16 v)
+                    NINO_FAST_LAMBDA_INLINE { store16(pdf_t + i * c + col0, c - col0, v); };
+            gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
+          }
           staged.tile_done();
         });
         staged.finish();

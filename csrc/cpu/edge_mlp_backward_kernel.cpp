@@ -85,28 +85,19 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
       AffineEp first(stage, false);
       first.out = atile.data(), first.ldo = nph;
       NextTilePrefetch& pf = first.pf;
-      int64_t e0 = 0;
       const float* gz = nullptr;  // this tile's gz rows
       int64_t ldg = 0;
-      auto ep_z = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        v = vadd(v, vld16(bbp.data() + col0));
-        if (pns2) v = vadd(v, vld16(g2tile.data() + i * npo + col0));
-        const V16 go = load16(g + (e0 + i) * dout + col0, dout - col0);
-        vst16(gztile.data() + i * npo + col0, vmul(go, vsilu_grad(v)));
-      };
-      auto ep_a = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        vst16(datile.data() + i * nph + col0,
-              vmul(v, vsilu_grad(vld16(atile.data() + i * nph + col0))));
-      };
-      auto ep_feat = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        store16(pdf + (e0 + i) * c + col0, c - col0, v);
+      // the epilogues, their operands held by value (see gemm_ep)
+      auto ep_a = [pre = atile.data(), dat = datile.data(), nph](int64_t i, int64_t col0, V16 v)
+                      NINO_FAST_LAMBDA_INLINE {
+        vst16(dat + i * nph + col0, vmul(v, vsilu_grad(vld16(pre + i * nph + col0))));
       };
       for (int64_t chunk; (chunk = claim()) >= 0;) {
         float *p_wa = parts.at(chunk, kWa), *p_wb = parts.at(chunk, kWb);
         float *p_ba = parts.at(chunk, kBa), *p_bb = parts.at(chunk, kBb);
         const int64_t t_end = std::min(n_tiles, (chunk + 1) * per_chunk);
         for (int64_t tile = chunk * per_chunk; tile < t_end; ++tile) {
-          e0 = tile * kTile;
+          const int64_t e0 = tile * kTile;
           const int64_t m = std::min(kTile, e_total - e0);
           first.e0 = e0;
           pf.reset(tile + 1 < t_end ? std::min(kTile, e_total - (e0 + m)) : 0);  // the chunk's next
@@ -121,6 +112,14 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
               vst16(htile.data() + i * nph + col0, vsilu(vld16(atile.data() + i * nph + col0)));
           if (act_out) {
             if (pns2) gather_add(pns2, s + e0, pnd2, t + e0, m, dout, g2tile.data(), npo);
+            auto ep_z = [bb = bbp.data(), g2 = pns2 ? g2tile.data() : nullptr, go_t = g + e0 * dout,
+                         gzt = gztile.data(), npo, dout](int64_t i, int64_t col0, V16 v)
+                            NINO_FAST_LAMBDA_INLINE {
+              v = vadd(v, vld16(bb + col0));
+              if (g2) v = vadd(v, vld16(g2 + i * npo + col0));
+              const V16 go = load16(go_t + i * dout + col0, dout - col0);
+              vst16(gzt + i * npo + col0, vmul(go, vsilu_grad(v)));
+            };
             gemm_ep(htile.data(), nph, m, wb_p, ep_z);
             gz = gztile.data(), ldg = npo;
             gz_rows.put(gz, npo, e0, m);
@@ -133,7 +132,12 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
           outer_acc(datile.data(), nph, dh, x + e0 * c, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
           da.put(datile.data(), nph, e0, m);
-          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
+          if (pdf) {
+            auto ep_feat =
+                [pdf_t = pdf + e0 * c, c](int64_t i, int64_t col0, V16 v)
+                    NINO_FAST_LAMBDA_INLINE { store16(pdf_t + i * c + col0, c - col0, v); };
+            gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
+          }
         }
       }
     });

@@ -68,38 +68,46 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
       Floats gv(kTile * np), dsct(kTile * np);
       Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
       int64_t dsti[kTile];
-      NextTilePrefetch pf;
-      int64_t t0 = 0;
       StagedPartials staged(parts);
       float *const p_wsc = staged.at(kWsc), *const p_bsc = staged.at(kBsc);
       float* const p_tsc = staged.at(kTsc);
-      auto ep_sc = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        const int64_t r = dsti[i], e = t0 + i;
-        pf(i, col0);
-        v = vadd(v, vld16(stage.bias_p.data() + col0));
-        if (pet) v = vadd(v, load16(ptab + pet[e] * d + col0, d - col0));
-        float* row = scsum.data() + r * np + col0;
-        vst16(row, vadd(vld16(row), v));
-        const V16 gm = vld16(mg.row(r) + col0);
-        const V16 dsc = vmul(gm, vld16(gv.data() + i * np + col0));
-        vst16(dsct.data() + i * np + col0, dsc);
-        store16(gsc.row(e) + col0, d - col0, vmul(gm, v));
-        if (pet) {
-          float* ts = p_tsc + pet[e] * np + col0;
-          vst16(ts, vadd(vld16(ts), dsc));
-        }
-      };
-      auto ep_feat = [&](int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
-        v = vadd(v, vld16(gsh.data() + dsti[i] * npc + col0));
-        store16(pdf + (t0 + i) * c + col0, c - col0, v);
-      };
+      // the epilogues' operands, held by value (see gemm_ep)
+      const int64_t* const di = dsti;
+      const float *const bias = stage.bias_p.data(), *const gm0 = mg.row(0), *const gvt = gv.data();
+      const float* const gsh0 = gsh.data();
+      float *const scs = scsum.data(), *const dsc_t = dsct.data();
       for (int64_t task; (task = claim()) >= 0;) {
         staged.start(task);
         const int64_t end = rp[tasks[task + 1]];
-        for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t, int64_t m) {
-          t0 = t;
+        for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t0, int64_t m) {
+          NextTilePrefetch pf;
           pf.reset(std::min(kTile, end - (t0 + m)));  // the task's next tile
           pf.add_feat(in, t0 + m), pf.add(pns, s + t0 + m, d);
+          const int64_t* const et = pet ? pet + t0 : nullptr;  // the tile's edge types
+          float* const gsc_t = gsc.row(t0);                    // the tile's gm * sc rows
+          auto ep_sc = [pf, di, bias, et, ptab, d, np, scs, gm0, gvt, dsc_t, gsc_t, p_tsc](
+                           int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
+            const int64_t r = di[i];
+            pf(i, col0);
+            v = vadd(v, vld16(bias + col0));
+            if (et) v = vadd(v, load16(ptab + et[i] * d + col0, d - col0));
+            float* row = scs + r * np + col0;
+            vst16(row, vadd(vld16(row), v));
+            const V16 gm = vld16(gm0 + r * np + col0);
+            const V16 dsc = vmul(gm, vld16(gvt + i * np + col0));
+            vst16(dsc_t + i * np + col0, dsc);
+            store16(gsc_t + i * d + col0, d - col0, vmul(gm, v));
+            if (et) {
+              float* ts = p_tsc + et[i] * np + col0;
+              vst16(ts, vadd(vld16(ts), dsc));
+            }
+          };
+          float* const pdf_t = pdf ? pdf + t0 * c : nullptr;
+          auto ep_feat = [di, gsh0, npc, pdf_t, c](int64_t i, int64_t col0, V16 v)
+                             NINO_FAST_LAMBDA_INLINE {
+            v = vadd(v, vld16(gsh0 + di[i] * npc + col0));
+            store16(pdf_t + i * c + col0, c - col0, v);
+          };
           const float* xt = in.tile(t0, m, xbuf.data());
           for (int64_t i = 0; i < m; ++i) {
             const int64_t r = dsti[i];
