@@ -47,6 +47,11 @@ std::string cpu_isa() {
 void cpu_pool_release() {
   nino_fast::cpu::OutPool::get().release();
 }
+// [bytes held in cached buffers, the cap]
+std::vector<int64_t> cpu_pool_stats() {
+  auto& pool = nino_fast::cpu::OutPool::get();
+  return {int64_t(pool.cached()), int64_t(pool.cap())};
+}
 }  // namespace
 
 TORCH_LIBRARY(nino_fast, m) {
@@ -54,6 +59,7 @@ TORCH_LIBRARY(nino_fast, m) {
   m.def("_cuda_compiled() -> bool", &cuda_compiled);
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_pool_release() -> ()", &cpu_pool_release);
+  m.def("_cpu_pool_stats() -> int[]", &cpu_pool_stats);
   // out[n] = mean(src[rowptr[n]:rowptr[n+1]]), 0 for an empty row.
   m.def("segment_mean_csr(Tensor src, Tensor rowptr) -> Tensor");
   // A NiNo step's raw edge features: the scaled history rows of edge slots (-1: a zero row), see

@@ -12,7 +12,7 @@ Training: ``NiNo(torch.optim.AdamW(model.parameters()), model=model, ckpt="nino.
 optimizer (see :class:`nino_fast.optim.NiNo`); ``Linefit`` / ``LinefitPlus`` are the paper's baselines.
 """
 
-from ._extension import has_cuda_ext, has_ext
+from ._extension import has_cuda_ext, has_ext, release_cpu_buffers
 from .baselines import Linefit, LinefitPlus
 from .graph import GraphLayout, NeuralGraph, build_graph, build_graph_layout
 from .model import NiNoModel
@@ -32,6 +32,7 @@ __all__ = [
     "has_cuda_ext",
     "has_ext",
     "k_schedule",
+    "release_cpu_buffers",
     "scale_params",
     "unscale_params",
 ]

@@ -93,8 +93,11 @@ def has_cuda_ext() -> bool:
 
 
 def release_cpu_buffers() -> None:
-    """Free the CPU kernels' cached output buffers (they are reused within a NiNo step to avoid page faults on
-    fresh pages; a step calls this when it ends, so no memory stays cached between steps)."""
+    """Free the CPU kernels' cached output buffers. Large outputs and input gradients of the CPU kernels come from a
+    cache of freed buffers (at most 2 GiB or 1/8 of the RAM, the smaller; ``NINO_FAST_CPU_POOL_MB`` sets it, 0
+    turns it off), so that a training loop's next step reuses already-mapped pages instead of paging in fresh ones.
+    A NiNo step calls this after each pass, so nothing stays cached between steps; after training with the
+    ``nino_fast.nn`` layers, call it to give the memory back."""
     if has_ext():
         try:
             torch.ops.nino_fast._cpu_pool_release()

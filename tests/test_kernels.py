@@ -256,6 +256,44 @@ def test_cpu_output_pool_reuses_larger_buffers():
     release_cpu_buffers()
 
 
+@pytest.mark.skipif("cpu" not in dispatch.BACKENDS, reason="needs the CPU extension")
+def test_cpu_output_pool_keeps_a_training_steps_buffers_until_released():
+    """Between training steps of an nn layer the freed outputs and input gradients stay cached (the next step asks
+    for the same sizes and reuses them: no fresh pages), within the default cap of min(2 GiB, RAM / 8), until
+    release_cpu_buffers()."""
+    import os
+
+    import nino_fast
+    from nino_fast.nn import EdgeUpdate
+
+    nino_fast.release_cpu_buffers()
+    cached, cap = torch.ops.nino_fast._cpu_pool_stats()
+    assert cached == 0
+    if "NINO_FAST_CPU_POOL_MB" not in os.environ:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert cap == min(2048, (ram >> 20) // 8) << 20
+    if cap < 64 << 20:
+        pytest.skip("the buffer cache is smaller than this test's two 4 MiB buffers")
+    gen = torch.Generator().manual_seed(0)
+    n, e, d = 500, 8192, 128  # (E, D) fp32: 4 MiB per buffer
+    layer = EdgeUpdate(d, d, d)
+    x = torch.randn(n, d, generator=gen)
+    edge_index = torch.randint(0, n, (2, e), generator=gen)
+    attr = torch.randn(e, d, generator=gen).requires_grad_()
+    grad_out = torch.randn(e, d, generator=gen)
+    held = []
+    for _ in range(3):
+        attr.grad = None  # the last step's input gradient: back to the cache
+        out = layer(x, edge_index, attr)
+        out.backward(grad_out)
+        del out  # cached; attr.grad holds the other buffer
+        held.append(torch.ops.nino_fast._cpu_pool_stats()[0])
+    assert held[0] >= e * d * 4
+    assert held[1] == held[2] == held[0]  # the same buffers go round, not one more per step
+    nino_fast.release_cpu_buffers()
+    assert torch.ops.nino_fast._cpu_pool_stats()[0] == 0
+
+
 def test_cpu_silu_and_its_derivative_to_a_few_ulp():
     """The CPU kernels' SiLU (their own exp: a polynomial and exponent scaling) against float64 over the float range
     that matters, through edge_mlp with identity weights (``out = silu(x)``; its backward gives ``silu'(x)``):

@@ -43,7 +43,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   const bool has_tab = stage.table.defined();
   const int64_t* rp = in.rowptr.data_ptr<int64_t>();
 
-  auto d_feat = need_feat ? at::empty({e_total, c}, opt) : at::empty({0}, opt);
+  auto d_feat = need_feat ? pooled_empty({e_total, c}, opt) : at::empty({0}, opt);
   auto d_tab = has_tab ? at::zeros({stage.types, dh}, opt) : at::empty({0}, opt);
   auto d_ns = at::zeros({n_src, dh}, opt), d_ms = at::zeros({n_src, d}, opt);
   auto d_nd = at::zeros({n, dh}, opt), d_md = at::empty({n, d}, opt);

@@ -37,7 +37,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
 
   const bool has_tab = stage.table.defined(), has_ns = in.ns.defined(), has_ns2 = in.ns2.defined();
   const int64_t n_rows = has_ns ? in.ns.size(0) : has_ns2 ? in.ns2.size(0) : 0;
-  auto d_feat = need_feat ? at::empty({e_total, c}, opt) : at::empty({0}, opt);
+  auto d_feat = need_feat ? pooled_empty({e_total, c}, opt) : at::empty({0}, opt);
   auto d_tab = has_tab ? at::zeros({stage.types, dh}, opt) : at::empty({0}, opt);
   auto d_ns = has_ns ? at::zeros({n_rows, dh}, opt) : at::empty({0}, opt);
   auto d_nd = has_ns ? at::zeros({n_rows, dh}, opt) : at::empty({0}, opt);

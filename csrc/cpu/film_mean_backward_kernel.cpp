@@ -39,7 +39,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
   const int64_t* rp = in.rowptr.data_ptr<int64_t>();
   const float* go = gout.data_ptr<float>();
 
-  auto d_feat = need_feat ? at::empty({e_total, c}, opt) : at::empty({0}, opt);
+  auto d_feat = need_feat ? pooled_empty({e_total, c}, opt) : at::empty({0}, opt);
   auto d_ns = at::zeros({n_src, d}, opt), d_nd = at::empty({n, d}, opt);
 
   const MeanGrad mg(rp, go, n, d);  // gn = grad_out / deg per row
