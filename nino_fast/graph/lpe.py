@@ -78,13 +78,15 @@ def _solve(dense_lap, shifted, num_nodes: int, k: int) -> tuple[np.ndarray, np.n
     """The ``k + 1`` smallest eigenpairs of L, ascending, signs fixed; ``dense_lap()`` gives L as an array
     (small graphs), ``shifted()`` the operator ``2I - L`` (large graphs)."""
     m = min(k + 1, num_nodes)
-    # Imported before the thread limit is set: scipy bundles its own OpenBLAS, which a limit set before it is
-    # loaded does not reach (eigsh then ran on every core, and the library's threads spun on them for ~0.1 s
-    # after it: into the NiNo step that follows).
-    from scipy.sparse.linalg import eigsh
+    dense = _uses_dense(num_nodes, m)
+    if not dense:
+        # Imported before the thread limit is set: scipy bundles its own OpenBLAS, which a limit set before it is
+        # loaded does not reach (eigsh then ran on every core, and the library's threads spun on them for ~0.1 s
+        # after it: into the NiNo step that follows). The dense path needs numpy's BLAS only.
+        from scipy.sparse.linalg import eigsh
 
     with _one_blas_thread():
-        if _uses_dense(num_nodes, m):
+        if dense:
             vals, vecs = np.linalg.eigh(dense_lap())
             vals, vecs = vals[:m], vecs[:, :m]
         else:
