@@ -158,6 +158,17 @@ struct ChunkPartials {
   }
 };
 
+// Epilogue writing a tile's rows as they are: row i's columns col0.. of `out` (leading dimension
+// ld; the first `width` of each row).
+struct StoreRowsEp {
+  float* out;
+  int64_t ld, width;
+
+  NINO_FAST_INLINE void operator()(int64_t i, int64_t col0, V16 v) const {
+    store16(out + i * ld + col0, width - col0, v);
+  }
+};
+
 // One worker's share of a row task's ChunkPartials block, summed in two levels. A row task is whole
 // rows, so the tiles of a row with 1M in-edges (20K tiles; 1M per-edge type-table terms) would all
 // be added into one float32 block: relative errors up to ~1e-3. Tiles go into `stage` instead,
@@ -240,9 +251,7 @@ struct MeanGrad {
     Floats out(n * npk, 0.f);
     const auto w_t = w_sh.t().contiguous();
     const PackedB packed(w_t.data_ptr<float>(), k, d);
-    auto ep = [o = out.data(), npk](int64_t i, int64_t col0, V16 v)
-                  NINO_FAST_LAMBDA_INLINE { vst16(o + i * npk + col0, v); };
-    gemm_ep(gn.data(), np, n, packed, ep);
+    gemm_ep(gn.data(), np, n, packed, StoreRowsEp{out.data(), npk, npk});
     return out;
   }
   // dW_sh (d x k) = gn^T sums, sums: the rows' sums of the shift half's input (n x padded(k))

@@ -132,12 +132,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
           outer_acc(datile.data(), nph, dh, x + e0 * c, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
           da.put(datile.data(), nph, e0, m);
-          if (pdf) {
-            auto ep_feat =
-                [pdf_t = pdf + e0 * c, c](int64_t i, int64_t col0, V16 v)
-                    NINO_FAST_LAMBDA_INLINE { store16(pdf_t + i * c + col0, c - col0, v); };
-            gemm_ep(datile.data(), nph, m, wat_p, ep_feat);
-          }
+          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, StoreRowsEp{pdf + e0 * c, c, c});
         }
       }
     });
