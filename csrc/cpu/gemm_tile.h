@@ -463,18 +463,21 @@ inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t k,
 }
 
 #ifdef NINO_FAST_AVX2
-// The full 6-row AVX2 kernel with its 12 accumulators as named variables: with arrays, GCC may keep
-// them on the stack (a store per FMA pair), which costs 3-4x. Same per-element FMA sequence as
-// micro_kernel<MR>.
-template <class Ep>
-inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k, int64_t i0,
-                          int64_t col0, Ep& ep) {
+// The full 6-row AVX2 block: acc[2 i + h] = sum_k A[i][k] * B[k][8 h .. 8 h + 7] for rows i = 0..5,
+// the 12 accumulators as named variables (with arrays, GCC may keep them on the stack: a store per
+// FMA pair, 3-4x slower). Out of line for the reason given at the AVX-512 block_acc: inlined into
+// a fused kernel, the epilogue's state competed for the 16 ymm registers and the compiler spilled
+// accumulators inside the K loop (measured on Zen 3: three of the twelve, reloaded and stored on
+// every k). Same per-element FMA sequence as micro_kernel<MR>.
+__attribute__((noinline, visibility("hidden"))) inline void block_acc6(const float* a, int64_t lda,
+                                                                       const float* b, int64_t k,
+                                                                       __m256 (&acc)[12]) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
               *a5 = a + 5 * lda;
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel), b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
+  for (int64_t kk = 0; kk < k; ++kk, b += kPanel) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 x = _mm256_broadcast_ss(a0 + kk);
     c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
     x = _mm256_broadcast_ss(a1 + kk);
@@ -488,12 +491,17 @@ inline void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k
     x = _mm256_broadcast_ss(a5 + kk);
     c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
   }
-  ep(i0, col0, V16{c00, c01});
-  ep(i0 + 1, col0, V16{c10, c11});
-  ep(i0 + 2, col0, V16{c20, c21});
-  ep(i0 + 3, col0, V16{c30, c31});
-  ep(i0 + 4, col0, V16{c40, c41});
-  ep(i0 + 5, col0, V16{c50, c51});
+  acc[0] = c00, acc[1] = c01, acc[2] = c10, acc[3] = c11, acc[4] = c20, acc[5] = c21;
+  acc[6] = c30, acc[7] = c31, acc[8] = c40, acc[9] = c41, acc[10] = c50, acc[11] = c51;
+}
+
+template <class Ep>
+NINO_FAST_INLINE void micro_kernel6(const float* a, int64_t lda, const float* b, int64_t k,
+                                    int64_t i0, int64_t col0, Ep& ep) {
+  __m256 acc[12];
+  block_acc6(a, lda, b, k, acc);
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) ep(i0 + i, col0, V16{acc[2 * i], acc[2 * i + 1]});
 }
 #else
 template <class Ep>
