@@ -64,7 +64,7 @@ template <int OB, int PB>
 NINO_FAST_INLINE void outer_block(const float* g, int64_t ldg, const float* x, int64_t ldx,
                                   int64_t col0, int64_t nin, int64_t m, float* p, int64_t ldp) {
   V16 acc[OB][PB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 4
     for (int q = 0; q < PB; ++q) acc[o][q] = vzero16();
@@ -76,14 +76,14 @@ NINO_FAST_INLINE void outer_block(const float* g, int64_t ldg, const float* x, i
     for (int q = 0; q + 1 < PB; ++q) xv[q] = vld16(xi + q * kPanel);
     xv[PB - 1] = load16(xi + (PB - 1) * kPanel, last_valid);
     const float* gi = g + i * ldg;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int o = 0; o < OB; ++o) {
       const V16 gv = vset16(gi[o]);
 #pragma GCC unroll 4
       for (int q = 0; q < PB; ++q) acc[o][q] = vfma(gv, xv[q], acc[o][q]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 4
     for (int q = 0; q < PB; ++q) {
@@ -92,21 +92,22 @@ NINO_FAST_INLINE void outer_block(const float* g, int64_t ldg, const float* x, i
     }
 }
 
-template <int OB>
+// OB outputs x every column block, in register blocks of up to PB column blocks
+template <int OB, int PB>
 NINO_FAST_INLINE void outer_cols(const float* g, int64_t ldg, const float* x, int64_t ldx,
                                  int64_t nin, int64_t m, float* p, int64_t ldp) {
   const int64_t panels = padded(nin) / kPanel;
   int64_t q0 = 0;
-  for (; q0 + 4 <= panels; q0 += 4) outer_block<OB, 4>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
-  switch (panels - q0) {
-    case 3:
-      return outer_block<OB, 3>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
-    case 2:
-      return outer_block<OB, 2>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
-    case 1:
-      return outer_block<OB, 1>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
-    default:
-      return;
+  for (; q0 + PB <= panels; q0 += PB)
+    outer_block<OB, PB>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
+  if constexpr (PB > 1) {
+    const int64_t left = panels - q0;
+    if (left >= 2) {
+      if constexpr (PB > 2)
+        if (left == 3) return outer_block<OB, 3>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
+      outer_block<OB, 2>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp), q0 += 2;
+    }
+    if (q0 < panels) outer_block<OB, 1>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
   }
 }
 
@@ -114,16 +115,22 @@ NINO_FAST_INLINE void outer_cols(const float* g, int64_t ldg, const float* x, in
 // G: m x nout, leading dimension ldg; X: m x nin, leading dimension ldx, columns past nin read as
 // 0). Each (o, 16-column block) is one accumulator started at zero and fed the rows in order by
 // FMA, then added to P once (the same sum for any grouping of outputs into register blocks).
+// Register blocks: 4 outputs x 4 column blocks (16 of the 32 zmm registers) with AVX-512; with
+// AVX2's 16 ymm registers 6 outputs x one column block (12 accumulators, the two halves of x and
+// the broadcast: the micro-kernel's 6 x 16 shape): 2 x 4 blocks needed 25 and spilled eight
+// accumulators to the stack on every row (Zen 3).
 inline void outer_acc(const float* g, int64_t ldg, int64_t nout, const float* x, int64_t ldx,
                       int64_t nin, int64_t m, float* p, int64_t ldp) {
   if (m <= 0) return;
   int64_t o0 = 0;
 #if defined(NINO_FAST_AVX512)
-  for (; o0 + 4 <= nout; o0 += 4) outer_cols<4>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+  for (; o0 + 4 <= nout; o0 += 4) outer_cols<4, 4>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+  for (; o0 < nout; ++o0) outer_cols<1, 4>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
 #else
-  for (; o0 + 2 <= nout; o0 += 2) outer_cols<2>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+  for (; o0 + 6 <= nout; o0 += 6) outer_cols<6, 1>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+  for (; o0 + 2 <= nout; o0 += 2) outer_cols<2, 2>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
+  for (; o0 < nout; ++o0) outer_cols<1, 2>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
 #endif
-  for (; o0 < nout; ++o0) outer_cols<1>(g + o0, ldg, x, ldx, nin, m, p + o0 * ldp, ldp);
 }
 
 // s[j] += sum_{i < m} g[i][j] for j < n (s: padded(n) floats; g: leading dimension ldg), rows in
