@@ -87,13 +87,13 @@ def test_chunk_partials_sum_pairwise():
     partials) of positive terms it stays as exact as a pairwise sum: 5e-8 relative. Added in chunk order, the
     partials lost 2.6e-7 of the sum (a running sum's error grows with the number of terms it adds)."""
     x = graph(*GRAPHS["many chunks"])
-    names, ops = inputs("edge_mlp", table=False, gathers=False, act_out=False), dict(table=False, gathers=False)
+    opts = dict(table=False, gathers=False, act_out=False)
     x = {k: v.detach().requires_grad_(k == "bb") if isinstance(v, torch.Tensor) else v for k, v in x.items()}
     with bw.fused_backward(True):
-        out = call("edge_mlp", dispatch, x, "cpu", act_out=False, **ops)
+        out = call("edge_mlp", dispatch, x, "cpu", **opts)
         gout = 1 + torch.rand(out.shape, generator=torch.Generator().manual_seed(2))
         (got,) = torch.autograd.grad(out, [x["bb"]], gout)
-    assert "bb" in names and bw.fused_cpu(KERNEL["edge_mlp"], [x["feat"]], [x["src"]])
+    assert "bb" in inputs("edge_mlp", **opts) and bw.fused_cpu(KERNEL["edge_mlp"], [x["feat"]], [x["src"]])
     truth = gout.double().sum(0)
     assert ((got.double() - truth).abs() / truth).max().item() < 1e-7
 

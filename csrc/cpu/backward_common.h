@@ -92,23 +92,16 @@ NINO_FAST_INLINE void outer_block(const float* g, int64_t ldg, const float* x, i
     }
 }
 
-// OB outputs x every column block, in register blocks of up to PB column blocks
+// OB outputs x the column blocks from q0 on: register blocks of PB column blocks, what is left in
+// blocks of PB - 1, PB - 2, ...
 template <int OB, int PB>
 NINO_FAST_INLINE void outer_cols(const float* g, int64_t ldg, const float* x, int64_t ldx,
-                                 int64_t nin, int64_t m, float* p, int64_t ldp) {
+                                 int64_t nin, int64_t m, float* p, int64_t ldp, int64_t q0 = 0) {
   const int64_t panels = padded(nin) / kPanel;
-  int64_t q0 = 0;
   for (; q0 + PB <= panels; q0 += PB)
     outer_block<OB, PB>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
-  if constexpr (PB > 1) {
-    const int64_t left = panels - q0;
-    if (left >= 2) {
-      if constexpr (PB > 2)
-        if (left == 3) return outer_block<OB, 3>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
-      outer_block<OB, 2>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp), q0 += 2;
-    }
-    if (q0 < panels) outer_block<OB, 1>(g, ldg, x, ldx, q0 * kPanel, nin, m, p, ldp);
-  }
+  if constexpr (PB > 1)
+    if (q0 < panels) outer_cols<OB, PB - 1>(g, ldg, x, ldx, nin, m, p, ldp, q0);
 }
 
 // P[o][j] += sum_{i < m} G[i][o] X[i][j] for o < nout, j < nin (P: nout x ldp, ldp >= padded(nin);
