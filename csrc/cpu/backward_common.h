@@ -126,15 +126,37 @@ inline void outer_acc(const float* g, int64_t ldg, int64_t nout, const float* x,
 #endif
 }
 
-// s[j] += sum_{i < m} g[i][j] for j < n (s: padded(n) floats; g: leading dimension ldg), rows in
-// order into one accumulator per 16-column block, then added to s.
-inline void colsum_acc(const float* g, int64_t ldg, int64_t n, int64_t m, float* s) {
-  for (int64_t col0 = 0; col0 < n; col0 += kPanel) {
-    V16 acc = vzero16();
-    for (int64_t i = 0; i < m; ++i) acc = vadd(acc, load16(g + i * ldg + col0, n - col0));
-    vst16(s + col0, vadd(vld16(s + col0), acc));
-  }
+// s[j] += sum_{i < m} g[i][j] for j < n (g: leading dimension ldg), rows in order, in float64.
+inline void colsum_acc(const float* g, int64_t ldg, int64_t n, int64_t m, double* s) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) s[j] += g[i * ldg + j];
 }
+
+// Per-chunk column sums over edges (the bias gradients) in float64. In float32 (per-tile sums in
+// registers, a running sum over a chunk's ~33 tiles, the chunks pairwise) a 400K-edge bias gradient
+// lost 1e-5 to 1e-4 (scales 17 to 1,300; AVX-512 Xeon), up to four times ATen's float32 sum of the
+// same terms; in float64 it is the terms' own sum to ~1e-12. Chunks are added in order, so the
+// result does not depend on the thread count.
+struct ColumnSums {
+  std::vector<int64_t> off;  // offset of each sum within a chunk's block
+  int64_t block = 0, chunks = 0;
+  std::vector<double> data;
+
+  ColumnSums(const std::vector<int64_t>& widths, int64_t n_chunks) : chunks(n_chunks) {
+    for (int64_t w : widths) off.push_back(block), block += w;
+    data.assign(block * chunks, 0.0);
+  }
+  double* at(int64_t chunk, int64_t which) { return data.data() + chunk * block + off[which]; }
+  // (n,) float32 tensor: sum `which` over the chunks
+  at::Tensor reduced(int64_t which, int64_t n, const at::TensorOptions& opt) {
+    std::vector<double> total(n, 0.0);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t j = 0; j < n; ++j) total[j] += at(c, which)[j];
+    auto out = at::empty({n}, opt);
+    std::copy(total.begin(), total.end(), out.data_ptr<float>());
+    return out;
+  }
+};
 
 // Per-chunk partial sums of a set of gradients (sizes fixed at construction, each padded to a
 // 16-float boundary), reduced pairwise over the chunks.
@@ -150,8 +172,8 @@ struct ChunkPartials {
   float* at(int64_t chunk, int64_t which) { return data.data() + chunk * block + off[which]; }
   // out[0..n) = sum over chunks of gradient `which`, in a pairwise tree fixed by the chunk count
   // (chunk c + s into chunk c for s = 1, 2, 4, ...): its rounding error grows with log2(chunks),
-  // where a running sum's grew with the chunk count (~250 chunks: 1.5e-6 of a bias gradient's scale
-  // at 400K edges). Consumes the partials of `which` (each gradient is reduced once).
+  // where a running sum's grew with the chunk count (~250 chunks at 400K edges). Consumes the
+  // partials of `which` (each gradient is reduced once).
   void reduce(int64_t which, int64_t n, float* out) {
     for (int64_t s = 1; s < chunks; s *= 2)
       for (int64_t c = 0; c + s < chunks; c += 2 * s)

@@ -56,8 +56,10 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   Floats hsum(n * nph, 0.f), scsum(n * np, 0.f), dasum(n * nph, 0.f);
   const auto tasks = row_tasks(rp, n);
   const int64_t n_tasks = int64_t(tasks.size()) - 1;
-  enum { kWa, kWsc, kBa, kBsc };
-  ChunkPartials parts({dh * npc, d * nph, dh, d}, std::max<int64_t>(n_tasks, 1));
+  enum { kWa, kWsc };
+  enum { kBa, kBsc };
+  ChunkPartials parts({dh * npc, d * nph}, std::max<int64_t>(n_tasks, 1));
+  ColumnSums bias_sums({dh, d}, std::max<int64_t>(n_tasks, 1));
   const int32_t* s = in.src.data_ptr<int32_t>();
   std::vector<ScatterTarget> to_da{{d_ns.data_ptr<float>(), s, nullptr}};
   if (has_tab) to_da.push_back({d_tab.data_ptr<float>(), nullptr, stage.et()});
@@ -85,7 +87,6 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
       NextTilePrefetch& pf = first.pf;
       StagedPartials staged(parts);
       float *const p_wa = staged.at(kWa), *const p_wsc = staged.at(kWsc);
-      float *const p_ba = staged.at(kBa), *const p_bsc = staged.at(kBsc);
       // the epilogues, their operands held by value (see gemm_ep)
       const int64_t* const di = dsti;
       auto ep_sc = [di, bsc = bscp.data(), scs = scsum.data(), gm0 = mg.row(0), gvt = gv.data(),
@@ -109,6 +110,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
       };
       for (int64_t task; (task = claim()) >= 0;) {
         staged.start(task);
+        double *const p_ba = bias_sums.at(task, kBa), *const p_bsc = bias_sums.at(task, kBsc);
         const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t0, int64_t m) {
           first.e0 = t0;
@@ -148,8 +150,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   mg.bias_grad(d_bsh.data_ptr<float>());
   auto d_wa = reduced(parts, kWa, dh, c, npc, opt);
   auto d_wsc = reduced(parts, kWsc, d, dh, nph, opt);
-  auto d_ba = reduced(parts, kBa, 1, dh, dh, opt).view({dh});
-  auto d_bsc = reduced(parts, kBsc, 1, d, d, opt).view({d});
+  auto d_ba = bias_sums.reduced(kBa, dh, opt), d_bsc = bias_sums.reduced(kBsc, d, opt);
   return {in.in_feat_order(d_feat),
           d_wa,
           d_ba,

@@ -10,8 +10,9 @@
 // No (E, D) intermediate is written: the per-edge rows that the node / type gradients need (da
 // when table or node_src/node_dst are given, gz when node_src2/node_dst2 are) are kept for one
 // wave of ~64K edges and scattered by a column-parallel pass after it (backward_common.h:
-// run_waves; deterministic, no atomics). Weight gradients are summed per chunk of tiles and the
-// chunks in order, so the results do not depend on the thread count.
+// run_waves; deterministic, no atomics). Weight gradients are summed per chunk of tiles (bias
+// gradients in float64) and the chunks in a fixed order, so the results do not depend on the
+// thread count.
 #include <torch/library.h>
 
 #include <vector>
@@ -47,8 +48,10 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
   const int64_t per_chunk = chunk_tiles(n_tiles);
   const int64_t n_chunks = (n_tiles + per_chunk - 1) / per_chunk;
-  enum { kWa, kWb, kBa, kBb };
-  ChunkPartials parts({dh * npc, dout * nph, dh, dout}, std::max<int64_t>(n_chunks, 1));
+  enum { kWa, kWb };
+  enum { kBa, kBb };
+  ChunkPartials parts({dh * npc, dout * nph}, std::max<int64_t>(n_chunks, 1));
+  ColumnSums bias_sums({dh, dout}, std::max<int64_t>(n_chunks, 1));
   // per-edge rows kept for the scatter passes: da (table, node_src / node_dst) and gz (node_src2 /
   // node_dst2; grad_out itself without act_out)
   const int32_t *s = in.src.data_ptr<int32_t>(), *t = in.dst.data_ptr<int32_t>();
@@ -94,7 +97,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
       };
       for (int64_t chunk; (chunk = claim()) >= 0;) {
         float *p_wa = parts.at(chunk, kWa), *p_wb = parts.at(chunk, kWb);
-        float *p_ba = parts.at(chunk, kBa), *p_bb = parts.at(chunk, kBb);
+        double *p_ba = bias_sums.at(chunk, kBa), *p_bb = bias_sums.at(chunk, kBb);
         const int64_t t_end = std::min(n_tiles, (chunk + 1) * per_chunk);
         for (int64_t tile = chunk * per_chunk; tile < t_end; ++tile) {
           const int64_t e0 = tile * kTile;
@@ -140,8 +143,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
   }
   auto d_wa = reduced(parts, kWa, dh, c, npc, opt);
   auto d_wb = reduced(parts, kWb, dout, dh, nph, opt);
-  auto d_ba = reduced(parts, kBa, 1, dh, dh, opt).view({dh});
-  auto d_bb = reduced(parts, kBb, 1, dout, dout, opt).view({dout});
+  auto d_ba = bias_sums.reduced(kBa, dh, opt), d_bb = bias_sums.reduced(kBb, dout, opt);
   return {d_feat, d_wa, d_ba, d_wb, d_bb, d_tab, d_ns, d_nd, d_ns2, d_nd2};
 }
 

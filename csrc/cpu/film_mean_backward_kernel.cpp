@@ -48,8 +48,9 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
   Floats scsum(n * np, 0.f), fsum(n * npc, 0.f);
   const auto tasks = row_tasks(rp, n);
   const int64_t n_tasks = int64_t(tasks.size()) - 1;
-  enum { kWsc, kBsc, kTsc };
-  ChunkPartials parts({d * npc, d, types * np}, std::max<int64_t>(n_tasks, 1));
+  enum { kWsc, kTsc };
+  ChunkPartials parts({d * npc, types * np}, std::max<int64_t>(n_tasks, 1));
+  ColumnSums bias_sums({d}, std::max<int64_t>(n_tasks, 1));
   std::vector<int64_t> tcount(has_tab ? n * types : 0, 0);  // in-edges per (row, type)
   WaveRows gsc(d, {{d_ns.data_ptr<float>(), in.src.data_ptr<int32_t>(), nullptr}});  // gm * sc
 
@@ -69,7 +70,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
       Floats xbuf(in.feat_index.defined() ? kTile * c : 0);  // gathered feature rows
       int64_t dsti[kTile];
       StagedPartials staged(parts);
-      float *const p_wsc = staged.at(kWsc), *const p_bsc = staged.at(kBsc);
+      float* const p_wsc = staged.at(kWsc);
       float* const p_tsc = staged.at(kTsc);
       // the epilogues' operands, held by value (see gemm_ep)
       const int64_t* const di = dsti;
@@ -78,6 +79,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
       float *const scs = scsum.data(), *const dsc_t = dsct.data();
       for (int64_t task; (task = claim()) >= 0;) {
         staged.start(task);
+        double* const p_bsc = bias_sums.at(task, 0);
         const int64_t end = rp[tasks[task + 1]];
         for_each_row_tile(rp, tasks[task], tasks[task + 1], dsti, [&](int64_t t0, int64_t m) {
           NextTilePrefetch pf;
@@ -132,7 +134,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
   auto d_w = at::empty({2 * d, c}, opt), d_b = at::empty({2 * d}, opt);
   d_w.narrow(0, 0, d).copy_(reduced(parts, kWsc, d, c, npc, opt));
   mg.weight_grad(fsum.data(), c, d_w.data_ptr<float>() + d * c);
-  d_b.narrow(0, 0, d).copy_(reduced(parts, kBsc, 1, d, d, opt).view({d}));
+  d_b.narrow(0, 0, d).copy_(bias_sums.reduced(0, d, opt));
   mg.bias_grad(d_b.data_ptr<float>() + d);
   at::Tensor d_tab = at::empty({0}, opt);
   if (has_tab) {
