@@ -106,6 +106,7 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
           pf.reset(tile + 1 < t_end ? std::min(kTile, e_total - (e0 + m)) : 0);  // the chunk's next
           pf.add(x + (e0 + m) * c, nullptr, c);
           if (pns) pf.add(pns, s + e0 + m, dh), pf.add(pnd, t + e0 + m, dh);
+          if (!act_out) pf.add(g + (e0 + m) * dout, nullptr, dout);  // grad_out: outer_acc's rows
           if (pns)
             gather_add(pns, s + e0, pnd, t + e0, m, dh, gtile.data(), nph),
                 first.gsum = gtile.data();

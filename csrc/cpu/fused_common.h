@@ -227,7 +227,7 @@ struct NextTilePrefetch {
     const int64_t* idx64 = nullptr;  // or base[idx64[i]]
     int64_t row(int64_t i) const { return idx ? int64_t(idx[i]) : idx64 ? idx64[i] : i; }
   };
-  Table t[3] = {};
+  Table t[4] = {};
   int n = 0;
   int64_t rows = 0;  // rows of the next tile (0: none)
 
