@@ -135,11 +135,12 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
           outer_acc(datile.data(), nph, dh, xt, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
           da.put(datile.data(), nph, t0, m);
-          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, StoreRowsEp{pdf + t0 * c, c, c});
+          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, feat_grad_rows(in, pdf, t0));
           staged.tile_done();
         });
         staged.finish();
       }
+      stream_fence();
     });
   }
   // row-level gradients
@@ -151,18 +152,7 @@ std::vector<at::Tensor> edge_film_mean_backward_cpu(const EdgeFilmMeanBackwardAr
   auto d_wa = reduced(parts, kWa, dh, c, npc, opt);
   auto d_wsc = reduced(parts, kWsc, d, dh, nph, opt);
   auto d_ba = bias_sums.reduced(kBa, dh, opt), d_bsc = bias_sums.reduced(kBsc, d, opt);
-  return {in.in_feat_order(d_feat),
-          d_wa,
-          d_ba,
-          d_tab,
-          d_ns,
-          d_nd,
-          d_md,
-          d_ms,
-          d_wsc,
-          d_bsc,
-          d_wsh,
-          d_bsh};
+  return {d_feat, d_wa, d_ba, d_tab, d_ns, d_nd, d_md, d_ms, d_wsc, d_bsc, d_wsh, d_bsh};
 }
 
 }  // namespace

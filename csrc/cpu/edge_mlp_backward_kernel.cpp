@@ -136,9 +136,10 @@ std::vector<at::Tensor> edge_mlp_backward_cpu(const EdgeMlpBackwardArgs& b) {
           outer_acc(datile.data(), nph, dh, x + e0 * c, c, c, m, p_wa, npc);
           colsum_acc(datile.data(), nph, dh, m, p_ba);
           da.put(datile.data(), nph, e0, m);
-          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, StoreRowsEp{pdf + e0 * c, c, c});
+          if (pdf) gemm_ep(datile.data(), nph, m, wat_p, FeatGradEp{pdf + e0 * c, c});
         }
       }
+      stream_fence();
     });
     if (!act_out) scatter_rows(g, 0, e_total, dout, dout, to_gz);  // gz = grad_out
   }

@@ -104,11 +104,10 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
               vst16(ts, vadd(vld16(ts), dsc));
             }
           };
-          float* const pdf_t = pdf ? pdf + t0 * c : nullptr;
-          auto ep_feat = [di, gsh0, npc, pdf_t, c](int64_t i, int64_t col0, V16 v)
+          const FeatGradEp feat_rows = feat_grad_rows(in, pdf, t0);
+          auto ep_feat = [di, gsh0, npc, feat_rows](int64_t i, int64_t col0, V16 v)
                              NINO_FAST_LAMBDA_INLINE {
-            v = vadd(v, vld16(gsh0 + di[i] * npc + col0));
-            store16(pdf_t + i * c + col0, c - col0, v);
+            feat_rows(i, col0, vadd(v, vld16(gsh0 + di[i] * npc + col0)));
           };
           const float* xt = in.tile(t0, m, xbuf.data());
           for (int64_t i = 0; i < m; ++i) {
@@ -127,6 +126,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         });
         staged.finish();
       }
+      stream_fence();
     });
   }
   mg.times_scale_mean(scsum.data(), d_nd.data_ptr<float>());
@@ -146,7 +146,7 @@ std::vector<at::Tensor> film_mean_backward_cpu(const FilmMeanBackwardArgs& b) {
         if (const int64_t k = tcount[r * types + ty])
           for (int64_t j = 0; j < d; ++j) pt[ty * 2 * d + d + j] += float(k) * mg.row(r)[j];
   }
-  return {in.in_feat_order(d_feat), d_nd, d_ns, d_w, d_b, d_tab};
+  return {d_feat, d_nd, d_ns, d_w, d_b, d_tab};
 }
 
 }  // namespace

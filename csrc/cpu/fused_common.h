@@ -114,16 +114,6 @@ struct CsrInputs {
   const int64_t* fidx() const {
     return feat_index.defined() ? feat_index.data_ptr<int64_t>() : nullptr;
   }
-  // Per-edge rows in CSR order (E x k) -> in feat's row order. The backward kernels write their
-  // feature gradient in CSR order and permute it here, by a gather with the inverse permutation:
-  // rows written one by one to random places, from inside the GEMM epilogue, cost about as much
-  // as the kernel (a TLB miss and a read-for-ownership per row).
-  at::Tensor in_feat_order(const at::Tensor& rows) const {
-    if (!feat_index.defined() || rows.numel() == 0) return rows;
-    auto inv = at::empty_like(feat_index);
-    inv.index_put_({feat_index}, at::arange(e_total, feat_index.options()));
-    return rows.index_select(0, inv);
-  }
   // The feature rows of the tile of CSR edges t0..t0+m-1 as a GEMM operand (leading dimension c):
   // feat's own rows, or with a feat_index those rows gathered into buf (kTile x c floats).
   const float* tile(int64_t t0, int64_t m, float* buf) const {

@@ -347,6 +347,25 @@ NINO_FAST_INLINE void store16(float* p, int64_t valid, V16 v) {
 }
 #endif
 
+// store16 for results that are not read again soon (large outputs written once): full, aligned
+// 16-float blocks bypass the cache (non-temporal: no read-for-ownership of the line, which a
+// write-once output would otherwise pay in memory traffic). A thread's streamed stores are made
+// visible to the others by stream_fence(), which each worker calls before it finishes.
+NINO_FAST_INLINE void store16_stream(float* p, int64_t valid, V16 v) {
+#if defined(NINO_FAST_AVX512)
+  if (valid >= kPanel && (reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, v);
+#elif defined(NINO_FAST_AVX2)
+  if (valid >= kPanel && (reinterpret_cast<uintptr_t>(p) & 31) == 0)
+    return _mm256_stream_ps(p, v.lo), _mm256_stream_ps(p + 8, v.hi);
+#endif
+  store16(p, valid, v);
+}
+inline void stream_fence() {
+#if defined(NINO_FAST_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // ---- micro-kernels ----
 #ifdef NINO_FAST_AVX512
 // acc[i][p] = sum_k A[i][k] * B_p[k] for rows 0..MR-1 of A and the NP panels of a group (b: its
