@@ -88,39 +88,45 @@ def nowcast_checkpoints(
         model_spec(last, config, order_from, exclude, arch, num_heads, num_key_value_heads), predictor
     )
     where = choose_history(history, predictor, spec, len(snaps))
-    split = _rank_split() if where == "disk" else None
-    state = None
-    if where == "disk" and split is None:
-        state = _step_state(out, snaps, nino, k, device, resume, spec)
-    elif split is not None and split.rank == 0:
-        logger.info("a step split over %d processes is not resumable: after an interrupt it starts over", split.world)
-    if where == "disk":
-        try:
-            pred = _predict_from_disk(predictor, spec, snaps, k, device, max_memory, progress, split, state)
-        except StepError:  # bad inputs fail the same way again: nothing to resume
-            if state is not None:
-                state.clear()
-            raise
-    else:
-        pred = _predict(predictor, spec, snaps, k, device, max_memory, progress)
-    if split is None or split.rank == 0:  # a step split over processes is written once
-        write_prediction(last, split_prediction(pred, spec), out)
-    if state is not None:
-        state.clear()
-    return dict(
-        history=where,
-        rank=split.rank if split else 0,
-        ranks=split.world if split else 1,
-        peak_rss=_peak_rss(),
-        k=k,
-        num_params=int(pred.numel()),
-        num_tensors=len(spec.named),
-        out=str(out),
-        predictor=type(predictor).__name__,
-        format=last.kind,
-        order=spec.order_from,
-        snapshots=[str(p) for p in paths],
-    )
+    split, own_group = _rank_split() if where == "disk" else (None, False)
+    try:
+        state = None
+        if where == "disk" and split is None:
+            state = _step_state(out, snaps, nino, k, device, resume, spec)
+        elif split is not None and split.rank == 0:
+            logger.info(
+                "a step split over %d processes is not resumable: after an interrupt it starts over", split.world
+            )
+        if where == "disk":
+            try:
+                pred = _predict_from_disk(predictor, spec, snaps, k, device, max_memory, progress, split, state)
+            except StepError:  # bad inputs fail the same way again: nothing to resume
+                if state is not None:
+                    state.clear()
+                raise
+        else:
+            pred = _predict(predictor, spec, snaps, k, device, max_memory, progress)
+        if split is None or split.rank == 0:  # a step split over processes is written once
+            write_prediction(last, split_prediction(pred, spec), out)
+        if state is not None:
+            state.clear()
+        return dict(
+            history=where,
+            rank=split.rank if split else 0,
+            ranks=split.world if split else 1,
+            peak_rss=_peak_rss(),
+            k=k,
+            num_params=int(pred.numel()),
+            num_tensors=len(spec.named),
+            out=str(out),
+            predictor=type(predictor).__name__,
+            format=last.kind,
+            order=spec.order_from,
+            snapshots=[str(p) for p in paths],
+        )
+    finally:
+        if own_group:
+            _leave_group()
 
 
 def without_too_wide(spec: ModelSpec, predictor) -> ModelSpec:
@@ -253,20 +259,30 @@ class SnapshotHistory(TensorHistory):
 
 
 def _rank_split():
-    """This process's :class:`~nino_fast.stream.RankSplit` when the step was launched on several processes
-    (``torchrun --nproc-per-node P nino-fast step ...``: ``WORLD_SIZE`` > 1), else None. Joins (or uses) the
-    default process group (gloo on CPUs)."""
+    """(split, own_group): this process's :class:`~nino_fast.stream.RankSplit` when the step was launched on several
+    processes (``torchrun --nproc-per-node P nino-fast step ...``: ``WORLD_SIZE`` > 1), else None; whether this call
+    created the default process group (gloo on CPUs) rather than joining the caller's."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return None
+        return None, False
     import torch.distributed as dist
 
     from ..stream import RankSplit
 
-    if not dist.is_initialized():
+    own_group = not dist.is_initialized()
+    if own_group:
         dist.init_process_group("gloo")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return RankSplit(dist.get_rank(), dist.get_world_size(), dist.all_reduce, local)
+    return RankSplit(dist.get_rank(), dist.get_world_size(), dist.all_reduce, local), own_group
+
+
+def _leave_group() -> None:
+    """Destroy the process group this step created, before the interpreter exits: left to the interpreter's
+    shutdown, gloo's teardown sometimes aborted a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def state_dir(out: Path) -> Path:
