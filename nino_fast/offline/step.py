@@ -3,6 +3,7 @@ tensor by tensor, one NiNo prediction, and the prediction written in the input's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -88,8 +89,7 @@ def nowcast_checkpoints(
         model_spec(last, config, order_from, exclude, arch, num_heads, num_key_value_heads), predictor
     )
     where = choose_history(history, predictor, spec, len(snaps))
-    split, own_group = _rank_split() if where == "disk" else (None, False)
-    try:
+    with _rank_split(where == "disk") as split:
         state = None
         if where == "disk" and split is None:
             state = _step_state(out, snaps, nino, k, device, resume, spec)
@@ -124,9 +124,6 @@ def nowcast_checkpoints(
             order=spec.order_from,
             snapshots=[str(p) for p in paths],
         )
-    finally:
-        if own_group:
-            _leave_group()
 
 
 def without_too_wide(spec: ModelSpec, predictor) -> ModelSpec:
@@ -258,13 +255,17 @@ class SnapshotHistory(TensorHistory):
             rows[:, j] = snap.get(self.names[t]).reshape(-1)
 
 
-def _rank_split():
-    """(split, own_group): this process's :class:`~nino_fast.stream.RankSplit` when the step was launched on several
-    processes (``torchrun --nproc-per-node P nino-fast step ...``: ``WORLD_SIZE`` > 1), else None; whether this call
-    created the default process group (gloo on CPUs) rather than joining the caller's."""
+@contextlib.contextmanager
+def _rank_split(enabled: bool):
+    """This process's :class:`~nino_fast.stream.RankSplit` when enabled and the step was launched on several
+    processes (``torchrun --nproc-per-node P nino-fast step ...``: ``WORLD_SIZE`` > 1), else None. Joins the
+    caller's default process group, or creates one (gloo on CPUs) and destroys it on exit: left to the
+    interpreter's shutdown, gloo's teardown sometimes aborted a rank ("terminate called without an active
+    exception")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None, False
+    if not enabled or world <= 1:
+        yield None
+        return
     import torch.distributed as dist
 
     from ..stream import RankSplit
@@ -272,17 +273,12 @@ def _rank_split():
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return RankSplit(dist.get_rank(), dist.get_world_size(), dist.all_reduce, local), own_group
-
-
-def _leave_group() -> None:
-    """Destroy the process group this step created, before the interpreter exits: left to the interpreter's
-    shutdown, gloo's teardown sometimes aborted a rank ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        yield RankSplit(dist.get_rank(), dist.get_world_size(), dist.all_reduce, local)
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def state_dir(out: Path) -> Path:
