@@ -320,3 +320,24 @@ def test_cpu_silu_and_its_derivative_to_a_few_ulp():
         err = (got.double() - want).abs() - 3 * torch.finfo(torch.float32).eps * scale
         assert err.max() <= 1e-36
     assert out[-3] == x[-3] and out[-1] == x[-1] and out[-2] == 0  # 1e30, -1e30, 3e38
+
+
+@pytest.mark.skipif("cpu" not in dispatch.BACKENDS, reason="needs the CPU extension")
+@pytest.mark.parametrize("act_out", [False, True])
+def test_cpu_edge_mlp_output_past_the_caches(act_out):
+    """An edge_mlp output over 32 MB is written with non-temporal stores: the same values as the cached stores of
+    two calls on its halves (each edge's row is computed on its own), and the reference's to float32 accuracy."""
+    n_edges, d = 70_000, 128  # 35.8 MB of output, 17.9 MB per half
+    a = make_inputs(200, n_edges, 5, d, seed=7)
+    a64 = make_inputs(200, n_edges, 5, d, seed=7, dtype=torch.float64)
+    keys = ("feat", "src", "dst", "Wa", "ba", "Wb", "bb", "etype", "table", "ns", "nd", "ns2", "nd2")
+    full = dispatch.edge_mlp(*(a[k] for k in keys), act_out, backend="cpu")
+    assert full.numel() * full.element_size() > 32 << 20
+    half = n_edges // 2
+    parts = [
+        dispatch.edge_mlp(*(a[k][sl] if k in ("feat", "src", "dst", "etype") else a[k] for k in keys), act_out)
+        for sl in (slice(0, half), slice(half, None))
+    ]
+    assert torch.equal(full, torch.cat(parts))
+    want = reference.edge_mlp(*(a64[k] for k in keys), act_out)
+    torch.testing.assert_close(full.double(), want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=1e-5)

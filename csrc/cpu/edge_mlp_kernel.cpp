@@ -11,6 +11,9 @@ namespace nino_fast::cpu {
 namespace {
 
 constexpr int64_t kDotOut = 4;  // last layers this narrow (and plain) run as dot products
+// Outputs above this size are written with non-temporal stores: past a typical L3 share, their
+// consumer reads them from memory anyway, and the stores skip each line's read for ownership.
+constexpr int64_t kStreamOutBytes = int64_t(32) << 20;
 
 // A layer after the first, on a tile of its input rows (leading dimension = the input's padded
 // width): a packed GEMM, or -- when it is the last, plain and at most kDotOut wide (the model's
@@ -74,6 +77,8 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
   for (int l = 0; l < n_layers; ++l)
     layers.emplace_back(*ws[l][0], *ws[l][1], l == n_layers - 1 && !act_out && !(l == 0 && pns2));
   const int64_t nph = padded(dh);
+  // (kStreamOutBytes) a smaller output stays in the caches for its consumer
+  const bool stream = e_total * d_final * int64_t(sizeof(float)) > kStreamOutBytes;
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
 
   run_dynamic(n_tiles, [&](auto claim) {
@@ -108,13 +113,14 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
       const float* bias = L.bias.data();
       float* yt = y + e0 * d_final;
       // captured by value (see gemm_ep)
-      auto ep = [pf = pf[l], bias, g2, npo, next, ldn, act_out, yt, d_final](
+      auto ep = [pf = pf[l], bias, g2, npo, next, ldn, act_out, yt, d_final, stream](
                     int64_t i, int64_t col0, V16 v) NINO_FAST_LAMBDA_INLINE {
         pf(i, col0);
         v = vadd(v, vld16(bias + col0));
         if (g2) v = vadd(v, vld16(g2 + i * npo + col0));
         if (next) return vst16(next + i * ldn + col0, vsilu(v));
         if (act_out) v = vsilu(v);
+        if (stream) return store16_stream(yt + i * d_final + col0, d_final - col0, v);
         store16(yt + i * d_final + col0, d_final - col0, v);
       };
       gemm_ep(in_tile, padded(L.k), m, L.packed, ep);
@@ -142,6 +148,7 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
       run_layer(0, htile.data(), m);
       for (int l = 1; l < n_layers; ++l) run_layer(l, tiles[l - 1].data(), m);
     }
+    if (stream) stream_fence();
   });
   return out;
 }
