@@ -335,7 +335,9 @@ def test_cpu_edge_mlp_output_past_the_caches(act_out):
     assert full.numel() * full.element_size() > 32 << 20
     half = n_edges // 2
     parts = [
-        dispatch.edge_mlp(*(a[k][sl] if k in ("feat", "src", "dst", "etype") else a[k] for k in keys), act_out)
+        dispatch.edge_mlp(
+            *(a[k][sl] if k in ("feat", "src", "dst", "etype") else a[k] for k in keys), act_out, backend="cpu"
+        )
         for sl in (slice(0, half), slice(half, None))
     ]
     assert torch.equal(full, torch.cat(parts))

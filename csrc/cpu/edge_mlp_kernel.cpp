@@ -77,7 +77,7 @@ at::Tensor edge_mlp_cpu(const EdgeMlpArgs& a) {
   for (int l = 0; l < n_layers; ++l)
     layers.emplace_back(*ws[l][0], *ws[l][1], l == n_layers - 1 && !act_out && !(l == 0 && pns2));
   const int64_t nph = padded(dh);
-  // (kStreamOutBytes) a smaller output stays in the caches for its consumer
+  // non-temporal stores past kStreamOutBytes; a smaller output stays cached for its consumer
   const bool stream = e_total * d_final * int64_t(sizeof(float)) > kStreamOutBytes;
   const int64_t n_tiles = (e_total + kTile - 1) / kTile;
 
